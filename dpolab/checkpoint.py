@@ -1,0 +1,231 @@
+"""Checkpoints: safetensors weights, a readable JSON of the run, optimiser and RNG state; atomic; the last N kept.
+
+Layout of one checkpoint (``<output_dir>/checkpoints/step-000012/``)::
+
+    model.safetensors     policy weights (tied weights stored once, their aliases in the file's metadata)
+    trainer_state.json    step, seed, config, the step's metrics, world size, library versions
+    optimizer.pt          optimiser state (tensors and numbers only; loaded with weights_only=True)
+    rng_state.pt          torch / CUDA / Python / NumPy generator states of every process
+    COMPLETE              written last: a folder without it is never resumed from
+
+The folder is written under a temporary name and renamed into place (:func:`dpolab.cache.build_artifact`),
+so a crash or a kill during saving leaves the previous checkpoints intact and no half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dpolab.cache import build_artifact, is_complete
+
+CHECKPOINTS = "checkpoints"
+WEIGHTS = "model.safetensors"
+STATE = "trainer_state.json"
+OPTIMIZER = "optimizer.pt"
+RNG = "rng_state.pt"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+# Fields that may change between an interrupted run and its resumption without changing its trajectory.
+RESUMABLE_FIELDS = frozenset(
+    {"max_steps", "resume_from", "progress", "save_every", "keep_last", "eval_every", "output_dir", "overwrite",
+     "device", "train_data", "eval_data", "eval_batch_size", "kl_samples", "kl_max_new_tokens"}
+)
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint. ``model_state`` has every parameter name, tied ones included."""
+
+    folder: Path
+    step: int
+    seed: int
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    world_size: int
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    rng_states: list[dict[str, Any]]
+
+
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    """Folder of the checkpoint after optimizer step ``step``."""
+    return Path(output_dir) / CHECKPOINTS / f"step-{step:06d}"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints under ``output_dir``, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and is_complete(p)]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The most recent complete checkpoint under ``output_dir``, or None."""
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    *,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+    seed: int,
+    rng_states: list[dict[str, Any]],
+    keep_last: int,
+    export: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write the checkpoint of step ``step`` atomically, then delete all but the ``keep_last`` newest.
+
+    Call it on one process only (rank 0); ``rng_states`` holds one entry per process. ``export(folder)``
+    may add files (e.g. the model's ``config.json`` and tokenizer, so transformers can load the folder).
+    """
+
+    def build(tmp: Path) -> None:
+        tensors, aliases = _dedupe_tied(model_state)
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"aliases": json.dumps(aliases), "format": "pt"})
+        torch.save(optimizer_state, tmp / OPTIMIZER)
+        torch.save(rng_states, tmp / RNG)
+        state = {"step": step, "seed": seed, "world_size": len(rng_states), "config": config,
+                 "metrics": metrics, "versions": versions()}
+        (tmp / STATE).write_text(json.dumps(state, indent=2, sort_keys=True, default=_json_default) + "\n")
+        if export is not None:
+            export(tmp)
+
+    folder = build_artifact(checkpoint_dir(output_dir, step), build, info={"step": step})
+    prune_checkpoints(output_dir, keep_last)
+    return folder
+
+
+def load_checkpoint(folder: str | Path) -> Checkpoint:
+    """Read a complete checkpoint folder (raises naming the folder if it is missing or incomplete)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+    if not is_complete(folder):
+        raise ValueError(f"checkpoint folder {folder} is incomplete (no COMPLETE marker); resume from an earlier one")
+    state = json.loads((folder / STATE).read_text())
+    with safe_open(str(folder / WEIGHTS), framework="pt") as f:
+        model_state = {name: f.get_tensor(name) for name in f.keys()}
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    for alias, name in aliases.items():
+        model_state[alias] = model_state[name]
+    return Checkpoint(
+        folder=folder, step=state["step"], seed=state["seed"], config=state["config"], metrics=state["metrics"],
+        world_size=state["world_size"], model_state=model_state,
+        optimizer_state=torch.load(folder / OPTIMIZER, weights_only=True),
+        rng_states=torch.load(folder / RNG, weights_only=True),
+    )
+
+
+def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the ``keep_last`` newest complete checkpoints, and leftovers of interrupted saves."""
+    for old in list_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(old)
+        Path(str(old) + ".lock").unlink(missing_ok=True)
+    root = Path(output_dir) / CHECKPOINTS
+    for stray in root.glob("step-*.tmp-*") if root.is_dir() else []:
+        shutil.rmtree(stray, ignore_errors=True)
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], ignore=RESUMABLE_FIELDS) -> list[str]:
+    """Human-readable ``"field: checkpoint X, now Y"`` for every field that differs and matters to the run."""
+    names = sorted((set(saved) | set(current)) - set(ignore))
+    return [f"{n}: checkpoint {saved.get(n, '<absent>')!r}, now {current.get(n, '<absent>')!r}"
+            for n in names if saved.get(n) != current.get(n)]
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's torch, CUDA, Python and NumPy generator states, as tensors, lists and numbers."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries that decide a run's numbers."""
+    import transformers
+
+    import dpolab
+
+    return {"dpolab": dpolab.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+def export_pretrained(model: torch.nn.Module, tokenizer, folder: Path) -> None:
+    """Add what transformers needs to load a checkpoint folder: config.json and the tokenizer files.
+
+    The folder's ``model.safetensors`` then loads with ``dpolab.models.load_model(folder)``. A peft
+    model's adapter is saved in ``adapter/`` instead (load the base model, then the adapter with peft).
+    """
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(folder / "adapter")
+        return
+    if hasattr(model, "config") and hasattr(model.config, "to_json_string"):
+        (folder / "config.json").write_text(model.config.to_json_string())
+        if getattr(model, "generation_config", None) is not None:
+            (folder / "generation_config.json").write_text(model.generation_config.to_json_string())
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store tensors that share memory (tied embeddings) once; return ``(tensors, {alias: stored_name})``."""
+    tensors, aliases, seen, storages = {}, {}, {}, set()
+    for name, tensor in state.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        key = (ptr, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+        if tensor.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        # a different view of an already stored buffer must be copied: safetensors refuses shared memory
+        tensor = tensor.detach().cpu()
+        tensors[name] = tensor.clone() if ptr in storages else tensor.contiguous()
+        storages.add(ptr)
+    return tensors, aliases
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")

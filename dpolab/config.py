@@ -1,0 +1,273 @@
+"""The training configuration: one dataclass of commented, typed fields whose defaults are a small CPU run.
+
+A run is the defaults, then a YAML file, then ``key=value`` overrides (command line or keyword
+arguments), each checked against the field's type before any work starts. A key that is not a field,
+or a value of the wrong type, stops with an error that names the source and the key::
+
+    config = TrainConfig.load("configs/sentiment.yaml", ["beta=0.5", "lr=1e-5"])
+    config = TrainConfig.load(None, {"stage": "sft", "max_steps": 10})
+
+The field comments (the string under each field) are the documentation: ``dpolab train --help``
+prints them, so they are kept to one or two lines.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key that does not exist, or a value of the wrong type or range."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides the model and the data. Defaults: a small CPU run."""
+
+    # --- what to train -------------------------------------------------------------------------------------
+    stage: Literal["sft", "dpo"] = "dpo"
+    """Training stage: "sft" (NLL on the chosen responses, the paper's first stage) or "dpo"."""
+    model: str = "smollm2-135m-instruct"
+    """Policy to start from: the embedded default, a local folder, a hub id, or "tiny-gpt2"/"tiny-llama" (random)."""
+    train_data: str = ""
+    """Preference pairs for the command line (JSONL/JSON/datasets folder); the Python API takes pairs directly."""
+    eval_data: str = ""
+    """Held-out preference pairs for evaluation (same formats); empty = no evaluation from the command line."""
+
+    # --- loss ----------------------------------------------------------------------------------------------
+    loss: str = "sigmoid"
+    """Name of the DPO-family loss in dpolab.losses.LOSSES (ignored when stage is "sft")."""
+    beta: float = 0.1
+    """β, the strength of the KL constraint to the reference (paper Eq. 3, 7)."""
+    loss_params: dict = field(default_factory=dict)
+    """Extra parameters of the chosen loss, e.g. {label_smoothing: 0.1}; override one as loss_params.NAME=VALUE."""
+    sft_weight: float = 0.0
+    """Weight of the SFT (per-token NLL on chosen) term mixed into the DPO loss: total = loss + sft_weight * sft."""
+    reference: Literal["copy", "adapter", "precomputed", "none"] = "copy"
+    """Reference π_ref: frozen "copy"; the policy with its LoRA "adapter" off; "precomputed" cached log-probs; "none"."""
+
+    # --- parameter-efficient fine-tuning -------------------------------------------------------------------
+    lora_r: int = 0
+    """LoRA rank (peft); 0 trains all weights. reference="adapter" needs lora_r > 0."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
+
+    # --- optimisation --------------------------------------------------------------------------------------
+    optimizer: Literal["adamw", "rmsprop"] = "adamw"
+    """Optimiser: "adamw", or "rmsprop" (the paper's choice, §B)."""
+    lr: float = 5e-5
+    """Peak learning rate after warm-up (small CPU runs need far more than the paper's 1e-6)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW) or L2 penalty (RMSprop)."""
+    warmup_steps: int = 2
+    """Optimizer steps of linear warm-up from 0 to lr (the paper uses 150); constant afterwards."""
+    max_steps: int = 24
+    """Optimizer steps to train for (each consumes one global batch)."""
+    micro_batch_size: int = 4
+    """Pairs per forward pass on each process."""
+    grad_accum_steps: int = 2
+    """Micro-batches accumulated per optimizer step; global batch = micro_batch_size × grad_accum_steps × processes."""
+    max_grad_norm: float = 10.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    # --- tokenization (only used when the data arrive as text) ---------------------------------------------
+    max_length: int = 128
+    """Maximum prompt + response tokens."""
+    max_prompt_length: int = 64
+    """When prompt + response is too long, the prompt keeps its end and is never cut below this many tokens."""
+    boundary: Literal["error", "repair"] = "error"
+    """When tokens(prompt) is not a prefix of tokens(prompt + response): "error", or "repair" (see dpolab.tokenize)."""
+    mask_policy: Literal["final_turn", "all_assistant"] = "final_turn"
+    """Multi-turn scoring: only the final assistant turn, or every assistant turn of the response side."""
+
+    # --- run -----------------------------------------------------------------------------------------------
+    seed: int = 0
+    """Seed of the data order and of everything random; a CPU run is bit-for-bit repeatable."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Compute precision of forward passes ("bf16" autocast pays only on hardware with bf16 units)."""
+    device: str = "auto"
+    """"auto" (CUDA if available, else CPU), "cpu", or "cuda"; under torchrun each process uses its local GPU."""
+    fsdp: bool = False
+    """Under torchrun, shard the model with FSDP instead of replicating it with DDP (for models that do not fit)."""
+    output_dir: str = "runs/train"
+    """Folder for metrics.jsonl, checkpoints/ and final/ (checked writable before training)."""
+    overwrite: bool = False
+    """Let a fresh run replace an earlier run's files in output_dir (otherwise it refuses, to protect them)."""
+    eval_every: int = 0
+    """Evaluate every this many steps; 0 = only at the end (and never without eval pairs)."""
+    eval_batch_size: int = 8
+    """Pairs per forward pass during evaluation."""
+    kl_samples: int = 8
+    """Held-out prompts sampled from the policy to estimate KL(π‖π_ref); 0 skips the KL estimate."""
+    kl_max_new_tokens: int = 24
+    """Maximum new tokens per KL sample."""
+    save_every: int = 0
+    """Save a checkpoint every this many steps; 0 = only at the end."""
+    keep_last: int = 2
+    """Number of most recent checkpoints kept on disk."""
+    resume_from: str = ""
+    """Checkpoint folder to resume from, "auto" for the latest in output_dir/checkpoints, or "" for a fresh run."""
+    progress: bool = True
+    """Show a tqdm progress bar with the live loss and reward accuracy (switch off for notebooks under test)."""
+
+    # ------------------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: Mapping[str, Any] | Iterable[str] = ()) -> TrainConfig:
+        """Defaults, then the YAML file at ``path``, then ``overrides`` (a dict or ``"key=value"`` strings)."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            values.update(_read_yaml(Path(path)))
+            values = {k: coerce(k, v, source=str(path)) for k, v in values.items()}
+        if isinstance(overrides, Mapping):
+            items = [(k, v, f"override {k}={v!r}") for k, v in overrides.items()]
+        else:
+            items = [(*parse_override(text), f"override {text!r}") for text in overrides]
+        for key, value, source in items:
+            _set(values, key, value, source)
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def replace(self, **overrides: Any) -> TrainConfig:
+        """A copy with ``overrides`` applied through the same type checks as :meth:`load`."""
+        return TrainConfig.load(None, {**self.to_dict(), **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-serialisable dict of all fields."""
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Range and cross-field checks (types are checked on the way in)."""
+        positive = ["max_steps", "micro_batch_size", "grad_accum_steps", "max_length", "max_prompt_length",
+                    "eval_batch_size", "keep_last"]
+        non_negative = ["warmup_steps", "eval_every", "save_every", "kl_samples", "kl_max_new_tokens", "lora_r",
+                        "max_grad_norm", "weight_decay", "sft_weight", "lr"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"config field {name!r} must be > 0, got {getattr(self, name)}")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"config field {name!r} must be >= 0, got {getattr(self, name)}")
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(f"config field 'max_prompt_length' ({self.max_prompt_length}) must be smaller than "
+                              f"'max_length' ({self.max_length})")
+        if self.reference == "adapter" and self.lora_r == 0:
+            raise ConfigError("config field 'reference' is 'adapter' but 'lora_r' is 0: the adapter reference needs a "
+                              "LoRA adapter to switch off (set lora_r > 0)")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ConfigError(f"config field 'device' must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.stage == "dpo":
+            from dpolab.losses import LOSSES
+
+            if self.loss not in LOSSES:
+                raise ConfigError(f"config field 'loss': {self.loss!r} is not one of {sorted(LOSSES)}")
+            ref_default = inspect.signature(LOSSES[self.loss]).parameters["ref_chosen_logps"].default
+            if self.reference == "none" and ref_default is not None:
+                raise ConfigError(f"config field 'reference' is 'none' but loss {self.loss!r} needs reference "
+                                  "log-probs (use 'copy', 'adapter' or 'precomputed', or a reference-free loss)")
+
+
+def field_help() -> dict[str, tuple[str, str, str]]:
+    """``{name: (type, default, comment)}`` for every field, read from the comments under the fields."""
+    tree = ast.parse(inspect.getsource(TrainConfig))
+    body = tree.body[0].body
+    comments = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            comments[node.target.id] = " ".join(after.value.value.split())
+    defaults = TrainConfig().to_dict()
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: (_type_name(hints[f.name]), repr(defaults[f.name]), comments.get(f.name, ""))
+            for f in dataclasses.fields(TrainConfig)}
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """Split ``"key=value"``; the value stays text and is parsed against the field's type later."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    return key.strip(), value.strip()
+
+
+def coerce(key: str, value: Any, source: str = "config") -> Any:
+    """Check ``value`` against the type of field ``key`` and return it as that type, or raise naming the key.
+
+    Text (from the command line) is parsed as YAML first, so ``beta=0.5`` gives a float and
+    ``output_dir=2024`` stays the string ``"2024"``; ``1e-5`` is accepted for a float (YAML 1.1 reads
+    it as text).
+    """
+    hints = typing.get_type_hints(TrainConfig)
+    if key not in hints:
+        close = difflib.get_close_matches(key, list(hints), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{source}: {key!r} is not a TrainConfig field{hint}; see `dpolab train --help`")
+    expected = hints[key]
+    text = value if isinstance(value, str) else None
+    if text is not None and expected is not str:
+        value = yaml.safe_load(text) if text.strip() else text
+    if typing.get_origin(expected) is Literal:
+        if value in typing.get_args(expected):
+            return value
+    elif expected is str:
+        if text is not None or isinstance(value, (int, float)) and not isinstance(value, bool):
+            return text if text is not None else str(value)
+    elif expected is bool:
+        if isinstance(value, bool):
+            return value
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif expected is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    raise ConfigError(f"{source}: field {key!r} expects {_type_name(expected)}, got {type(value).__name__} {value!r}")
+
+
+def _set(values: dict[str, Any], key: str, value: Any, source: str) -> None:
+    """Apply one override; ``loss_params.NAME`` sets one entry of the loss parameters."""
+    if key.startswith("loss_params."):
+        name = key.split(".", 1)[1]
+        parsed = yaml.safe_load(value) if isinstance(value, str) else value
+        if not isinstance(parsed, (int, float, bool, str)):
+            raise ConfigError(f"{source}: loss parameter {name!r} must be a number, bool or string, got {parsed!r}")
+        values["loss_params"] = {**values.get("loss_params", {}), name: parsed}
+        return
+    values[key] = coerce(key, value, source)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config fields at the top level, got {type(data).__name__}")
+    return data
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))

@@ -1,0 +1,308 @@
+"""Preference examples: the validated record type and its loaders (JSONL, ``datasets``, four record forms).
+
+A preference example is a prompt ``x`` and two responses, ``y_w`` (chosen) and ``y_l`` (rejected), as in the
+DPO paper (arXiv 2305.18290, §3). Four record forms are recognised (``format="auto"`` picks by shape):
+
+- ``"text"``: ``{"prompt": str, "chosen": str, "rejected": str}``.
+- ``"conversational"``: ``chosen``/``rejected`` are full message lists sharing a history; the prompt is their
+  longest common prefix of messages (backed off so that each response side starts with an assistant turn).
+  An explicit ``prompt`` message list with assistant-only ``chosen``/``rejected`` lists is accepted as well.
+- ``"hh"``: Anthropic HH-RLHF transcripts ``"\\n\\nHuman: … \\n\\nAssistant: …"`` in ``chosen``/``rejected``;
+  the prompt is everything up to and including the last ``"\\n\\nAssistant:"``.
+- ``"ultrafeedback"``: binarised UltraFeedback, ``prompt`` a string and ``chosen``/``rejected`` message lists
+  that repeat the user turn; the prompt becomes the shared message history.
+
+Every error names the source (``file.jsonl:row 17``) and the field, and, for a conversation, the turn index.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+Message = dict[str, str]
+ROLES = ("system", "user", "assistant")
+HH_ASSISTANT = "\n\nAssistant:"
+FORMATS = ("auto", "text", "conversational", "hh", "ultrafeedback")
+
+
+class DataError(ValueError):
+    """Bad input: ``source`` (``file:row N``), ``field`` and the reason are in the message and attributes."""
+
+    def __init__(self, source: str, field: str | None, reason: str):
+        self.source, self.field, self.reason = source, field, reason
+        where = source or "<example>"
+        super().__init__(f"{where}: field {field!r}: {reason}" if field else f"{where}: {reason}")
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    """One validated preference pair ``(x, y_w, y_l)``.
+
+    Attributes:
+        prompt: Text prompt, or the shared chat history (tuple of ``{"role", "content"}`` messages).
+        chosen: Preferred response text, or the response-side messages (starting with an assistant turn).
+        rejected: Dispreferred response, same type as ``chosen``.
+        source: Where it came from, e.g. ``"train.jsonl:row 17"``, used in every error message.
+    """
+
+    prompt: str | tuple[Message, ...]
+    chosen: str | tuple[Message, ...]
+    rejected: str | tuple[Message, ...]
+    source: str = ""
+
+    def __post_init__(self):
+        conv = not isinstance(self.prompt, str)
+        for name in ("prompt", "chosen", "rejected"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                if conv:
+                    raise DataError(self.source, name, "a conversational example needs message lists, got a string")
+                if not value.strip():
+                    raise DataError(self.source, name, "empty string")
+            elif isinstance(value, list | tuple):
+                if not conv:
+                    raise DataError(self.source, name, "a text prompt needs string responses, got a message list")
+                object.__setattr__(self, name, _messages(value, self.source, name))
+            else:
+                raise DataError(self.source, name, f"expected a string or a message list, got {type(value).__name__}")
+        if self.chosen == self.rejected:
+            raise DataError(self.source, "rejected", "identical to 'chosen'; the pair carries no preference")
+        if conv:
+            _check_roles(self.prompt, self.source, "prompt", first=0)
+            for name in ("chosen", "rejected"):
+                _check_roles(getattr(self, name), self.source, name, first=len(self.prompt))
+
+    @property
+    def is_conversational(self) -> bool:
+        """True when prompt and responses are message lists."""
+        return not isinstance(self.prompt, str)
+
+
+def _messages(value, source: str, name: str) -> tuple[Message, ...]:
+    if not value:
+        raise DataError(source, name, "empty message list")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, Mapping):
+            raise DataError(source, f"{name}[{i}]", f"turn {i}: expected a message dict, got {type(m).__name__}")
+        for key in ("role", "content"):
+            if key not in m:
+                raise DataError(source, f"{name}[{i}].{key}", f"turn {i}: missing key {key!r}")
+            if not isinstance(m[key], str):
+                raise DataError(source, f"{name}[{i}].{key}",
+                                f"turn {i}: expected a string, got {type(m[key]).__name__}")
+        if m["role"] not in ROLES:
+            raise DataError(source, f"{name}[{i}].role",
+                            f"turn {i}: unknown role {m['role']!r}, expected one of {ROLES}")
+        if not m["content"].strip():
+            raise DataError(source, f"{name}[{i}].content", f"turn {i}: empty content")
+        out.append({"role": m["role"], "content": m["content"]})
+    return tuple(out)
+
+
+def _check_roles(messages: tuple[Message, ...], source: str, name: str, first: int) -> None:
+    """Roles must read ``[system] user assistant user …``: the prompt ends on a user turn, a response starts and
+    ends on an assistant turn. ``first`` is where ``messages`` starts in the whole conversation; the turn index in
+    an error is the index within the field.
+    """
+    last = len(messages) - 1
+    for i, m in enumerate(messages):
+        if m["role"] == "system" and first + i != 0:
+            raise DataError(source, f"{name}[{i}].role", f"turn {i}: a system message is only allowed first")
+        if i > 0 and messages[i - 1]["role"] == m["role"]:
+            raise DataError(source, f"{name}[{i}].role", f"turn {i}: two {m['role']!r} turns in a row")
+    if name == "prompt":
+        i = 1 if messages[0]["role"] == "system" else 0
+        if i > last or messages[i]["role"] != "user":
+            raise DataError(source, f"{name}[{min(i, last)}].role", f"turn {min(i, last)}: the conversation must "
+                            "start with a user turn (after an optional system message)")
+        if messages[last]["role"] != "user":
+            raise DataError(source, f"{name}[{last}].role", f"turn {last}: the prompt must end with a user turn")
+    else:
+        if messages[0]["role"] != "assistant":
+            raise DataError(source, f"{name}[0].role", "turn 0: the response must start with an assistant turn")
+        if messages[last]["role"] != "assistant":
+            raise DataError(source, f"{name}[{last}].role",
+                            f"turn {last}: the response must end with an assistant turn")
+
+
+def split_hh(transcript: str, source: str = "", name: str = "chosen") -> tuple[str, str]:
+    """Split an HH-RLHF transcript into (prompt up to and including the last ``"\\n\\nAssistant:"``, response)."""
+    cut = transcript.rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise DataError(source, name, f"no {HH_ASSISTANT!r} marker: not an HH-RLHF transcript")
+    cut += len(HH_ASSISTANT)
+    return transcript[:cut], transcript[cut:]
+
+
+def shared_history(chosen: list | tuple, rejected: list | tuple) -> int:
+    """Length of the prompt of two full conversations: their longest common prefix of messages, backed off so
+    that both response sides start with an assistant turn."""
+    k = 0
+    while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
+        k += 1
+    while k > 0 and not (_role(chosen, k) == _role(rejected, k) == "assistant"):
+        k -= 1
+    return k
+
+
+def _role(messages, k: int):
+    return messages[k].get("role") if k < len(messages) and isinstance(messages[k], Mapping) else None
+
+
+def example_from_record(record: Mapping, source: str = "", format: str = "auto") -> PreferenceExample:
+    """Build a validated :class:`PreferenceExample` from one record of any supported form (see module doc)."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if not isinstance(record, Mapping):
+        raise DataError(source, None, f"expected a JSON object with keys prompt/chosen/rejected, got "
+                        f"{type(record).__name__}")
+    for key in ("chosen", "rejected"):
+        if key not in record:
+            raise DataError(source, key, "missing key")
+    chosen, rejected, prompt = record["chosen"], record["rejected"], record.get("prompt")
+    if format == "auto":
+        if isinstance(chosen, str):
+            format = "text" if "prompt" in record else "hh"
+        elif isinstance(prompt, str):
+            format = "ultrafeedback"
+        else:
+            format = "conversational"
+    if format == "text":
+        if "prompt" not in record:
+            raise DataError(source, "prompt", "missing key")
+        return PreferenceExample(prompt, chosen, rejected, source)
+    if format == "hh":
+        for key, value in (("chosen", chosen), ("rejected", rejected)):
+            if not isinstance(value, str):
+                raise DataError(source, key, f"an HH-RLHF transcript must be a string, got {type(value).__name__}")
+        prompt, chosen = split_hh(chosen, source, "chosen")
+        prompt_r, rejected = split_hh(rejected, source, "rejected")
+        if prompt_r != prompt:
+            raise DataError(source, "rejected", "its history (up to the last Assistant turn) differs from 'chosen'")
+        return PreferenceExample(prompt, chosen, rejected, source)
+    for key, value in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(value, list | tuple):
+            raise DataError(source, key, f"expected a message list, got {type(value).__name__}")
+        if not value:
+            raise DataError(source, key, "empty message list")
+    if _role(chosen, 0) == "assistant":  # response sides only, the prompt is given
+        if prompt is None:
+            raise DataError(source, "prompt", "missing key (the responses hold no history to take it from)")
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        if not isinstance(prompt, list | tuple):
+            raise DataError(source, "prompt", f"expected a string or a message list, got {type(prompt).__name__}")
+        return PreferenceExample(tuple(prompt), tuple(chosen), tuple(rejected), source)
+    k = shared_history(chosen, rejected)  # full conversations: the prompt is their shared history
+    if k == 0:
+        if list(chosen) == list(rejected):
+            raise DataError(source, "rejected", "identical to 'chosen'; the pair carries no preference")
+        raise DataError(source, "rejected", "'chosen' and 'rejected' share no history that ends before an "
+                        "assistant turn; cannot extract the prompt")
+    if isinstance(prompt, str) and not any(isinstance(m, Mapping) and m.get("content") == prompt for m in chosen[:k]):
+        raise DataError(source, "prompt", "the prompt text is not a turn of the history shared by 'chosen' and "
+                        "'rejected'")
+    return PreferenceExample(tuple(chosen[:k]), tuple(chosen[k:]), tuple(rejected[k:]), source)
+
+
+@dataclass
+class LoadReport:
+    """What a loader saw: rows read, rows kept, and the errors of skipped rows (``on_error="skip"``)."""
+
+    rows: int = 0
+    kept: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return f"{self.rows} rows read, {self.kept} kept, {len(self.skipped)} skipped"
+
+
+class ExampleList(list):
+    """A list of :class:`PreferenceExample` that carries the loader's :class:`LoadReport` as ``.report``."""
+
+    report: LoadReport
+
+
+def _check_on_error(on_error: str) -> None:
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+
+
+def load_jsonl(path: str | Path, *, on_error: str = "raise", format: str = "auto") -> ExampleList:
+    """Read and validate every row of a JSONL file; return them all, or raise at the first bad row.
+
+    The whole file is validated before anything is returned, so a caller never holds a half-read dataset.
+    Blank lines are ignored; rows are numbered by line (1-based).
+
+    Args:
+        path: The ``.jsonl`` file, one JSON object per line.
+        on_error: ``"raise"`` (a :class:`DataError` naming file, row and field) or ``"skip"`` (bad rows are left
+            out and listed in ``.report.skipped``).
+        format: Record form, see the module docstring.
+    """
+    _check_on_error(on_error)
+    path = Path(path)
+    out, report = ExampleList(), LoadReport()
+    for row, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        report.rows += 1
+        source = f"{path.name}:row {row}"
+        try:
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(source, None, f"invalid UTF-8 at byte {err.start}") from None
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise DataError(source, None, f"not valid JSON ({err.msg} at column {err.colno})") from None
+            out.append(example_from_record(record, source, format))
+        except DataError as err:
+            if on_error == "raise":
+                raise
+            report.skipped.append(str(err))
+    report.kept = len(out)
+    out.report = report
+    return out
+
+
+class LazyExamples:
+    """Validated examples read lazily from a ``datasets`` dataset (or any iterable of records).
+
+    Iterating reads one row at a time, so a dataset larger than memory (an ``IterableDataset`` or a memory-mapped
+    ``Dataset``) is never materialised. ``.report`` counts what the latest pass read and skipped.
+    """
+
+    def __init__(self, dataset: Iterable[Mapping], name: str = "dataset", on_error: str = "raise",
+                 format: str = "auto"):
+        _check_on_error(on_error)
+        self.dataset, self.name, self.on_error, self.format = dataset, name, on_error, format
+        self.report = LoadReport()
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[PreferenceExample]:
+        self.report = report = LoadReport()
+        for row, record in enumerate(self.dataset):
+            report.rows += 1
+            try:
+                example = example_from_record(record, f"{self.name}:row {row}", self.format)
+            except DataError as err:
+                if self.on_error == "raise":
+                    raise
+                report.skipped.append(str(err))
+                continue
+            report.kept += 1
+            yield example
+
+
+def iter_dataset(dataset: Iterable[Mapping], *, name: str = "dataset", on_error: str = "raise",
+                 format: str = "auto") -> LazyExamples:
+    """Wrap a ``datasets.Dataset``/``IterableDataset`` (rows numbered from 0) as lazily validated examples."""
+    return LazyExamples(dataset, name=name, on_error=on_error, format=format)

@@ -1,0 +1,1 @@
+"""Experiments: compositions of library calls that reproduce the paper's results."""

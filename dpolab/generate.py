@@ -1,0 +1,289 @@
+"""Sampling N completions per prompt, with the log-probs that the KL estimate needs.
+
+``model.generate`` runs the loop (KV cache, left padding, stopping at EOS), but the token choice is
+made here, by :class:`_RecordingSampler`, a logits processor that sees the model's raw next-token
+logits, applies temperature, top-k and top-p itself (:func:`warp_logits`), draws the token from a
+random stream of its own for every (prompt, sample) row, and records two log-probs of the drawn
+token; ``generate`` then only takes the one token left standing. So each completion comes with
+
+- ``model_logps``: log π(y|x) summed over its tokens under the raw model (temperature 1, no top-k or
+  top-p), which is what the sample-based KL(π‖π_ref) estimate needs, and
+- ``sampling_logps``: log q(y|x) under the distribution actually sampled from (temperature, top-k,
+  top-p applied), for importance weights or a sampler's own entropy.
+
+Each row draws from a generator seeded by ``(seed, prompt index, sample index)``, so a completion does
+not depend on the batch size, the order of the prompts, or the global torch RNG. The model's own
+``generation_config`` sampling settings are ignored: the arguments of :func:`sample` are the whole
+sampling recipe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+
+@dataclass
+class Samples:
+    """``N`` sampled completions for each of ``P`` prompts.
+
+    Attributes:
+        prompts: the prompts as given (texts, or message lists when sampled with ``chat=True``).
+        prompt_ids: the token ids each prompt was rendered to (chat template and generation prompt included).
+        texts: decoded completions, ``texts[p][i]``, without EOS, padding or other special tokens.
+        token_ids: completion token ids ``token_ids[p][i]``; the last one is EOS when the model stopped itself.
+        model_logps: summed log-probs of each completion under the raw model (temperature 1, no truncation),
+            the quantity a KL(π‖π_ref) estimate needs. Shape: (P, N).
+        sampling_logps: summed log-probs under the distribution actually sampled from (temperature, top-k and
+            top-p applied); equal to ``model_logps`` when sampling at temperature 1 without truncation. Shape: (P, N).
+        finished: True where the completion ended with EOS, False where ``max_new_tokens`` cut it. Shape: (P, N).
+        settings: the sampling arguments, for the metadata of datasets built from these samples.
+    """
+
+    prompts: list
+    prompt_ids: list[list[int]]
+    texts: list[list[str]]
+    token_ids: list[list[list[int]]]
+    model_logps: torch.Tensor
+    sampling_logps: torch.Tensor
+    finished: torch.Tensor
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Number of completion tokens (EOS included). Shape: (P, N)."""
+        return torch.tensor([[len(ids) for ids in row] for row in self.token_ids], dtype=torch.long)
+
+
+def check_sampling_request(
+    prompts,
+    n: int,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int | None = None,
+    batch_size: int = 16,
+    chat: bool = False,
+) -> list:
+    """Validate a sampling request before any model is loaded; return the prompts as a list.
+
+    Raises:
+        ValueError: naming the argument, or the prompt (by index) and what is wrong with it.
+    """
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a sequence of prompts, got a single string; wrap it in a list")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("the prompt set is empty (0 prompts): nothing to sample")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n (completions per prompt) must be an integer >= 1, got {n!r}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens (generation length) must be an integer >= 1, got {max_new_tokens!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None (no truncation) or an integer >= 1, got {top_k!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    for i, prompt in enumerate(prompts):
+        if chat:
+            _check_conversation(prompt, i)
+        elif not isinstance(prompt, str):
+            hint = " (a message list: pass chat=True)" if isinstance(prompt, list | tuple) else ""
+            raise ValueError(f"prompt {i}: expected a text, got {type(prompt).__name__}{hint}")
+        elif not prompt.strip():
+            raise ValueError(f"prompt {i}: empty text")
+    return prompts
+
+
+def _check_conversation(messages, i: int) -> None:
+    if not isinstance(messages, list | tuple) or not messages:
+        raise ValueError(f"prompt {i}: expected a non-empty list of messages (chat=True), got {messages!r:.80}")
+    for t, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or "content" not in message:
+            raise ValueError(f"prompt {i}, turn {t}: expected a dict with 'role' and 'content', got {message!r:.80}")
+    if messages[-1]["role"] == "assistant":
+        raise ValueError(f"prompt {i}, turn {len(messages) - 1}: the conversation ends with an assistant turn; "
+                         "sample() adds the generation prompt for a new assistant turn")
+
+
+def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float = 1.0) -> torch.Tensor:
+    """Next-token logits of the sampling distribution: temperature, then top-k, then top-p (nucleus).
+
+    Removed tokens get ``-inf``. Top-p keeps the smallest set of most likely tokens whose probability
+    reaches ``top_p`` (a token is removed when the tokens ranked above it already hold ``top_p``).
+    Same order and rule as the transformers warpers. Shape: (..., V) -> (..., V), float32.
+    """
+    scores = logits.float() / temperature
+    if top_k is not None and top_k < scores.shape[-1]:
+        kth_best = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth_best, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        probs = sorted_scores.softmax(dim=-1)
+        mass_above = probs.cumsum(dim=-1) - probs
+        remove = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, order, mass_above >= top_p)
+        scores = scores.masked_fill(remove, float("-inf"))
+    return scores
+
+
+def row_generator(seed: int, prompt_index: int, sample_index: int) -> torch.Generator:
+    """The random stream of one (prompt, sample) row: independent of batching and prompt order."""
+    state = np.random.SeedSequence([seed, prompt_index, sample_index]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class _RecordingSampler(LogitsProcessor):
+    """Draws each row's next token (inverse CDF, one uniform per row and step) and records its log-probs.
+
+    Returns scores that are ``-inf`` except at the drawn token, so greedy ``generate`` takes it.
+    """
+
+    def __init__(self, generators: list[torch.Generator], temperature: float, top_k: int | None, top_p: float):
+        self.generators, self.temperature, self.top_k, self.top_p = generators, temperature, top_k, top_p
+        self.tokens, self.model_logps, self.sampling_logps = [], [], []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        model_logp = torch.log_softmax(scores.float(), dim=-1)
+        untruncated = self.top_k is None or self.top_k >= scores.shape[-1]
+        plain = self.temperature == 1.0 and untruncated and self.top_p == 1.0
+        sampling_logp = model_logp if plain else torch.log_softmax(
+            warp_logits(scores, self.temperature, self.top_k, self.top_p), dim=-1)
+        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators]).to(scores.device)
+        cdf = sampling_logp.double().exp().cumsum(dim=-1)
+        # right=True picks the first token whose cdf exceeds u·total: never a token of probability 0
+        tokens = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+        tokens = tokens.clamp_max(scores.shape[-1] - 1)
+        self.tokens.append(tokens)
+        self.model_logps.append(model_logp.gather(-1, tokens[:, None]).squeeze(-1))
+        self.sampling_logps.append(sampling_logp.gather(-1, tokens[:, None]).squeeze(-1))
+        return torch.full_like(scores, float("-inf")).scatter(-1, tokens[:, None], 0.0)
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = []
+    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        for i in source if isinstance(source, list | tuple) else [source]:
+            if i is not None and i not in ids:
+                ids.append(int(i))
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model's generation_config defines an EOS token")
+    return ids
+
+
+def render_prompt(tokenizer, prompt, chat: bool) -> list[int]:
+    """Token ids the model is conditioned on: the text's ids, or the chat template plus generation prompt."""
+    if not chat:
+        return tokenizer(prompt).input_ids
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat=True needs a tokenizer with a chat template; this tokenizer has none")
+    text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def sample(
+    model,
+    tokenizer,
+    prompts: Sequence,
+    n: int,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    chat: bool = False,
+    progress: bool = True,
+) -> Samples:
+    """Sample ``n`` completions of every prompt with the KV cache, recording their log-probs.
+
+    Args:
+        model: a causal LM (any ``transformers`` model with ``generate``).
+        tokenizer: its tokenizer.
+        prompts: texts to continue, or (``chat=True``) message lists answered by a new assistant turn.
+        n: completions per prompt.
+        max_new_tokens: the most tokens per completion; sampling stops earlier at EOS.
+        temperature: softmax temperature (> 0).
+        top_p: nucleus mass in (0, 1]; 1 keeps every token.
+        top_k: keep the ``top_k`` most likely tokens; None (or ``len(tokenizer)``, the same here: the
+            transformers warpers, slow without a top-k, are not used) keeps all.
+        seed: completions are a function of (seed, prompt index, sample index, model, prompt).
+        batch_size: rows (prompt × sample) per ``generate`` call; bounds memory, not the result.
+        chat: render prompts with the tokenizer's chat template and generation prompt.
+        progress: show a progress bar over completions.
+
+    Returns:
+        :class:`Samples`, ``texts[p][i]`` for prompt ``p`` and sample ``i``.
+    """
+    from tqdm.auto import tqdm
+
+    prompts = check_sampling_request(prompts, n, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                     batch_size=batch_size, chat=chat)
+    prompt_ids = [render_prompt(tokenizer, p, chat) for p in prompts]
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    # rows sorted by prompt length so a batch carries little padding; row seeds make the order irrelevant
+    rows = sorted(((p, i) for p in range(len(prompts)) for i in range(n)), key=lambda r: len(prompt_ids[r[0]]))
+    token_ids = [[[] for _ in range(n)] for _ in prompts]
+    model_logps, sampling_logps = torch.zeros(len(prompts), n), torch.zeros(len(prompts), n)
+    finished = torch.zeros(len(prompts), n, dtype=torch.bool)
+
+    was_training, saved_config = model.training, model.generation_config
+    # a clean config: processors from the model's own config (repetition penalty, ...) would distort the logps
+    model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=pad_id,
+                                               bos_token_id=getattr(saved_config, "bos_token_id", None))
+    model.eval()
+    try:
+        with tqdm(total=len(rows), desc="sampling", unit="completion", disable=not progress) as bar:
+            for start in range(0, len(rows), batch_size):
+                batch = rows[start:start + batch_size]
+                width = max(len(prompt_ids[p]) for p, _ in batch)
+                input_ids = torch.tensor([[pad_id] * (width - len(prompt_ids[p])) + prompt_ids[p] for p, _ in batch])
+                attention_mask = torch.tensor([[0] * (width - len(prompt_ids[p])) + [1] * len(prompt_ids[p])
+                                               for p, _ in batch])
+                sampler = _RecordingSampler([row_generator(seed, p, i) for p, i in batch], temperature, top_k, top_p)
+                with torch.no_grad():
+                    out = model.generate(input_ids=input_ids.to(model.device),
+                                         attention_mask=attention_mask.to(model.device),
+                                         do_sample=False, max_new_tokens=max_new_tokens,
+                                         logits_processor=LogitsProcessorList([sampler]))
+                _collect(out[:, width:].cpu(), sampler, batch, eos_ids, token_ids, model_logps, sampling_logps,
+                         finished)
+                bar.update(len(batch))
+    finally:
+        model.generation_config = saved_config
+        model.train(was_training)
+
+    texts = [[tokenizer.decode(ids[:-1] if done else ids, skip_special_tokens=True)
+              for ids, done in zip(row, row_done)] for row, row_done in zip(token_ids, finished.tolist())]
+    settings = {"n": n, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                "top_k": top_k, "seed": seed, "chat": chat}
+    return Samples(prompts, prompt_ids, texts, token_ids, model_logps, sampling_logps, finished, settings)
+
+
+def _collect(generated, sampler, batch, eos_ids, token_ids, model_logps, sampling_logps, finished) -> None:
+    """Cut each generated row at its first EOS (kept) and sum the recorded log-probs over its tokens."""
+    steps = generated.shape[1]
+    drawn = torch.stack(sampler.tokens[:steps], dim=1).cpu()
+    step_model = torch.stack(sampler.model_logps[:steps], dim=1).cpu()
+    step_sampling = torch.stack(sampler.sampling_logps[:steps], dim=1).cpu()
+    is_eos = torch.isin(generated, torch.tensor(eos_ids))
+    for r, (p, i) in enumerate(batch):
+        hits = is_eos[r].nonzero()
+        length = int(hits[0]) + 1 if len(hits) else steps
+        ids = generated[r, :length]
+        if not torch.equal(ids, drawn[r, :length]):  # would mean generate() altered the token we drew
+            raise RuntimeError("generate() did not keep the sampled tokens; a logits processor runs after ours")
+        token_ids[p][i] = ids.tolist()
+        model_logps[p, i] = step_model[r, :length].sum()
+        sampling_logps[p, i] = step_sampling[r, :length].sum()
+        finished[p, i] = bool(len(hits))

@@ -1,0 +1,83 @@
+"""Evaluation during training: the objective and implicit-reward accuracy on held-out pairs, and KL(π‖π_ref).
+
+The held-out metrics are the training metrics (same names under ``eval/``) computed without gradients
+on pairs the policy never trained on; ``eval/rewards/accuracies`` is the share of pairs whose chosen
+response gets the higher implicit reward β log π_θ/π_ref (ties ½).
+
+The KL estimate samples one completion per held-out prompt from the policy at temperature 1 over the
+full vocabulary (so y ~ π_θ, as the estimator requires; :func:`dpolab.generate.sample`) and averages
+log π_θ(y|x) − log π_ref(y|x) (:func:`dpolab.rewards.sequence_kl`). It needs a reference *model*, so a
+precomputed reference skips it, as does FSDP (sharded generation would need every process in step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dpolab.batch import collate_pairs, collate_sequences, length_bucketed_batches, pair_length
+from dpolab.distributed import DistributedContext, all_gather_objects, all_reduce_sum, unwrap
+from dpolab.objective import STATS, batch_objective, mean_metrics
+from dpolab.rewards import sequence_kl
+from dpolab.tokenize import TokenizedPair
+
+
+def heldout_metrics(model, reference, pairs: list[TokenizedPair], *, config, pad_token_id: int,
+                    ctx: DistributedContext, autocast) -> dict[str, float]:
+    """``eval/loss``, ``eval/rewards/*``, ``eval/logps/*``, ``eval/lengths/*`` over all ``pairs``."""
+    batches = length_bucketed_batches([pair_length(p) for p in pairs], config.eval_batch_size, seed=0, shuffle=False)
+    totals = None
+    model.eval()
+    with torch.no_grad():
+        for rows in batches[ctx.rank :: ctx.world_size]:
+            batch = to_device(collate_pairs([pairs[i] for i in rows], pad_token_id, index=rows), ctx.device)
+            with autocast():
+                _, sums = batch_objective(model, reference, batch, stage=config.stage, loss=config.loss,
+                                          beta=config.beta, loss_params=config.loss_params,
+                                          sft_weight=config.sft_weight)
+            totals = sums if totals is None else totals + sums
+    if totals is None:  # more processes than evaluation batches
+        totals = torch.zeros(len(STATS), dtype=torch.float64)
+    return mean_metrics(all_reduce_sum(totals, ctx), config.stage, prefix="eval/")
+
+
+def sample_kl(model, reference, tokenizer, prompts: Sequence, *, config, ctx: DistributedContext,
+              chat: bool) -> dict[str, float]:
+    """``eval/kl`` (± ``eval/kl_se``) and ``eval/sample_length`` from one policy sample per prompt.
+
+    Returns an empty dict when the estimate is unavailable (no prompts, no reference model, FSDP, or
+    no :mod:`dpolab.generate`).
+    """
+    if not prompts or reference is None or getattr(reference, "sequence_logps", None) is None or config.fsdp:
+        return {}
+    try:
+        from dpolab.generate import sample
+    except ImportError:
+        return {}
+    policy = unwrap(model)
+    share = list(prompts)[ctx.rank :: ctx.world_size]
+    policy_logps, ref_logps, lengths = [], [], []
+    if share:
+        samples = sample(policy, tokenizer, share, 1, max_new_tokens=config.kl_max_new_tokens, temperature=1.0,
+                         top_k=len(tokenizer), seed=config.seed + 7919 * ctx.rank, batch_size=config.eval_batch_size,
+                         chat=chat, progress=False)
+        completions = [row[0] for row in samples.token_ids]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        for start in range(0, len(completions), config.eval_batch_size):
+            stop = start + config.eval_batch_size
+            batch = collate_sequences(samples.prompt_ids[start:stop], completions[start:stop], None, pad)
+            ref_logps += reference.sequence_logps(to_device(batch, ctx.device)).float().cpu().tolist()
+        policy_logps = samples.model_logps[:, 0].tolist()
+        lengths = [len(c) for c in completions]
+    gathered = all_gather_objects((policy_logps, ref_logps, lengths), ctx)
+    policy_all = torch.tensor([x for g in gathered for x in g[0]], dtype=torch.float64)
+    ref_all = torch.tensor([x for g in gathered for x in g[1]], dtype=torch.float64)
+    all_lengths = [x for g in gathered for x in g[2]]
+    kl, kl_se = sequence_kl(policy_all, ref_all)
+    return {"eval/kl": kl, "eval/kl_se": kl_se, "eval/sample_length": sum(all_lengths) / len(all_lengths)}
+
+
+def to_device(batch, device: torch.device):
+    """A copy of a (pair or sequence) batch with every tensor on ``device``."""
+    return type(batch)(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(batch).items()})

@@ -1,0 +1,235 @@
+"""Per-sequence log-probabilities of response tokens: log π(y|x) = Σ_t log π(y_t | x, y_<t).
+
+Every quantity in the DPO objective (paper eq. 7) is a difference of these sums, so they are computed
+once here, in float32 whatever the model's dtype, as ``logit[label] - logsumexp(logits)``. That never
+materialises a ``(B, T, V)`` log-softmax copy: the logsumexp runs over chunks of token positions, and
+the backward pass recomputes the softmax chunk by chunk instead of storing it.
+
+:func:`concatenated_forward` runs chosen and rejected rows through the model in one call. By default it
+asks the model for logits only at the scored positions (transformers' ``logits_to_keep`` with a boolean
+mask), which skips the output layer on prompt and padding tokens; ``full_logits=True`` is the plain,
+slow reference path, and the tests hold the two equal.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+IGNORE_INDEX = -100
+# elements of one float32 (positions x vocabulary) chunk: 4M floats = 16 MiB of temporaries at a time
+CHUNK_ELEMENTS = 1 << 22
+
+
+class _LabelLogProb(torch.autograd.Function):
+    """log softmax(z)[y] for chosen rows of a ``(M, V)`` logit matrix, in chunks, with a recomputing backward.
+
+    d/dz_j (z_y - logsumexp z) = 1[j = y] - softmax(z)_j, so the backward needs only the logits (already
+    held by the caller) and the per-row logsumexp, never a stored softmax.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, rows: Tensor | None, targets: Tensor, chunk: int) -> Tensor:
+        compute = torch.promote_types(logits.dtype, torch.float32)
+        n = targets.numel()
+        out = torch.empty(n, dtype=compute, device=logits.device)
+        lse = torch.empty(n, dtype=compute, device=logits.device)
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            z = (logits[start:stop] if rows is None else logits[rows[start:stop]]).to(compute)
+            lse[start:stop] = torch.logsumexp(z, dim=-1)
+            out[start:stop] = z.gather(-1, targets[start:stop, None]).squeeze(-1) - lse[start:stop]
+        ctx.save_for_backward(logits, rows if rows is not None else targets.new_empty(0), targets, lse)
+        ctx.has_rows, ctx.chunk = rows is not None, chunk
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        logits, rows, targets, lse = ctx.saved_tensors
+        grad = torch.zeros_like(logits)
+        for start in range(0, targets.numel(), ctx.chunk):
+            stop = min(start + ctx.chunk, targets.numel())
+            idx = rows[start:stop] if ctx.has_rows else slice(start, stop)
+            g = grad_out[start:stop, None].to(lse.dtype)
+            dz = torch.exp(logits[idx].to(lse.dtype) - lse[start:stop, None]).mul_(-g)
+            dz.scatter_add_(-1, targets[start:stop, None], g)
+            grad[idx] = dz.to(grad.dtype)
+        return grad, None, None, None
+
+
+def _chunk_rows(vocab_size: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(vocab_size, 1))
+
+
+def _check_labels(labels: Tensor, vocab_size: int, what: str = "labels") -> None:
+    """Raise naming the row and position of the first label that is neither -100 nor a vocabulary id."""
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
+    if bad.any():
+        where = bad.nonzero()[0].tolist()
+        value = labels[tuple(where)].item()
+        place = ", ".join(f"{axis} {i}" for axis, i in zip(("row", "position"), where)) if len(where) <= 2 else where
+        raise ValueError(f"batch {place}, field {what}: token id {value} is neither -100 nor in [0, {vocab_size})")
+
+
+def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
+    """log softmax(logits)[label] at every position, 0 where the label is -100 (no shift here).
+
+    Computed in float32 (float64 if the logits are), whatever the logits' dtype.
+
+    Shape: logits (..., V), labels (...) -> (...).
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on positions")
+    _check_labels(labels, logits.size(-1))
+    return _token_logprobs(logits, labels)
+
+
+def _token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
+    vocab = logits.size(-1)
+    flat_labels = labels.reshape(-1)
+    rows = (flat_labels != IGNORE_INDEX).nonzero().squeeze(-1)
+    scored = _LabelLogProb.apply(logits.reshape(-1, vocab), rows, flat_labels[rows], _chunk_rows(vocab))
+    return scored.new_zeros(flat_labels.shape).index_put((rows,), scored).view(labels.shape)
+
+
+def shift_labels(labels: Tensor) -> Tensor:
+    """Labels aligned with the logits that predict them: position t holds label t+1, the last is -100.
+
+    Shape: (B, T) -> (B, T).
+    """
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def sequence_logprobs(logits: Tensor, labels: Tensor, average: bool = False) -> Tensor:
+    """Σ_t log π(y_t | x, y_<t) over the response tokens of each row (or the per-token mean if ``average``).
+
+    ``labels`` are the input ids with -100 on every position not scored (prompt, padding, masked turns);
+    the logits at position t score the label at t+1 (the shift happens here). A label in column 0 is
+    never scored, as in transformers' loss. Always float32 (float64 for float64 logits).
+
+    Shape: logits (B, T, V), labels (B, T) -> (B,).
+    """
+    if logits.dim() != 3 or labels.dim() != 2:
+        raise ValueError(
+            f"expected logits (B, T, V) and labels (B, T), got {tuple(logits.shape)}, {tuple(labels.shape)}"
+        )
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on positions")
+    _check_labels(labels, logits.size(-1))
+    shifted = shift_labels(labels)
+    total = _token_logprobs(logits, shifted).sum(-1)
+    if average:
+        total = total / (shifted != IGNORE_INDEX).sum(-1).clamp(min=1)
+    return total
+
+
+@dataclass
+class PairLogps:
+    """Per-sequence log-probs of a batch of pairs, chosen and rejected side by side.
+
+    Attributes:
+        chosen: (B,) summed (or averaged) log π(y_w|x), with grad if the model trains.
+        rejected: (B,) the same for y_l.
+        chosen_lengths: (B,) number of scored tokens of each chosen response.
+        rejected_lengths: (B,) the same for the rejected responses.
+    """
+
+    chosen: Tensor
+    rejected: Tensor
+    chosen_lengths: Tensor
+    rejected_lengths: Tensor
+
+    def detach(self) -> PairLogps:
+        """A copy without autograd history (for reference log-probs and caches)."""
+        return PairLogps(self.chosen.detach(), self.rejected.detach(), self.chosen_lengths, self.rejected_lengths)
+
+
+def _unwrap(model):
+    """The transformers model under DDP/FSDP (``.module``) and PEFT (``.get_base_model()``) wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def supports_scored_logits(model) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs do, masks included)."""
+    forward = getattr(_unwrap(model), "forward", None)
+    return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
+
+
+def sequence_forward(model, batch, average: bool = False, *, full_logits: bool = False) -> tuple[Tensor, Tensor]:
+    """Run ``model`` once on ``batch`` and return each row's response log-prob and scored-token count.
+
+    Args:
+        model: a causal LM (transformers, optionally wrapped by PEFT or DDP).
+        batch: anything with ``input_ids``, ``attention_mask`` and ``labels`` (N, T), e.g. a
+            :class:`dpolab.batch.SequenceBatch`.
+        average: return the per-token mean instead of the sum.
+        full_logits: compute logits at every position (the slow reference path) instead of only at
+            the positions whose next token is scored.
+
+    Returns:
+        ``(logps, lengths)``, both (N,); logps in float32 with grad if the model trains.
+    """
+    labels = batch.labels
+    targets = shift_labels(labels)
+    keep = targets != IGNORE_INDEX
+    lengths = keep.sum(-1)
+    if (lengths == 0).any():
+        row = int((lengths == 0).nonzero()[0])
+        raise ValueError(f"batch row {row}, field labels: no scored response token (all -100 after the first column)")
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
+    if not full_logits and supports_scored_logits(model):
+        logits = model(**inputs, logits_to_keep=keep).logits
+    else:
+        logits = model(**inputs).logits
+    if logits.dim() == 2:  # (num scored, V): one row per True of ``keep``, in row-major order
+        _check_labels(labels, logits.size(-1))
+        scored = _LabelLogProb.apply(logits, None, targets[keep], _chunk_rows(logits.size(-1)))
+        row_of = keep.nonzero()[:, 0]
+        logps = scored.new_zeros(labels.size(0)).index_add(0, row_of, scored)
+    else:
+        logps = sequence_logprobs(logits, labels)
+    if average:
+        logps = logps / lengths
+    return logps, lengths
+
+
+def concatenated_forward(model, batch, average: bool = False, *, full_logits: bool = False) -> PairLogps:
+    """Log-probs of the chosen and the rejected responses of a :class:`dpolab.batch.PairBatch`, in one call.
+
+    Rows 0..B-1 of the batch are prompt + chosen, rows B..2B-1 prompt + rejected. One forward over the
+    2B rows costs the same as two of B but shares the kernel launches and the weights' memory traffic.
+
+    Shape: batch fields (2B, T) -> PairLogps of (B,) tensors.
+    """
+    rows = batch.input_ids.size(0)
+    if rows % 2:
+        raise ValueError(f"a pair batch needs an even number of rows (chosen then rejected), got {rows}")
+    try:
+        logps, lengths = sequence_forward(model, batch, average, full_logits=full_logits)
+    except ValueError as err:
+        raise ValueError(_pair_message(str(err), batch, rows // 2)) from err
+    b = rows // 2
+    return PairLogps(logps[:b], logps[b:], lengths[:b], lengths[b:])
+
+
+def _pair_message(message: str, batch, num_pairs: int) -> str:
+    """Rewrite 'batch row r' as the pair and side it belongs to (and its dataset index when known)."""
+    prefix = "batch row "
+    if not message.startswith(prefix):
+        return message
+    number, rest = message[len(prefix) :].split(",", 1)
+    row = int(number)
+    side, pair = ("chosen", row) if row < num_pairs else ("rejected", row - num_pairs)
+    index = getattr(batch, "index", None)
+    where = f"pair {pair} (dataset row {int(index[pair])})" if index is not None else f"pair {pair}"
+    return f"{where}, {side} response,{rest}"

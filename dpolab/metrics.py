@@ -1,0 +1,132 @@
+"""Training metrics as JSON lines, and detectors for the failure patterns users ask about.
+
+One line per optimizer step (and one per evaluation), with the field's names: ``loss``,
+``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``,
+``logps/rejected``, plus ``lr``, ``grad_norm``, ``tokens_per_s`` and ``lengths/*``; evaluation lines
+carry the same names under ``eval/`` and the sample-based ``eval/kl``.
+
+The detectors warn (:class:`TrainingWarning`) once per run:
+
+- both log-probs falling: DPO raises the margin by pushing the chosen response down too, a known
+  failure mode (the policy moves probability mass to responses that are in neither set);
+- response length creeping up: samples from the policy grow from evaluation to evaluation, the
+  length exploitation that length-normalised losses and SFT terms counter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+
+class TrainingWarning(UserWarning):
+    """A pattern in the metrics that usually means the run is going wrong."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss or gradient became NaN or inf; raised before the optimizer step, so no bad weights are saved."""
+
+
+class MetricsWriter:
+    """Append JSON lines to ``path``; on a resume, drop lines of steps after the checkpoint first.
+
+    Args:
+        path: The ``metrics.jsonl`` file.
+        enabled: False on every process but rank 0 (the writer then does nothing).
+        resume_step: None for a fresh run (the file is started empty), else the checkpoint's step.
+    """
+
+    def __init__(self, path: str | Path, *, enabled: bool = True, resume_step: int | None = None):
+        self.path, self.enabled = Path(path), enabled
+        if not enabled:
+            return
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] if resume_step is not None else []
+        self.path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record (non-finite floats are written as null: JSON has no NaN)."""
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({k: _finite(v) for k, v in record.items()}, sort_keys=True) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a metrics file (empty if it does not exist); a torn last line is ignored."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # the process died while writing this line
+    return records
+
+
+class FallingLogpsDetector:
+    """Warn when both ``logps/chosen`` and ``logps/rejected`` fell by more than ``tolerance`` nats.
+
+    The comparison is between the mean of the first ``window`` steps and the mean of the latest
+    ``window`` steps, so single noisy steps do not trigger it.
+    """
+
+    def __init__(self, window: int = 5, tolerance: float = 1.0):
+        self.window, self.tolerance = window, tolerance
+        self.history: list[tuple[float, float]] = []
+        self.fired = False
+
+    def update(self, step: int, chosen: float, rejected: float) -> str | None:
+        """Add a step's mean log-probs; return the warning text the first time the pattern appears."""
+        self.history.append((chosen, rejected))
+        if self.fired or len(self.history) < 2 * self.window:
+            return None
+        first = [sum(v) / self.window for v in zip(*self.history[: self.window])]
+        last = [sum(v) / self.window for v in zip(*self.history[-self.window :])]
+        if first[0] - last[0] > self.tolerance and first[1] - last[1] > self.tolerance:
+            self.fired = True
+            return (f"step {step}: both logps/chosen ({first[0]:.2f} -> {last[0]:.2f}) and logps/rejected "
+                    f"({first[1]:.2f} -> {last[1]:.2f}) have fallen; the margin grows because rejected falls faster, "
+                    "and probability moves to responses in neither set. Consider a larger beta, an SFT term "
+                    "(sft_weight), or a lower learning rate.")
+        return None
+
+
+class LengthCreepDetector:
+    """Warn when the mean length of policy samples rose at each of the last ``rises`` evaluations
+    and now exceeds the first evaluation's by more than ``relative`` (0.2 = 20 %)."""
+
+    def __init__(self, rises: int = 2, relative: float = 0.2):
+        self.rises, self.relative = rises, relative
+        self.history: list[float] = []
+        self.fired = False
+
+    def update(self, step: int, mean_length: float) -> str | None:
+        """Add an evaluation's mean sample length; return the warning text the first time it creeps."""
+        self.history.append(mean_length)
+        recent = self.history[-(self.rises + 1) :]
+        if self.fired or len(recent) < self.rises + 1:
+            return None
+        rising = all(b > a for a, b in zip(recent, recent[1:]))
+        if rising and mean_length > (1 + self.relative) * self.history[0]:
+            self.fired = True
+            return (f"step {step}: the mean length of policy samples crept up from {self.history[0]:.1f} to "
+                    f"{mean_length:.1f} tokens over {len(self.history)} evaluations; the policy may be exploiting "
+                    "length. Consider a length-normalised loss (simpo, ipo_mean), an SFT term, or a larger beta.")
+        return None
+
+
+def warn(message: str | None) -> str | None:
+    """Issue ``message`` as a :class:`TrainingWarning` (if any) and return it for the metrics record."""
+    if message:
+        warnings.warn(message, TrainingWarning, stacklevel=2)
+    return message
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,178 @@
+"""The reference policy π_ref, three ways (paper Eq. 7 needs only its log-probs of the training responses).
+
+- :class:`FrozenReference`: a separate model (a deep copy of the initial policy, or the SFT model given),
+  in eval mode with gradients off. Costs a second copy of the weights.
+- :class:`AdapterReference`: the policy itself with its peft LoRA adapter switched off; the frozen base
+  weights *are* π_ref, so nothing is held twice (for models too large to hold twice).
+- :class:`PrecomputedReference`: log π_ref of every training response, computed once and stored as a
+  cache artifact keyed by a hash of (model weights, tokenizer, tokenized data, tokenization settings).
+  A β sweep or a second run with the same inputs reuses the file; any changed input gives a new key,
+  so a stale table is never read. It has no model, so it cannot score new samples (no KL estimate).
+
+Every strategy returns :class:`dpolab.logprobs.PairLogps` without autograd history.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dpolab.batch import PairBatch, SequenceBatch, collate_pairs
+from dpolab.cache import build_artifact, cache_dir
+from dpolab.logprobs import PairLogps, concatenated_forward, sequence_forward, shift_labels
+from dpolab.tokenize import TokenizedPair
+
+KEY_VERSION = 1  # bump when the way reference log-probs are computed changes
+
+
+class FrozenReference:
+    """π_ref as its own model: eval mode (dropout off), no gradients."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model.eval().requires_grad_(False)
+
+    def pair_logps(self, batch: PairBatch) -> PairLogps:
+        """Summed log π_ref of the chosen and rejected responses of a batch. Shape: -> (B,) each."""
+        with torch.no_grad():
+            return concatenated_forward(self.model, batch).detach()
+
+    def sequence_logps(self, batch: SequenceBatch) -> torch.Tensor:
+        """Summed log π_ref of each row's response (e.g. policy samples). Shape: (N, T) -> (N,)."""
+        with torch.no_grad():
+            return sequence_forward(self.model, batch)[0]
+
+
+class AdapterReference(FrozenReference):
+    """π_ref as the peft policy with its LoRA adapter disabled (the base weights are never trained)."""
+
+    def __init__(self, policy: torch.nn.Module):
+        if not hasattr(policy, "disable_adapter"):
+            raise ValueError("reference='adapter' needs a peft model with a LoRA adapter (set lora_r > 0)")
+        self.model = policy
+
+    def pair_logps(self, batch: PairBatch) -> PairLogps:
+        with self._base():
+            return super().pair_logps(batch)
+
+    def sequence_logps(self, batch: SequenceBatch) -> torch.Tensor:
+        with self._base():
+            return super().sequence_logps(batch)
+
+    @contextlib.contextmanager
+    def _base(self):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.model.disable_adapter():
+                yield
+        finally:
+            self.model.train(was_training)
+
+
+class PrecomputedReference:
+    """π_ref log-probs read from a table indexed by the pairs' dataset positions (``PairBatch.index``)."""
+
+    def __init__(self, chosen: torch.Tensor, rejected: torch.Tensor, folder: Path | None = None):
+        self.chosen, self.rejected, self.folder = chosen, rejected, folder
+
+    def pair_logps(self, batch: PairBatch) -> PairLogps:
+        index = batch.index.cpu()
+        if int(index.max()) >= len(self.chosen):
+            raise IndexError(f"pair index {int(index.max())} is outside the precomputed table of {len(self.chosen)} "
+                             f"pairs ({self.folder}); the batch comes from another dataset")
+        lengths = (shift_labels(batch.labels) != -100).sum(-1)
+        b = batch.num_pairs
+        device = batch.input_ids.device
+        return PairLogps(self.chosen[index].to(device), self.rejected[index].to(device), lengths[:b], lengths[b:])
+
+    sequence_logps = None  # no model: new responses cannot be scored
+
+
+def reference_key(model: torch.nn.Module, tokenizer, pairs: list[TokenizedPair], tokenize_config=None) -> str:
+    """SHA-256 of everything reference log-probs depend on: weights, tokenizer, tokenized data, settings."""
+    h = hashlib.sha256(f"dpolab-reference-v{KEY_VERSION}".encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(_tokenizer_fingerprint(tokenizer).encode())
+    settings = dataclasses.asdict(tokenize_config) if dataclasses.is_dataclass(tokenize_config) else tokenize_config
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for pair in pairs:
+        h.update(json.dumps([pair.prompt_ids, pair.chosen_ids, pair.rejected_ids, pair.chosen_mask,
+                             pair.rejected_mask]).encode())
+    return h.hexdigest()
+
+
+def precompute_reference(
+    model: torch.nn.Module,
+    tokenizer,
+    pairs: list[TokenizedPair],
+    *,
+    tokenize_config=None,
+    batch_size: int = 8,
+    root: Path | None = None,
+) -> PrecomputedReference:
+    """Compute log π_ref of every pair once (or reuse the artifact computed before) and return the table.
+
+    Args:
+        model: π_ref (the initial policy, or the SFT model); it is not modified.
+        tokenizer: its tokenizer (part of the key; its pad id is used for collation).
+        pairs: the tokenized dataset; position i of the table belongs to ``pairs[i]``.
+        tokenize_config: the settings that produced ``pairs`` (part of the key).
+        batch_size: pairs per forward pass.
+        root: cache folder for the artifacts (default ``cache_dir() / "reference_logps"``).
+    """
+    key = reference_key(model, tokenizer, pairs, tokenize_config)
+    folder = Path(root or cache_dir() / "reference_logps") / key
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def build(out: Path) -> None:
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        chosen, rejected = torch.empty(len(pairs)), torch.empty(len(pairs))
+        try:
+            for start in range(0, len(pairs), batch_size):
+                rows = list(range(start, min(start + batch_size, len(pairs))))
+                batch = collate_pairs([pairs[i] for i in rows], pad, index=rows)
+                batch = PairBatch(**{k: v.to(device) for k, v in vars(batch).items()})
+                with torch.no_grad():
+                    logps = concatenated_forward(model, batch)
+                chosen[rows], rejected[rows] = logps.chosen.float().cpu(), logps.rejected.float().cpu()
+        finally:
+            model.train(was_training)
+        save_file({"chosen": chosen, "rejected": rejected}, str(out / "reference_logps.safetensors"))
+
+    build_artifact(folder, build, info={"pairs": len(pairs), "key_version": KEY_VERSION})
+    table = load_file(str(folder / "reference_logps.safetensors"))
+    if len(table["chosen"]) != len(pairs):
+        raise ValueError(f"{folder}: table of {len(table['chosen'])} pairs for a dataset of {len(pairs)}")
+    return PrecomputedReference(table["chosen"], table["rejected"], folder)
+
+
+def make_reference(kind: str, policy: torch.nn.Module, reference_model: torch.nn.Module | None = None):
+    """A model-based reference: ``"copy"`` (of ``reference_model`` if given, else of the policy now) or
+    ``"adapter"``; None for ``"none"``. ``"precomputed"`` is built with :func:`precompute_reference`."""
+    if kind == "copy":
+        return FrozenReference(reference_model if reference_model is not None else copy.deepcopy(policy))
+    if kind == "adapter":
+        return AdapterReference(policy)
+    if kind == "none":
+        return None
+    raise ValueError(f"make_reference: unknown kind {kind!r} (expected 'copy', 'adapter' or 'none')")
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extras = {"special": tokenizer.special_tokens_map, "template": getattr(tokenizer, "chat_template", None),
+              "class": type(tokenizer).__name__}
+    return hashlib.sha256((vocab + json.dumps(extras, sort_keys=True, default=str)).encode()).hexdigest()

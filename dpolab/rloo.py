@@ -1,0 +1,105 @@
+"""The RL baseline of the sentiment experiment: REINFORCE with a leave-one-out baseline (RLOO).
+
+It maximises the KL-regularised objective of the paper's Eq. 3 directly,
+
+    max_π  E_{x, y~π} [ r(x, y) ] − β · KL(π(·|x) ‖ π_ref(·|x)),
+
+with the sequence-level penalised reward R(x, y) = r(x, y) − β (log π(y|x) − log π_ref(y|x)) and, for k
+samples of one prompt, the baseline of each sample the mean reward of the other k − 1 (Kool et al., 2019;
+Ahmadian et al., 2024). RLOO rather than PPO: with whole-sequence rewards and short completions it needs no
+value network and no clipping hyper-parameters, its baseline is unbiased, and on two CPU cores every extra
+network is a real cost — the paper's PPO would need a critic as large as the policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from dpolab.batch import collate_sequences
+from dpolab.generate import Samples, sample
+from dpolab.logprobs import sequence_forward
+
+
+def completion_batch(samples: Samples, pad_token_id: int):
+    """All completions of ``samples`` as one :class:`dpolab.batch.SequenceBatch`, prompt by prompt."""
+    prompt_ids, response_ids = [], []
+    for p, rows in enumerate(samples.token_ids):
+        for ids in rows:
+            prompt_ids.append(samples.prompt_ids[p])
+            response_ids.append(ids if ids else [pad_token_id])  # an empty completion still scores one token
+    return collate_sequences(prompt_ids, response_ids, None, pad_token_id)
+
+
+def score_completions(model, samples: Samples, pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
+    """Summed log-probs of every completion in ``samples`` under ``model`` (teacher-forced). Shape: (P, N)."""
+    batch = completion_batch(samples, pad_token_id)
+    out = []
+    with torch.no_grad():
+        for start in range(0, batch.input_ids.size(0), batch_size):
+            rows = slice(start, start + batch_size)
+            sub = type(batch)(batch.input_ids[rows], batch.attention_mask[rows], batch.labels[rows])
+            out.append(sequence_forward(model, sub)[0])
+    return torch.cat(out).view(len(samples.token_ids), -1)
+
+
+def leave_one_out_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """A_i = R_i − mean_{j≠i} R_j over the last dimension (k ≥ 2 samples of one prompt). Shape: like ``rewards``."""
+    k = rewards.size(-1)
+    if k < 2:
+        raise ValueError("RLOO needs at least 2 samples per prompt for its leave-one-out baseline")
+    return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (k - 1)
+
+
+def rloo_train(
+    policy,
+    reference,
+    tokenizer,
+    prompts: Sequence[str],
+    reward_fn: Callable[[list[str]], np.ndarray],
+    *,
+    steps: int = 16,
+    prompts_per_step: int = 4,
+    k: int = 4,
+    kl_coef: float = 0.1,
+    lr: float = 2e-5,
+    max_new_tokens: int = 24,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict]:
+    """Train ``policy`` in place with RLOO; return one metrics dict per step.
+
+    Each step samples ``k`` completions for ``prompts_per_step`` prompts (cycling through ``prompts``),
+    scores them with ``reward_fn`` (texts -> scores) and takes one AdamW step on
+    −mean(A_i · log π(y_i|x)).
+    """
+    from tqdm.auto import tqdm
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    order = np.random.default_rng(seed).permutation(len(prompts))
+    history = []
+    for step in tqdm(range(steps), desc="rloo", disable=not progress):
+        take = [prompts[order[(step * prompts_per_step + j) % len(prompts)]] for j in range(prompts_per_step)]
+        samples = sample(policy, tokenizer, take, k, max_new_tokens=max_new_tokens, top_k=len(tokenizer),
+                         seed=seed * 100_003 + step, progress=False)
+        texts = [t for row in samples.texts for t in row]
+        reward = torch.tensor(np.asarray(reward_fn(texts), dtype=np.float64), dtype=torch.float32).view(-1, k)
+        ref_logps = score_completions(reference, samples, pad)
+        policy.train()
+        batch = completion_batch(samples, pad)
+        logps, _ = sequence_forward(policy, batch)
+        logps = logps.view(-1, k)
+        kl = (logps.detach() - ref_logps)
+        advantages = leave_one_out_advantages(reward - kl_coef * kl)
+        loss = -(advantages * logps).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)
+        optimizer.step()
+        history.append({"step": step + 1, "loss": loss.item(), "reward": reward.mean().item(),
+                        "kl": kl.mean().item(), "grad_norm": float(grad_norm)})
+    policy.eval()
+    return history

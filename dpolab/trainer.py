@@ -1,0 +1,336 @@
+"""The training loop: SFT and DPO with one loop, exact gradient accumulation, checkpoints, resume, DDP.
+
+The paper's pipeline (§4, §6) is SFT on the target domain, then DPO from the SFT model, which is also
+the reference. Both stages run here::
+
+    from dpolab.trainer import train
+    sft = train({"stage": "sft", "model": "tiny-gpt2", "output_dir": "runs/sft"}, train_pairs=pairs)
+    dpo = train({"beta": 0.1, "output_dir": "runs/dpo"}, model=sft.model, tokenizer=sft.tokenizer,
+                train_pairs=pairs, eval_pairs=heldout)
+    dpo.history[-1]["rewards/accuracies"], dpo.eval_history[-1]["eval/kl"]
+
+One optimizer step consumes one *global batch* of micro_batch_size × grad_accum_steps × processes
+pairs. Each micro-batch's per-pair losses are summed and divided by the global pair count before the
+backward pass, so the accumulated gradient is that of the mean loss over the global batch, exactly,
+whatever the padding and the split into micro-batches and processes. Dropout stays off in the policy
+as in the reference (both run in eval mode; gradients flow as usual), so log-prob ratios are
+deterministic. Given the seed, a CPU run is bit-for-bit repeatable, and a resumed run ends with the
+same weights as an uninterrupted one (the data order is a function of the seed and the step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from dpolab import checkpoint as ckpt
+from dpolab import distributed as dist
+from dpolab.batch import collate_pairs, length_bucketed_batches, pair_length
+from dpolab.config import TrainConfig
+from dpolab.heldout import heldout_metrics, sample_kl, to_device
+from dpolab.inputs import add_lora, load_policy, prepare_pairs, tokenize_config
+from dpolab.metrics import (
+    FallingLogpsDetector,
+    LengthCreepDetector,
+    MetricsWriter,
+    NonFiniteLossError,
+    read_metrics,
+    warn,
+)
+from dpolab.objective import STATS, batch_objective, mean_metrics
+from dpolab.reference import make_reference, precompute_reference
+
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainResult:
+    """What a run leaves: its metric records, the trained policy, and where its files are."""
+
+    output_dir: Path
+    history: list[dict[str, Any]]  # one record per optimizer step
+    eval_history: list[dict[str, Any]]  # one record per evaluation
+    step: int
+    model: torch.nn.Module
+    tokenizer: Any
+    checkpoint: Path | None = None  # the final checkpoint (weights loadable with dpolab.models.load_model)
+    warnings: list[str] = field(default_factory=list)
+
+
+class BatchPlan:
+    """Which pairs each process trains on at each step: a function of (seed, step) only, so resumable.
+
+    Each epoch the pairs are grouped into length-bucketed global batches (dpolab.batch) reshuffled by
+    seed and epoch; incomplete batches are skipped so every step has the same number of pairs. Global
+    batch g is cut into micro-batches of ``micro_batch_size``; process r takes micro-batches r, r + N, ….
+    """
+
+    def __init__(self, lengths: list[int], config: TrainConfig, world_size: int):
+        self.lengths, self.seed, self.micro, self.world = lengths, config.seed, config.micro_batch_size, world_size
+        self.global_size = config.micro_batch_size * config.grad_accum_steps * world_size
+        if len(lengths) < self.global_size:
+            raise ValueError(f"{len(lengths)} training pairs are fewer than one global batch of {self.global_size} "
+                             f"(micro_batch_size × grad_accum_steps × processes)")
+        self._epochs: dict[int, list[list[int]]] = {}
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._epochs:
+            batches = length_bucketed_batches(self.lengths, self.global_size, seed=self.seed * 100_003 + epoch)
+            self._epochs[epoch] = [b for b in batches if len(b) == self.global_size]
+        return self._epochs[epoch]
+
+    def micro_batches(self, step: int, rank: int) -> tuple[int, list[list[int]]]:
+        """``(epoch, micro-batches of this process)`` for the 0-based optimizer step ``step``."""
+        epoch = 0
+        while step >= len(self.epoch_batches(epoch)):
+            step -= len(self.epoch_batches(epoch))
+            epoch += 1
+        batch = self.epoch_batches(epoch)[step]
+        micro = [batch[i : i + self.micro] for i in range(0, len(batch), self.micro)]
+        return epoch, micro[rank :: self.world]
+
+
+def train(
+    config: TrainConfig | Mapping[str, Any] | str | Path | None = None,
+    *,
+    model: torch.nn.Module | None = None,
+    tokenizer=None,
+    reference_model: torch.nn.Module | None = None,
+    train_pairs=None,
+    eval_pairs=None,
+    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    **overrides: Any,
+) -> TrainResult:
+    """Train a policy with SFT or DPO and return its metrics and weights.
+
+    Args:
+        config: a :class:`TrainConfig`, a dict of fields, a YAML path, or None (defaults).
+        model, tokenizer: the initial policy; None loads ``config.model``.
+        reference_model: π_ref when it is not the initial policy (e.g. the SFT model); else a copy of it.
+        train_pairs, eval_pairs: preference data in any form :func:`dpolab.inputs.prepare_pairs` accepts;
+            None reads ``config.train_data`` / ``config.eval_data``.
+        on_step: called as ``on_step(step, record)`` after each optimizer step (and its checkpoint).
+        **overrides: config fields, type-checked like command-line overrides.
+    """
+    if isinstance(config, (str, Path)):
+        config = TrainConfig.load(config, overrides)
+    elif isinstance(config, TrainConfig):
+        config = config.replace(**overrides) if overrides else config
+    else:
+        config = TrainConfig.load(None, {**(config or {}), **overrides})
+    ctx = dist.setup(config.device)
+    try:
+        return _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs, on_step)
+    finally:
+        dist.teardown(ctx)
+
+
+def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs, on_step) -> TrainResult:
+    out = Path(config.output_dir)
+    resume = _resume_point(config, ctx)  # before any work: unwritable folder and config mismatch fail here
+    torch.manual_seed(config.seed)
+    if model is None:
+        model, loaded_tokenizer = load_policy(config.model, seed=config.seed)
+        tokenizer = tokenizer or loaded_tokenizer
+    if tokenizer is None:
+        raise ValueError("train(model=...) needs the model's tokenizer: pass tokenizer=...")
+    settings = tokenize_config(config)
+    train_data = prepare_pairs(train_pairs if train_pairs is not None else config.train_data or None, tokenizer,
+                               settings, name=config.train_data or "train_pairs")
+    if not train_data.pairs:
+        raise ValueError("no training pairs: pass train_pairs=... or set the config field train_data")
+    eval_data = prepare_pairs(eval_pairs if eval_pairs is not None else config.eval_data or None, tokenizer,
+                              settings, name=config.eval_data or "eval_pairs")
+    plan = BatchPlan([pair_length(p) for p in train_data.pairs], config, ctx.world_size)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # π_ref comes from the initial weights, before a resumed run loads its trained ones.
+    model = model.to(ctx.device).eval()
+    train_ref = eval_ref = None
+    if config.reference == "copy":
+        train_ref = eval_ref = make_reference("copy", model, None if reference_model is None
+                                              else reference_model.to(ctx.device))
+    elif config.reference == "precomputed":
+        source = model if reference_model is None else reference_model.to(ctx.device).eval()
+        train_ref = precompute_reference(source, tokenizer, train_data.pairs, tokenize_config=settings,
+                                         batch_size=config.eval_batch_size)
+        if eval_data.pairs:
+            eval_ref = precompute_reference(source, tokenizer, eval_data.pairs, tokenize_config=settings,
+                                            batch_size=config.eval_batch_size)
+    if config.lora_r:
+        model = add_lora(model, config.lora_r, config.lora_alpha).to(ctx.device).eval()
+    if config.reference == "adapter":
+        train_ref = eval_ref = make_reference("adapter", model)
+    if config.stage == "sft":
+        train_ref = None  # the NLL needs no reference; evaluation still reports rewards and KL against it
+
+    step = 0
+    if resume is not None:
+        model.load_state_dict(resume.model_state)
+        ckpt.restore_rng_state(resume.rng_states[ctx.rank if len(resume.rng_states) == ctx.world_size else 0])
+        step = resume.step
+    wrapped = dist.wrap(model, ctx, config.fsdp)
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    optimizer = (torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+                 if config.optimizer == "adamw" else
+                 torch.optim.RMSprop(params, lr=config.lr, weight_decay=config.weight_decay))
+    if resume is not None:
+        dist.load_optimizer_state(wrapped, optimizer, resume.optimizer_state, ctx, config.fsdp)
+
+    writer = MetricsWriter(out / METRICS, enabled=ctx.is_main, resume_step=step if resume is not None else None)
+    earlier = read_metrics(out / METRICS) if ctx.is_main else []
+    history = [r for r in earlier if "loss" in r]
+    eval_history = [r for r in earlier if "eval/loss" in r]
+    falling, creeping, warned = FallingLogpsDetector(), LengthCreepDetector(), []
+    for record in history:
+        if config.stage == "dpo":
+            falling.update(record["step"], record["logps/chosen"], record["logps/rejected"])
+    for record in eval_history:
+        if "eval/sample_length" in record:
+            creeping.update(record["step"], record["eval/sample_length"])
+    autocast = (lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16)) if config.precision == "bf16" \
+        else contextlib.nullcontext
+    scale = ctx.world_size / plan.global_size  # DDP averages over processes; we want the mean over pairs
+    last_checkpoint = resume.folder if resume is not None else None
+    bar = tqdm(total=config.max_steps, initial=step, desc=config.stage, disable=not (config.progress and ctx.is_main))
+
+    while step < config.max_steps:
+        started = time.perf_counter()
+        lr = config.lr * min(1.0, (step + 1) / (config.warmup_steps + 1))  # linear warm-up, then constant
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        epoch, micro_batches = plan.micro_batches(step, ctx.rank)
+        batches = [to_device(collate_pairs([train_data.pairs[j] for j in rows], pad, index=rows), ctx.device)
+                   for rows in micro_batches]
+        totals, first_bad = accumulate_gradients(wrapped, train_ref, batches, config=config, scale=scale,
+                                                 autocast=autocast)
+        totals = dist.all_reduce_sum(totals, ctx)
+        if totals[STATS.index("nonfinite")]:
+            where = first_bad or "a micro-batch of another process"
+            raise NonFiniteLossError(f"non-finite loss at step {step + 1} (epoch {epoch}), {where}; training "
+                                     f"stopped before the optimizer step, no checkpoint written for this step")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")))
+        if not torch.isfinite(torch.tensor(grad_norm)):
+            raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {step + 1} (epoch {epoch}) although "
+                                     f"the loss is finite; stopped before the optimizer step")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        record = {"step": step, "epoch": epoch, "lr": lr, "grad_norm": grad_norm,
+                  **mean_metrics(totals, config.stage),
+                  "tokens_per_s": float(totals[STATS.index("tokens")]) / (time.perf_counter() - started)}
+        if config.stage == "dpo":
+            record["warnings"] = [w for w in [warn(falling.update(step, record["logps/chosen"],
+                                                                    record["logps/rejected"]))] if w]
+        writer.write(record)
+        history.append(record)
+        if eval_data.pairs and ((config.eval_every and step % config.eval_every == 0) or step == config.max_steps):
+            evaluation = {"step": step, **heldout_metrics(wrapped, eval_ref, eval_data.pairs, config=config,
+                                                          pad_token_id=pad, ctx=ctx, autocast=autocast)}
+            if config.kl_samples:
+                evaluation.update(sample_kl(wrapped, eval_ref, tokenizer, eval_data.prompts[: config.kl_samples],
+                                            config=config, ctx=ctx, chat=eval_data.chat))
+            if "eval/sample_length" in evaluation:
+                evaluation["warnings"] = [w for w in [warn(creeping.update(step, evaluation["eval/sample_length"]))]
+                                          if w]
+            writer.write(evaluation)
+            eval_history.append(evaluation)
+        if (config.save_every and step % config.save_every == 0) or step == config.max_steps:
+            last_checkpoint = _save(out, step, wrapped, model, tokenizer, optimizer, config, record, ctx)
+        warned += record.get("warnings", [])
+        bar.update(1)
+        bar.set_postfix({"loss": f"{record['loss']:.4f}",
+                         **({"acc": f"{record['rewards/accuracies']:.2f}"} if config.stage == "dpo" else {})})
+        if on_step is not None:
+            on_step(step, record)
+    bar.close()
+    return TrainResult(out, history, eval_history, step, dist.unwrap(wrapped), tokenizer, last_checkpoint, warned)
+
+
+def accumulate_gradients(model, reference, batches: list, *, config: TrainConfig, scale: float,
+                         autocast=contextlib.nullcontext) -> tuple[torch.Tensor, str | None]:
+    """Backward pass of every micro-batch of one optimizer step; gradients add up in ``.grad``.
+
+    Each micro-batch contributes ``scale · Σ_pairs loss``; with ``scale`` = processes / global pairs the
+    accumulated (and DDP-averaged) gradient is that of the mean loss over the global batch. Gradients
+    are all-reduced across processes only on the last micro-batch.
+
+    Returns:
+        ``(sums, first_bad)``: the metric sums of this process (aligned with ``objective.STATS``) and a
+        description of the first micro-batch whose loss was not finite (None if all were).
+    """
+    totals, first_bad = torch.zeros(len(STATS), dtype=torch.float64), None
+    for i, batch in enumerate(batches):
+        with dist.gradient_sync(model, sync=i == len(batches) - 1), autocast():
+            losses, sums = batch_objective(model, reference, batch, stage=config.stage, loss=config.loss,
+                                           beta=config.beta, loss_params=config.loss_params,
+                                           sft_weight=config.sft_weight)
+            (losses.sum() * scale).backward()
+        totals += sums
+        if first_bad is None and sums[STATS.index("nonfinite")]:
+            first_bad = (f"micro-batch {i} of {len(batches)} on this process (dataset rows {batch.index.tolist()}), "
+                         f"per-pair losses {losses.detach().tolist()}")
+    return totals, first_bad
+
+
+def _resume_point(config: TrainConfig, ctx) -> ckpt.Checkpoint | None:
+    """Check the output folder is writable and, when resuming, that the checkpoint's config agrees."""
+    out = Path(config.output_dir)
+    if ctx.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+                pass
+        except OSError as err:
+            raise OSError(f"output folder {out} is not writable ({err}); set output_dir to a writable folder") from err
+    folder = ckpt.latest_checkpoint(out) if config.resume_from == "auto" else config.resume_from or None
+    if folder is None:
+        earlier = ckpt.list_checkpoints(out) or (out / METRICS).exists()
+        if ctx.is_main and earlier and config.resume_from != "auto":
+            if not config.overwrite:
+                raise FileExistsError(f"output folder {out} holds an earlier run (checkpoints or {METRICS}); resume "
+                                      f"it with resume_from=auto, set overwrite=true, or choose another output_dir")
+            shutil.rmtree(out / ckpt.CHECKPOINTS, ignore_errors=True)
+            (out / METRICS).unlink(missing_ok=True)
+        dist.barrier(ctx)
+        return None
+    resume = ckpt.load_checkpoint(folder)
+    differences = ckpt.config_differences(resume.config, config.to_dict())
+    saved_global = resume.config["micro_batch_size"] * resume.config["grad_accum_steps"] * resume.world_size
+    now_global = config.micro_batch_size * config.grad_accum_steps * ctx.world_size
+    if saved_global != now_global:
+        differences.append(f"global batch (micro × accumulation × processes): checkpoint {saved_global}, "
+                           f"now {now_global}")
+    if differences:
+        raise ValueError(f"cannot resume from {folder}: the config differs in fields that change the run:\n  "
+                         + "\n  ".join(differences))
+    if resume.step > config.max_steps:
+        raise ValueError(f"checkpoint {folder} is at step {resume.step}, beyond max_steps={config.max_steps}")
+    dist.barrier(ctx)
+    return resume
+
+
+def _save(out, step, wrapped, model, tokenizer, optimizer, config, record, ctx) -> Path:
+    """Write the step's checkpoint on rank 0 (every process takes part in gathering the state)."""
+    model_state = dist.model_state(wrapped, ctx, config.fsdp)
+    optimizer_state = dist.optimizer_state(wrapped, optimizer, ctx, config.fsdp)
+    rng_states = dist.all_gather_objects(ckpt.capture_rng_state(), ctx)
+    folder = ckpt.checkpoint_dir(out, step)
+    if ctx.is_main:
+        folder = ckpt.save_checkpoint(out, step, model_state=model_state, optimizer_state=optimizer_state,
+                                      config=config.to_dict(), metrics=record, seed=config.seed,
+                                      rng_states=rng_states, keep_last=config.keep_last,
+                                      export=lambda tmp: ckpt.export_pretrained(model, tokenizer, tmp))
+    dist.barrier(ctx)
+    return folder
+

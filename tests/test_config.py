@@ -1,0 +1,77 @@
+"""TrainConfig: defaults, YAML + key=value overrides with type checks, errors that name the key, field help."""
+
+import dataclasses
+
+import pytest
+
+from dpolab.config import ConfigError, TrainConfig, field_help
+
+
+def test_defaults_are_a_small_cpu_dpo_run():
+    config = TrainConfig()
+    assert config.stage == "dpo" and config.device == "auto" and config.precision == "fp32"
+    assert config.max_steps * config.micro_batch_size * config.grad_accum_steps <= 512  # tens of steps, small batches
+    config.validate()
+
+
+def test_yaml_then_overrides_in_order(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("beta: 0.5\nlr: 1e-5\noptimizer: rmsprop\nloss_params: {label_smoothing: 0.1}\nmax_steps: 3\n")
+    config = TrainConfig.load(path, ["beta=0.25", "output_dir=2024", "progress=false", "loss_params.foo=2"])
+    assert config.beta == 0.25  # the override wins over the file
+    assert config.lr == 1e-5 and isinstance(config.lr, float)  # YAML 1.1 reads "1e-5" as text; accepted as float
+    assert config.optimizer == "rmsprop" and config.max_steps == 3 and config.progress is False
+    assert config.output_dir == "2024"  # a str field keeps the text, not YAML's int
+    assert config.loss_params == {"label_smoothing": 0.1, "foo": 2}
+    assert TrainConfig.load(None, {"max_steps": 7, "warmup_steps": 0}).max_steps == 7
+
+
+def test_int_is_accepted_for_float_but_not_the_reverse():
+    assert TrainConfig.load(None, ["beta=1"]).beta == 1.0
+    with pytest.raises(ConfigError, match="'max_steps' expects int, got float 2.5"):
+        TrainConfig.load(None, ["max_steps=2.5"])
+    with pytest.raises(ConfigError, match="'max_steps' expects int, got bool"):
+        TrainConfig.load(None, {"max_steps": True})
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("lrr=0.1", r"'lrr' is not a TrainConfig field \(did you mean 'lr'\?\)"),
+        ("beta=high", r"field 'beta' expects float, got str 'high'"),
+        ("optimizer=sgd", r"field 'optimizer' expects 'adamw' \| 'rmsprop', got str 'sgd'"),
+        ("progress=maybe", r"field 'progress' expects bool"),
+        ("beta", r"not of the form key=value"),
+        ("micro_batch_size=0", r"'micro_batch_size' must be > 0"),
+        ("loss=nope", r"'loss': 'nope' is not one of"),
+        ("reference=adapter", r"needs a LoRA adapter"),
+    ],
+)
+def test_bad_override_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.load(None, [override])
+
+
+def test_bad_yaml_key_names_the_file_and_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("beta: 0.1\nwarmup: 3\n")
+    with pytest.raises(ConfigError, match=rf"{path}: 'warmup' is not a TrainConfig field \(did you mean 'warmup_steps'"):
+        TrainConfig.load(path)
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        TrainConfig.load(path)
+
+
+def test_replace_type_checks_and_round_trips_through_dict():
+    config = TrainConfig().replace(beta=0.3, stage="sft")
+    assert config.beta == 0.3 and config.stage == "sft"
+    assert TrainConfig.load(None, config.to_dict()) == config
+    with pytest.raises(ConfigError, match="'seed' expects int"):
+        config.replace(seed="zero")
+
+
+def test_every_field_has_help_text():
+    help_ = field_help()
+    assert set(help_) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert all(comment for _, _, comment in help_.values()), [k for k, v in help_.items() if not v[2]]
+    assert help_["beta"] == ("float", "0.1", "β, the strength of the KL constraint to the reference (paper Eq. 3, 7).")

@@ -1,0 +1,213 @@
+"""Log-probs: hand values, a slow per-token loop, transformers' own loss, bf16, chunking, the scored-only path."""
+
+import math
+
+import pytest
+import torch
+
+import dpolab.logprobs as logprobs
+from dpolab.batch import PairBatch, SequenceBatch, collate_pairs, collate_sequences
+from dpolab.logprobs import (
+    concatenated_forward,
+    sequence_forward,
+    sequence_logprobs,
+    supports_scored_logits,
+    token_logprobs,
+)
+from dpolab.tiny import tiny_causal_lm
+from dpolab.tokenize import TokenizedPair
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def model(request):
+    model, _ = tiny_causal_lm(request.param, seed=0)
+    return model
+
+
+def _random_labels(generator, batch, length, vocab):
+    """Labels with a prompt (first 2-4 columns), right padding, and a masked token inside one response."""
+    labels = torch.randint(vocab, (batch, length), generator=generator)
+    for row in range(batch):
+        labels[row, : 2 + row % 3] = -100
+        labels[row, length - row % 4 :] = -100
+    labels[0, length - 3] = -100
+    return labels
+
+
+def _slow_sequence_logprobs(logits, labels, average=False):
+    """One log-softmax per scored token, in float64, in a Python loop."""
+    out = []
+    for row in range(labels.size(0)):
+        total, count = 0.0, 0
+        for t in range(1, labels.size(1)):
+            if labels[row, t] != -100:
+                total += torch.log_softmax(logits[row, t - 1].double(), -1)[labels[row, t]].item()
+                count += 1
+        out.append(total / count if average else total)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_token_logprobs_hand_value():
+    """logits (0, ln 2, ln 5): softmax = (1, 2, 5)/8, so log p(2) = ln(5/8) and log p(0) = ln(1/8)."""
+    logits = torch.tensor([[0.0, math.log(2), math.log(5)], [0.0, math.log(2), math.log(5)], [1.0, 2.0, 3.0]])
+    out = token_logprobs(logits, torch.tensor([2, 0, -100]))
+    assert out.tolist() == pytest.approx([math.log(5 / 8), math.log(1 / 8), 0.0], abs=1e-6)
+
+
+def test_sequence_logprobs_shift_hand_value():
+    """Position t's logits score the label at t+1: with labels (-100, 2, 1), the sum is
+    log p_0(2) + log p_1(1) = ln(5/8) + ln(2/8) = ln(10/64); the per-token mean halves it."""
+    logits = torch.log(torch.tensor([[[1.0, 2.0, 5.0], [1.0, 2.0, 5.0], [9.0, 9.0, 9.0]]]))
+    labels = torch.tensor([[-100, 2, 1]])
+    assert sequence_logprobs(logits, labels).item() == pytest.approx(math.log(10 / 64), abs=1e-6)
+    assert sequence_logprobs(logits, labels, average=True).item() == pytest.approx(math.log(10 / 64) / 2, abs=1e-6)
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_sequence_logprobs_equals_slow_loop(average):
+    generator = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(4, 9, 37, generator=generator)
+    labels = _random_labels(generator, 4, 9, 37)
+    fast = sequence_logprobs(logits, labels, average=average)
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast.double(), _slow_sequence_logprobs(logits, labels, average), atol=1e-5, rtol=0)
+
+
+def test_chunked_forward_and_backward_equal_unchunked(monkeypatch):
+    """Chunks of 3 positions (V=37) must give the same values and gradients as one chunk."""
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 8, 37, generator=generator, dtype=torch.float64, requires_grad=True)
+    labels = _random_labels(generator, 3, 8, 37)
+    whole = sequence_logprobs(logits, labels)
+    (grad_whole,) = torch.autograd.grad(whole.sum(), logits)
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 3 * 37)
+    chunked = sequence_logprobs(logits, labels)
+    (grad_chunked,) = torch.autograd.grad(chunked.sum(), logits)
+    torch.testing.assert_close(chunked, whole, atol=1e-12, rtol=0)
+    torch.testing.assert_close(grad_chunked, grad_whole, atol=1e-12, rtol=0)
+
+
+def test_gradient_finite_differences_and_log_softmax_reference(monkeypatch):
+    """The recomputing backward equals finite differences (gradcheck, float64) and autograd of log_softmax."""
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 2 * 11)
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 6, 11, generator=generator, dtype=torch.float64, requires_grad=True)
+    labels = _random_labels(generator, 2, 6, 11)
+    weights = torch.tensor([0.7, -1.3], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda z: sequence_logprobs(z, labels) * weights, (logits,))
+    (ours,) = torch.autograd.grad((sequence_logprobs(logits, labels) * weights).sum(), logits)
+    shifted = labels[:, 1:]
+    reference = torch.log_softmax(logits[:, :-1], -1).gather(-1, shifted.clamp(min=0)[..., None]).squeeze(-1)
+    reference = (reference * (shifted != -100)).sum(-1)
+    (expected,) = torch.autograd.grad((reference * weights).sum(), logits)
+    torch.testing.assert_close(ours, expected, atol=1e-12, rtol=0)
+
+
+def test_bf16_logits_are_scored_in_float32():
+    """bf16 logits are upcast exactly, so the result equals the float32 computation on the upcast logits, while
+    a log-softmax taken in bf16 is off by far more (bf16 keeps 8 significant bits)."""
+    generator = torch.Generator().manual_seed(3)
+    logits32 = (4 * torch.randn(2, 40, 512, generator=generator)).bfloat16().float()
+    labels = _random_labels(generator, 2, 40, 512)
+    logits16 = logits32.bfloat16().requires_grad_()
+    ours = sequence_logprobs(logits16, labels)
+    assert ours.dtype == torch.float32
+    reference = sequence_logprobs(logits32, labels)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+    naive = torch.log_softmax(logits32.bfloat16(), -1)[:, :-1].gather(-1, labels[:, 1:].clamp(min=0)[..., None])
+    naive = (naive.squeeze(-1).float() * (labels[:, 1:] != -100)).sum(-1)
+    assert (naive - reference).abs().max() > 100 * (ours - reference).abs().max().clamp(min=1e-6)
+    ours.sum().backward()
+    assert logits16.grad.dtype == torch.bfloat16
+
+
+def test_sequence_logprobs_equals_transformers_loss(model):
+    """model(..., labels=...).loss is the mean NLL over all scored tokens: −Σ log-probs / Σ lengths."""
+    generator = torch.Generator().manual_seed(4)
+    input_ids = torch.randint(model.config.vocab_size, (3, 12), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 9:] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :4] = -100
+    with torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        logps, lengths = sequence_forward(model, SequenceBatch(input_ids, attention_mask, labels))
+    assert lengths.tolist() == [8, 5, 8]
+    torch.testing.assert_close(sequence_logprobs(out.logits, labels), logps, atol=1e-5, rtol=0)
+    assert (-logps.sum() / lengths.sum()).item() == pytest.approx(out.loss.item(), abs=1e-6)
+
+
+def _pairs():
+    return [
+        TokenizedPair([5, 6, 7], [8, 9, 10, 11], [12, 13], [1, 1, 1, 1], [1, 1]),
+        TokenizedPair([14, 15], [16, 17], [18, 19, 20, 21, 22], [1, 0], [1, 1, 0, 1, 1]),
+        TokenizedPair([23, 24, 25, 26, 27], [28], [29, 30, 31], [1], [1, 1, 1]),
+    ]
+
+
+def test_scored_path_equals_full_logits_path_values_and_gradients(model):
+    """The default path asks the model for logits only where a token is scored (lm_head sees Σ lengths rows)."""
+    batch = collate_pairs(_pairs(), pad_token_id=0)
+    assert supports_scored_logits(model)
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    try:
+        fast = concatenated_forward(model, batch)
+    finally:
+        hook.remove()
+    assert seen == [
+        torch.Size([int(fast.chosen_lengths.sum() + fast.rejected_lengths.sum()), model.config.vocab_size])
+    ]
+    grads_fast = torch.autograd.grad((fast.chosen - 2 * fast.rejected).sum(), list(model.parameters()))
+    slow = concatenated_forward(model, batch, full_logits=True)
+    grads_slow = torch.autograd.grad((slow.chosen - 2 * slow.rejected).sum(), list(model.parameters()))
+    torch.testing.assert_close(fast.chosen, slow.chosen, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.rejected, slow.rejected, atol=1e-5, rtol=0)
+    for g_fast, g_slow in zip(grads_fast, grads_slow):
+        torch.testing.assert_close(g_fast, g_slow, atol=1e-5, rtol=1e-4)
+
+
+def test_concatenated_forward_splits_chosen_then_rejected(model):
+    """Rows 0..B-1 are chosen, B..2B-1 rejected: equal to scoring each side alone (other padding, other width)."""
+    pairs = _pairs()
+    out = concatenated_forward(model, collate_pairs(pairs, pad_token_id=0))
+    assert out.chosen_lengths.tolist() == [4, 1, 1] and out.rejected_lengths.tolist() == [2, 4, 3]
+    for side, got in (("chosen", out.chosen), ("rejected", out.rejected)):
+        alone = collate_sequences(
+            [p.prompt_ids for p in pairs],
+            [getattr(p, f"{side}_ids") for p in pairs],
+            [getattr(p, f"{side}_mask") for p in pairs],
+            pad_token_id=3,
+            pad_to_multiple_of=16,
+        )
+        with torch.no_grad():
+            expected, _ = sequence_forward(model, alone)
+        torch.testing.assert_close(got.detach(), expected, atol=1e-5, rtol=0)
+    averaged = concatenated_forward(model, collate_pairs(pairs, pad_token_id=0), average=True)
+    torch.testing.assert_close(averaged.chosen, out.chosen / out.chosen_lengths, atol=1e-6, rtol=0)
+
+
+def test_lora_model_uses_scored_path_and_matches_full():
+    peft = pytest.importorskip("peft")
+    base, _ = tiny_causal_lm("llama", seed=0)
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "lm_head"], init_lora_weights=False)
+    model = peft.get_peft_model(base, config)
+    batch = collate_pairs(_pairs(), pad_token_id=0)
+    assert supports_scored_logits(model)
+    fast, slow = concatenated_forward(model, batch), concatenated_forward(model, batch, full_logits=True)
+    torch.testing.assert_close(fast.chosen, slow.chosen, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.rejected, slow.rejected, atol=1e-5, rtol=0)
+
+
+def test_errors_name_the_row_position_and_field(model):
+    logits = torch.zeros(2, 4, 10)
+    labels = torch.tensor([[-100, 1, 2, 3], [-100, 4, 10, -100]])
+    with pytest.raises(ValueError, match=r"row 1, position 2, field labels: token id 10"):
+        sequence_logprobs(logits, labels)
+    batch = collate_pairs(_pairs(), pad_token_id=0, index=[40, 41, 42])
+    batch.labels[4, :] = -100  # the rejected response of the second pair
+    with pytest.raises(ValueError, match=r"pair 1 \(dataset row 41\), rejected response, field labels"):
+        concatenated_forward(model, batch)
+    odd = PairBatch(batch.input_ids[:5], batch.attention_mask[:5], batch.labels[:5], index=batch.index)
+    with pytest.raises(ValueError, match="even number of rows"):
+        concatenated_forward(model, odd)

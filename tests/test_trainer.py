@@ -1,0 +1,233 @@
+"""The training loop: exact accumulation, SFT and DPO, metrics, NaN stop, bad input, checkpoints and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpolab import checkpoint as ckpt
+from dpolab.batch import collate_pairs
+from dpolab.config import TrainConfig
+from dpolab.data import PreferenceExample
+from dpolab.inputs import prepare_pairs, tokenize_config
+from dpolab.metrics import NonFiniteLossError, read_metrics
+from dpolab.reference import make_reference
+from dpolab.tiny import tiny_causal_lm
+from dpolab.trainer import accumulate_gradients, train
+
+POSITIVE = ["good", "great", "wonderful", "fine", "superb", "warm", "funny", "wise"]
+NEGATIVE = ["bad", "terrible", "awful", "dull", "mess", "loud", "long", "plodding"]
+PROMPTS = ["The movie was", "The acting is", "It is a", "The script was", "The ending", "Hello! How are"]
+FAST = {"model": "tiny-gpt2", "progress": False, "kl_samples": 0, "lr": 1e-3, "warmup_steps": 1}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread: on a shared two-core machine more threads mostly wait for each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_examples(n: int = 24, offset: int = 0) -> list[PreferenceExample]:
+    """Pairs of unequal lengths (1-3 positive words vs 2-5 negative words) after six prompts."""
+    out = []
+    for i in range(offset, offset + n):
+        chosen = " " + " ".join(POSITIVE[(i + k) % 8] for k in range(1 + i % 3))
+        rejected = " " + " ".join(NEGATIVE[(i + k) % 8] for k in range(2 + i % 4))
+        out.append(PreferenceExample(PROMPTS[i % len(PROMPTS)], chosen, rejected, source=f"synthetic:row {i}"))
+    return out
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _grads(config, batches, model, reference):
+    model.zero_grad(set_to_none=True)
+    n_pairs = sum(b.num_pairs for b in batches)
+    totals, bad = accumulate_gradients(model, reference, batches, config=config, scale=1.0 / n_pairs)
+    assert bad is None
+    return totals, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("stage", ["dpo", "sft"])
+def test_k_micro_batches_of_b_give_the_gradient_of_one_batch_of_kb(stage):
+    """4 pairs of unequal lengths: one batch of 4 (padded to the longest of all) vs 2×2 vs 4×1 (each padded
+    to its own longest). Per-pair losses summed and divided by the 4 pairs of the global batch make the
+    accumulated gradient ∇ (1/4) Σ_i L_i in every split; a per-micro-batch mean of a per-token loss would not."""
+    model, tok = tiny_causal_lm("gpt2", seed=0)
+    model.eval()
+    config = TrainConfig.load(None, {**FAST, "stage": stage, "beta": 0.5})
+    pairs = prepare_pairs(make_examples(4), tok, tokenize_config(config)).pairs
+    assert len({len(p.chosen_ids) for p in pairs}) > 1 and len({len(p.rejected_ids) for p in pairs}) > 1
+    reference = make_reference("copy", model)
+    with torch.no_grad():  # move the policy away from its reference, so the DPO gradient is not the one at θ_ref
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+
+    def split(size):
+        return [collate_pairs(pairs[i : i + size], tok.pad_token_id, index=list(range(i, i + size)))
+                for i in range(0, 4, size)]
+
+    full_totals, full = _grads(config, split(4), model, reference)
+    for size in (2, 1):
+        totals, grads = _grads(config, split(size), model, reference)
+        torch.testing.assert_close(totals, full_totals, rtol=1e-5, atol=1e-5)
+        assert grads.keys() == full.keys()
+        for name in full:
+            torch.testing.assert_close(grads[name], full[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_accumulation_end_to_end_matches_one_big_batch(tmp_path):
+    runs = {}
+    for micro, accum in [(4, 1), (2, 2), (1, 4)]:
+        result = train({**FAST, "max_steps": 3, "micro_batch_size": micro, "grad_accum_steps": accum,
+                        "output_dir": str(tmp_path / f"{micro}x{accum}")}, train_pairs=make_examples(12))
+        runs[micro] = result.history
+    for micro in (2, 1):
+        for a, b in zip(runs[4], runs[micro]):
+            for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "lengths/rejected"):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (micro, a["step"], key)
+
+
+def test_dpo_run_writes_metric_lines_evaluates_and_learns(tmp_path):
+    train_examples, heldout = make_examples(24), make_examples(8, offset=100)
+    result = train({**FAST, "max_steps": 12, "micro_batch_size": 4, "grad_accum_steps": 1, "eval_every": 6,
+                    "kl_samples": 4, "kl_max_new_tokens": 6, "beta": 0.5, "output_dir": str(tmp_path)},
+                   train_pairs=train_examples, eval_pairs=heldout)
+    lines = read_metrics(tmp_path / "metrics.jsonl")
+    steps = [r for r in lines if "loss" in r]
+    evals = [r for r in lines if "eval/loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 13)) and [r["step"] for r in evals] == [6, 12]
+    names = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+             "logps/rejected", "lr", "grad_norm", "tokens_per_s", "lengths/chosen", "lengths/rejected"}
+    assert names <= set(steps[0])
+    assert {"eval/rewards/accuracies", "eval/kl", "eval/kl_se", "eval/sample_length"} <= set(evals[0])
+    assert steps[0]["loss"] == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-6)  # π_θ = π_ref at step 1
+    assert steps[0]["rewards/accuracies"] == 0.5  # all rewards 0: ties count ½
+    assert steps[0]["lr"] == pytest.approx(0.5e-3) and steps[1]["lr"] == pytest.approx(1e-3)  # 1 warm-up step
+    assert result.eval_history[-1]["eval/rewards/accuracies"] > 0.5  # the positive words generalise to new pairs
+    assert sum(r["loss"] for r in steps[-3:]) / 3 < steps[0]["loss"]
+    assert result.history == steps and result.step == 12
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000012"]
+
+
+def test_sft_stage_lowers_the_nll_of_chosen_responses(tmp_path):
+    result = train({**FAST, "stage": "sft", "max_steps": 8, "micro_batch_size": 4, "grad_accum_steps": 1,
+                    "lr": 3e-3, "output_dir": str(tmp_path)}, train_pairs=make_examples(16))
+    first, last = result.history[0], result.history[-1]
+    assert set(first) == {"step", "epoch", "lr", "grad_norm", "loss", "logps/chosen", "lengths/chosen",
+                          "tokens_per_s"}
+    assert first["loss"] == pytest.approx(-first["logps/chosen"] / first["lengths/chosen"], rel=0.3)
+    assert last["loss"] < first["loss"] - 0.5
+
+
+def test_saved_final_checkpoint_loads_with_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = train({**FAST, "max_steps": 2, "micro_batch_size": 4, "grad_accum_steps": 1,
+                    "output_dir": str(tmp_path)}, train_pairs=make_examples(8))
+    loaded = AutoModelForCausalLM.from_pretrained(result.checkpoint)
+    for name, tensor in result.model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_nan_stops_with_step_and_batch_and_keeps_good_checkpoints(tmp_path):
+    model, tok = tiny_causal_lm("gpt2", seed=0)
+    calls = {"n": 0}
+
+    def poison(module, args, output):  # forward 3 = step 2, micro-batch 0: NaN logits
+        calls["n"] += 1
+        if calls["n"] == 3:
+            output.logits = output.logits * float("nan")
+        return output
+
+    model.register_forward_hook(poison)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 2 .*micro-batch 0 of 2 on this process "
+                                                 r"\(dataset rows \[\d+, \d+\]\)"):
+        train({**FAST, "max_steps": 4, "micro_batch_size": 2, "grad_accum_steps": 2, "save_every": 1,
+               "reference": "none", "loss": "reference_free", "output_dir": str(tmp_path)},
+              model=model, tokenizer=tok, train_pairs=make_examples(16))
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000001"]
+    ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]
+
+
+def test_unwritable_output_folder_fails_before_any_work(tmp_path, monkeypatch):
+    import dpolab.trainer
+
+    monkeypatch.setattr(dpolab.trainer, "load_policy", lambda *a, **k: pytest.fail("loaded a model"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OSError, match=rf"output folder {blocker}/run is not writable"):
+        train({**FAST, "output_dir": str(blocker / "run")}, train_pairs=make_examples(8))
+
+
+def test_fresh_run_refuses_an_earlier_runs_folder_unless_overwrite(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    with pytest.raises(FileExistsError, match="holds an earlier run"):
+        train({**FAST, "output_dir": str(tmp_path)}, train_pairs=make_examples(8))
+    result = train({**FAST, "output_dir": str(tmp_path), "overwrite": True, "max_steps": 1, "micro_batch_size": 4,
+                    "grad_accum_steps": 1}, train_pairs=make_examples(8))
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1] and result.step == 1
+
+
+def test_too_few_pairs_for_one_global_batch_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="3 training pairs are fewer than one global batch of 8"):
+        train({**FAST, "output_dir": str(tmp_path)}, train_pairs=make_examples(3))
+
+
+KILLED_RUN = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from test_trainer import RESUME, make_examples
+from dpolab.trainer import train
+
+def die(step, record):
+    if step == 3:  # step 3 is done but not checkpointed: the resumed run must redo it
+        os.kill(os.getpid(), signal.SIGKILL)
+
+train({{**RESUME, "output_dir": {out!r}}}, train_pairs=make_examples(20), on_step=die)
+"""
+RESUME = {**FAST, "max_steps": 5, "micro_batch_size": 2, "grad_accum_steps": 2, "save_every": 2, "keep_last": 3}
+
+
+def test_a_killed_and_resumed_run_ends_bit_for_bit_equal_to_an_uninterrupted_one(tmp_path):
+    script = textwrap.dedent(KILLED_RUN.format(tests=str(Path(__file__).parent), out=str(tmp_path / "resumed")))
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "resumed")] == ["step-000002"]
+    assert [r["step"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")] == [1, 2, 3]
+
+    resumed = train({**RESUME, "output_dir": str(tmp_path / "resumed"), "resume_from": "auto"},
+                    train_pairs=make_examples(20))
+    straight = train({**RESUME, "output_dir": str(tmp_path / "straight")}, train_pairs=make_examples(20))
+    a, b = weights(resumed.model), weights(straight.model)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    drop = {"tokens_per_s"}
+    lines = [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(tmp_path / "resumed/metrics.jsonl")]
+    expected = [{k: v for k, v in r.items() if k not in drop} for r in straight.history]
+    assert lines == expected  # steps 1-2 from the killed run, 3-5 redone after the resume, none twice
+
+
+def test_resume_with_a_different_config_names_the_fields(tmp_path):
+    train({**RESUME, "max_steps": 2, "output_dir": str(tmp_path)}, train_pairs=make_examples(8))
+    with pytest.raises(ValueError, match=r"config differs.*\n  beta: checkpoint 0.1, now 0.5\n  lr: checkpoint 0.001, "
+                                         r"now 0.002"):
+        train({**RESUME, "beta": 0.5, "lr": 2e-3, "output_dir": str(tmp_path), "resume_from": "auto"},
+              train_pairs=make_examples(8))
+    with pytest.raises(ValueError, match="global batch .*checkpoint 4, now 8"):
+        train({**RESUME, "micro_batch_size": 4, "output_dir": str(tmp_path), "resume_from": "auto"},
+              train_pairs=make_examples(8))
+    state = json.loads((ckpt.latest_checkpoint(tmp_path) / ckpt.STATE).read_text())
+    assert state["step"] == 2 and state["config"]["beta"] == 0.1

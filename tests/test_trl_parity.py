@@ -1,0 +1,96 @@
+"""Parity with trl 1.16's DPOTrainer on one fixed batch of a tiny GPT-2 (vocabulary 512, float32, bf16=False).
+
+trl tokenizes and collates the pairs; both sides then score the same token batch. trl's per-sequence
+log-probs come from ``DPOTrainer.compute_ref_log_probs`` (its fused LM head, summed over the completion mask)
+and its loss from ``DPOTrainer.compute_loss`` (the batch mean). The policy and the reference are different
+random models, so the loss is not the trivial log 2.
+"""
+
+import pytest
+import torch
+
+from dpolab.batch import PairBatch
+from dpolab.logprobs import concatenated_forward
+from dpolab.losses import LOSSES
+from dpolab.rewards import pair_metrics
+from dpolab.tiny import tiny_causal_lm
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+PAIRS = {
+    "prompt": ["The movie was", "Hello! How are you", "It is", "My name is Ada and"],
+    "chosen": [" a delight from start to finish.", " fine, thank you.", " superb", " I live by the sea."],
+    "rejected": [" dull.", " terrible", " a mess: too long and too loud.", " awful"],
+}
+BETA = 0.1
+
+
+@pytest.fixture(scope="module")
+def trainer_and_batch(tmp_path_factory):
+    policy, tokenizer = tiny_causal_lm("gpt2", seed=0)
+    reference, _ = tiny_causal_lm("gpt2", seed=1)
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path_factory.mktemp("trl")),
+        bf16=False,
+        beta=BETA,
+        per_device_train_batch_size=4,
+        report_to="none",
+        use_cpu=True,
+        max_length=None,
+        save_strategy="no",
+    )
+    trainer = trl.DPOTrainer(
+        model=policy,
+        ref_model=reference,
+        args=args,
+        train_dataset=datasets.Dataset.from_dict(PAIRS),
+        processing_class=tokenizer,
+    )
+    inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+    batch = PairBatch(inputs["input_ids"], inputs["attention_mask"], labels, index=torch.arange(4))
+    return trainer, inputs, batch
+
+
+def test_per_sequence_logps_match_trl(trainer_and_batch):
+    trainer, inputs, batch = trainer_and_batch
+    for model in (trainer.model, trainer.ref_model):
+        trl_chosen, trl_rejected = trainer.compute_ref_log_probs(model, inputs)
+        with torch.no_grad():
+            ours = concatenated_forward(model, batch)
+            slow = concatenated_forward(model, batch, full_logits=True)
+        for got in (ours, slow):
+            torch.testing.assert_close(got.chosen, trl_chosen, atol=1e-5, rtol=0)
+            torch.testing.assert_close(got.rejected, trl_rejected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("trl_loss", "ours", "label_smoothing"),
+    [("sigmoid", "sigmoid", 0.0), ("ipo", "ipo_mean", 0.0), ("hinge", "hinge", 0.0), ("robust", "robust", 0.2)],
+)
+def test_loss_matches_trl(trainer_and_batch, trl_loss, ours, label_smoothing):
+    """trl's ``ipo`` is the per-token-mean form, our ``ipo_mean``."""
+    trainer, inputs, batch = trainer_and_batch
+    trainer.loss_types, trainer.loss_weights, trainer.label_smoothing = [trl_loss], [1.0], label_smoothing
+    with torch.no_grad():
+        trl_value = trainer.compute_loss(trainer.model, inputs)
+        policy = concatenated_forward(trainer.model, batch)
+        reference = concatenated_forward(trainer.ref_model, batch)
+    params = {"label_smoothing": label_smoothing} if ours == "robust" else {}
+    losses, chosen_rewards, rejected_rewards = LOSSES[ours](
+        policy.chosen,
+        policy.rejected,
+        reference.chosen,
+        reference.rejected,
+        BETA,
+        chosen_lengths=policy.chosen_lengths,
+        rejected_lengths=policy.rejected_lengths,
+        **params,
+    )
+    assert abs(trl_value.item() - losses.mean().item()) < 1e-5
+    assert (chosen_rewards - rejected_rewards).abs().max() > 0.05  # π ≠ π_ref: not the trivial point of zero margins
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("rewards/")}
+    ours_metrics = pair_metrics(chosen_rewards, rejected_rewards)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert ours_metrics[key] == pytest.approx(logged[key], abs=1e-6)
