@@ -38,7 +38,7 @@ def test_best_of_n_by_hand():
 
     texts = [["a", "b", "c", "d"], ["e", "f", "g", "h"]]
     table = dict(zip("pabcdqefgh", [0, 0.1, 0.9, 0.5, 0.2, 0, -0.3, -0.1, 0.4, 0.0]))
-    samples = SimpleNamespace(prompts=["p", "q"], texts=texts)
+    samples = SimpleNamespace(prompts=["p", "q"], texts=texts, token_ids=[[[1]] * 4, [[1, 2]] * 4])
 
     def reward(ts):
         return np.array([table[t[-1]] for t in ts])

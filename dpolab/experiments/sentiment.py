@@ -29,12 +29,11 @@ import numpy as np
 import torch
 
 from dpolab.cache import REPO_ROOT, atomic_write_text
-from dpolab.experiments.sentiment_eval import best_of_n_rows, evaluate_policy, evaluate_samples
+from dpolab.experiments.sentiment_eval import best_of_n_rows, evaluate_policy, evaluate_samples, save_model_row
 from dpolab.generate import sample
-from dpolab.models import DEFAULT_MODEL, load_model
-from dpolab.pairs import build_pairs, pair_settings, save_pairs
 from dpolab.judges import get_judge
-from dpolab.pairs import check_pair_request
+from dpolab.models import DEFAULT_MODEL, load_model
+from dpolab.pairs import build_pairs, check_pair_request, pair_settings, save_pairs
 from dpolab.sentiment import review_snippets
 from dpolab.tokenize import TokenizedPair
 
@@ -112,7 +111,11 @@ def resolve(path: str) -> Path:
 
 
 def make_prefixes(tokenizer, n_train: int, n_eval: int, lo: int, hi: int, seed: int) -> tuple[list[str], list[str]]:
-    """Review prefixes of lo..hi tokens; train and held-out prefixes come from disjoint snippets."""
+    """Review prefixes of lo..hi tokens; train and held-out prefixes come from disjoint snippets.
+
+    The held-out prefixes are drawn first, so every run with the same ``seed`` and ``n_eval`` evaluates on
+    the same prompts whatever its ``n_train`` (runs of different notebooks can be ranked against each other).
+    """
     texts = review_snippets()["text"]
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(texts))
@@ -125,114 +128,205 @@ def make_prefixes(tokenizer, n_train: int, n_eval: int, lo: int, hi: int, seed: 
         prefixes.append(tokenizer.decode(ids[:k]))
         if len(prefixes) == n_train + n_eval:
             break
-    return prefixes[:n_train], prefixes[n_train:]
+    return prefixes[n_eval:], prefixes[:n_eval]
 
 
-def _tokenized_pairs(pairs, samples) -> list[TokenizedPair]:
-    """Pairs over the exact sampled token ids (no re-tokenization, so no boundary can shift)."""
+@dataclass
+class Setup:
+    """What every step of the experiment shares: π_ref, its tokenizer, the prefixes and the judges."""
+
+    config: SentimentConfig
+    reference: torch.nn.Module
+    tokenizer: object
+    train_prefixes: list[str]
+    eval_prefixes: list[str]
+    reward_fn: object
+    judge_fn: object
+    out: Path
+    timings: dict = field(default_factory=dict)
+
+
+def prepare(config: SentimentConfig | None = None, **overrides) -> Setup:
+    """Check the settings, load π_ref (after the optional SFT on reviews) and draw the prefixes."""
+    config = dataclasses.replace(config or SentimentConfig(), **overrides)
+    check_pair_request(config.samples_per_prompt, config.pair_strategy)  # argument errors before any model load
+    out = resolve(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    torch.manual_seed(config.seed)
+    reference, tokenizer = load_model(config.model)
+    train_prefixes, eval_prefixes = make_prefixes(tokenizer, config.n_train_prompts, config.n_eval_prompts,
+                                                  config.min_prefix_tokens, config.max_prefix_tokens, config.seed)
+    setup = Setup(config, reference.eval(), tokenizer, train_prefixes, eval_prefixes, get_judge("vader"),
+                  get_judge("textblob"), out)
+    setup.timings["load"] = time.perf_counter() - t
+    if config.sft_steps > 0:
+        t = time.perf_counter()
+        setup.reference = sft_on_reviews(setup.reference, tokenizer, config, out)
+        setup.timings["sft"] = time.perf_counter() - t
+    return setup
+
+
+def _sampling(setup: Setup, n: int, seed: int) -> dict:
+    return dict(max_new_tokens=setup.config.max_new_tokens, top_k=len(setup.tokenizer), seed=seed,
+                progress=setup.config.progress, n=n)
+
+
+def make_pairs(setup: Setup):
+    """Reference samples of the training prefixes → VADER scores → preference pairs, saved and reused.
+
+    The pairs are saved under ``output_dir/pairs`` with their settings (generator, judge, sampling, strategy,
+    seed, prompts) and token ids; a later run with the same settings (another β of a sweep) loads them
+    instead of sampling again. Returns ``(dataset, tokenized_pairs, metadata)``.
+    """
+    from dpolab.pairs import load_pairs, pairs_match
+
+    config, t = setup.config, time.perf_counter()
+    kw = _sampling(setup, config.samples_per_prompt, config.seed)
+    sampling = {"n": kw["n"], "max_new_tokens": kw["max_new_tokens"], "temperature": 1.0, "top_p": 1.0,
+                "top_k": kw["top_k"], "seed": kw["seed"], "chat": False}
+    settings = pair_settings(generator=config.model, judge="vader", sampling=sampling, strategy=config.pair_strategy,
+                             seed=config.seed, prompts=setup.train_prefixes, sft_steps=config.sft_steps)
+    folder = setup.out / "pairs"
+    if config.sft_steps == 0 and pairs_match(folder, settings):
+        dataset, metadata = load_pairs(folder)
+    else:
+        kw.pop("n")
+        samples = sample(setup.reference, setup.tokenizer, setup.train_prefixes, config.samples_per_prompt, **kw)
+        scores = setup.reward_fn([p + c for p, row in zip(samples.prompts, samples.texts) for c in row])
+        scores = scores.reshape(len(samples.prompts), config.samples_per_prompt)
+        dataset, stats = build_pairs(samples.prompts, samples.texts, scores, config.pair_strategy, config.seed)
+        dataset = _with_token_ids(dataset, samples)
+        save_pairs(dataset, folder, settings, stats, overwrite=True)
+        metadata = {"stats": stats.to_dict(), "settings": settings}
+    pairs = [TokenizedPair(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], [1] * len(r["chosen_ids"]),
+                           [1] * len(r["rejected_ids"])) for r in dataset]
+    setup.timings["pairs"] = time.perf_counter() - t
+    return dataset, pairs, metadata
+
+
+def _with_token_ids(dataset, samples):
+    """Add the exact sampled token ids to each pair (training never re-tokenizes, so no boundary can shift)."""
     lookup = {}
     for p, (prompt, row) in enumerate(zip(samples.prompts, samples.texts)):
         for i, text in enumerate(row):
             lookup.setdefault((prompt, text), (samples.prompt_ids[p], samples.token_ids[p][i]))
-    out = []
-    for row in pairs:
-        prompt_ids, chosen = lookup[(row["prompt"], row["chosen"])]
-        _, rejected = lookup[(row["prompt"], row["rejected"])]
-        out.append(TokenizedPair(list(prompt_ids), list(chosen), list(rejected), [1] * len(chosen),
-                                 [1] * len(rejected)))
-    return out
+    prompt_ids, chosen_ids, rejected_ids = [], [], []
+    for row in dataset:
+        ids, chosen = lookup[(row["prompt"], row["chosen"])]
+        prompt_ids.append(list(ids))
+        chosen_ids.append(list(chosen))
+        rejected_ids.append(list(lookup[(row["prompt"], row["rejected"])][1]))
+    return (dataset.add_column("prompt_ids", prompt_ids).add_column("chosen_ids", chosen_ids)
+            .add_column("rejected_ids", rejected_ids))
+
+
+def train_config(setup: Setup, name: str, **fields) -> dict:
+    """The trainer settings shared by every policy of the experiment (a dict for dpolab.trainer.train)."""
+    c = setup.config
+    return dict(max_steps=c.steps, lr=c.lr, micro_batch_size=min(4, c.batch_size),
+                grad_accum_steps=max(1, c.batch_size // 4), seed=c.seed, progress=c.progress, kl_samples=0,
+                overwrite=True, output_dir=str(setup.out / name), **fields)
+
+
+def train_dpo(setup: Setup, pairs: list[TokenizedPair], beta: float, loss: str | None = None):
+    """A copy of π_ref trained with DPO at ``beta`` (reference log-probs precomputed once, cached by hash).
+
+    Returns ``(policy, TrainResult)``.
+    """
+    from dpolab.trainer import train
+
+    policy = copy.deepcopy(setup.reference)
+    result = train(train_config(setup, f"dpo_beta{beta:g}", stage="dpo", beta=beta, loss=loss or setup.config.loss,
+                                reference="precomputed"), model=policy, tokenizer=setup.tokenizer, train_pairs=pairs)
+    return policy.eval(), result
+
+
+def train_preferred_ft(setup: Setup, pairs: list[TokenizedPair]):
+    """Preferred-FT: a copy of π_ref trained with SFT on the chosen responses. Returns ``(policy, TrainResult)``."""
+    from dpolab.trainer import train
+
+    policy = copy.deepcopy(setup.reference)
+    result = train(train_config(setup, "preferred_ft", stage="sft"), model=policy, tokenizer=setup.tokenizer,
+                   train_pairs=pairs)
+    return policy.eval(), result
+
+
+def train_rloo(setup: Setup):
+    """The RL baseline (dpolab.rloo) from a copy of π_ref. Returns ``(policy, history)``."""
+    from dpolab.rloo import rloo_train
+
+    c = setup.config
+    policy = copy.deepcopy(setup.reference)
+    history = rloo_train(policy, setup.reference, setup.tokenizer, setup.train_prefixes, setup.reward_fn,
+                         steps=c.rloo_steps, prompts_per_step=c.rloo_prompts_per_step, k=c.rloo_k,
+                         kl_coef=c.rloo_kl_coef, lr=c.rloo_lr, max_new_tokens=c.max_new_tokens, seed=c.seed,
+                         progress=c.progress)
+    return policy, history
+
+
+def evaluate(setup: Setup, name: str, method: str, policy, **extra) -> dict:
+    """One results row: ``policy`` sampled on the held-out prefixes, scored, KL to π_ref."""
+    c = setup.config
+    return evaluate_policy(name, method, policy, setup.reference, setup.tokenizer, setup.eval_prefixes,
+                           n=c.eval_samples_per_prompt, max_new_tokens=c.max_new_tokens, seed=c.seed + 1,
+                           reward_fn=setup.reward_fn, judge_fn=setup.judge_fn, **extra)
+
+
+def reference_rows(setup: Setup) -> list[dict]:
+    """π_ref itself and the Best-of-N baselines, from max(best_of_n) reference samples per held-out prefix."""
+    c = setup.config
+    kw = _sampling(setup, max(c.best_of_n), c.seed + 1)
+    samples = sample(setup.reference, setup.tokenizer, setup.eval_prefixes, kw.pop("n"), **kw)
+    rows = [evaluate_samples("reference", "Reference", samples, setup.reward_fn, setup.judge_fn, None)]
+    return rows + best_of_n_rows(samples, setup.reward_fn, setup.judge_fn, c.best_of_n)
 
 
 def run(config: SentimentConfig | None = None, **overrides) -> dict:
-    """Run the whole experiment; return ``{"rows": [...], "figure": path, "table": path, "timings": {...}}``."""
+    """The whole experiment; returns ``{"rows", "table", "figure", "timings", "pair_stats"}``.
+
+    Every evaluated policy is also saved with :func:`save_model_row` under ``output_dir/models`` for ranking.
+    """
     from dpolab.plotting import frontier_figure, save_figure
-    from dpolab.trainer import train
 
-    config = dataclasses.replace(config or SentimentConfig(), **overrides)
-    # every argument error before the model is loaded
-    check_pair_request(config.samples_per_prompt, config.pair_strategy)
-    vader_reward, textblob_reward = get_judge("vader"), get_judge("textblob")
-    out = resolve(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    timings, t0 = {}, time.perf_counter()
-    torch.manual_seed(config.seed)
-    reference, tokenizer = load_model(config.model)
-    reference.eval()
-    train_prefixes, eval_prefixes = make_prefixes(tokenizer, config.n_train_prompts, config.n_eval_prompts,
-                                                  config.min_prefix_tokens, config.max_prefix_tokens, config.seed)
-    timings["load"] = time.perf_counter() - t0
-
-    common = dict(max_new_tokens=config.max_new_tokens, top_k=len(tokenizer), progress=config.progress)
-    t = time.perf_counter()
-    if config.sft_steps > 0:
-        reference = _sft_on_reviews(reference, tokenizer, config, out)
-    timings["sft"] = time.perf_counter() - t
-
-    # preference pairs from reference samples labelled by the ground truth
-    t = time.perf_counter()
-    ref_train = sample(reference, tokenizer, train_prefixes, config.samples_per_prompt, seed=config.seed, **common)
-    scores = vader_reward([p + c for p, row in zip(train_prefixes, ref_train.texts) for c in row])
-    scores = scores.reshape(len(train_prefixes), config.samples_per_prompt)
-    pairs, stats = build_pairs(train_prefixes, ref_train.texts, scores, config.pair_strategy, config.seed)
-    settings = pair_settings(generator=config.model, judge="vader", sampling=ref_train.settings,
-                             strategy=config.pair_strategy, seed=config.seed, prompts=train_prefixes)
-    save_pairs(pairs, out / "pairs", settings, stats, overwrite=True)
-    train_pairs = _tokenized_pairs(pairs, ref_train)
-    timings["pairs"] = time.perf_counter() - t
-
-    def evaluate(name, method, policy, **extra):
-        return evaluate_policy(name, method, policy, reference, tokenizer, eval_prefixes,
-                               n=config.eval_samples_per_prompt, max_new_tokens=config.max_new_tokens,
-                               seed=config.seed + 1, reward_fn=vader_reward, judge_fn=textblob_reward, **extra)
-
+    setup = prepare(config, **overrides)
+    config, timings = setup.config, setup.timings
+    t0 = time.perf_counter()
+    _, pairs, metadata = make_pairs(setup)
     rows = []
-    t = time.perf_counter()
-    ref_eval = sample(reference, tokenizer, eval_prefixes, max(config.best_of_n), seed=config.seed + 1, **common)
-    rows.append(evaluate_samples("reference", "Reference", ref_eval, vader_reward, textblob_reward, None))
-    rows.extend(best_of_n_rows(ref_eval, vader_reward, textblob_reward, config.best_of_n))
-    timings["reference_eval"] = time.perf_counter() - t
 
-    base = dict(max_steps=config.steps, lr=config.lr, micro_batch_size=min(4, config.batch_size),
-                grad_accum_steps=max(1, config.batch_size // 4), seed=config.seed, progress=config.progress,
-                kl_samples=0, overwrite=True)
-    for beta in config.betas:
+    def timed(name, fn):
         t = time.perf_counter()
-        policy = copy.deepcopy(reference)
-        result = train(dict(base, stage="dpo", beta=beta, loss=config.loss, reference="precomputed",
-                            output_dir=str(out / f"dpo_beta{beta:g}")), model=policy, tokenizer=tokenizer,
-                       train_pairs=train_pairs)
-        rows.append(evaluate(f"dpo_beta{beta:g}", "DPO", policy, beta=beta, final_metrics=_last(result)))
-        timings[f"dpo_beta{beta:g}"] = time.perf_counter() - t
-        del policy
+        value = fn()
+        timings[name] = time.perf_counter() - t
+        return value
 
-    t = time.perf_counter()
-    policy = copy.deepcopy(reference)
-    result = train(dict(base, stage="sft", output_dir=str(out / "preferred_ft")), model=policy, tokenizer=tokenizer,
-                   train_pairs=train_pairs)
-    rows.append(evaluate("preferred_ft", "Preferred-FT", policy, final_metrics=_last(result)))
-    timings["preferred_ft"] = time.perf_counter() - t
-    del policy
+    rows.extend(timed("reference_eval", lambda: reference_rows(setup)))
+    for beta in config.betas:
+        def dpo(beta=beta):
+            policy, result = train_dpo(setup, pairs, beta)
+            return evaluate(setup, f"dpo_beta{beta:g}", "DPO", policy, beta=beta, final_metrics=_last(result))
+        rows.append(timed(f"dpo_beta{beta:g}", dpo))
 
-    t = time.perf_counter()
-    from dpolab.rloo import rloo_train
+    def pft():
+        policy, result = train_preferred_ft(setup, pairs)
+        return evaluate(setup, "preferred_ft", "Preferred-FT", policy, final_metrics=_last(result))
+    rows.append(timed("preferred_ft", pft))
 
-    policy = copy.deepcopy(reference)
-    history = rloo_train(policy, reference, tokenizer, train_prefixes,
-                         lambda texts: vader_reward(texts), steps=config.rloo_steps,
-                         prompts_per_step=config.rloo_prompts_per_step, k=config.rloo_k,
-                         kl_coef=config.rloo_kl_coef, lr=config.rloo_lr, max_new_tokens=config.max_new_tokens,
-                         seed=config.seed, progress=config.progress)
-    rows.append(evaluate("rloo", "RLOO", policy, kl_coef=config.rloo_kl_coef, final_metrics=history[-1]))
-    timings["rloo"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t0
+    def rl():
+        policy, history = train_rloo(setup)
+        return evaluate(setup, "rloo", "RLOO", policy, kl_coef=config.rloo_kl_coef, final_metrics=history[-1])
+    rows.append(timed("rloo", rl))
+    timings["total"] = time.perf_counter() - t0 + timings["load"] + timings.get("sft", 0.0)
 
-    table = out / "results.json"
-    atomic_write_text(table, json.dumps({"config": dataclasses.asdict(config), "pair_stats": dataclasses.asdict(stats),
+    for row in rows:
+        save_model_row(row, setup.out / "models", source="sentiment")
+    table = setup.out / "results.json"
+    atomic_write_text(table, json.dumps({"config": dataclasses.asdict(config), "pair_stats": metadata.get("stats"),
                                          "rows": rows, "timings": timings}, indent=2, default=str))
-    figure = None
-    if config.figure:
-        figure = save_figure(frontier_figure(rows), resolve(config.figure))
-    return {"rows": rows, "table": table, "figure": figure, "timings": timings, "pair_stats": stats}
+    atomic_write_text(setup.out / "results.md", table_markdown(rows) + "\n")
+    figure = save_figure(frontier_figure(rows), resolve(config.figure)) if config.figure else None
+    return {"rows": rows, "table": table, "figure": figure, "timings": timings, "pair_stats": metadata.get("stats")}
 
 
 def _last(result) -> dict:
@@ -240,8 +334,8 @@ def _last(result) -> dict:
     return history[-1] if history else {}
 
 
-def _sft_on_reviews(model, tokenizer, config: SentimentConfig, out: Path):
-    """Short SFT on whole review snippets (prefix → rest of the snippet), so π_ref writes reviews."""
+def sft_on_reviews(model, tokenizer, config: SentimentConfig, out: Path):
+    """Short SFT on review snippets (prefix → rest of the snippet), so π_ref writes reviews; returns the model."""
     from dpolab.trainer import train
 
     texts = review_snippets()["text"]

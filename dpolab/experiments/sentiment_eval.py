@@ -8,8 +8,10 @@ review text, prompt + continuation. KL(π‖π_ref) is the sample mean of log π
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,12 +42,17 @@ def evaluate_samples(
 ) -> dict:
     """One row of the results table from a policy's samples (KL values per completion, or None for 0)."""
     texts = full_texts(samples)
-    reward, reward_se = mean_and_se(reward_fn(texts))
-    judge, judge_se = mean_and_se(judge_fn(texts))
+    rewards, judges = np.asarray(reward_fn(texts)), np.asarray(judge_fn(texts))
+    reward, reward_se = mean_and_se(rewards)
+    judge, judge_se = mean_and_se(judges)
     kl, kl_se = (0.0, 0.0) if kl_values is None else mean_and_se(kl_values.numpy())
+    per_prompt = len(samples.texts[0])
+    lengths = [float(np.mean([len(ids) for ids in row])) for row in samples.token_ids]
     return {"policy": name, "method": method, "reward": reward, "reward_se": reward_se, "kl": kl, "kl_se": kl_se,
             "judge": judge, "judge_se": judge_se, "n_samples": len(texts), **extra,
-            "examples": [t for t in texts[:: max(1, len(texts) // 3)][:3]]}
+            "examples": [t for t in texts[:: max(1, len(texts) // 3)][:3]],
+            "prompts": list(samples.prompts), "prompt_rewards": rewards.reshape(-1, per_prompt).mean(1).tolist(),
+            "prompt_lengths": lengths}
 
 
 def evaluate_policy(name: str, method: str, policy, reference, tokenizer, prompts: Sequence[str], *, n: int,
@@ -76,7 +83,55 @@ def best_of_n_rows(reference_samples: Samples, reward_fn: Callable, judge_fn: Ca
         reward, reward_se = mean_and_se(rewards[np.arange(len(best)), best])
         judge, judge_se = mean_and_se(judges[np.arange(len(best)), best])
         picked = [texts[p * per_prompt + int(i)] for p, i in enumerate(best)]
+        lengths = [float(len(reference_samples.token_ids[p][int(i)])) for p, i in enumerate(best)]
         rows.append({"policy": f"best-of-{n}", "method": "Best of N", "reward": reward, "reward_se": reward_se,
                      "kl": math.log(n) - (n - 1) / n, "kl_se": 0.0, "judge": judge, "judge_se": judge_se,
-                     "n_samples": len(best), "n": n, "examples": picked[:3]})
+                     "n_samples": len(best), "n": n, "examples": picked[:3],
+                     "prompts": list(reference_samples.prompts),
+                     "prompt_rewards": rewards[np.arange(len(best)), best].tolist(), "prompt_lengths": lengths})
     return rows
+
+
+def save_model_row(row: dict, folder: str | Path = "runs/models", source: str = "") -> Path:
+    """Write one evaluated policy (a results row with per-prompt rewards) for the ranking notebook to collect.
+
+    The file is named by the policy (and ``source``, e.g. the notebook and its parameters), written atomically.
+    """
+    from dpolab.cache import REPO_ROOT, atomic_write_text
+
+    folder = Path(folder)
+    folder = folder if folder.is_absolute() else REPO_ROOT / folder
+    name = f"{source}__{row['policy']}" if source else row["policy"]
+    path = folder / f"{name}.json"
+    atomic_write_text(path, json.dumps({**row, "source": source}, indent=1, default=float))
+    return path
+
+
+def load_model_rows(folder: str | Path = "runs/models") -> list[dict]:
+    """Every row saved with :func:`save_model_row` in ``folder`` (sorted by file name); [] when none."""
+    from dpolab.cache import REPO_ROOT
+
+    folder = Path(folder)
+    folder = folder if folder.is_absolute() else REPO_ROOT / folder
+    rows = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            rows.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not a valid results file ({err})") from err
+    return rows
+
+
+def pair_implicit_rewards(policy, reference, pairs, beta: float, pad_token_id: int, batch_size: int = 16):
+    """Implicit rewards r̂ = β log π/π_ref of the chosen and rejected side of tokenized pairs. Shape: (P,), (P,)."""
+    from dpolab.batch import collate_pairs
+    from dpolab.rewards import batch_implicit_rewards
+
+    chosen, rejected = [], []
+    for start in range(0, len(pairs), batch_size):
+        batch = collate_pairs(pairs[start:start + batch_size], pad_token_id)
+        rewards = batch_implicit_rewards(policy, reference, batch, beta)
+        b = batch.num_pairs
+        chosen.append(rewards[:b])
+        rejected.append(rewards[b:])
+    return torch.cat(chosen), torch.cat(rejected)
