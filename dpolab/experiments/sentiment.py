@@ -58,8 +58,8 @@ class SentimentConfig:
     """How samples become pairs: "all_pairs" (the paper's), "best_vs_worst" or "bradley_terry"."""
     max_new_tokens: int = 24
     """Length of every continuation, in tokens."""
-    sft_steps: int = 0
-    """Optional SFT of the initial model on review text before anything else (0 = use the model as π_ref)."""
+    sft_steps: int = 16
+    """SFT steps on review text before anything else, as the paper's §6.1 (0 = the initial model is π_ref)."""
     betas: tuple[float, ...] = (0.05, 0.1, 0.5)
     """The β grid of the DPO runs."""
     loss: str = "sigmoid"
