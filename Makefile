@@ -24,9 +24,11 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow tests
 
-# The main job of the README: the controlled-sentiment reproduction on the embedded default.
+# The main job of the README: the controlled-sentiment reproduction on the embedded default, then the five
+# notebooks executed by papermill into runs/notebooks/ (figures into figures/).
 run: setup
-	$(BIN)/dpolab reproduce
+	$(BIN)/dpolab reproduce progress=False
+	$(BIN)/dpolab notebooks
 
 lint: setup
 	$(BIN)/ruff check dpolab tests benchmarks notebooks
