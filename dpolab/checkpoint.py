@@ -19,6 +19,7 @@ import platform
 import random
 import re
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ WEIGHTS = "model.safetensors"
 STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"
 RNG = "rng_state.pt"
+METRICS = "metrics.jsonl"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 # Fields that may change between an interrupted run and its resumption without changing its trajectory.
@@ -144,6 +146,50 @@ def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:
     root = Path(output_dir) / CHECKPOINTS
     for stray in root.glob("step-*.tmp-*") if root.is_dir() else []:
         shutil.rmtree(stray, ignore_errors=True)
+
+
+def resume_point(config, *, is_main: bool = True, world_size: int = 1) -> Checkpoint | None:
+    """Where a run starts, checked before any work: None for a fresh run, else the checkpoint to resume.
+
+    Fails when the output folder cannot be written, when a fresh run would mix its files with an earlier
+    run's (unless ``config.overwrite``, which deletes them), and when the checkpoint's config differs from
+    ``config`` in a field that changes the run (all such fields are named) or in the global batch size.
+
+    Args:
+        config: the run's :class:`dpolab.config.TrainConfig`.
+        is_main: only the main process creates, probes and cleans the folder.
+        world_size: number of processes of this run (part of the global batch size).
+    """
+    out = Path(config.output_dir)
+    if is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+                pass
+        except OSError as err:
+            raise OSError(f"output folder {out} is not writable ({err}); set output_dir to a writable folder") from err
+    folder = latest_checkpoint(out) if config.resume_from == "auto" else config.resume_from or None
+    if folder is None:
+        if is_main and config.resume_from != "auto" and (list_checkpoints(out) or (out / METRICS).exists()):
+            if not config.overwrite:
+                raise FileExistsError(f"output folder {out} holds an earlier run (checkpoints or {METRICS}); resume "
+                                      "it with resume_from=auto, set overwrite=true, or choose another output_dir")
+            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+            (out / METRICS).unlink(missing_ok=True)
+        return None
+    resume = load_checkpoint(folder)
+    differences = config_differences(resume.config, config.to_dict())
+    saved_global = resume.config["micro_batch_size"] * resume.config["grad_accum_steps"] * resume.world_size
+    now_global = config.micro_batch_size * config.grad_accum_steps * world_size
+    if saved_global != now_global:
+        differences.append(f"global batch (micro × accumulation × processes): checkpoint {saved_global}, "
+                           f"now {now_global}")
+    if differences:
+        raise ValueError(f"cannot resume from {folder}: the config differs in fields that change the run:\n  "
+                         + "\n  ".join(differences))
+    if resume.step > config.max_steps:
+        raise ValueError(f"checkpoint {folder} is at step {resume.step}, beyond max_steps={config.max_steps}")
+    return resume
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any], ignore=RESUMABLE_FIELDS) -> list[str]:

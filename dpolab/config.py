@@ -40,7 +40,7 @@ class TrainConfig:
     model: str = "smollm2-135m-instruct"
     """Policy to start from: the embedded default, a local folder, a hub id, or "tiny-gpt2"/"tiny-llama" (random)."""
     train_data: str = ""
-    """Preference pairs for the command line (JSONL/JSON/datasets folder); the Python API takes pairs directly."""
+    """Preference pairs for the command line (a JSONL file or a saved datasets folder); the Python API takes pairs."""
     eval_data: str = ""
     """Held-out preference pairs for evaluation (same formats); empty = no evaluation from the command line."""
 

@@ -30,7 +30,9 @@ def heldout_metrics(model, reference, pairs: list[TokenizedPair], *, config, pad
     totals = None
     model.eval()
     with torch.no_grad():
-        for rows in batches[ctx.rank :: ctx.world_size]:
+        # FSDP gathers weights inside every forward, so all processes must run the same forwards: each
+        # evaluates every batch and nothing is reduced; DDP processes split the batches.
+        for rows in batches if config.fsdp else batches[ctx.rank :: ctx.world_size]:
             batch = to_device(collate_pairs([pairs[i] for i in rows], pad_token_id, index=rows), ctx.device)
             with autocast():
                 _, sums = batch_objective(model, reference, batch, stage=config.stage, loss=config.loss,
@@ -39,7 +41,7 @@ def heldout_metrics(model, reference, pairs: list[TokenizedPair], *, config, pad
             totals = sums if totals is None else totals + sums
     if totals is None:  # more processes than evaluation batches
         totals = torch.zeros(len(STATS), dtype=torch.float64)
-    return mean_metrics(all_reduce_sum(totals, ctx), config.stage, prefix="eval/")
+    return mean_metrics(totals if config.fsdp else all_reduce_sum(totals, ctx), config.stage, prefix="eval/")
 
 
 def sample_kl(model, reference, tokenizer, prompts: Sequence, *, config, ctx: DistributedContext,

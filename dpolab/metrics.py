@@ -119,11 +119,25 @@ class LengthCreepDetector:
         return None
 
 
-def warn(message: str | None) -> str | None:
-    """Issue ``message`` as a :class:`TrainingWarning` (if any) and return it for the metrics record."""
-    if message:
-        warnings.warn(message, TrainingWarning, stacklevel=2)
-    return message
+class Monitor:
+    """The run's detectors, fed with every step and evaluation record; warns once per pattern."""
+
+    def __init__(self):
+        self.falling, self.creeping = FallingLogpsDetector(), LengthCreepDetector()
+        self.messages: list[str] = []
+
+    def observe(self, record: dict[str, Any], emit: bool = True) -> list[str]:
+        """The warnings this record triggers (issued as :class:`TrainingWarning` if ``emit``)."""
+        found = []
+        if "logps/rejected" in record:
+            found.append(self.falling.update(record["step"], record["logps/chosen"], record["logps/rejected"]))
+        if "eval/sample_length" in record:
+            found.append(self.creeping.update(record["step"], record["eval/sample_length"]))
+        found = [message for message in found if message]
+        for message in found if emit else []:
+            warnings.warn(message, TrainingWarning, stacklevel=2)
+        self.messages += found
+        return found
 
 
 def _finite(value: Any) -> Any:

@@ -21,8 +21,7 @@ same weights as an uninterrupted one (the data order is a function of the seed a
 from __future__ import annotations
 
 import contextlib
-import shutil
-import tempfile
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -38,18 +37,11 @@ from dpolab.batch import collate_pairs, length_bucketed_batches, pair_length
 from dpolab.config import TrainConfig
 from dpolab.heldout import heldout_metrics, sample_kl, to_device
 from dpolab.inputs import add_lora, load_policy, prepare_pairs, tokenize_config
-from dpolab.metrics import (
-    FallingLogpsDetector,
-    LengthCreepDetector,
-    MetricsWriter,
-    NonFiniteLossError,
-    read_metrics,
-    warn,
-)
+from dpolab.metrics import MetricsWriter, Monitor, NonFiniteLossError, read_metrics
 from dpolab.objective import STATS, batch_objective, mean_metrics
 from dpolab.reference import make_reference, precompute_reference
 
-METRICS = "metrics.jsonl"
+METRICS = ckpt.METRICS
 
 
 @dataclass
@@ -136,7 +128,9 @@ def train(
 
 def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs, on_step) -> TrainResult:
     out = Path(config.output_dir)
-    resume = _resume_point(config, ctx)  # before any work: unwritable folder and config mismatch fail here
+    # before any work: an unwritable folder, an earlier run in the way, or a disagreeing checkpoint fail here
+    resume = ckpt.resume_point(config, is_main=ctx.is_main, world_size=ctx.world_size)
+    dist.barrier(ctx)
     torch.manual_seed(config.seed)
     if model is None:
         model, loaded_tokenizer = load_policy(config.model, seed=config.seed)
@@ -153,26 +147,8 @@ def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs
     plan = BatchPlan([pair_length(p) for p in train_data.pairs], config, ctx.world_size)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    # π_ref comes from the initial weights, before a resumed run loads its trained ones.
-    model = model.to(ctx.device).eval()
-    train_ref = eval_ref = None
-    if config.reference == "copy":
-        train_ref = eval_ref = make_reference("copy", model, None if reference_model is None
-                                              else reference_model.to(ctx.device))
-    elif config.reference == "precomputed":
-        source = model if reference_model is None else reference_model.to(ctx.device).eval()
-        train_ref = precompute_reference(source, tokenizer, train_data.pairs, tokenize_config=settings,
-                                         batch_size=config.eval_batch_size)
-        if eval_data.pairs:
-            eval_ref = precompute_reference(source, tokenizer, eval_data.pairs, tokenize_config=settings,
-                                            batch_size=config.eval_batch_size)
-    if config.lora_r:
-        model = add_lora(model, config.lora_r, config.lora_alpha).to(ctx.device).eval()
-    if config.reference == "adapter":
-        train_ref = eval_ref = make_reference("adapter", model)
-    if config.stage == "sft":
-        train_ref = None  # the NLL needs no reference; evaluation still reports rewards and KL against it
-
+    model, train_ref, eval_ref = _policy_and_references(config, ctx, model, tokenizer, reference_model, train_data,
+                                                        eval_data)
     step = 0
     if resume is not None:
         model.load_state_dict(resume.model_state)
@@ -190,13 +166,9 @@ def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs
     earlier = read_metrics(out / METRICS) if ctx.is_main else []
     history = [r for r in earlier if "loss" in r]
     eval_history = [r for r in earlier if "eval/loss" in r]
-    falling, creeping, warned = FallingLogpsDetector(), LengthCreepDetector(), []
-    for record in history:
-        if config.stage == "dpo":
-            falling.update(record["step"], record["logps/chosen"], record["logps/rejected"])
-    for record in eval_history:
-        if "eval/sample_length" in record:
-            creeping.update(record["step"], record["eval/sample_length"])
+    monitor = Monitor()
+    for record in history + eval_history:
+        monitor.observe(record, emit=False)  # a resumed run's detectors continue from the earlier steps
     autocast = (lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16)) if config.precision == "bf16" \
         else contextlib.nullcontext
     scale = ctx.world_size / plan.global_size  # DDP averages over processes; we want the mean over pairs
@@ -219,7 +191,7 @@ def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs
             raise NonFiniteLossError(f"non-finite loss at step {step + 1} (epoch {epoch}), {where}; training "
                                      f"stopped before the optimizer step, no checkpoint written for this step")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")))
-        if not torch.isfinite(torch.tensor(grad_norm)):
+        if not math.isfinite(grad_norm):
             raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {step + 1} (epoch {epoch}) although "
                                      f"the loss is finite; stopped before the optimizer step")
         optimizer.step()
@@ -229,9 +201,7 @@ def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs
         record = {"step": step, "epoch": epoch, "lr": lr, "grad_norm": grad_norm,
                   **mean_metrics(totals, config.stage),
                   "tokens_per_s": float(totals[STATS.index("tokens")]) / (time.perf_counter() - started)}
-        if config.stage == "dpo":
-            record["warnings"] = [w for w in [warn(falling.update(step, record["logps/chosen"],
-                                                                    record["logps/rejected"]))] if w]
+        record["warnings"] = monitor.observe(record, emit=ctx.is_main)
         writer.write(record)
         history.append(record)
         if eval_data.pairs and ((config.eval_every and step % config.eval_every == 0) or step == config.max_steps):
@@ -240,21 +210,43 @@ def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs
             if config.kl_samples:
                 evaluation.update(sample_kl(wrapped, eval_ref, tokenizer, eval_data.prompts[: config.kl_samples],
                                             config=config, ctx=ctx, chat=eval_data.chat))
-            if "eval/sample_length" in evaluation:
-                evaluation["warnings"] = [w for w in [warn(creeping.update(step, evaluation["eval/sample_length"]))]
-                                          if w]
+            evaluation["warnings"] = monitor.observe(evaluation, emit=ctx.is_main)
             writer.write(evaluation)
             eval_history.append(evaluation)
         if (config.save_every and step % config.save_every == 0) or step == config.max_steps:
             last_checkpoint = _save(out, step, wrapped, model, tokenizer, optimizer, config, record, ctx)
-        warned += record.get("warnings", [])
         bar.update(1)
         bar.set_postfix({"loss": f"{record['loss']:.4f}",
                          **({"acc": f"{record['rewards/accuracies']:.2f}"} if config.stage == "dpo" else {})})
         if on_step is not None:
             on_step(step, record)
     bar.close()
-    return TrainResult(out, history, eval_history, step, dist.unwrap(wrapped), tokenizer, last_checkpoint, warned)
+    return TrainResult(out, history, eval_history, step, dist.unwrap(wrapped), tokenizer, last_checkpoint,
+                       monitor.messages)
+
+
+def _policy_and_references(config, ctx, model, tokenizer, reference_model, train_data, eval_data):
+    """The policy on its device (in eval mode: dropout off; a LoRA adapter added if asked), and π_ref for
+    training and for evaluation, taken from the initial weights (before a resumed run loads its own)."""
+    model = model.to(ctx.device).eval()
+    if reference_model is not None:
+        reference_model = reference_model.to(ctx.device).eval()
+    train_ref = eval_ref = None
+    if config.reference == "copy":
+        train_ref = eval_ref = make_reference("copy", model, reference_model)
+    elif config.reference == "precomputed":
+        source = model if reference_model is None else reference_model
+        settings = tokenize_config(config)
+        train_ref, eval_ref = (precompute_reference(source, tokenizer, data.pairs, tokenize_config=settings,
+                                                    batch_size=config.eval_batch_size) if data.pairs else None
+                               for data in (train_data, eval_data))
+    if config.lora_r:
+        model = add_lora(model, config.lora_r, config.lora_alpha).to(ctx.device).eval()
+    if config.reference == "adapter":
+        train_ref = eval_ref = make_reference("adapter", model)
+    if config.stage == "sft":
+        train_ref = None  # the NLL needs no reference; evaluation still reports rewards and KL against it
+    return model, train_ref, eval_ref
 
 
 def accumulate_gradients(model, reference, batches: list, *, config: TrainConfig, scale: float,
@@ -281,43 +273,6 @@ def accumulate_gradients(model, reference, batches: list, *, config: TrainConfig
             first_bad = (f"micro-batch {i} of {len(batches)} on this process (dataset rows {batch.index.tolist()}), "
                          f"per-pair losses {losses.detach().tolist()}")
     return totals, first_bad
-
-
-def _resume_point(config: TrainConfig, ctx) -> ckpt.Checkpoint | None:
-    """Check the output folder is writable and, when resuming, that the checkpoint's config agrees."""
-    out = Path(config.output_dir)
-    if ctx.is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-                pass
-        except OSError as err:
-            raise OSError(f"output folder {out} is not writable ({err}); set output_dir to a writable folder") from err
-    folder = ckpt.latest_checkpoint(out) if config.resume_from == "auto" else config.resume_from or None
-    if folder is None:
-        earlier = ckpt.list_checkpoints(out) or (out / METRICS).exists()
-        if ctx.is_main and earlier and config.resume_from != "auto":
-            if not config.overwrite:
-                raise FileExistsError(f"output folder {out} holds an earlier run (checkpoints or {METRICS}); resume "
-                                      f"it with resume_from=auto, set overwrite=true, or choose another output_dir")
-            shutil.rmtree(out / ckpt.CHECKPOINTS, ignore_errors=True)
-            (out / METRICS).unlink(missing_ok=True)
-        dist.barrier(ctx)
-        return None
-    resume = ckpt.load_checkpoint(folder)
-    differences = ckpt.config_differences(resume.config, config.to_dict())
-    saved_global = resume.config["micro_batch_size"] * resume.config["grad_accum_steps"] * resume.world_size
-    now_global = config.micro_batch_size * config.grad_accum_steps * ctx.world_size
-    if saved_global != now_global:
-        differences.append(f"global batch (micro × accumulation × processes): checkpoint {saved_global}, "
-                           f"now {now_global}")
-    if differences:
-        raise ValueError(f"cannot resume from {folder}: the config differs in fields that change the run:\n  "
-                         + "\n  ".join(differences))
-    if resume.step > config.max_steps:
-        raise ValueError(f"checkpoint {folder} is at step {resume.step}, beyond max_steps={config.max_steps}")
-    dist.barrier(ctx)
-    return resume
 
 
 def _save(out, step, wrapped, model, tokenizer, optimizer, config, record, ctx) -> Path:

@@ -11,6 +11,14 @@ from dpolab import checkpoint as ckpt
 from dpolab.tiny import tiny_causal_lm
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _save(tmp_path, model, optimizer, step, keep_last=2, metrics=None):
     return ckpt.save_checkpoint(
         tmp_path, step, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),

@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 
+from dpolab.cli import main
 from dpolab.config import ConfigError, TrainConfig, field_help
 
 
@@ -75,3 +76,25 @@ def test_every_field_has_help_text():
     assert set(help_) == {f.name for f in dataclasses.fields(TrainConfig)}
     assert all(comment for _, _, comment in help_.values()), [k for k, v in help_.items() if not v[2]]
     assert help_["beta"] == ("float", "0.1", "β, the strength of the KL constraint to the reference (paper Eq. 3, 7).")
+
+
+def test_cli_help_lists_every_field(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for name in field_help():
+        assert f"\n  {name} (" in text, name
+    assert "β, the strength of the KL constraint" in text
+
+
+def test_cli_rejects_a_bad_key_before_any_work(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("beta: 0.2\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(path), "max_step=3"])
+    assert exit_.value.code == 2
+    assert "'max_step' is not a TrainConfig field (did you mean 'max_steps'?)" in capsys.readouterr().err
+    assert main(["train", str(path), "lr=1e-4", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert '"beta": 0.2' in printed and '"lr": 0.0001' in printed

@@ -125,7 +125,7 @@ def test_sft_stage_lowers_the_nll_of_chosen_responses(tmp_path):
                     "lr": 3e-3, "output_dir": str(tmp_path)}, train_pairs=make_examples(16))
     first, last = result.history[0], result.history[-1]
     assert set(first) == {"step", "epoch", "lr", "grad_norm", "loss", "logps/chosen", "lengths/chosen",
-                          "tokens_per_s"}
+                          "tokens_per_s", "warnings"}
     assert first["loss"] == pytest.approx(-first["logps/chosen"] / first["lengths/chosen"], rel=0.3)
     assert last["loss"] < first["loss"] - 0.5
 
@@ -187,6 +187,8 @@ def test_too_few_pairs_for_one_global_batch_is_an_error(tmp_path):
 
 KILLED_RUN = """
 import os, signal, sys
+import torch
+torch.set_num_threads(1)  # as in this process: a different thread count may sum in a different order
 sys.path.insert(0, {tests!r})
 from test_trainer import RESUME, make_examples
 from dpolab.trainer import train
@@ -202,7 +204,7 @@ RESUME = {**FAST, "max_steps": 5, "micro_batch_size": 2, "grad_accum_steps": 2, 
 
 def test_a_killed_and_resumed_run_ends_bit_for_bit_equal_to_an_uninterrupted_one(tmp_path):
     script = textwrap.dedent(KILLED_RUN.format(tests=str(Path(__file__).parent), out=str(tmp_path / "resumed")))
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "resumed")] == ["step-000002"]
@@ -231,3 +233,54 @@ def test_resume_with_a_different_config_names_the_fields(tmp_path):
               train_pairs=make_examples(8))
     state = json.loads((ckpt.latest_checkpoint(tmp_path) / ckpt.STATE).read_text())
     assert state["step"] == 2 and state["config"]["beta"] == 0.1
+
+
+def test_command_line_trains_from_yaml_and_jsonl(tmp_path, capsys):
+    from dpolab.cli import main
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected}) + "\n"
+                            for e in make_examples(8)))
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: tiny-gpt2\ntrain_data: {data}\neval_data: {data}\nprogress: false\nkl_samples: 0\n")
+    assert main(["train", str(config), "max_steps=2", "micro_batch_size=4", "grad_accum_steps=1",
+                 f"output_dir={tmp_path / 'out'}"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["final"]["step"] == 2 and "eval/rewards/accuracies" in summary["final"]
+    assert [r["step"] for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r] == [1, 2]
+
+
+def test_falling_logps_detector_fires_once_when_both_sides_fall():
+    """Window 5, tolerance 1 nat: steps 1-5 at (-10, -20), steps 6-10 at (-12, -23): both means fell by more
+    than 1 (by 2 and 3), so step 10 warns; nothing earlier (fewer than 2 windows) and nothing after (once)."""
+    from dpolab.metrics import FallingLogpsDetector
+
+    detector = FallingLogpsDetector(window=5, tolerance=1.0)
+    fired = [detector.update(s, -10.0, -20.0) for s in range(1, 6)] + [detector.update(s, -12.0, -23.0)
+                                                                      for s in range(6, 12)]
+    assert [s + 1 for s, m in enumerate(fired) if m] == [10]
+    assert "logps/chosen (-10.00 -> -12.00)" in fired[9]
+    rising = FallingLogpsDetector(window=5, tolerance=1.0)  # rejected falls, chosen holds: the healthy pattern
+    assert not any(rising.update(s, -10.0, -20.0 - s) for s in range(1, 20))
+
+
+def test_length_creep_detector_needs_a_sustained_rise():
+    from dpolab.metrics import LengthCreepDetector
+
+    detector = LengthCreepDetector(rises=2, relative=0.2)
+    assert [detector.update(s, n) for s, n in [(1, 10.0), (2, 13.0), (3, 11.0), (4, 11.5)]] == [None] * 4
+    assert detector.update(5, 12.5) is not None  # rose twice in a row and 12.5 > 1.2 × 10
+    noisy = LengthCreepDetector(rises=2, relative=0.2)
+    assert not any(noisy.update(s, n) for s, n in enumerate([10.0, 10.5, 11.0, 9.0, 9.5, 10.2], start=1))
+
+
+def test_metrics_writer_resume_drops_later_steps_and_a_torn_line(tmp_path):
+    from dpolab.metrics import MetricsWriter
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.7}\n{"step": 2, "loss": 0.6}\n{"step": 3, "loss": 0.5}\n{"step": 4, "lo')
+    writer = MetricsWriter(path, resume_step=2)
+    writer.write({"step": 3, "loss": float("nan")})
+    assert read_metrics(path) == [{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.6}, {"step": 3, "loss": None}]
+    MetricsWriter(path, enabled=False).write({"step": 9})  # other ranks write nothing
+    assert len(read_metrics(path)) == 3

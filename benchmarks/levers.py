@@ -1,0 +1,341 @@
+"""Issue 9 item 2: which levers pay for dpolab's training step, each measured against the current step.
+
+A *step* here is exactly the trainer's optimizer step without its bookkeeping:
+:func:`dpolab.trainer.accumulate_gradients` over the step's micro-batches, gradient clipping, AdamW. Each
+lever is a variant of that step (a different batch plan, a patched log-prob path, a swapped module, an
+optimizer flag, a thread count, …). Variants and the baseline run in the same process, alternating
+(baseline, lever, baseline, lever, …) on the same batches, each from the same initial weights, so load from
+other processes falls on both; the first step of each block is a warm-up. Each lever also reports the
+largest difference of its first-step loss from the baseline's: a lever that changes the mathematics by more
+than 1e-5 is not kept whatever its speed. Run from the repository root::
+
+    .venv/bin/python benchmarks/levers.py --workload-dir DIR [--levers a,b,c] [--rounds 3] [--steps 4]
+
+where DIR is a prepared workload (``dpo_throughput.py --workdir DIR`` leaves ``DIR/tiny``). The glibc malloc
+lever needs a fresh process: ``--malloc`` runs the baseline under the settings of ``dpo_throughput.MALLOC_ENV``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from workloads import load_workload  # noqa: E402
+
+
+def _config(micro: int = 4, accum: int = 2):
+    from dpolab.config import TrainConfig
+
+    return TrainConfig.load(None, {"beta": 0.1, "lr": 5e-5, "warmup_steps": 0, "micro_batch_size": micro,
+                                   "grad_accum_steps": accum, "max_grad_norm": 10.0, "kl_samples": 0})
+
+
+def _pairs(workload):
+    from dpolab.tokenize import TokenizedPair
+
+    return [TokenizedPair(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], [1] * len(r["chosen_ids"]),
+                          [1] * len(r["rejected_ids"])) for r in workload.pairs()]
+
+
+def plan_batches(pairs, steps: int, *, micro: int = 4, accum: int = 2, bucketed: bool = True, seed: int = 0):
+    """The first ``steps`` optimizer steps as lists of collated micro-batches (dpolab's plan, or random order)."""
+    from dpolab.batch import collate_pairs, pair_length
+    from dpolab.trainer import BatchPlan
+
+    config = _config(micro, accum)
+    if bucketed:
+        plan = BatchPlan([pair_length(p) for p in pairs], config, world_size=1)
+        rows = [plan.micro_batches(s, 0)[1] for s in range(steps)]
+    else:
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+        glob = micro * accum
+        rows = [[order[s * glob + m * micro: s * glob + (m + 1) * micro] for m in range(accum)] for s in range(steps)]
+    return [[collate_pairs([pairs[i] for i in r], 0, index=r) for r in step] for step in rows]
+
+
+class Setup:
+    """Everything one variant's step needs; :meth:`step` runs one optimizer step and returns (seconds, loss)."""
+
+    def __init__(self, policy, reference, steps_batches, *, fused_adam: bool = False, micro: int = 4, accum: int = 2):
+        self.policy, self.reference, self.batches = policy, reference, steps_batches
+        self.config = _config(micro, accum)
+        self.params = [p for p in policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.config.lr, fused=fused_adam or None)
+
+    def step(self, i: int) -> tuple[float, float, int, float]:
+        from dpolab.objective import STATS
+        from dpolab.trainer import accumulate_gradients
+
+        batches = self.batches[i % len(self.batches)]
+        start, cpu = time.perf_counter(), time.process_time()
+        totals, _ = accumulate_gradients(self.policy, self.reference, batches, config=self.config,
+                                         scale=1.0 / (self.config.micro_batch_size * self.config.grad_accum_steps))
+        torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        loss = float(totals[STATS.index("loss")] / totals[STATS.index("pairs")])
+        return seconds, loss, int(totals[STATS.index("tokens")]), cpu
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# levers: each returns (Setup, context manager factory that is active while it steps)
+
+
+def _models(workload):
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(workload.policy_dir, dtype=torch.float32).eval()
+    reference = AutoModelForCausalLM.from_pretrained(workload.reference_dir, dtype=torch.float32)
+    return policy, reference
+
+
+@contextlib.contextmanager
+def _full_logits():
+    """dpolab's slow reference path: logits at every position, then the shifted label gather."""
+    import dpolab.objective
+    import dpolab.reference
+    from dpolab.logprobs import concatenated_forward
+
+    slow = functools.partial(concatenated_forward, full_logits=True)
+    saved = dpolab.objective.concatenated_forward, dpolab.reference.concatenated_forward
+    dpolab.objective.concatenated_forward = dpolab.reference.concatenated_forward = slow
+    try:
+        yield
+    finally:
+        dpolab.objective.concatenated_forward, dpolab.reference.concatenated_forward = saved
+
+
+class _CrossEntropyLogProb:
+    """log softmax(z)[y] as −cross_entropy (one fused kernel; autograd keeps the log-softmax for backward)."""
+
+    @staticmethod
+    def apply(logits, rows, targets, chunk):
+        z = logits if rows is None else logits[rows]
+        return -torch.nn.functional.cross_entropy(z.float(), targets, reduction="none")
+
+
+@contextlib.contextmanager
+def _patched(module, name, value):
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+def _fused_gelu(model):
+    """Swap GPT-2's Python-level tanh-GELU (6 elementwise kernels) for torch's fused one (same function)."""
+    from transformers.activations import NewGELUActivation
+
+    for module in model.modules():
+        for name, child in module.named_children():
+            if isinstance(child, NewGELUActivation):
+                setattr(module, name, torch.nn.GELU(approximate="tanh"))
+    return model
+
+
+def _compiled(model):
+    blocks = getattr(getattr(model, "transformer", None), "h", None) or model.model.layers
+    for block in blocks:
+        block.compile(dynamic=True)
+    return model
+
+
+def build(lever: str, workload, pairs, steps: int):
+    """A :class:`Setup` for ``lever`` (several joined by ``+`` combine) and the context it steps in."""
+    from dpolab.reference import FrozenReference, precompute_reference
+
+    parts = set(lever.split("+"))
+    policy, ref_model = _models(workload)
+    micro, accum = (8, 1) if "micro8" in parts else (4, 2)
+    batches = plan_batches(pairs, steps, micro=micro, accum=accum, bucketed="random-batches" not in parts)
+    contexts = []
+    reference = FrozenReference(ref_model)
+    if "precomputed" in parts:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(workload.tokenizer_dir)
+        reference = precompute_reference(ref_model, tokenizer, pairs, batch_size=8)
+    if "full-logits" in parts:
+        contexts.append(_full_logits)
+    if "ce-logprob" in parts:
+        import dpolab.logprobs
+
+        contexts.append(functools.partial(_patched, dpolab.logprobs, "_LabelLogProb", _CrossEntropyLogProb))
+    if "fused-gelu" in parts:
+        _fused_gelu(policy), _fused_gelu(ref_model)
+    if "compile" in parts:
+        _compiled(policy), _compiled(ref_model)
+    if "threads1" in parts:
+        contexts.append(functools.partial(_threads, 1))
+    if "shared-prompt" in parts:
+        from shared_prompt import shared_prompt_forward
+
+        contexts.append(functools.partial(_patched_both, shared_prompt_forward))
+
+    @contextlib.contextmanager
+    def context():
+        with contextlib.ExitStack() as stack:
+            for make in contexts:
+                stack.enter_context(make())
+            yield
+
+    setup = Setup(policy, reference, batches, fused_adam="fused-adamw" in parts, micro=micro, accum=accum)
+    return setup, context
+
+
+@contextlib.contextmanager
+def _patched_both(forward):
+    import dpolab.objective
+    import dpolab.reference
+
+    with _patched(dpolab.objective, "concatenated_forward", forward), \
+            _patched(dpolab.reference, "concatenated_forward", forward):
+        yield
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+LEVERS = ("full-logits", "random-batches", "micro8", "precomputed", "ce-logprob", "fused-gelu", "fused-adamw",
+          "threads1", "compile", "shared-prompt")
+
+
+def measure(workload_dir: Path, levers: list[str], *, rounds: int, steps: int) -> list[dict]:
+    """For each lever, ``rounds`` alternating blocks of ``steps`` steps (baseline, lever); per-step timings."""
+    workload = load_workload(workload_dir)
+    pairs = _pairs(workload)
+    results = []
+    for lever in levers:
+        torch.manual_seed(0)
+        base, base_ctx = build("baseline", workload, pairs, steps)
+        built_at = time.perf_counter()
+        var, var_ctx = build(lever, workload, pairs, steps)
+        setup_s = time.perf_counter() - built_at
+        times = {"baseline": [], lever: []}
+        cpu = {"baseline": [], lever: []}
+        tokens = {"baseline": [], lever: []}
+        losses, first_steps = {}, {"baseline": [], lever: []}
+        for _ in range(rounds):
+            for name, setup, ctx in (("baseline", base, base_ctx), (lever, var, var_ctx)):
+                # fresh weights each block: every block does the same work from the same start
+                start_state = copy.deepcopy(setup.policy.state_dict())
+                with ctx():
+                    for i in range(steps):
+                        seconds, loss, n, cpu_s = setup.step(i)
+                        if i == 0:
+                            losses.setdefault(name, loss)
+                            first_steps[name].append(seconds)
+                        else:  # the first step of a block is a warm-up
+                            times[name].append(seconds)
+                            cpu[name].append(cpu_s)
+                            tokens[name].append(n)
+                setup.policy.load_state_dict(start_state)
+                setup.optimizer.state.clear()
+        b, v = statistics.median(times["baseline"]), statistics.median(times[lever])
+        tb, tv = sum(tokens["baseline"]) / sum(times["baseline"]), sum(tokens[lever]) / sum(times[lever])
+        cb, cv = statistics.median(cpu["baseline"]), statistics.median(cpu[lever])
+        results.append({"lever": lever, "baseline_s": b, "lever_s": v, "speedup_s_per_step": b / v,
+                        "baseline_cpu_s": cb, "lever_cpu_s": cv, "speedup_cpu_s": cb / cv,
+                        "baseline_tokens_per_s": tb, "lever_tokens_per_s": tv, "speedup_tokens_per_s": tv / tb,
+                        "loss_diff": abs(losses["baseline"] - losses[lever]), "setup_s": setup_s,
+                        "first_step_s": {k: v[0] for k, v in first_steps.items()},
+                        "load": os.getloadavg()[0]})
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def single(workload_dir: Path, steps: int) -> dict:
+    """The baseline alone, in this process: per-step seconds (first excluded) and minor page faults."""
+    import resource
+
+    workload = load_workload(workload_dir)
+    setup, _ = build("baseline", workload, _pairs(workload), steps)
+    times, faults = [], []
+    for i in range(steps):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        seconds, loss, n, cpu_s = setup.step(i)
+        if i:
+            times.append(seconds)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return {"s_per_step": statistics.median(times), "faults_per_step": statistics.median(faults),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def malloc_compare(workload_dir: Path, *, rounds: int, steps: int) -> dict:
+    """The baseline in fresh processes, alternately without and with the glibc malloc settings."""
+    import subprocess
+
+    from dpo_throughput import MALLOC_ENV
+
+    runs = {"default": [], "malloc": []}
+    for _ in range(rounds):
+        for name in runs:
+            env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
+            if name == "malloc":
+                env.update(MALLOC_ENV)
+            out = subprocess.run([sys.executable, __file__, "--workload-dir", str(workload_dir), "--single",
+                                  "--steps", str(steps)], env=env, capture_output=True, text=True, check=True)
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    summary = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()}
+    summary["speedup"] = summary["default"]["s_per_step"] / summary["malloc"]["s_per_step"]
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload-dir", required=True)
+    parser.add_argument("--levers", default=",".join(LEVERS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default); 1 makes CPU time "
+                        "a load-robust measure of work")
+    parser.add_argument("--malloc", action="store_true", help="compare the glibc malloc settings (processes)")
+    parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if "DPOLAB_CACHE" not in os.environ:  # precomputed reference tables go to a throw-away cache
+        import tempfile
+
+        os.environ["DPOLAB_CACHE"] = tempfile.mkdtemp(prefix="dpolab-levers-")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.single:
+        print(json.dumps(single(Path(args.workload_dir), args.steps)))
+        return 0
+    if args.malloc:
+        malloc_compare(Path(args.workload_dir), rounds=args.rounds, steps=args.steps)
+        return 0
+    rows = measure(Path(args.workload_dir), args.levers.split(","), rounds=args.rounds, steps=args.steps)
+    print("\n| lever | baseline s/step | lever s/step | speed-up (wall s/step) | speed-up (CPU s/step) "
+          "| speed-up (tokens/s) | Δ first loss | load |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['lever']} | {r['baseline_s']:.2f} | {r['lever_s']:.2f} | {r['speedup_s_per_step']:.2f}× | "
+              f"{r['speedup_cpu_s']:.2f}× | {r['speedup_tokens_per_s']:.2f}× | {r['loss_diff']:.1e} | {r['load']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

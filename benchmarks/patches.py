@@ -1,0 +1,82 @@
+"""Proposed dpolab changes, applied from outside so that the benchmark can measure them before they land.
+
+Each patch is what a library change would do, done by monkeypatching or by swapping modules in the models
+handed to :func:`dpolab.trainer.train`; an arm named ``dpolab+PATCH[+PATCH…]`` runs with them. None changes
+the mathematics: each keeps the first-step loss within float32 rounding of the unpatched trainer.
+
+- ``shared-prompt``: :func:`shared_prompt.shared_prompt_forward` in place of
+  :func:`dpolab.logprobs.concatenated_forward` (policy and reference): each pair's prompt runs once.
+- ``fused-gelu``: GPT-2's Python-level tanh-GELU (``NewGELUActivation``, six elementwise kernels and as many
+  saved tensors) replaced by ``torch.nn.GELU(approximate="tanh")``, the same function in one kernel.
+- ``micro8``: ``micro_batch_size=8, grad_accum_steps=1`` instead of 4 × 2 (same global batch).
+- ``compile``: ``torch.compile(dynamic=True)`` of every transformer block (policy and reference).
+- ``threads1``: one torch thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+PATCHES = ("shared-prompt", "fused-gelu", "micro8", "compile", "threads1")
+
+
+def config_fields(patches: list[str]) -> dict:
+    """Trainer config fields a set of patches changes."""
+    return {"micro_batch_size": 8, "grad_accum_steps": 1} if "micro8" in patches else {}
+
+
+def fuse_gelu(model: torch.nn.Module) -> torch.nn.Module:
+    """Swap every ``NewGELUActivation`` for ``nn.GELU(approximate="tanh")`` (identical function, one kernel)."""
+    from transformers.activations import NewGELUActivation
+
+    for module in model.modules():
+        for name, child in module.named_children():
+            if isinstance(child, NewGELUActivation):
+                setattr(module, name, torch.nn.GELU(approximate="tanh"))
+    return model
+
+
+def compile_blocks(model: torch.nn.Module) -> torch.nn.Module:
+    """Compile each transformer block in place (the model object and its forward signature stay the same)."""
+    base = model.base_model
+    blocks = getattr(base, "h", None) or base.layers
+    for block in blocks:
+        block.compile(dynamic=True)
+    return model
+
+
+@contextlib.contextmanager
+def applied(patches: list[str], models: list[torch.nn.Module]):
+    """Apply ``patches`` to the process and to ``models`` for the duration of the block."""
+    unknown = set(patches) - set(PATCHES)
+    if unknown:
+        raise ValueError(f"unknown patches {sorted(unknown)}; known: {', '.join(PATCHES)}")
+    for model in models:
+        if "fused-gelu" in patches:
+            fuse_gelu(model)
+        if "compile" in patches:
+            compile_blocks(model)
+    if "threads1" in patches:
+        torch.set_num_threads(1)
+    with contextlib.ExitStack() as stack:
+        if "shared-prompt" in patches:
+            from shared_prompt import shared_prompt_forward
+
+            import dpolab.objective
+            import dpolab.reference
+
+            for module in (dpolab.objective, dpolab.reference):
+                stack.enter_context(_attribute(module, "concatenated_forward", shared_prompt_forward))
+        yield
+
+
+@contextlib.contextmanager
+def _attribute(owner, name: str, value):
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)

@@ -1,0 +1,107 @@
+"""Smoke run of benchmarks/dpo_throughput.py's machinery on a 2-layer GPT-2: both trainers, 3 steps each.
+
+What must hold for the benchmark's table to mean anything, checked on a workload small enough for the unit suite:
+
+- trl tokenizes the workload's text to exactly the ids dpolab is handed (else the arms train on different data);
+- both trainers' first optimizer step covers the same 8 pairs, so their first-step losses agree to 1e-5
+  (sigmoid DPO: −log σ(β·margin), the same function of the same four log-prob sums);
+- that loss is not the trivial log 2 of π_θ = π_ref, because the reference is a perturbed copy of the policy;
+- the table marks an arm whose first-step loss differs by more than 1e-5 as void.
+
+No wall-clock time is asserted.
+"""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+pytest.importorskip("trl")
+
+import arms  # noqa: E402
+import dpo_throughput  # noqa: E402
+from workloads import load_workload, pair_tokens, prepare_tiny  # noqa: E402
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def workload(tmp_path_factory):
+    return prepare_tiny(tmp_path_factory.mktemp("tiny"), num_pairs=24, num_layers=2, hidden=64, vocab=512,
+                        context=128, prompt_range=(4, 12), response_range=(6, 24))
+
+
+@pytest.fixture(scope="module")
+def records(workload, tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DPOLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
+    mp.setenv("TQDM_DISABLE", "1")
+    first = arms.dpolab_plan(workload, 1)[0]
+    out = {"dpolab": arms.run_dpolab(workload, STEPS),
+           "trl-fast": arms.run_trl(workload, STEPS, "trl-fast", first_rows=first)}
+    mp.undo()
+    for name, record in out.items():
+        record.update(arm=name, load_start=0.0, load_end=0.0, malloc=False)
+    return out
+
+
+def test_workload_round_trips(workload):
+    loaded = load_workload(workload.folder)
+    assert (loaded.name, loaded.num_pairs) == ("tiny", 24)
+    # everything but the position embeddings (the input embedding is tied to the LM head: counted once)
+    assert loaded.matmul_params == sum(p.numel() for p in _policy(workload).parameters()) - 128 * 64
+
+
+def _policy(workload):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(workload.policy_dir)
+
+
+def test_first_step_losses_agree(records):
+    ours, theirs = records["dpolab"], records["trl-fast"]
+    assert ours["first_rows"] == theirs["first_rows"]
+    assert len(ours["losses"]) == len(theirs["losses"]) == STEPS
+    assert abs(ours["first_loss"] - theirs["first_loss"]) < 1e-5
+    assert abs(ours["first_loss"] - math.log(2)) > 1e-4  # π_ref ≠ π_θ: not the trivial value
+
+
+def test_token_counts_are_the_same_pairs(workload, records):
+    pairs = workload.pairs()
+    first = sum(pair_tokens(pairs[i]) for i in records["dpolab"]["first_rows"])
+    assert records["dpolab"]["tokens"][0] == records["trl-fast"]["tokens"][0] == first
+
+
+def test_trl_tokenization_mismatch_is_refused(workload):
+    ordered = workload.pairs()[:2]
+    tampered = [dict(r) for r in ordered]
+    tampered[1]["chosen_ids"] = tampered[1]["chosen_ids"][:-1]
+    dataset = {name: [r[name] for r in ordered] for name in ("prompt_ids", "chosen_ids", "rejected_ids")}
+    arms._check_trl_tokens(dataset, ordered)
+    with pytest.raises(ValueError, match="row 1, field chosen_ids"):
+        arms._check_trl_tokens(dataset, tampered)
+
+
+def test_table_reports_agreement_and_void(workload, records):
+    rows = dpo_throughput.summarise(list(records.values()), warmup=1, params=workload.matmul_params, peak_gflops=100.0)
+    table = dpo_throughput.format_table(rows, title="smoke", warmup=1, steps=STEPS)
+    assert "the comparison holds" in table and "dpolab ÷ trl-fast" in table
+    broken = dict(records["trl-fast"], first_loss=records["trl-fast"]["first_loss"] + 1e-3)
+    rows = dpo_throughput.summarise([records["dpolab"], broken], warmup=1, params=workload.matmul_params,
+                                    peak_gflops=100.0)
+    table = dpo_throughput.format_table(rows, title="smoke", warmup=1, steps=STEPS)
+    assert "VOID" in table and "(void)" in table
+
+
+def test_steady_state_excludes_warmup_and_last_step():
+    """Steps end at 10, 12, 15, 19 s with 100, 200, 300, 400 tokens; warm-up 1: steps 2–3 are timed,
+    (200 + 300) tokens over 15 − 10 = 5 s → 100 tokens/s, 2.5 s/step."""
+    record = {"step_end_s": [10, 12, 15, 19], "step_end_cpu_s": [5, 6, 8, 9], "tokens": [100, 200, 300, 400],
+              "setup_s": 1.0}
+    state = dpo_throughput.steady_state(record, warmup=1)
+    assert state["tokens_per_s"] == pytest.approx(100.0)
+    assert state["s_per_step"] == pytest.approx(2.5)
+    assert state["cpu_s_per_step"] == pytest.approx(1.5)
