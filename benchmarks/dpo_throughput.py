@@ -34,12 +34,14 @@ sys.path.insert(0, str(HERE))
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 32),
               "MALLOC_TOP_PAD_": str(1 << 30)}
 LOSS_TOLERANCE = 1e-5
-DEFAULTS = {  # workload -> steps, warm-up steps, repeats, pairs
-    "tiny": {"steps": 30, "warmup": 2, "repeats": 3, "pairs": 512},
-    "smollm": {"steps": 8, "warmup": 2, "repeats": 2, "pairs": 256},
+# workload -> steps, warm-up steps, repeats, pairs; trl as shipped (bf16 autocast on a CPU without bf16 units is
+# several times slower) runs fewer steps unless --shipped-steps says otherwise
+DEFAULTS = {
+    "tiny": {"steps": 30, "warmup": 2, "repeats": 3, "pairs": 512, "shipped_steps": 8},
+    "smollm": {"steps": 8, "warmup": 2, "repeats": 2, "pairs": 256, "shipped_steps": 5},
 }
-QUICK = {"tiny": {"steps": 5, "warmup": 2, "repeats": 1, "pairs": 64},
-         "smollm": {"steps": 4, "warmup": 1, "repeats": 1, "pairs": 32}}
+QUICK = {"tiny": {"steps": 5, "warmup": 2, "repeats": 1, "pairs": 64, "shipped_steps": 4},
+         "smollm": {"steps": 4, "warmup": 1, "repeats": 1, "pairs": 32, "shipped_steps": 3}}
 # interleaved: each dpolab arm next to the trl arm it is compared with
 ORDER = ("dpolab", "trl-fast", "dpolab-pre", "trl-fast-pre", "trl-fp32", "trl-shipped")
 
@@ -176,6 +178,7 @@ def summarise(records: list[dict], warmup: int, params: int, peak_gflops: float)
             "mfu": tps[0] * flops_per_token(runs[0]["arm"], params) / (peak_gflops * 1e9),
             "load": [(r["load_start"], r["load_end"]) for r in runs], "n": len(runs),
             "tokens_per_step": stats[0]["tokens_per_step"], "first_rows": runs[0]["first_rows"],
+            "steps": len(runs[0]["step_end_s"]),
         }
     return rows
 
@@ -202,21 +205,23 @@ def counterparts(spec: str, rows: dict) -> dict[str, str]:
     return pick
 
 
-def format_table(rows: dict[str, dict], *, title: str, warmup: int, steps: int) -> str:
+def format_table(rows: dict[str, dict], *, title: str, warmup: int) -> str:
     """The result table, the loss check, and the ratios the issue asks for."""
     diffs = loss_check(rows)
     lines = [f"## {title}", "",
-             f"steps per arm: {steps} (timed: steps {warmup + 1}–{steps - 1}; warm-up and the last step excluded); "
-             "median [min–max] over repeats; tokens = non-padding tokens of prompt+chosen and prompt+rejected rows",
+             f"timed: the steps after the first {warmup} (warm-up) and before the last (dpolab writes its final "
+             "checkpoint there); median [min–max] over repeats; tokens = non-padding tokens of prompt+chosen and "
+             "prompt+rejected rows; CPU s = process CPU time (all threads, user+system); setup = start of the arm "
+             "(before loading the models) to the policy's first training forward",
              "",
-             "| arm | tokens/s | s/step | CPU s/step | tokens/step | setup s | peak RSS MB | first-step loss "
+             "| arm | steps | tokens/s | s/step | CPU s/step | tokens/step | setup s | peak RSS MB | first-step loss "
              "| Δ vs dpolab | MFU | load 1-min (start→end) | n |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         t, s = r["tokens_per_s"], r["s_per_step"]
         load = ", ".join(f"{a:.1f}→{b:.1f}" for a, b in r["load"])
         flag = "" if diffs[name] <= LOSS_TOLERANCE else " **≠**"
-        lines.append(f"| {name} | {t[0]:.0f} [{t[1]:.0f}–{t[2]:.0f}] | {s[0]:.2f} [{s[1]:.2f}–{s[2]:.2f}] | "
+        lines.append(f"| {name} | {r['steps']} | {t[0]:.0f} [{t[1]:.0f}–{t[2]:.0f}] | {s[0]:.2f} [{s[1]:.2f}–{s[2]:.2f}] | "
                      f"{r['cpu_s_per_step']:.2f} | {r['tokens_per_step']:.0f} | {r['setup_s']:.1f} | {r['peak_rss_mb']:.0f} | "
                      f"{r['first_loss']:.7f} | {diffs[name]:.1e}{flag} | {100 * r['mfu']:.1f}% | {load} | {r['n']} |")
     lines.append("")
@@ -274,6 +279,7 @@ def run_workload(args, name: str, logs: Path, peak: float) -> str:
     sizes = (QUICK if args.quick else DEFAULTS)[name]
     steps, warmup = args.steps or sizes["steps"], sizes["warmup"] if args.warmup is None else args.warmup
     repeats = args.repeats or sizes["repeats"]
+    shipped_steps = args.shipped_steps or (args.steps or sizes["shipped_steps"])
     started = time.perf_counter()
     workload = prepare(name, logs / name, args.pairs or sizes["pairs"])
     print(f"[{name}] workload prepared in {time.perf_counter() - started:.0f} s: {workload.num_pairs} pairs, "
@@ -283,7 +289,8 @@ def run_workload(args, name: str, logs: Path, peak: float) -> str:
         order = arm_list(args)
         for arm in order if repeat % 2 == 0 else order[::-1]:
             t0 = time.perf_counter()
-            record = spawn(arm, workload.folder, steps, threads=args.threads, logs=logs)
+            arm_steps = shipped_steps if arm.startswith("trl-shipped") else steps
+            record = spawn(arm, workload.folder, arm_steps, threads=args.threads, logs=logs)
             records.append(record)
             state = steady_state(record, warmup)
             print(f"[{name}] repeat {repeat + 1}/{repeats} {arm}: "
@@ -294,7 +301,7 @@ def run_workload(args, name: str, logs: Path, peak: float) -> str:
     rows = summarise(records, warmup, workload.matmul_params, peak)
     title = (f"workload {name}: {workload.num_pairs} pairs, batch 8, sigmoid DPO β=0.1, AdamW lr 5e-5, "
              f"{workload.matmul_params / 1e6:.2f} M matmul parameters")
-    table = format_table(rows, title=title, warmup=warmup, steps=steps)
+    table = format_table(rows, title=title, warmup=warmup)
     if args.json:
         Path(args.json).with_suffix(f".{name}.json").write_text(json.dumps({"records": records, "rows": rows}))
     return table
@@ -310,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="optimizer steps per arm (default per workload)")
     parser.add_argument("--warmup", type=int, help="untimed first steps (default per workload)")
     parser.add_argument("--repeats", type=int, help="runs of each arm (default per workload)")
+    parser.add_argument("--shipped-steps", type=int, help="optimizer steps of trl-shipped (default: per workload)")
     parser.add_argument("--pairs", type=int, help="pairs in the workload (default per workload)")
     parser.add_argument("--malloc", choices=["off", "on", "both"], default="off",
                         help="run arms with the glibc malloc settings of DESIGN.md (both: each arm twice)")

@@ -22,6 +22,9 @@ from collections.abc import Sequence
 
 SUBCOMMANDS: dict[str, str] = {
     "train": "dpolab.cli:add_train",
+    "reproduce": "dpolab.commands:add_reproduce",
+    "sweep": "dpolab.commands:add_sweep",
+    "notebooks": "dpolab.commands:add_notebooks",
 }
 
 

@@ -48,15 +48,19 @@ def sample_kl(model, reference, tokenizer, prompts: Sequence, *, config, ctx: Di
               chat: bool) -> dict[str, float]:
     """``eval/kl`` (± ``eval/kl_se``) and ``eval/sample_length`` from one policy sample per prompt.
 
-    Returns an empty dict when the estimate is unavailable (no prompts, no reference model, FSDP, or
-    no :mod:`dpolab.generate`).
+    When the estimate is unavailable, returns only ``eval/kl_note`` saying why (no prompts, no reference
+    model, FSDP, or no :mod:`dpolab.generate`).
     """
-    if not prompts or reference is None or getattr(reference, "sequence_logps", None) is None or config.fsdp:
-        return {}
+    why = ("no held-out prompts" if not prompts else
+           "no reference model to score samples (reference 'none' or 'precomputed')"
+           if reference is None or getattr(reference, "sequence_logps", None) is None else
+           "not estimated under FSDP" if config.fsdp else None)
     try:
         from dpolab.generate import sample
     except ImportError:
-        return {}
+        why = why or "dpolab.generate is not available"
+    if why:
+        return {"eval/kl_note": f"KL skipped: {why}"}
     policy = unwrap(model)
     share = list(prompts)[ctx.rank :: ctx.world_size]
     policy_logps, ref_logps, lengths = [], [], []

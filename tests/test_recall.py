@@ -95,17 +95,17 @@ def test_rollout_shapes_roles_and_seed(tiny):
 
 
 def hand_rollouts():
-    """Two conversations; rewards [0.95, 0, 0.9, 0] (one tie among 6 candidates) and [0, 0] (no pair)."""
+    """Two conversations of 4 rollouts: rewards [0.99, 0, 0.97, 0] (one tie among the 6 candidate pairs) and
+    [0, 0, 0, 0] (no pair at all)."""
     convs = [colour("green"), colour("blue")]
 
     def side(answer, ack="Sure."):
         return (assistant(ack), user("What is my favourite colour?"), assistant(answer))
 
     responses = [[side("Green."), side("Red.", "Hm."), side("It is green."), side("No idea.")],
-                 [side("Pink."), side("No.")]]
-    rewards = [np.array([0.99, 0, 0.97, 0]), np.array([0, 0])]
-    return Rollouts(convs, [responses[0], responses[1] + responses[1]],
-                    np.stack([rewards[0], np.zeros(4)]), np.stack([rewards[0] > 0, np.zeros(4, bool)]))
+                 [side("Pink."), side("No."), side("Pink.", "Ok."), side("No.", "Ok.")]]
+    rewards = np.array([[0.99, 0, 0.97, 0], [0, 0, 0, 0]])
+    return Rollouts(convs, responses, rewards, rewards > 0)
 
 
 def test_sampled_pairs_follow_the_rewards():

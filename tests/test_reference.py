@@ -125,7 +125,8 @@ def test_beta_sweep_reuses_the_precomputed_reference_and_matches_the_copy(tmp_pa
     calls = []
     forward = reference_module.concatenated_forward
     monkeypatch.setattr(reference_module, "concatenated_forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
-    run = {**FAST, "max_steps": 3, "micro_batch_size": 4, "grad_accum_steps": 1, "eval_batch_size": 4}
+    run = {**FAST, "max_steps": 3, "micro_batch_size": 4, "grad_accum_steps": 1, "eval_batch_size": 4, "kl_samples": 2,
+           "kl_max_new_tokens": 4}
     data = {"train_pairs": make_examples(12), "eval_pairs": make_examples(4, offset=40)}
     sweep = [train({**run, "beta": beta, "reference": "precomputed", "output_dir": str(tmp_path / f"b{beta}")}, **data)
              for beta in (0.1, 0.5)]
@@ -137,6 +138,7 @@ def test_beta_sweep_reuses_the_precomputed_reference_and_matches_the_copy(tmp_pa
             assert a[name] == pytest.approx(b[name], rel=1e-4, abs=1e-6), (a["step"], name)
     assert sweep[1].eval_history[0]["eval/rewards/accuracies"] == copied.eval_history[0]["eval/rewards/accuracies"]
     assert "eval/kl" not in sweep[1].eval_history[0]  # no reference model to score new samples
+    assert sweep[1].eval_history[0]["eval/kl_note"].startswith("KL skipped: no reference model")
 
 
 def test_lora_training_against_the_adapter_reference_leaves_the_base_weights(tmp_path):

@@ -34,7 +34,7 @@ class PolicyRun:
 
 
 def train_with_mask_policy(reference, tokenizer, examples: list[PreferenceExample], mask_policy: str,
-                        **train_fields) -> PolicyRun:
+                           **train_fields) -> PolicyRun:
     """Tokenize with ``mask_policy`` and train a copy of π_ref with DPO (:func:`dpolab.trainer.train`).
 
     ``train_fields`` are :class:`dpolab.config.TrainConfig` fields (beta, lr, max_steps, ...). The reference
@@ -75,7 +75,9 @@ def masking_invariance(policy, reference, tokenizer, examples: list[PreferenceEx
     """Loss and gradient of each loss under both masking policies, on the same pairs and weights.
 
     Returns one row per loss: the mean loss under ``final_turn`` and ``all_assistant``, their absolute
-    difference, and ‖g_all − g_final‖ / ‖g_final‖ over every parameter gradient.
+    difference, and ‖g_all − g_final‖ / ‖g_final‖ over every parameter gradient. The reference is wrapped in
+    :class:`dpolab.reference.FrozenReference`, which switches off its ``requires_grad``; the policy's gradients
+    are cleared afterwards.
     """
     from dpolab.losses import LOSSES
     from dpolab.objective import batch_objective
@@ -96,7 +98,7 @@ def masking_invariance(policy, reference, tokenizer, examples: list[PreferenceEx
             loss, _ = batch_objective(policy, frozen if needs_ref else None, batch, stage="dpo", loss=name, beta=beta)
             loss.mean().backward()
             values[mask_policy] = loss.detach().mean().item()
-            grads[mask_policy] = [p.grad.detach().clone() for p in params]
+            grads[mask_policy] = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
         diff = sum(float((a - b).pow(2).sum()) for a, b in zip(grads["all_assistant"], grads["final_turn"]))
         norm = sum(float(g.pow(2).sum()) for g in grads["final_turn"])
         rows.append({"loss": name, "final_turn": values["final_turn"], "all_assistant": values["all_assistant"],

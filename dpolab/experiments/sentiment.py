@@ -44,9 +44,9 @@ class SentimentConfig:
 
     model: str = DEFAULT_MODEL
     """Initial model (the embedded SmolLM2-135M-Instruct, a local folder, or a hub id)."""
-    n_train_prompts: int = 96
+    n_train_prompts: int = 32
     """Training prefixes (each gets ``samples_per_prompt`` reference samples)."""
-    n_eval_prompts: int = 32
+    n_eval_prompts: int = 16
     """Held-out prefixes (from snippets no training prefix comes from)."""
     min_prefix_tokens: int = 2
     """Shortest prefix, in tokens of the model's tokenizer (paper: 2)."""
@@ -58,19 +58,19 @@ class SentimentConfig:
     """How samples become pairs: "all_pairs" (the paper's), "best_vs_worst" or "bradley_terry"."""
     max_new_tokens: int = 24
     """Length of every continuation, in tokens."""
-    sft_steps: int = 16
+    sft_steps: int = 8
     """SFT steps on review text before anything else, as the paper's §6.1 (0 = the initial model is π_ref)."""
-    betas: tuple[float, ...] = (0.05, 0.1, 0.5)
+    betas: tuple[float, ...] = (0.1, 0.5)
     """The β grid of the DPO runs."""
     loss: str = "sigmoid"
     """DPO-family loss (a name in dpolab.losses.LOSSES)."""
-    steps: int = 24
+    steps: int = 16
     """Optimizer steps of each DPO and Preferred-FT run."""
     batch_size: int = 8
     """Pairs per optimizer step (micro-batches of 4 accumulated)."""
     lr: float = 5e-5
     """Learning rate of DPO and Preferred-FT (AdamW; small CPU runs need far more than the paper's 1e-6)."""
-    rloo_steps: int = 16
+    rloo_steps: int = 8
     """Steps of the RL baseline (each samples rloo_k continuations of rloo_prompts_per_step prefixes)."""
     rloo_prompts_per_step: int = 4
     """Prefixes per RLOO step."""
