@@ -71,19 +71,32 @@ def machine() -> dict:
             "glibc": "-".join(platform.libc_ver())}
 
 
-def matmul_peak(size: int = 1024, seconds: float = 3.0) -> float:
-    """Best float32 GFLOP/s of ``size``³ matrix multiplies over ``seconds`` (all threads), measured now."""
+def matmul_peak(seconds: float = 3.0) -> dict[str, float]:
+    """Float32 matrix-multiply GFLOP/s measured now: the best single-thread burst (256³ and 512³ products) times
+    the cores, and the best burst with all threads.
+
+    On a machine shared with other processes a multi-threaded burst rarely gets every core at once (one
+    descheduled thread stalls the others), so the machine's peak is taken as cores × the single-core peak.
+    """
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        for _ in range(4):
-            torch.mm(a, b)
-        best = max(best, 4 * 2 * size**3 / (time.perf_counter() - start) / 1e9)
-    return best
+    threads = torch.get_num_threads()
+    best = {1: 0.0, threads: 0.0}
+    try:
+        for n in best:
+            torch.set_num_threads(n)
+            for size in (256, 512):
+                a, b = torch.randn(size, size), torch.randn(size, size)
+                torch.mm(a, b)
+                deadline = time.perf_counter() + seconds / 4
+                while time.perf_counter() < deadline:
+                    start = time.perf_counter()
+                    torch.mm(a, b)
+                    best[n] = max(best[n], 2 * size**3 / (time.perf_counter() - start) / 1e9)
+    finally:
+        torch.set_num_threads(threads)
+    cores = len(os.sched_getaffinity(0))
+    return {"per_core": best[1], "cores": cores, "machine": best[1] * cores, "all_threads": best[threads]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,6 +186,7 @@ def summarise(records: list[dict], warmup: int, params: int, peak_gflops: float)
         rows[name] = {
             "tokens_per_s": tps, "s_per_step": spread("s_per_step"), "setup_s": spread("setup_s")[0],
             "cpu_s_per_step": spread("cpu_s_per_step")[0],
+            "total_s": statistics.median(r["step_end_s"][-1] for r in runs),
             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
             "first_loss": runs[0]["first_loss"], "first_losses": [r["first_loss"] for r in runs],
             "mfu": tps[0] * flops_per_token(runs[0]["arm"], params) / (peak_gflops * 1e9),
@@ -212,17 +226,18 @@ def format_table(rows: dict[str, dict], *, title: str, warmup: int) -> str:
              f"timed: the steps after the first {warmup} (warm-up) and before the last (dpolab writes its final "
              "checkpoint there); median [min–max] over repeats; tokens = non-padding tokens of prompt+chosen and "
              "prompt+rejected rows; CPU s = process CPU time (all threads, user+system); setup = start of the arm "
-             "(before loading the models) to the policy's first training forward",
+             "(before loading the models) to the policy's first training forward; total = arm start to the end of the "
+             "last step",
              "",
-             "| arm | steps | tokens/s | s/step | CPU s/step | tokens/step | setup s | peak RSS MB | first-step loss "
+             "| arm | steps | tokens/s | s/step | CPU s/step | tokens/step | setup s | total s | peak RSS MB | first-step loss "
              "| Δ vs dpolab | MFU | load 1-min (start→end) | n |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         t, s = r["tokens_per_s"], r["s_per_step"]
         load = ", ".join(f"{a:.1f}→{b:.1f}" for a, b in r["load"])
         flag = "" if diffs[name] <= LOSS_TOLERANCE else " **≠**"
         lines.append(f"| {name} | {r['steps']} | {t[0]:.0f} [{t[1]:.0f}–{t[2]:.0f}] | {s[0]:.2f} [{s[1]:.2f}–{s[2]:.2f}] | "
-                     f"{r['cpu_s_per_step']:.2f} | {r['tokens_per_step']:.0f} | {r['setup_s']:.1f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['cpu_s_per_step']:.2f} | {r['tokens_per_step']:.0f} | {r['setup_s']:.1f} | {r['total_s']:.0f} | {r['peak_rss_mb']:.0f} | "
                      f"{r['first_loss']:.7f} | {diffs[name]:.1e}{flag} | {100 * r['mfu']:.1f}% | {load} | {r['n']} |")
     lines.append("")
     void = [n for n, d in diffs.items() if d > LOSS_TOLERANCE]
@@ -362,8 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {info['cpu']}, {info['cores']} cores ({info['capability']}), {info['memory_gib']} GiB; "
           f"torch {info['torch']}, transformers {info['transformers']}, trl {info['trl']}, "
           f"python {info['python']}, {info['glibc']}")
-    print(f"float32 matmul peak (1024³, best of 3 s, measured now): {peak:.1f} GFLOP/s; "
-          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"float32 matmul peak measured now: {peak['machine']:.0f} GFLOP/s = {peak['cores']} cores × "
+          f"{peak['per_core']:.0f} (best single-thread burst; best burst with all threads: "
+          f"{peak['all_threads']:.0f}); load average {os.getloadavg()[0]:.2f}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="dpo-bench-") as tmp:
         logs = Path(args.workdir or tmp)
@@ -374,11 +390,12 @@ def main(argv: list[str] | None = None) -> int:
             print(run_sweep_benchmark(args, logs))
             return 0
         names = ["tiny", "smollm"] if args.workload == "all" else [args.workload]
-        tables = [run_workload(args, name, logs, peak) for name in names]
+        tables = [run_workload(args, name, logs, peak["machine"]) for name in names]
     peak_end = matmul_peak()
     print()
     print("\n\n".join(tables))
-    print(f"\nMFU = model FLOPs/s ÷ the matmul peak ({peak:.1f} GFLOP/s at the start, {peak_end:.1f} at the end); "
+    print(f"\nMFU = model FLOPs/s ÷ the matmul peak ({peak['machine']:.0f} GFLOP/s at the start; "
+          f"{peak_end['machine']:.0f} at the end, load average {os.getloadavg()[0]:.2f}); "
           "model FLOPs per token = 6·P (policy forward+backward) + 2·P (online reference forward), P = matmul "
           "parameters (embedding lookups excluded, tied LM head counted once), attention score FLOPs ignored.")
     return 0

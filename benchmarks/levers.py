@@ -186,6 +186,10 @@ def build(lever: str, workload, pairs, steps: int):
         from shared_prompt import shared_prompt_forward
 
         contexts.append(functools.partial(_patched_both, shared_prompt_forward))
+    if "packed" in parts:
+        from packed import packed_forward
+
+        contexts.append(functools.partial(_patched_both, packed_forward))
 
     @contextlib.contextmanager
     def context():
@@ -219,7 +223,7 @@ def _threads(n: int):
 
 
 LEVERS = ("full-logits", "random-batches", "micro8", "precomputed", "ce-logprob", "fused-gelu", "fused-adamw",
-          "threads1", "compile", "shared-prompt")
+          "threads1", "compile", "shared-prompt", "packed")
 
 
 def measure(workload_dir: Path, levers: list[str], *, rounds: int, steps: int) -> list[dict]:

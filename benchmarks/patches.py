@@ -8,6 +8,7 @@ the mathematics: each keeps the first-step loss within float32 rounding of the u
   :func:`dpolab.logprobs.concatenated_forward` (policy and reference): each pair's prompt runs once.
 - ``fused-gelu``: GPT-2's Python-level tanh-GELU (``NewGELUActivation``, six elementwise kernels and as many
   saved tensors) replaced by ``torch.nn.GELU(approximate="tanh")``, the same function in one kernel.
+- ``packed``: :func:`packed.packed_forward` in place of ``concatenated_forward``: padding-free rows.
 - ``micro8``: ``micro_batch_size=8, grad_accum_steps=1`` instead of 4 × 2 (same global batch).
 - ``compile``: ``torch.compile(dynamic=True)`` of every transformer block (policy and reference).
 - ``threads1``: one torch thread.
@@ -19,7 +20,7 @@ import contextlib
 
 import torch
 
-PATCHES = ("shared-prompt", "fused-gelu", "micro8", "compile", "threads1")
+PATCHES = ("shared-prompt", "packed", "fused-gelu", "micro8", "compile", "threads1")
 
 
 def config_fields(patches: list[str]) -> dict:
@@ -69,6 +70,14 @@ def applied(patches: list[str], models: list[torch.nn.Module]):
 
             for module in (dpolab.objective, dpolab.reference):
                 stack.enter_context(_attribute(module, "concatenated_forward", shared_prompt_forward))
+        if "packed" in patches:
+            from packed import packed_forward
+
+            import dpolab.objective
+            import dpolab.reference
+
+            for module in (dpolab.objective, dpolab.reference):
+                stack.enter_context(_attribute(module, "concatenated_forward", packed_forward))
         yield
 
 

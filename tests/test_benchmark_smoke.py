@@ -88,7 +88,7 @@ def test_trl_tokenization_mismatch_is_refused(workload):
 def test_table_reports_agreement_and_void(workload, records):
     rows = dpo_throughput.summarise(list(records.values()), warmup=1, params=workload.matmul_params, peak_gflops=100.0)
     table = dpo_throughput.format_table(rows, title="smoke", warmup=1)
-    assert "the comparison holds" in table and "dpolab ÷ trl-fast" in table
+    assert "the comparison holds" in table and "÷ trl fastest, same reference" in table and "(trl-fast)" in table
     broken = dict(records["trl-fast"], first_loss=records["trl-fast"]["first_loss"] + 1e-3)
     rows = dpo_throughput.summarise([records["dpolab"], broken], warmup=1, params=workload.matmul_params,
                                     peak_gflops=100.0)
