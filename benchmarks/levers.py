@@ -287,6 +287,48 @@ def single(workload_dir: Path, steps: int) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+CATEGORIES = (  # (category, predicate on an op's name and input shapes), first match wins
+    ("output layer (LM head matmuls)", lambda name, shapes, vocab: "mm" in name and vocab in str(shapes)),
+    ("other matmuls", lambda name, shapes, vocab: name in ("aten::mm", "aten::addmm", "aten::bmm")),
+    ("log-softmax at scored tokens", lambda name, shapes, vocab: name in (
+        "aten::logsumexp", "aten::exp", "aten::exp_", "aten::amax", "aten::scatter_add_", "aten::gather")),
+    ("attention (SDPA)", lambda name, shapes, vocab: "scaled_dot_product" in name),
+    ("GELU (elementwise)", lambda name, shapes, vocab: name in ("aten::tanh", "aten::pow", "aten::tanh_backward",
+                                                                "aten::gelu", "aten::gelu_backward")),
+    ("layer norm", lambda name, shapes, vocab: "layer_norm" in name),
+    ("other elementwise (mul, add, sub, where, …)", lambda name, shapes, vocab: name in (
+        "aten::mul", "aten::add", "aten::sub", "aten::where", "aten::div", "aten::mul_", "aten::add_",
+        "aten::sum", "aten::neg")),
+    ("copies, fills, indexing", lambda name, shapes, vocab: name in (
+        "aten::copy_", "aten::fill_", "aten::zero_", "aten::index", "aten::index_select", "aten::_index_put_impl_",
+        "aten::cat", "aten::clone", "aten::empty", "aten::zeros", "aten::embedding_dense_backward")),
+)
+
+
+def profile(workload_dir: Path, steps: int) -> str:
+    """Self CPU time of the baseline step by category (torch profiler over ``steps`` steps after one warm-up)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    workload = load_workload(workload_dir)
+    setup, _ = build("baseline", workload, _pairs(workload), steps + 1)
+    vocab = setup.policy.get_output_embeddings().weight.shape[0]
+    setup.step(0)
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for i in range(1, steps + 1):
+            setup.step(i)
+    totals: dict[str, float] = {}
+    for event in prof.key_averages(group_by_input_shape=True):
+        category = next((c for c, match in CATEGORIES if match(event.key, event.input_shapes, vocab)), "rest")
+        totals[category] = totals.get(category, 0.0) + event.self_cpu_time_total / 1e6
+    whole = sum(totals.values())
+    lines = [f"| where the time goes ({steps} steps, {torch.get_num_threads()} threads) | CPU s | share |",
+             "|---|---|---|"]
+    for category, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {category} | {seconds:.2f} | {100 * seconds / whole:.0f}% |")
+    return "\n".join(lines)
+
+
 def malloc_compare(workload_dir: Path, *, rounds: int, steps: int) -> dict:
     """The baseline in fresh processes, alternately without and with the glibc malloc settings."""
     import subprocess
@@ -317,6 +359,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default); 1 makes CPU time "
                         "a load-robust measure of work")
     parser.add_argument("--malloc", action="store_true", help="compare the glibc malloc settings (processes)")
+    parser.add_argument("--profile", action="store_true", help="where the baseline step's time goes, by category")
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if "DPOLAB_CACHE" not in os.environ:  # precomputed reference tables go to a throw-away cache
@@ -325,6 +368,9 @@ def main() -> int:
         os.environ["DPOLAB_CACHE"] = tempfile.mkdtemp(prefix="dpolab-levers-")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.profile:
+        print(profile(Path(args.workload_dir), args.steps))
+        return 0
     if args.single:
         print(json.dumps(single(Path(args.workload_dir), args.steps)))
         return 0
