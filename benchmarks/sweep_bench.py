@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 BETAS = (0.1, 0.05, 0.2, 0.5, 0.02, 1.0, 0.01, 2.0)
-SIZES = {"tiny": {"steps": 10, "pairs": 512}, "smollm": {"steps": 4, "pairs": 64}}
+SIZES = {"tiny": {"steps": 30, "pairs": 512}, "smollm": {"steps": 8, "pairs": 256}}
 QUICK = {"tiny": {"steps": 3, "pairs": 64}, "smollm": {"steps": 2, "pairs": 16}}
 
 

@@ -156,15 +156,15 @@ def prepare_smollm(folder: Path, *, num_pairs: int = 256, max_response_tokens: i
         sides = []
         for pool in (positive, negative):
             tail = rng.choice(pool).split()[rng.randint(2, 8):]
-            while tail:
-                ids = tokenizer(prompt + " " + " ".join(tail) + eos)["input_ids"]
+            while tail:  # drop words from the end until the response fits
+                text = " " + " ".join(tail) + eos
+                ids = tokenizer(prompt + text)["input_ids"]
                 if len(ids) - len(prompt_ids) <= max_response_tokens + 1:
+                    sides.append((text, ids))
                     break
                 tail = tail[:-1]
-            sides.append((" " + " ".join(tail) + eos, ids))
-        if not all(tail_ids[: len(prompt_ids)] == prompt_ids and len(tail_ids) > len(prompt_ids) + 1
-                   for _, tail_ids in sides):
-            continue  # the prompt's last token merges with the response: skip rather than repair
+        if len(sides) < 2 or not all(ids[: len(prompt_ids)] == prompt_ids for _, ids in sides):
+            continue  # an empty side, or the prompt's last token merges with the response: skip, never repair
         (chosen, chosen_full), (rejected, rejected_full) = sides
         records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "prompt_ids": prompt_ids,
                         "chosen_ids": chosen_full[len(prompt_ids):], "rejected_ids": rejected_full[len(prompt_ids):]})

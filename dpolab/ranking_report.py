@@ -217,7 +217,7 @@ def worst_of_n_rows(reference_samples, reward_fn: Callable, judge_fn: Callable, 
     return rows
 
 
-HELDOUT_ACCURACY_KEYS = ("implicit_accuracy", "eval/rewards/accuracies")
+HELDOUT_ACCURACY_KEYS = ("heldout_acc", "implicit_accuracy", "eval/rewards/accuracies")
 
 
 def heldout_accuracy(row: dict) -> float | None:

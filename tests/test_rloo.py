@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dpolab.experiments.sentiment_eval import best_of_n_rows, mean_and_se
+from dpolab.experiments.sentiment_eval import (best_of_n_rows, heldout_pair_accuracy, mean_and_se,
+                                               slow_heldout_pair_accuracy)
 from dpolab.generate import sample
 from dpolab.rloo import leave_one_out_advantages, rloo_train, score_completions
 from dpolab.tiny import tiny_causal_lm
@@ -47,6 +48,37 @@ def test_best_of_n_by_hand():
     assert rows[0]["reward"] == pytest.approx((0.9 - 0.1) / 2)
     assert rows[1]["reward"] == pytest.approx((0.9 + 0.4) / 2)
     assert rows[1]["kl"] == pytest.approx(math.log(4) - 3 / 4)
+
+
+def test_heldout_pair_accuracy_by_hand():
+    """Prompt 1: rewards (0, 1, 2), log-ratios (0.5, 0.1, 0.9). Pairs (0,1) wrong, (0,2) right, (1,2) right → 2/3.
+
+    Prompt 2: rewards (1, 1, 3) — the pair (0,1) is a reward tie and is dropped; log-ratios (0, 0, 0): both remaining
+    pairs are log-ratio ties and count ½ each. Total (2 + 1) / (3 + 2) = 0.6.
+    Cluster SE with a = 0.6: c − a·n = (2 − 1.8, 1 − 1.2) = (0.2, −0.2); √(2/1 · 0.08) / 5 = 0.08.
+    """
+    ratios = [[0.5, 0.1, 0.9], [0.0, 0.0, 0.0]]
+    rewards = [[0.0, 1.0, 2.0], [1.0, 1.0, 3.0]]
+    out = heldout_pair_accuracy(ratios, rewards)
+    assert out["heldout_acc"] == pytest.approx(0.6)
+    assert out["heldout_acc_se"] == pytest.approx(0.08)
+    assert (out["heldout_pairs"], out["heldout_prompts"]) == (5, 2)
+    assert slow_heldout_pair_accuracy(ratios, rewards) == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="prompts, samples"):
+        heldout_pair_accuracy([[0.0, 1.0]], [[0.0, 1.0, 2.0]])
+
+
+def test_heldout_pair_accuracy_matches_slow_loop_and_is_invariant_to_beta():
+    """Random (P, N) values: the vectorised accuracy equals the pair loop; scaling log-ratios by β > 0 changes nothing;
+    the log-ratio equal to the reward gives 1 and its negation 0."""
+    rng = np.random.default_rng(3)
+    ratios = rng.normal(size=(7, 5))
+    rewards = rng.integers(0, 4, size=(7, 5)).astype(float)  # many reward ties
+    fast = heldout_pair_accuracy(ratios, rewards)["heldout_acc"]
+    assert fast == pytest.approx(slow_heldout_pair_accuracy(ratios, rewards), abs=1e-12)
+    assert heldout_pair_accuracy(0.1 * ratios, rewards)["heldout_acc"] == pytest.approx(fast, abs=1e-12)
+    assert heldout_pair_accuracy(rewards, rewards)["heldout_acc"] == 1.0
+    assert heldout_pair_accuracy(-rewards, rewards)["heldout_acc"] == 0.0
 
 
 def test_mean_and_se():

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from dpolab.cache import REPO_ROOT, atomic_write_text
-from dpolab.experiments.sentiment_eval import best_of_n_rows, evaluate_policy, evaluate_samples, save_model_row
+from dpolab.experiments.sentiment_eval import (best_of_n_rows, evaluate_policy, evaluate_samples, full_texts,
+                                               heldout_pair_accuracy, save_model_row)
 from dpolab.generate import sample
 from dpolab.judges import get_judge
 from dpolab.models import DEFAULT_MODEL, load_model
@@ -144,6 +145,8 @@ class Setup:
     judge_fn: object
     out: Path
     timings: dict = field(default_factory=dict)
+    heldout: dict | None = None
+    """π_ref's samples of the held-out prefixes, their rewards and π_ref's log-probs (see :func:`heldout_samples`)."""
 
 
 def prepare(config: SentimentConfig | None = None, **overrides) -> Setup:
@@ -265,21 +268,46 @@ def train_rloo(setup: Setup):
     return policy, history
 
 
+def heldout_samples(setup: Setup) -> dict:
+    """max(best_of_n) samples of π_ref per held-out prefix, their VADER rewards and π_ref's log-probs (cached).
+
+    They serve Best-of-N and the reference row, and their pairs are the held-out preference pairs on which every
+    trained policy's implicit-reward accuracy is measured (pairs from π_ref's samples, like the training pairs).
+    """
+    if setup.heldout is None:
+        from dpolab.rloo import score_completions
+
+        c = setup.config
+        kw = _sampling(setup, max(c.best_of_n), c.seed + 1)
+        samples = sample(setup.reference, setup.tokenizer, setup.eval_prefixes, kw.pop("n"), **kw)
+        rewards = np.asarray(setup.reward_fn(full_texts(samples))).reshape(len(samples.prompts), -1)
+        setup.heldout = {"samples": samples, "rewards": rewards,
+                         "ref_logps": score_completions(setup.reference, samples, _pad(setup.tokenizer))}
+    return setup.heldout
+
+
+def _pad(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def evaluate(setup: Setup, name: str, method: str, policy, **extra) -> dict:
-    """One results row: ``policy`` sampled on the held-out prefixes, scored, KL to π_ref."""
+    """One results row: ``policy`` sampled on the held-out prefixes, scored, KL to π_ref, held-out pair accuracy."""
+    from dpolab.rloo import score_completions
+
     c = setup.config
+    held = heldout_samples(setup)
+    ratios = score_completions(policy, held["samples"], _pad(setup.tokenizer)) - held["ref_logps"]
     return evaluate_policy(name, method, policy, setup.reference, setup.tokenizer, setup.eval_prefixes,
                            n=c.eval_samples_per_prompt, max_new_tokens=c.max_new_tokens, seed=c.seed + 1,
-                           reward_fn=setup.reward_fn, judge_fn=setup.judge_fn, **extra)
+                           reward_fn=setup.reward_fn, judge_fn=setup.judge_fn,
+                           **heldout_pair_accuracy(ratios.numpy(), held["rewards"]), **extra)
 
 
 def reference_rows(setup: Setup) -> list[dict]:
     """π_ref itself and the Best-of-N baselines, from max(best_of_n) reference samples per held-out prefix."""
-    c = setup.config
-    kw = _sampling(setup, max(c.best_of_n), c.seed + 1)
-    samples = sample(setup.reference, setup.tokenizer, setup.eval_prefixes, kw.pop("n"), **kw)
-    rows = [evaluate_samples("reference", "Reference", samples, setup.reward_fn, setup.judge_fn, None)]
-    return rows + best_of_n_rows(samples, setup.reward_fn, setup.judge_fn, c.best_of_n)
+    held = heldout_samples(setup)
+    rows = [evaluate_samples("reference", "Reference", held["samples"], setup.reward_fn, setup.judge_fn, None)]
+    return rows + best_of_n_rows(held["samples"], setup.reward_fn, setup.judge_fn, setup.config.best_of_n)
 
 
 def run(config: SentimentConfig | None = None, **overrides) -> dict:
@@ -354,9 +382,13 @@ def sft_on_reviews(model, tokenizer, config: SentimentConfig, out: Path):
 
 
 def table_markdown(rows: list[dict]) -> str:
-    """The results as a Markdown table (reward and KL with ± one standard error)."""
-    lines = ["| policy | method | VADER reward | KL(π‖π_ref) (nats) | TextBlob | samples |", "|---|---|---|---|---|---|"]
+    """The results as a Markdown table (reward, KL and held-out pair accuracy with ± one standard error)."""
+    lines = ["| policy | method | VADER reward | KL(π‖π_ref) (nats) | TextBlob | samples | held-out pair acc. (pairs) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
+        acc = (f"{r['heldout_acc']:.3f} ± {r['heldout_acc_se']:.3f} ({r['heldout_pairs']})" if "heldout_acc" in r
+               else "—")
         lines.append(f"| {r['policy']} | {r['method']} | {r['reward']:.3f} ± {r['reward_se']:.3f} | "
-                     f"{r['kl']:.2f} ± {r['kl_se']:.2f} | {r['judge']:.3f} ± {r['judge_se']:.3f} | {r['n_samples']} |")
+                     f"{r['kl']:.2f} ± {r['kl_se']:.2f} | {r['judge']:.3f} ± {r['judge_se']:.3f} | {r['n_samples']} | "
+                     f"{acc} |")
     return "\n".join(lines)

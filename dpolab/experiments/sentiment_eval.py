@@ -135,3 +135,53 @@ def pair_implicit_rewards(policy, reference, pairs, beta: float, pad_token_id: i
         chosen.append(rewards[:b])
         rejected.append(rewards[b:])
     return torch.cat(chosen), torch.cat(rejected)
+
+
+def heldout_pair_accuracy(log_ratios, rewards) -> dict:
+    """Held-out implicit-reward accuracy from per-sample log-ratios, over all pairs of samples of one prompt.
+
+    ``log_ratios[p][i]`` is log π(y_i|x_p) − log π_ref(y_i|x_p) for reference samples y_i of held-out prompt x_p
+    and ``rewards[p][i]`` their ground-truth reward (both shape (P, N)). Every pair of samples of the same prompt
+    with different rewards counts (exact reward ties are dropped, as in training pairs); it is correct when the
+    implicit reward β·log-ratio orders it as the ground truth does (β > 0 does not change the order, so the
+    accuracy holds for any β, and for policies not trained with DPO); an exact log-ratio tie counts ½.
+
+    The standard error is the cluster-robust one for a ratio over prompts (pairs of one prompt share samples and
+    are not independent): √(P/(P−1)·Σ_p (c_p − a·n_p)²) / Σ_p n_p, with c_p correct and n_p counted pairs.
+
+    Returns ``{"heldout_acc", "heldout_acc_se", "heldout_pairs", "heldout_prompts"}``.
+    """
+    ratios = np.asarray(log_ratios, dtype=np.float64)
+    rewards = np.asarray(rewards, dtype=np.float64)
+    if ratios.shape != rewards.shape or ratios.ndim != 2:
+        raise ValueError(f"log_ratios {ratios.shape} and rewards {rewards.shape} must both be (prompts, samples)")
+    i, j = np.triu_indices(ratios.shape[1], k=1)
+    dr = rewards[:, i] - rewards[:, j]
+    dl = ratios[:, i] - ratios[:, j]
+    counted = dr != 0
+    correct = np.where(dl == 0, 0.5, (np.sign(dl) == np.sign(dr)).astype(np.float64)) * counted
+    c_p, n_p = correct.sum(1), counted.sum(1)
+    total = n_p.sum()
+    if total == 0:
+        return {"heldout_acc": float("nan"), "heldout_acc_se": float("nan"), "heldout_pairs": 0, "heldout_prompts": 0}
+    acc = c_p.sum() / total
+    used = n_p > 0
+    p = int(used.sum())
+    se = math.sqrt(p / (p - 1) * ((c_p[used] - acc * n_p[used]) ** 2).sum()) / total if p > 1 else float("nan")
+    return {"heldout_acc": float(acc), "heldout_acc_se": float(se), "heldout_pairs": int(total), "heldout_prompts": p}
+
+
+def slow_heldout_pair_accuracy(log_ratios, rewards) -> float:
+    """Reference implementation of the accuracy of :func:`heldout_pair_accuracy`: explicit loops over pairs."""
+    correct = counted = 0.0
+    for ratio_row, reward_row in zip(log_ratios, rewards):
+        for a in range(len(ratio_row)):
+            for b in range(a + 1, len(ratio_row)):
+                if reward_row[a] == reward_row[b]:
+                    continue
+                counted += 1
+                if ratio_row[a] == ratio_row[b]:
+                    correct += 0.5
+                elif (ratio_row[a] > ratio_row[b]) == (reward_row[a] > reward_row[b]):
+                    correct += 1
+    return correct / counted if counted else float("nan")
