@@ -22,6 +22,8 @@ def add_reproduce(sub) -> None:
     p.add_argument("overrides", nargs="*", help="SentimentConfig fields, e.g. betas=0.1,0.5 steps=48; fields: " +
                    ", ".join(f.name for f in dataclasses.fields(SentimentConfig)))
     p.add_argument("--config", help="YAML file of SentimentConfig fields (e.g. configs/sentiment_full.yaml)")
+    p.add_argument("--from-results", metavar="RESULTS_JSON",
+                   help="print the table of a finished run's results.json (and redraw its figure) without rerunning")
     p.set_defaults(func=cmd_reproduce)
 
 
@@ -60,9 +62,16 @@ def sentiment_config(path: str | None, overrides: list[str]):
 
 
 def cmd_reproduce(args) -> int:
-    from dpolab.experiments.sentiment import run, table_markdown
+    from dpolab.experiments.sentiment import from_results, run, table_markdown
 
     config = sentiment_config(args.config, args.overrides)
+    if args.from_results:
+        out = from_results(args.from_results, config.figure if any(o.startswith("figure=") for o in args.overrides)
+                           else None)
+        print(out["table_md"])
+        if out["figure"]:
+            print(f"figure: {out['figure']}")
+        return 0
     result = run(config)
     print(table_markdown(result["rows"]))
     print(f"\npairs: {result['pair_stats']}")

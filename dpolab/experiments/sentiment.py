@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from dpolab.cache import REPO_ROOT, atomic_write_text
-from dpolab.experiments.sentiment_eval import (best_of_n_rows, evaluate_policy, evaluate_samples, full_texts,
-                                               heldout_pair_accuracy, save_model_row)
+from dpolab.experiments.sentiment_eval import (add_paired_gains, best_of_n_rows, evaluate_policy, evaluate_samples,
+                                               full_texts, heldout_pair_accuracy, save_model_row)
 from dpolab.generate import sample
 from dpolab.judges import get_judge
 from dpolab.models import DEFAULT_MODEL, load_model
@@ -346,6 +346,7 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
         return evaluate(setup, "rloo", "RLOO", policy, kl_coef=config.rloo_kl_coef, final_metrics=history[-1])
     rows.append(timed("rloo", rl))
     timings["total"] = time.perf_counter() - t0 + timings["load"] + timings.get("sft", 0.0)
+    add_paired_gains(rows)
 
     for row in rows:
         save_model_row(row, setup.out / "models", source="sentiment")
@@ -382,13 +383,32 @@ def sft_on_reviews(model, tokenizer, config: SentimentConfig, out: Path):
 
 
 def table_markdown(rows: list[dict]) -> str:
-    """The results as a Markdown table (reward, KL and held-out pair accuracy with ± one standard error)."""
-    lines = ["| policy | method | VADER reward | KL(π‖π_ref) (nats) | TextBlob | samples | held-out pair acc. (pairs) |",
-             "|---|---|---|---|---|---|---|"]
+    """The results as a Markdown table (± one standard error; the gain is paired over held-out prompts)."""
+    lines = ["| policy | method | VADER reward | gain vs reference (paired) | KL(π‖π_ref) (nats) | TextBlob | samples | "
+             "held-out pair acc. (pairs) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        gain = f"{r['reward_gain']:+.3f} ± {r['reward_gain_se']:.3f}" if "reward_gain" in r else "—"
         acc = (f"{r['heldout_acc']:.3f} ± {r['heldout_acc_se']:.3f} ({r['heldout_pairs']})" if "heldout_acc" in r
                else "—")
-        lines.append(f"| {r['policy']} | {r['method']} | {r['reward']:.3f} ± {r['reward_se']:.3f} | "
+        lines.append(f"| {r['policy']} | {r['method']} | {r['reward']:.3f} ± {r['reward_se']:.3f} | {gain} | "
                      f"{r['kl']:.2f} ± {r['kl_se']:.2f} | {r['judge']:.3f} ± {r['judge_se']:.3f} | {r['n_samples']} | "
                      f"{acc} |")
     return "\n".join(lines)
+
+
+def from_results(path: str | Path, figure: str | None = None) -> dict:
+    """Re-render the table (and the figure, when ``figure`` is a path) from a saved ``results.json``, no recompute.
+
+    Returns ``{"rows", "table_md", "figure"}``; the rows get their paired gains (:func:`add_paired_gains`).
+    """
+    from dpolab.plotting import frontier_figure, save_figure
+
+    path = resolve(str(path))
+    try:
+        saved = json.loads(path.read_text())
+        rows = saved["rows"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a results.json written by dpolab reproduce ({err!r})") from err
+    add_paired_gains(rows)
+    written = save_figure(frontier_figure(rows), resolve(figure)) if figure else None
+    return {"rows": rows, "table_md": table_markdown(rows), "figure": written, "config": saved.get("config", {})}

@@ -185,3 +185,23 @@ def slow_heldout_pair_accuracy(log_ratios, rewards) -> float:
                 elif (ratio_row[a] > ratio_row[b]) == (reward_row[a] > reward_row[b]):
                     correct += 1
     return correct / counted if counted else float("nan")
+
+
+def add_paired_gains(rows: list[dict], baseline: str = "reference") -> list[dict]:
+    """Add each row's reward gain over the ``baseline`` row, paired over the held-out prompts (in place).
+
+    Policies are evaluated on the same prompts, so the per-prompt difference d_p = r̄_policy(p) − r̄_baseline(p)
+    removes the prompt-to-prompt variation that the per-sample standard error of ``reward`` contains (and that
+    error treats the samples of one prompt as independent, which they are not). ``reward_gain`` is the mean of
+    d_p and ``reward_gain_se`` its standard error over prompts. Rows whose prompts differ from the baseline's are
+    left without a gain. Returns ``rows``.
+    """
+    base = next((r for r in rows if r["policy"] == baseline), None)
+    if base is None:
+        return rows
+    for row in rows:
+        if row is base or list(row.get("prompts", [])) != list(base["prompts"]):
+            continue
+        diff = np.asarray(row["prompt_rewards"], dtype=np.float64) - np.asarray(base["prompt_rewards"], dtype=np.float64)
+        row["reward_gain"], row["reward_gain_se"] = mean_and_se(diff)
+    return rows
