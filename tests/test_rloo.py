@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from dpolab.experiments.sentiment_eval import (best_of_n_rows, heldout_pair_accuracy, mean_and_se,
-                                               slow_heldout_pair_accuracy)
+from dpolab.experiments.sentiment_eval import (
+    best_of_n_rows,
+    heldout_pair_accuracy,
+    mean_and_se,
+    slow_heldout_pair_accuracy,
+)
 from dpolab.generate import sample
 from dpolab.rloo import leave_one_out_advantages, rloo_train, score_completions
 from dpolab.tiny import tiny_causal_lm

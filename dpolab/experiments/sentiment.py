@@ -29,8 +29,15 @@ import numpy as np
 import torch
 
 from dpolab.cache import REPO_ROOT, atomic_write_text
-from dpolab.experiments.sentiment_eval import (add_paired_gains, best_of_n_rows, evaluate_policy, evaluate_samples,
-                                               full_texts, heldout_pair_accuracy, save_model_row)
+from dpolab.experiments.sentiment_eval import (
+    add_paired_gains,
+    best_of_n_rows,
+    evaluate_policy,
+    evaluate_samples,
+    full_texts,
+    heldout_pair_accuracy,
+    save_model_row,
+)
 from dpolab.generate import sample
 from dpolab.judges import get_judge
 from dpolab.models import DEFAULT_MODEL, load_model
