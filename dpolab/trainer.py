@@ -156,7 +156,8 @@ def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs
         step = resume.step
     wrapped = dist.wrap(model, ctx, config.fsdp)
     params = [p for p in wrapped.parameters() if p.requires_grad]
-    optimizer = (torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = (torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
+                                   fused=_fused_adamw(params, config))
                  if config.optimizer == "adamw" else
                  torch.optim.RMSprop(params, lr=config.lr, weight_decay=config.weight_decay))
     if resume is not None:
@@ -273,6 +274,17 @@ def accumulate_gradients(model, reference, batches: list, *, config: TrainConfig
             first_bad = (f"micro-batch {i} of {len(batches)} on this process (dataset rows {batch.index.tolist()}), "
                          f"per-pair losses {losses.detach().tolist()}")
     return totals, first_bad
+
+
+def _fused_adamw(params, config) -> bool | None:
+    """Use torch's one-pass (fused) AdamW where it exists: float parameters on CPU or CUDA, not sharded by FSDP.
+
+    Same update as the multi-pass default up to float rounding; on SmolLM2-135M it took 8% off a CPU step
+    (benchmarks/levers.py, lever ``fused-adamw``). None keeps torch's default elsewhere.
+    """
+    ok = (not config.fsdp and bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                                                   for p in params))
+    return True if ok else None
 
 
 def _save(out, step, wrapped, model, tokenizer, optimizer, config, record, ctx) -> Path:
