@@ -277,13 +277,12 @@ def accumulate_gradients(model, reference, batches: list, *, config: TrainConfig
 
 
 def _fused_adamw(params, config) -> bool | None:
-    """Use torch's one-pass (fused) AdamW where it exists: float parameters on CPU or CUDA, not sharded by FSDP.
+    """Use torch's one-pass (fused) AdamW where it exists: float parameters on CPU or CUDA (FSDP-sharded too).
 
     Same update as the multi-pass default up to float rounding; on SmolLM2-135M it took 8% off a CPU step
     (benchmarks/levers.py, lever ``fused-adamw``). None keeps torch's default elsewhere.
     """
-    ok = (not config.fsdp and bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
-                                                   for p in params))
+    ok = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return True if ok else None
 
 
