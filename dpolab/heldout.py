@@ -20,7 +20,7 @@ from dpolab.batch import collate_pairs, collate_sequences, length_bucketed_batch
 from dpolab.distributed import DistributedContext, all_gather_objects, all_reduce_sum, unwrap
 from dpolab.objective import STATS, batch_objective, mean_metrics
 from dpolab.rewards import sequence_kl
-from dpolab.tokenize import TokenizedPair
+from dpolab.tokenize import TokenizedPair, pad_token_id
 
 
 def heldout_metrics(model, reference, pairs: list[TokenizedPair], *, config, pad_token_id: int,
@@ -69,7 +69,7 @@ def sample_kl(model, reference, tokenizer, prompts: Sequence, *, config, ctx: Di
                          top_k=len(tokenizer), seed=config.seed + 7919 * ctx.rank, batch_size=config.eval_batch_size,
                          chat=chat, progress=False)
         completions = [row[0] for row in samples.token_ids]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = pad_token_id(tokenizer)
         for start in range(0, len(completions), config.eval_batch_size):
             stop = start + config.eval_batch_size
             batch = collate_sequences(samples.prompt_ids[start:stop], completions[start:stop], None, pad)

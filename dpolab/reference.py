@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from dpolab.batch import PairBatch, SequenceBatch, collate_pairs
 from dpolab.cache import build_artifact, cache_dir
 from dpolab.logprobs import PairLogps, concatenated_forward, sequence_forward, shift_labels
-from dpolab.tokenize import TokenizedPair
+from dpolab.tokenize import TokenizedPair, pad_token_id
 
 KEY_VERSION = 1  # bump when the way reference log-probs are computed changes
 
@@ -132,7 +132,7 @@ def precompute_reference(
     """
     key = reference_key(model, tokenizer, pairs, tokenize_config)
     folder = Path(root or cache_dir() / "reference_logps") / key
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
 
     def build(out: Path) -> None:
         was_training = model.training

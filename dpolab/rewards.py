@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from dpolab.logprobs import sequence_forward
+from dpolab.tokenize import pad_token_id
 
 
 def implicit_rewards(policy_logps: Tensor, ref_logps: Tensor, beta: float) -> Tensor:
@@ -124,7 +125,7 @@ def _batches(tokenizer, prompts, responses, batch_size, config):
         tokenize_response(p, r, tokenizer, config, source=f"responses[{i}]")
         for i, (p, r) in enumerate(zip(prompts, responses))
     ]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     order = sorted(range(len(tokens)), key=lambda i: len(tokens[i][0]) + len(tokens[i][1]))
     out = []
     for start in range(0, len(order), batch_size):

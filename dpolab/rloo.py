@@ -21,6 +21,7 @@ import torch
 from dpolab.batch import collate_sequences
 from dpolab.generate import Samples, sample
 from dpolab.logprobs import sequence_forward
+from dpolab.tokenize import pad_token_id
 
 
 def completion_batch(samples: Samples, pad_token_id: int):
@@ -77,7 +78,7 @@ def rloo_train(
     """
     from tqdm.auto import tqdm
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     order = np.random.default_rng(seed).permutation(len(prompts))
     history = []

@@ -130,6 +130,15 @@ def _enc(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id that pads batches: the tokenizer's pad token, or its EOS when it has none (GPT-2, Llama).
+
+    Padding never reaches the loss (labels and attention masks exclude it), so any id is correct; EOS is the usual
+    choice for tokenizers without a pad token.
+    """
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def bos_prefix(tokenizer) -> list[int]:
     """The ids the tokenizer itself puts before a text (its BOS policy), e.g. ``[1]`` for Llama, ``[]`` for GPT-2."""
     plain, full = _enc(tokenizer, "a"), tokenizer("a")["input_ids"]

@@ -40,6 +40,7 @@ from dpolab.inputs import add_lora, load_policy, prepare_pairs, tokenize_config
 from dpolab.metrics import MetricsWriter, Monitor, NonFiniteLossError, read_metrics
 from dpolab.objective import STATS, batch_objective, mean_metrics
 from dpolab.reference import make_reference, precompute_reference
+from dpolab.tokenize import pad_token_id
 
 METRICS = ckpt.METRICS
 
@@ -145,7 +146,7 @@ def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs
     eval_data = prepare_pairs(eval_pairs if eval_pairs is not None else config.eval_data or None, tokenizer,
                               settings, name=config.eval_data or "eval_pairs")
     plan = BatchPlan([pair_length(p) for p in train_data.pairs], config, ctx.world_size)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
 
     model, train_ref, eval_ref = _policy_and_references(config, ctx, model, tokenizer, reference_model, train_data,
                                                         eval_data)

@@ -43,7 +43,7 @@ from dpolab.judges import get_judge
 from dpolab.models import DEFAULT_MODEL, load_model
 from dpolab.pairs import build_pairs, check_pair_request, pair_settings, save_pairs
 from dpolab.sentiment import review_snippets
-from dpolab.tokenize import TokenizedPair
+from dpolab.tokenize import TokenizedPair, pad_token_id
 
 
 @dataclass
@@ -289,12 +289,8 @@ def heldout_samples(setup: Setup) -> dict:
         samples = sample(setup.reference, setup.tokenizer, setup.eval_prefixes, kw.pop("n"), **kw)
         rewards = np.asarray(setup.reward_fn(full_texts(samples))).reshape(len(samples.prompts), -1)
         setup.heldout = {"samples": samples, "rewards": rewards,
-                         "ref_logps": score_completions(setup.reference, samples, _pad(setup.tokenizer))}
+                         "ref_logps": score_completions(setup.reference, samples, pad_token_id(setup.tokenizer))}
     return setup.heldout
-
-
-def _pad(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def evaluate(setup: Setup, name: str, method: str, policy, **extra) -> dict:
@@ -303,7 +299,7 @@ def evaluate(setup: Setup, name: str, method: str, policy, **extra) -> dict:
 
     c = setup.config
     held = heldout_samples(setup)
-    ratios = score_completions(policy, held["samples"], _pad(setup.tokenizer)) - held["ref_logps"]
+    ratios = score_completions(policy, held["samples"], pad_token_id(setup.tokenizer)) - held["ref_logps"]
     return evaluate_policy(name, method, policy, setup.reference, setup.tokenizer, setup.eval_prefixes,
                            n=c.eval_samples_per_prompt, max_new_tokens=c.max_new_tokens, seed=c.seed + 1,
                            reward_fn=setup.reward_fn, judge_fn=setup.judge_fn,

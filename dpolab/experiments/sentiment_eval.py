@@ -18,6 +18,7 @@ import torch
 
 from dpolab.generate import Samples, sample
 from dpolab.rloo import score_completions
+from dpolab.tokenize import pad_token_id
 
 
 def mean_and_se(values) -> tuple[float, float]:
@@ -60,7 +61,7 @@ def evaluate_policy(name: str, method: str, policy, reference, tokenizer, prompt
     """Sample ``n`` continuations per prompt from ``policy`` and evaluate them against ``reference``."""
     samples = sample(policy, tokenizer, list(prompts), n, max_new_tokens=max_new_tokens, top_k=len(tokenizer),
                      seed=seed, progress=False)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     ref_logps = score_completions(reference, samples, pad)
     return evaluate_samples(name, method, samples, reward_fn, judge_fn, samples.model_logps - ref_logps, **extra)
 
