@@ -23,7 +23,8 @@ def add_reproduce(sub) -> None:
                    ", ".join(f.name for f in dataclasses.fields(SentimentConfig)))
     p.add_argument("--config", help="YAML file of SentimentConfig fields (e.g. configs/sentiment_full.yaml)")
     p.add_argument("--from-results", metavar="RESULTS_JSON",
-                   help="print the table of a finished run's results.json (and redraw its figure) without rerunning")
+                   help="print the table of a finished run's results.json without rerunning")
+    p.add_argument("--figure", metavar="PNG", help="with --from-results: also redraw the frontier figure to this path")
     p.set_defaults(func=cmd_reproduce)
 
 
@@ -64,14 +65,13 @@ def sentiment_config(path: str | None, overrides: list[str]):
 def cmd_reproduce(args) -> int:
     from dpolab.experiments.sentiment import from_results, run, table_markdown
 
-    config = sentiment_config(args.config, args.overrides)
     if args.from_results:
-        out = from_results(args.from_results, config.figure if any(o.startswith("figure=") for o in args.overrides)
-                           else None)
+        out = from_results(args.from_results, args.figure)
         print(out["table_md"])
         if out["figure"]:
             print(f"figure: {out['figure']}")
         return 0
+    config = sentiment_config(args.config, args.overrides)
     result = run(config)
     print(table_markdown(result["rows"]))
     print(f"\npairs: {result['pair_stats']}")

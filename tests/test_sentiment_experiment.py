@@ -102,7 +102,8 @@ def config_out(config):
 def test_saved_results_rerender_the_same_table(tiny_run):
     config, result = tiny_run
     saved = from_results(result["table"])
-    assert saved["table_md"] == table_markdown(result["rows"])
+    assert saved["table_md"] == table_markdown(result["rows"]) and saved["figure"] is None
+    assert from_results(result["table"], config_out(config) / "redrawn.png")["figure"].is_file()
     assert (config_out(config) / "results.md").read_text().strip() == saved["table_md"]
     with pytest.raises(ValueError, match="not a results.json"):
         from_results(config_out(config) / "results.md")

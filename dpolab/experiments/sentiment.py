@@ -408,10 +408,9 @@ def from_results(path: str | Path, figure: str | None = None) -> dict:
 
     path = resolve(str(path))
     try:
-        saved = json.loads(path.read_text())
-        rows = saved["rows"]
+        rows = json.loads(path.read_text())["rows"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: not a results.json written by dpolab reproduce ({err!r})") from err
     add_paired_gains(rows)
     written = save_figure(frontier_figure(rows), resolve(figure)) if figure else None
-    return {"rows": rows, "table_md": table_markdown(rows), "figure": written, "config": saved.get("config", {})}
+    return {"rows": rows, "table_md": table_markdown(rows), "figure": written}
