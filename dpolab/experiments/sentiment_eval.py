@@ -152,24 +152,28 @@ def heldout_pair_accuracy(log_ratios, rewards) -> dict:
 
     Returns ``{"heldout_acc", "heldout_acc_se", "heldout_pairs", "heldout_prompts"}``.
     """
+    from dpolab.evaluate import preference_accuracy
+
     ratios = np.asarray(log_ratios, dtype=np.float64)
     rewards = np.asarray(rewards, dtype=np.float64)
     if ratios.shape != rewards.shape or ratios.ndim != 2:
         raise ValueError(f"log_ratios {ratios.shape} and rewards {rewards.shape} must both be (prompts, samples)")
     i, j = np.triu_indices(ratios.shape[1], k=1)
-    dr = rewards[:, i] - rewards[:, j]
-    dl = ratios[:, i] - ratios[:, j]
-    counted = dr != 0
-    correct = np.where(dl == 0, 0.5, (np.sign(dl) == np.sign(dr)).astype(np.float64)) * counted
-    c_p, n_p = correct.sum(1), counted.sum(1)
-    total = n_p.sum()
-    if total == 0:
+    first_wins = rewards[:, i] > rewards[:, j]
+    counted = rewards[:, i] != rewards[:, j]
+    chosen = np.where(first_wins, ratios[:, i], ratios[:, j])[counted]
+    rejected = np.where(first_wins, ratios[:, j], ratios[:, i])[counted]
+    if chosen.size == 0:
         return {"heldout_acc": float("nan"), "heldout_acc_se": float("nan"), "heldout_pairs": 0, "heldout_prompts": 0}
-    acc = c_p.sum() / total
+    acc = preference_accuracy(chosen, rejected, source="held-out pairs")["accuracy"]
+    prompt = np.nonzero(counted)[0]  # the prompt of each counted pair
+    c_p = np.bincount(prompt, weights=(chosen > rejected) + 0.5 * (chosen == rejected), minlength=len(ratios))
+    n_p = np.bincount(prompt, minlength=len(ratios))
     used = n_p > 0
     p = int(used.sum())
-    se = math.sqrt(p / (p - 1) * ((c_p[used] - acc * n_p[used]) ** 2).sum()) / total if p > 1 else float("nan")
-    return {"heldout_acc": float(acc), "heldout_acc_se": float(se), "heldout_pairs": int(total), "heldout_prompts": p}
+    se = math.sqrt(p / (p - 1) * ((c_p[used] - acc * n_p[used]) ** 2).sum()) / chosen.size if p > 1 else float("nan")
+    return {"heldout_acc": float(acc), "heldout_acc_se": float(se), "heldout_pairs": int(chosen.size),
+            "heldout_prompts": p}
 
 
 def slow_heldout_pair_accuracy(log_ratios, rewards) -> float:
