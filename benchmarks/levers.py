@@ -288,7 +288,8 @@ def single(workload_dir: Path, steps: int) -> dict:
 
 
 CATEGORIES = (  # (category, predicate on an op's name and input shapes), first match wins
-    ("output layer (LM head matmuls)", lambda name, shapes, vocab: "mm" in name and str(vocab) in str(shapes)),
+    ("output layer (LM head matmuls)", lambda name, shapes, vocab: "mm" in name and any(
+        vocab in dims for dims in shapes if isinstance(dims, list))),
     ("other matmuls", lambda name, shapes, vocab: name in ("aten::mm", "aten::addmm", "aten::bmm")),
     ("log-softmax at scored tokens", lambda name, shapes, vocab: name in (
         "aten::logsumexp", "aten::exp", "aten::exp_", "aten::amax", "aten::scatter_add_", "aten::gather")),
@@ -296,7 +297,7 @@ CATEGORIES = (  # (category, predicate on an op's name and input shapes), first 
     ("GELU (elementwise)", lambda name, shapes, vocab: name in ("aten::tanh", "aten::pow", "aten::tanh_backward",
                                                                 "aten::gelu", "aten::gelu_backward")),
     ("layer norm", lambda name, shapes, vocab: "layer_norm" in name),
-    ("optimizer (AdamW foreach)", lambda name, shapes, vocab: name.startswith("aten::_foreach")),
+    ("optimizer (AdamW)", lambda name, shapes, vocab: name.startswith(("aten::_foreach", "aten::_fused_adam"))),
     ("SiLU (elementwise)", lambda name, shapes, vocab: name in ("aten::silu", "aten::silu_backward")),
     ("other elementwise (mul, add, sub, where, …)", lambda name, shapes, vocab: name in (
         "aten::mul", "aten::add", "aten::sub", "aten::where", "aten::div", "aten::mul_", "aten::add_",
