@@ -18,7 +18,7 @@ Arms:
 
 An arm *spec* adds ``+``-separated modifiers to an arm: ``+malloc`` (the glibc settings, applied by the
 parent process through the environment) and, on dpolab arms, the patches of ``patches.py`` (for example
-``dpolab+shared-prompt+fused-gelu``).
+``dpolab+two-rows+fused-gelu``).
 
 trl draws its batches at random (as shipped), except that its first batch is made to be dpolab's first batch,
 so the first-step losses of the two trainers are computed on the same 8 pairs and can be compared.
@@ -195,7 +195,7 @@ def _result(started: float, stamps: list[float], cpu: list[float], losses: list[
 
 
 def parse_spec(spec: str) -> tuple[str, bool, list[str]]:
-    """``"dpolab-pre+malloc+shared-prompt"`` → ``("dpolab-pre", True, ["shared-prompt"])``."""
+    """``"dpolab-pre+malloc+two-rows"`` → ``("dpolab-pre", True, ["two-rows"])``."""
     base, *mods = spec.split("+")
     if base not in ARMS:
         raise ValueError(f"arm {spec!r}: {base!r} is not one of {', '.join(ARMS)}")

@@ -182,10 +182,10 @@ def build(lever: str, workload, pairs, steps: int):
         _compiled(policy), _compiled(ref_model)
     if "threads1" in parts:
         contexts.append(functools.partial(_threads, 1))
-    if "shared-prompt" in parts:
-        from shared_prompt import shared_prompt_forward
+    if "two-rows" in parts:  # the layout before dpolab.pairtree: prompt + chosen and prompt + rejected rows
+        import dpolab.logprobs
 
-        contexts.append(functools.partial(_patched_both, shared_prompt_forward))
+        contexts.append(functools.partial(_patched, dpolab.logprobs, "SHARED_PROMPT_MODELS", ()))
     if "packed" in parts:
         from packed import packed_forward
 
@@ -223,7 +223,7 @@ def _threads(n: int):
 
 
 LEVERS = ("full-logits", "random-batches", "micro8", "precomputed", "ce-logprob", "fused-gelu", "fused-adamw",
-          "threads1", "compile", "shared-prompt", "packed")
+          "threads1", "compile", "two-rows", "packed")
 
 
 def measure(workload_dir: Path, levers: list[str], *, rounds: int, steps: int) -> list[dict]:

@@ -4,8 +4,8 @@ Each patch is what a library change would do, done by monkeypatching or by swapp
 handed to :func:`dpolab.trainer.train`; an arm named ``dpolab+PATCH[+PATCH…]`` runs with them. None changes
 the mathematics: each keeps the first-step loss within float32 rounding of the unpatched trainer.
 
-- ``shared-prompt``: :func:`shared_prompt.shared_prompt_forward` in place of
-  :func:`dpolab.logprobs.concatenated_forward` (policy and reference): each pair's prompt runs once.
+- ``two-rows``: the layout before :mod:`dpolab.pairtree` (prompt + chosen and prompt + rejected as two padded
+  rows), to measure the pair-tree layout that the library now uses by default.
 - ``fused-gelu``: GPT-2's Python-level tanh-GELU (``NewGELUActivation``, six elementwise kernels and as many
   saved tensors) replaced by ``torch.nn.GELU(approximate="tanh")``, the same function in one kernel.
 - ``packed``: :func:`packed.packed_forward` in place of ``concatenated_forward``: padding-free rows.
@@ -20,7 +20,7 @@ import contextlib
 
 import torch
 
-PATCHES = ("shared-prompt", "packed", "fused-gelu", "micro8", "compile", "threads1")
+PATCHES = ("two-rows", "packed", "fused-gelu", "micro8", "compile", "threads1")
 
 
 def config_fields(patches: list[str]) -> dict:
@@ -62,14 +62,10 @@ def applied(patches: list[str], models: list[torch.nn.Module]):
     if "threads1" in patches:
         torch.set_num_threads(1)
     with contextlib.ExitStack() as stack:
-        if "shared-prompt" in patches:
-            from shared_prompt import shared_prompt_forward
+        if "two-rows" in patches:
+            import dpolab.logprobs
 
-            import dpolab.objective
-            import dpolab.reference
-
-            for module in (dpolab.objective, dpolab.reference):
-                stack.enter_context(_attribute(module, "concatenated_forward", shared_prompt_forward))
+            stack.enter_context(_attribute(dpolab.logprobs, "SHARED_PROMPT_MODELS", ()))
         if "packed" in patches:
             from packed import packed_forward
 

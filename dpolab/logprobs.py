@@ -8,7 +8,9 @@ the backward pass recomputes the softmax chunk by chunk instead of storing it.
 :func:`concatenated_forward` runs chosen and rejected rows through the model in one call. By default it
 asks the model for logits only at the scored positions (transformers' ``logits_to_keep`` with a boolean
 mask), which skips the output layer on prompt and padding tokens; ``full_logits=True`` is the plain,
-slow reference path, and the tests hold the two equal.
+slow reference path, and the tests hold the two equal. For GPT-2 and Llama-family models it also runs each
+pair as one row, the prompt once and the two responses as tree-masked branches (:mod:`dpolab.pairtree`),
+which removes the second copy of every prompt and most of the padding.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from dpolab.pairtree import PairTree, pair_tree
 
 IGNORE_INDEX = -100
 # elements of one float32 (positions x vocabulary) chunk: 4M floats = 16 MiB of temporaries at a time
@@ -59,7 +63,10 @@ class _LabelLogProb(torch.autograd.Function):
             g = grad_out[start:stop, None].to(lse.dtype)
             dz = torch.exp(logits[idx].to(lse.dtype) - lse[start:stop, None]).mul_(-g)
             dz.scatter_add_(-1, targets[start:stop, None], g)
-            grad[idx] = dz.to(grad.dtype)
+            if ctx.has_rows:  # a logit row may score several targets (pairtree: the last prompt position)
+                grad.index_add_(0, idx, dz.to(grad.dtype))
+            else:
+                grad[idx] = dz.to(grad.dtype)
         return grad, None, None, None
 
 
@@ -183,9 +190,7 @@ def sequence_forward(model, batch, average: bool = False, *, full_logits: bool =
     targets = shift_labels(labels)
     keep = targets != IGNORE_INDEX
     lengths = keep.sum(-1)
-    if (lengths == 0).any():
-        row = int((lengths == 0).nonzero()[0])
-        raise ValueError(f"batch row {row}, field labels: no scored response token (all -100 after the first column)")
+    _check_scored(lengths)
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
     if not full_logits and supports_scored_logits(model):
         logits = model(**inputs, logits_to_keep=keep).logits
@@ -203,23 +208,80 @@ def sequence_forward(model, batch, average: bool = False, *, full_logits: bool =
     return logps, lengths
 
 
-def concatenated_forward(model, batch, average: bool = False, *, full_logits: bool = False) -> PairLogps:
+def concatenated_forward(model, batch, average: bool = False, *, full_logits: bool = False,
+                         share_prompt: bool = True) -> PairLogps:
     """Log-probs of the chosen and the rejected responses of a :class:`dpolab.batch.PairBatch`, in one call.
 
-    Rows 0..B-1 of the batch are prompt + chosen, rows B..2B-1 prompt + rejected. One forward over the
-    2B rows costs the same as two of B but shares the kernel launches and the weights' memory traffic.
+    Rows 0..B-1 of the batch are prompt + chosen, rows B..2B-1 prompt + rejected. By default (``share_prompt``)
+    a model that :func:`supports_shared_prompt` runs each pair as one row, prompt once and the two responses as
+    tree-masked branches (:mod:`dpolab.pairtree`): the same log-probs with fewer positions to compute. Otherwise,
+    and always with ``full_logits=True`` (the slow reference path), the 2B rows run as one padded batch.
 
     Shape: batch fields (2B, T) -> PairLogps of (B,) tensors.
     """
     rows = batch.input_ids.size(0)
     if rows % 2:
         raise ValueError(f"a pair batch needs an even number of rows (chosen then rejected), got {rows}")
-    try:
-        logps, lengths = sequence_forward(model, batch, average, full_logits=full_logits)
-    except ValueError as err:
-        raise ValueError(_pair_message(str(err), batch, rows // 2)) from err
     b = rows // 2
+    tree = None
+    if share_prompt and not full_logits and supports_shared_prompt(model):
+        tree = pair_tree(batch.input_ids, batch.attention_mask, batch.labels)
+    try:
+        if tree is None:
+            logps, lengths = sequence_forward(model, batch, average, full_logits=full_logits)
+        else:
+            logps, lengths = _tree_forward(model, batch, tree, average)
+    except ValueError as err:
+        raise ValueError(_pair_message(str(err), batch, b)) from err
     return PairLogps(logps[:b], logps[b:], lengths[:b], lengths[b:])
+
+
+# Model families whose forward is verified (tests/test_pairtree.py) to honour a custom 4-D attention mask
+# together with explicit position ids, and which have no other positional masking (no sliding window).
+SHARED_PROMPT_MODELS = ("gpt2", "llama")
+
+
+def supports_shared_prompt(model) -> bool:
+    """Whether ``model`` can run the tree layout: a known family with sdpa or eager attention."""
+    config = getattr(_unwrap(model), "config", None)
+    return (getattr(config, "model_type", None) in SHARED_PROMPT_MODELS
+            and getattr(config, "_attn_implementation", None) in ("sdpa", "eager"))
+
+
+def _tree_forward(model, batch, tree: PairTree, average: bool) -> tuple[Tensor, Tensor]:
+    """Per-row log-probs and scored-token counts of the 2B-row ``batch``, computed on its tree layout."""
+    targets = shift_labels(batch.labels)
+    lengths = (targets != IGNORE_INDEX).sum(-1)
+    _check_scored(lengths)
+    vocab = _unwrap(model).config.vocab_size
+    _check_labels(batch.labels, vocab)
+    if _unwrap(model).config._attn_implementation == "sdpa":
+        mask = tree.allowed[:, None]
+    else:  # eager attention adds the mask to the scores
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(tree.allowed.shape, dtype=dtype, device=tree.allowed.device)
+        mask = mask.masked_fill_(~tree.allowed, torch.finfo(dtype).min)[:, None]
+    inputs = {"input_ids": tree.input_ids, "attention_mask": mask, "position_ids": tree.position_ids,
+              "use_cache": False}
+    if supports_scored_logits(model):
+        keep = torch.zeros(tree.input_ids.numel(), dtype=torch.bool, device=tree.input_ids.device)
+        keep[tree.predictor] = True
+        logits = model(**inputs, logits_to_keep=keep.view(tree.input_ids.shape)).logits  # (kept positions, V)
+        rows = (keep.cumsum(0) - 1)[tree.predictor]  # predictor position -> its row of ``logits``
+    else:
+        logits = model(**inputs).logits.flatten(0, 1)
+        rows = tree.predictor
+    scored = _LabelLogProb.apply(logits, rows, tree.targets, _chunk_rows(logits.size(-1)))
+    logps = scored.new_zeros(batch.input_ids.size(0)).index_add(0, tree.source_row, scored)
+    if average:
+        logps = logps / lengths
+    return logps, lengths
+
+
+def _check_scored(lengths: Tensor) -> None:
+    if (lengths == 0).any():
+        row = int((lengths == 0).nonzero()[0])
+        raise ValueError(f"batch row {row}, field labels: no scored response token (all -100 after the first column)")
 
 
 def _pair_message(message: str, batch, num_pairs: int) -> str:

@@ -145,19 +145,22 @@ def _pairs():
     ]
 
 
-def test_scored_path_equals_full_logits_path_values_and_gradients(model):
-    """The default path asks the model for logits only where a token is scored (lm_head sees Σ lengths rows)."""
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_scored_path_equals_full_logits_path_values_and_gradients(model, share_prompt):
+    """The default path asks the model for logits only where a token is scored: lm_head sees Σ lengths rows on
+    2B rows, and one row fewer per pair on the pair-tree layout (the last prompt position predicts the first
+    token of both responses)."""
     batch = collate_pairs(_pairs(), pad_token_id=0)
     assert supports_scored_logits(model)
     seen = []
     hook = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: seen.append(out.shape))
     try:
-        fast = concatenated_forward(model, batch)
+        fast = concatenated_forward(model, batch, share_prompt=share_prompt)
     finally:
         hook.remove()
-    assert seen == [
-        torch.Size([int(fast.chosen_lengths.sum() + fast.rejected_lengths.sum()), model.config.vocab_size])
-    ]
+    shared_predictors = batch.num_pairs if share_prompt else 0
+    assert seen == [torch.Size([int(fast.chosen_lengths.sum() + fast.rejected_lengths.sum()) - shared_predictors,
+                                model.config.vocab_size])]
     grads_fast = torch.autograd.grad((fast.chosen - 2 * fast.rejected).sum(), list(model.parameters()))
     slow = concatenated_forward(model, batch, full_logits=True)
     grads_slow = torch.autograd.grad((slow.chosen - 2 * slow.rejected).sum(), list(model.parameters()))
