@@ -214,3 +214,48 @@ def test_errors_name_the_row_position_and_field(model):
     odd = PairBatch(batch.input_ids[:5], batch.attention_mask[:5], batch.labels[:5], index=batch.index)
     with pytest.raises(ValueError, match="even number of rows"):
         concatenated_forward(model, odd)
+
+
+def _tied_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=2, tie_word_embeddings=True)
+    return LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "tied-llama"])
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_sparse_lookup_of_a_tied_embedding_gives_the_dense_gradient(kind, share_prompt, monkeypatch):
+    """A tied input embedding is looked up with a sparse gradient: the parameter's .grad is still dense and
+    equals the model's own lookup's gradient (padding_idx rows included) to float rounding."""
+    model = tiny_causal_lm("gpt2", seed=0)[0] if kind == "gpt2" else _tied_llama()
+    embedding = model.get_input_embeddings()
+    assert embedding.weight is model.get_output_embeddings().weight
+    pairs = _pairs() + [TokenizedPair([2, 5], [2, 9, 2], [7, 2], [1, 1, 1], [1, 1])]  # id 2: Llama's padding_idx
+    batch = collate_pairs(pairs, pad_token_id=2)
+    with torch.no_grad():
+        assert set(logprobs._token_inputs(model, batch.input_ids)) == {"input_ids"}
+    assert set(logprobs._token_inputs(model, batch.input_ids)) == {"inputs_embeds"}
+    grads = {}
+    for sparse in (True, False):
+        monkeypatch.setattr(logprobs, "SPARSE_TIED_EMBEDDING", sparse)
+        model.zero_grad(set_to_none=True)
+        out = concatenated_forward(model, batch, share_prompt=share_prompt)
+        (out.chosen - 0.3 * out.rejected).sum().backward()
+        assert not embedding.weight.grad.is_sparse
+        grads[sparse] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name, dense in grads[False].items():
+        torch.testing.assert_close(grads[True][name], dense, atol=1e-6, rtol=1e-5, msg=name)
+    if embedding.padding_idx is not None:
+        assert torch.count_nonzero(grads[True]["model.embed_tokens.weight"][2]) > 0  # the output layer's part
+
+
+def test_untied_or_frozen_embeddings_keep_the_models_own_lookup():
+    untied, _ = tiny_causal_lm("llama", seed=0)
+    ids = torch.tensor([[5, 6, 7]])
+    assert set(logprobs._token_inputs(untied, ids)) == {"input_ids"}
+    tied = _tied_llama()
+    tied.get_input_embeddings().weight.requires_grad_(False)
+    assert set(logprobs._token_inputs(tied, ids)) == {"input_ids"}

@@ -97,7 +97,7 @@ def test_tree_equals_two_row_slow_path_values_and_gradients(kind, attention):
     model.config._attn_implementation = attention
     batch = collate_pairs(_random_pairs(torch.Generator().manual_seed(7), 6, model.config.vocab_size), 0)
     calls = []
-    hook = model.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(kwargs["input_ids"].shape),
+    hook = model.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(kwargs["attention_mask"].shape),
                                            with_kwargs=True)
     try:
         fast = concatenated_forward(model, batch)
