@@ -39,15 +39,17 @@ ARMS = ("dpolab", "dpolab-pre", "trl-shipped", "trl-fp32", "trl-fast", "trl-fast
 HYPER = {"beta": 0.1, "lr": 5e-5, "max_grad_norm": 10.0, "batch": 8, "seed": 0}
 
 
-def dpolab_plan(workload: Workload, steps: int, config_fields: dict | None = None) -> list[list[int]]:
-    """The dataset rows of each of dpolab's optimizer steps (its length-bucketed, seeded batch plan)."""
+def dpolab_plan(workload: Workload, steps: int, config_fields: dict | None = None,
+                layout: str = "tree") -> list[list[int]]:
+    """The dataset rows of each of dpolab's optimizer steps (its length-bucketed, seeded batch plan; bucketed by
+    the pair-tree length, as the trainer does for the GPT-2 and Llama policies of the workloads)."""
     from dpolab.batch import pair_length
     from dpolab.config import TrainConfig
     from dpolab.tokenize import TokenizedPair
     from dpolab.trainer import BatchPlan
 
     config = TrainConfig.load(None, {**dpolab_fields(steps, "/tmp/unused"), **(config_fields or {})})
-    lengths = [pair_length(TokenizedPair(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], [], []))
+    lengths = [pair_length(TokenizedPair(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], [], []), layout)
                for r in workload.pairs()]
     plan = BatchPlan(lengths, config, world_size=1)
     return [[i for micro in plan.micro_batches(s, 0)[1] for i in micro] for s in range(steps)]
@@ -75,7 +77,7 @@ def run_dpolab(workload: Workload, steps: int, *, reference: str = "copy", patch
     tokenizer = AutoTokenizer.from_pretrained(workload.tokenizer_dir)
     pairs = [TokenizedPair(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], [1] * len(r["chosen_ids"]),
                            [1] * len(r["rejected_ids"])) for r in records]
-    plan = dpolab_plan(workload, steps, config_fields)
+    plan = dpolab_plan(workload, steps, config_fields, layout="rows" if "two-rows" in patches else "tree")
     started = time.perf_counter()
     policy = AutoModelForCausalLM.from_pretrained(workload.policy_dir, dtype=torch.float32)
     ref_model = AutoModelForCausalLM.from_pretrained(workload.reference_dir, dtype=torch.float32)

@@ -49,14 +49,16 @@ def _pairs(workload):
                           [1] * len(r["rejected_ids"])) for r in workload.pairs()]
 
 
-def plan_batches(pairs, steps: int, *, micro: int = 4, accum: int = 2, bucketed: bool = True, seed: int = 0):
-    """The first ``steps`` optimizer steps as lists of collated micro-batches (dpolab's plan, or random order)."""
+def plan_batches(pairs, steps: int, *, micro: int = 4, accum: int = 2, bucketed: bool = True, seed: int = 0,
+                 layout: str = "tree"):
+    """The first ``steps`` optimizer steps as lists of collated micro-batches (dpolab's plan, bucketed by
+    ``layout``'s pair length as the trainer does for a GPT-2 or Llama policy, or random order)."""
     from dpolab.batch import collate_pairs, pair_length
     from dpolab.trainer import BatchPlan
 
     config = _config(micro, accum)
     if bucketed:
-        plan = BatchPlan([pair_length(p) for p in pairs], config, world_size=1)
+        plan = BatchPlan([pair_length(p, layout) for p in pairs], config, world_size=1)
         rows = [plan.micro_batches(s, 0)[1] for s in range(steps)]
     else:
         order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -162,7 +164,8 @@ def build(lever: str, workload, pairs, steps: int):
     parts = set(lever.split("+"))
     policy, ref_model = _models(workload)
     micro, accum = (8, 1) if "micro8" in parts else (4, 2)
-    batches = plan_batches(pairs, steps, micro=micro, accum=accum, bucketed="random-batches" not in parts)
+    batches = plan_batches(pairs, steps, micro=micro, accum=accum, bucketed="random-batches" not in parts,
+                           layout="rows" if "row-buckets" in parts else "tree")
     contexts = []
     reference = FrozenReference(ref_model)
     if "precomputed" in parts:
@@ -182,14 +185,14 @@ def build(lever: str, workload, pairs, steps: int):
         _compiled(policy), _compiled(ref_model)
     if "threads1" in parts:
         contexts.append(functools.partial(_threads, 1))
+    if "dense-embedding" in parts:  # the model's own lookup of a tied embedding (a dense gradient of its own)
+        import dpolab.logprobs
+
+        contexts.append(functools.partial(_patched, dpolab.logprobs, "SPARSE_TIED_EMBEDDING", False))
     if "two-rows" in parts:  # the layout before dpolab.pairtree: prompt + chosen and prompt + rejected rows
         import dpolab.logprobs
 
         contexts.append(functools.partial(_patched, dpolab.logprobs, "SHARED_PROMPT_MODELS", ()))
-    if "packed" in parts:
-        from packed import packed_forward
-
-        contexts.append(functools.partial(_patched_both, packed_forward))
 
     @contextlib.contextmanager
     def context():
@@ -203,16 +206,6 @@ def build(lever: str, workload, pairs, steps: int):
 
 
 @contextlib.contextmanager
-def _patched_both(forward):
-    import dpolab.objective
-    import dpolab.reference
-
-    with _patched(dpolab.objective, "concatenated_forward", forward), \
-            _patched(dpolab.reference, "concatenated_forward", forward):
-        yield
-
-
-@contextlib.contextmanager
 def _threads(n: int):
     saved = torch.get_num_threads()
     torch.set_num_threads(n)
@@ -223,7 +216,7 @@ def _threads(n: int):
 
 
 LEVERS = ("full-logits", "random-batches", "micro8", "precomputed", "ce-logprob", "fused-gelu", "fused-adamw",
-          "threads1", "compile", "two-rows", "packed")
+          "threads1", "compile", "two-rows", "row-buckets", "dense-embedding")
 
 
 def measure(workload_dir: Path, levers: list[str], *, rounds: int, steps: int) -> list[dict]:

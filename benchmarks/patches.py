@@ -6,9 +6,10 @@ the mathematics: each keeps the first-step loss within float32 rounding of the u
 
 - ``two-rows``: the layout before :mod:`dpolab.pairtree` (prompt + chosen and prompt + rejected as two padded
   rows), to measure the pair-tree layout that the library now uses by default.
+- ``dense-embedding``: the model's own lookup of a tied input embedding (a dense vocabulary-sized gradient per
+  micro-batch) instead of dpolab's sparse-gradient lookup.
 - ``fused-gelu``: GPT-2's Python-level tanh-GELU (``NewGELUActivation``, six elementwise kernels and as many
   saved tensors) replaced by ``torch.nn.GELU(approximate="tanh")``, the same function in one kernel.
-- ``packed``: :func:`packed.packed_forward` in place of ``concatenated_forward``: padding-free rows.
 - ``micro8``: ``micro_batch_size=8, grad_accum_steps=1`` instead of 4 × 2 (same global batch).
 - ``compile``: ``torch.compile(dynamic=True)`` of every transformer block (policy and reference).
 - ``threads1``: one torch thread.
@@ -20,7 +21,7 @@ import contextlib
 
 import torch
 
-PATCHES = ("two-rows", "packed", "fused-gelu", "micro8", "compile", "threads1")
+PATCHES = ("two-rows", "dense-embedding", "fused-gelu", "micro8", "compile", "threads1")
 
 
 def config_fields(patches: list[str]) -> dict:
@@ -66,14 +67,10 @@ def applied(patches: list[str], models: list[torch.nn.Module]):
             import dpolab.logprobs
 
             stack.enter_context(_attribute(dpolab.logprobs, "SHARED_PROMPT_MODELS", ()))
-        if "packed" in patches:
-            from packed import packed_forward
+        if "dense-embedding" in patches:
+            import dpolab.logprobs
 
-            import dpolab.objective
-            import dpolab.reference
-
-            for module in (dpolab.objective, dpolab.reference):
-                stack.enter_context(_attribute(module, "concatenated_forward", packed_forward))
+            stack.enter_context(_attribute(dpolab.logprobs, "SPARSE_TIED_EMBEDDING", False))
         yield
 
 

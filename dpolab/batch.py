@@ -108,8 +108,13 @@ def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, index: list[int
     return PairBatch(seq.input_ids, seq.attention_mask, seq.labels, index=idx)
 
 
-def pair_length(pair: TokenizedPair) -> int:
-    """Padded width a pair needs: prompt plus its longer response."""
+def pair_length(pair: TokenizedPair, layout: str = "rows") -> int:
+    """Padded width a pair needs: prompt plus its longer response on two rows (``"rows"``), or prompt plus both
+    responses on one pair-tree row (``"tree"``, :mod:`dpolab.pairtree`). The length to bucket batches by."""
+    if layout not in ("rows", "tree"):
+        raise ValueError(f"pair_length: layout {layout!r} is neither 'rows' nor 'tree'")
+    if layout == "tree":
+        return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
     return len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
 
 

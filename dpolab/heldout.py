@@ -18,6 +18,7 @@ import torch
 
 from dpolab.batch import collate_pairs, collate_sequences, length_bucketed_batches, pair_length
 from dpolab.distributed import DistributedContext, all_gather_objects, all_reduce_sum, unwrap
+from dpolab.logprobs import pair_layout
 from dpolab.objective import STATS, batch_objective, mean_metrics
 from dpolab.rewards import sequence_kl
 from dpolab.tokenize import TokenizedPair, pad_token_id
@@ -26,7 +27,9 @@ from dpolab.tokenize import TokenizedPair, pad_token_id
 def heldout_metrics(model, reference, pairs: list[TokenizedPair], *, config, pad_token_id: int,
                     ctx: DistributedContext, autocast) -> dict[str, float]:
     """``eval/loss``, ``eval/rewards/*``, ``eval/logps/*``, ``eval/lengths/*`` over all ``pairs``."""
-    batches = length_bucketed_batches([pair_length(p) for p in pairs], config.eval_batch_size, seed=0, shuffle=False)
+    layout = pair_layout(model) if config.stage == "dpo" else "rows"
+    batches = length_bucketed_batches([pair_length(p, layout) for p in pairs], config.eval_batch_size, seed=0,
+                                      shuffle=False)
     totals = None
     model.eval()
     with torch.no_grad():

@@ -248,6 +248,12 @@ def supports_shared_prompt(model) -> bool:
             and getattr(config, "_attn_implementation", None) in ("sdpa", "eager"))
 
 
+def pair_layout(model) -> str:
+    """How :func:`concatenated_forward` lays out ``model``'s pair batches: ``"tree"`` or ``"rows"`` (for
+    :func:`dpolab.batch.pair_length`, so that batches are bucketed by the width they will have)."""
+    return "tree" if supports_shared_prompt(model) else "rows"
+
+
 def _tree_forward(model, batch, tree: PairTree, average: bool) -> tuple[Tensor, Tensor]:
     """Per-row log-probs and scored-token counts of the 2B-row ``batch``, computed on its tree layout."""
     targets = shift_labels(batch.labels)

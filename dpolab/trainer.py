@@ -37,6 +37,7 @@ from dpolab.batch import collate_pairs, length_bucketed_batches, pair_length
 from dpolab.config import TrainConfig
 from dpolab.heldout import heldout_metrics, sample_kl, to_device
 from dpolab.inputs import add_lora, load_policy, prepare_pairs, tokenize_config
+from dpolab.logprobs import pair_layout
 from dpolab.metrics import MetricsWriter, Monitor, NonFiniteLossError, read_metrics
 from dpolab.objective import STATS, batch_objective, mean_metrics
 from dpolab.reference import make_reference, precompute_reference
@@ -145,7 +146,8 @@ def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs
         raise ValueError("no training pairs: pass train_pairs=... or set the config field train_data")
     eval_data = prepare_pairs(eval_pairs if eval_pairs is not None else config.eval_data or None, tokenizer,
                               settings, name=config.eval_data or "eval_pairs")
-    plan = BatchPlan([pair_length(p) for p in train_data.pairs], config, ctx.world_size)
+    layout = pair_layout(model) if config.stage == "dpo" else "rows"
+    plan = BatchPlan([pair_length(p, layout) for p in train_data.pairs], config, ctx.world_size)
     pad = pad_token_id(tokenizer)
 
     model, train_ref, eval_ref = _policy_and_references(config, ctx, model, tokenizer, reference_model, train_data,

@@ -63,6 +63,9 @@ def test_collate_pairs_chosen_rows_then_rejected_rows():
 
 def test_pair_length():
     assert pair_length(pair([1, 2, 3], [4], [5, 6])) == 5
+    assert pair_length(pair([1, 2, 3], [4], [5, 6]), "tree") == 6  # one row: prompt, chosen, rejected
+    with pytest.raises(ValueError, match="layout 'packed'"):
+        pair_length(pair([1], [2], [3]), "packed")
 
 
 def test_padding_fraction_by_hand():

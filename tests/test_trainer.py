@@ -284,3 +284,20 @@ def test_metrics_writer_resume_drops_later_steps_and_a_torn_line(tmp_path):
     assert read_metrics(path) == [{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.6}, {"step": 3, "loss": None}]
     MetricsWriter(path, enabled=False).write({"step": 9})  # other ranks write nothing
     assert len(read_metrics(path)) == 3
+
+
+@pytest.mark.parametrize("stage, layout", [("dpo", "tree"), ("sft", "rows")])
+def test_batches_are_bucketed_by_the_width_of_the_layout_that_runs(tmp_path, monkeypatch, stage, layout):
+    """A GPT-2 policy runs DPO on pair-tree rows, so its batches are bucketed by prompt + chosen + rejected;
+    SFT runs prompt + chosen rows and keeps the two-row width."""
+    import dpolab.trainer as trainer_module
+    from dpolab.batch import pair_length
+
+    seen = []
+    original = trainer_module.BatchPlan.__init__
+    monkeypatch.setattr(trainer_module.BatchPlan, "__init__",
+                        lambda self, lengths, *a: seen.append(list(lengths)) or original(self, lengths, *a))
+    examples = make_examples(16)
+    result = train({**FAST, "stage": stage, "max_steps": 1, "output_dir": str(tmp_path)}, train_pairs=examples)
+    pairs = prepare_pairs(examples, result.tokenizer, tokenize_config(TrainConfig())).pairs
+    assert seen == [[pair_length(p, layout) for p in pairs]]
