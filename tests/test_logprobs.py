@@ -259,3 +259,16 @@ def test_untied_or_frozen_embeddings_keep_the_models_own_lookup():
     tied = _tied_llama()
     tied.get_input_embeddings().weight.requires_grad_(False)
     assert set(logprobs._token_inputs(tied, ids)) == {"input_ids"}
+
+
+def test_row_sums_are_correctly_rounded():
+    """Per-row sums of a few hundred token log-probs equal the float64 sum rounded once to float32 (within half
+    an ulp), where one-after-the-other float32 accumulation drifts by several ulps."""
+    generator = torch.Generator().manual_seed(0)
+    scored = -9 * torch.rand(4 * 300, generator=generator)  # 4 rows of 300 tokens, |sum| ~ 1350
+    row_of = torch.arange(4).repeat_interleave(300)
+    got = logprobs._row_sums(scored, row_of, 4)
+    exact = torch.zeros(4, dtype=torch.float64).index_add(0, row_of, scored.double())
+    half_ulp = torch.finfo(torch.float32).eps * exact.abs() / 2
+    assert got.dtype == torch.float32
+    assert ((got.double() - exact).abs() <= half_ulp * 1.0001).all()
