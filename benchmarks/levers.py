@@ -192,7 +192,7 @@ def build(lever: str, workload, pairs, steps: int):
     if "two-rows" in parts:  # the layout before dpolab.pairtree: prompt + chosen and prompt + rejected rows
         import dpolab.logprobs
 
-        contexts.append(functools.partial(_patched, dpolab.logprobs, "SHARED_PROMPT_MODELS", ()))
+        contexts.append(functools.partial(_patched, dpolab.logprobs, "supports_shared_prompt", lambda model: False))
 
     @contextlib.contextmanager
     def context():

@@ -66,7 +66,7 @@ def applied(patches: list[str], models: list[torch.nn.Module]):
         if "two-rows" in patches:
             import dpolab.logprobs
 
-            stack.enter_context(_attribute(dpolab.logprobs, "SHARED_PROMPT_MODELS", ()))
+            stack.enter_context(_attribute(dpolab.logprobs, "supports_shared_prompt", lambda model: False))
         if "dense-embedding" in patches:
             import dpolab.logprobs
 

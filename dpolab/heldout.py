@@ -27,7 +27,7 @@ from dpolab.tokenize import TokenizedPair, pad_token_id
 def heldout_metrics(model, reference, pairs: list[TokenizedPair], *, config, pad_token_id: int,
                     ctx: DistributedContext, autocast) -> dict[str, float]:
     """``eval/loss``, ``eval/rewards/*``, ``eval/logps/*``, ``eval/lengths/*`` over all ``pairs``."""
-    layout = pair_layout(model) if config.stage == "dpo" else "rows"
+    layout = pair_layout(model, config.stage)
     batches = length_bucketed_batches([pair_length(p, layout) for p in pairs], config.eval_batch_size, seed=0,
                                       shuffle=False)
     totals = None

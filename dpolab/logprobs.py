@@ -248,10 +248,11 @@ def supports_shared_prompt(model) -> bool:
             and getattr(config, "_attn_implementation", None) in ("sdpa", "eager"))
 
 
-def pair_layout(model) -> str:
-    """How :func:`concatenated_forward` lays out ``model``'s pair batches: ``"tree"`` or ``"rows"`` (for
-    :func:`dpolab.batch.pair_length`, so that batches are bucketed by the width they will have)."""
-    return "tree" if supports_shared_prompt(model) else "rows"
+def pair_layout(model, stage: str = "dpo") -> str:
+    """How ``model``'s pair batches run in ``stage``: ``"tree"`` (DPO through :func:`concatenated_forward` on a
+    supported model) or ``"rows"`` (SFT scores prompt + chosen rows); for :func:`dpolab.batch.pair_length`, so
+    that batches are bucketed by the width they will have."""
+    return "tree" if stage == "dpo" and supports_shared_prompt(model) else "rows"
 
 
 def _tree_forward(model, batch, tree: PairTree, average: bool) -> tuple[Tensor, Tensor]:
@@ -259,9 +260,9 @@ def _tree_forward(model, batch, tree: PairTree, average: bool) -> tuple[Tensor, 
     targets = shift_labels(batch.labels)
     lengths = (targets != IGNORE_INDEX).sum(-1)
     _check_scored(lengths)
-    vocab = _unwrap(model).config.vocab_size
-    _check_labels(batch.labels, vocab)
-    if _unwrap(model).config._attn_implementation == "sdpa":
+    config = _unwrap(model).config
+    _check_labels(batch.labels, config.vocab_size)
+    if config._attn_implementation == "sdpa":
         mask = tree.allowed[:, None]
     else:  # eager attention adds the mask to the scores
         dtype = next(model.parameters()).dtype
@@ -298,8 +299,9 @@ def _token_inputs(model, input_ids: Tensor) -> dict[str, Tensor]:
     model's own forward does nothing else to the ids) and a single process (DDP and FSDP own the parameters).
     """
     net = _unwrap(model)
-    if not SPARSE_TIED_EMBEDDING or not torch.is_grad_enabled() or getattr(net.config, "model_type", None) not in SHARED_PROMPT_MODELS or (
-            torch.distributed.is_available() and torch.distributed.is_initialized()):
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    verified = getattr(net.config, "model_type", None) in SHARED_PROMPT_MODELS
+    if not (SPARSE_TIED_EMBEDDING and torch.is_grad_enabled() and verified) or distributed:
         return {"input_ids": input_ids}
     embedding, output = net.get_input_embeddings(), net.get_output_embeddings()
     tied = (type(embedding) is torch.nn.Embedding and output is not None and output.weight is embedding.weight

@@ -146,7 +146,7 @@ def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs
         raise ValueError("no training pairs: pass train_pairs=... or set the config field train_data")
     eval_data = prepare_pairs(eval_pairs if eval_pairs is not None else config.eval_data or None, tokenizer,
                               settings, name=config.eval_data or "eval_pairs")
-    layout = pair_layout(model) if config.stage == "dpo" else "rows"
+    layout = pair_layout(model, config.stage)
     plan = BatchPlan([pair_length(p, layout) for p in train_data.pairs], config, ctx.world_size)
     pad = pad_token_id(tokenizer)
 
