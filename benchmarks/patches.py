@@ -11,6 +11,8 @@ the mathematics: each keeps the first-step loss within float32 rounding of the u
 - ``fused-gelu``: GPT-2's Python-level tanh-GELU (``NewGELUActivation``, six elementwise kernels and as many
   saved tensors) replaced by ``torch.nn.GELU(approximate="tanh")``, the same function in one kernel.
 - ``micro8``: ``micro_batch_size=8, grad_accum_steps=1`` instead of 4 × 2 (same global batch).
+- ``micro2``: ``micro_batch_size=2, grad_accum_steps=4`` (same global batch, half the activations at a time).
+- ``system-malloc``: ``keep_freed_memory=False``, glibc's own thresholds (freed blocks go back to the system).
 - ``compile``: ``torch.compile(dynamic=True)`` of every transformer block (policy and reference).
 - ``threads1``: one torch thread.
 """
@@ -21,12 +23,19 @@ import contextlib
 
 import torch
 
-PATCHES = ("two-rows", "dense-embedding", "fused-gelu", "micro8", "compile", "threads1")
+PATCHES = ("two-rows", "dense-embedding", "fused-gelu", "micro8", "micro2", "system-malloc", "compile", "threads1")
+# trainer config fields that a patch changes
+FIELDS = {"micro8": {"micro_batch_size": 8, "grad_accum_steps": 1},
+          "micro2": {"micro_batch_size": 2, "grad_accum_steps": 4},
+          "system-malloc": {"keep_freed_memory": False}}
 
 
 def config_fields(patches: list[str]) -> dict:
     """Trainer config fields a set of patches changes."""
-    return {"micro_batch_size": 8, "grad_accum_steps": 1} if "micro8" in patches else {}
+    fields: dict = {}
+    for patch in patches:
+        fields.update(FIELDS.get(patch, {}))
+    return fields
 
 
 def fuse_gelu(model: torch.nn.Module) -> torch.nn.Module:

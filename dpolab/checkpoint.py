@@ -42,7 +42,7 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 # Fields that may change between an interrupted run and its resumption without changing its trajectory.
 RESUMABLE_FIELDS = frozenset(
-    {"max_steps", "resume_from", "progress", "save_every", "keep_last", "eval_every", "output_dir", "overwrite",
+    {"max_steps", "resume_from", "progress", "keep_freed_memory", "save_every", "keep_last", "eval_every", "output_dir", "overwrite",
      "device", "train_data", "eval_data", "eval_batch_size", "kl_samples", "kl_max_new_tokens"}
 )
 

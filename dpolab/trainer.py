@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from dpolab import checkpoint as ckpt
 from dpolab import distributed as dist
+from dpolab.allocator import keep_freed_memory
 from dpolab.batch import collate_pairs, length_bucketed_batches, pair_length
 from dpolab.config import TrainConfig
 from dpolab.heldout import heldout_metrics, sample_kl, to_device
@@ -123,7 +124,8 @@ def train(
         config = TrainConfig.load(None, {**(config or {}), **overrides})
     ctx = dist.setup(config.device)
     try:
-        return _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs, on_step)
+        with keep_freed_memory(config.keep_freed_memory and ctx.device.type == "cpu"):
+            return _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs, on_step)
     finally:
         dist.teardown(ctx)
 

@@ -301,3 +301,15 @@ def test_batches_are_bucketed_by_the_width_of_the_layout_that_runs(tmp_path, mon
     result = train({**FAST, "stage": stage, "max_steps": 1, "output_dir": str(tmp_path)}, train_pairs=examples)
     pairs = prepare_pairs(examples, result.tokenizer, tokenize_config(TrainConfig())).pairs
     assert seen == [[pair_length(p, layout) for p in pairs]]
+
+
+def test_keeping_freed_memory_changes_no_number(tmp_path):
+    """The allocator setting (dpolab.allocator) only decides which pages hold tensors: same run, bit for bit."""
+    runs = {}
+    for keep in (True, False):
+        result = train({**FAST, "max_steps": 3, "micro_batch_size": 2, "grad_accum_steps": 2, "keep_freed_memory": keep,
+                        "output_dir": str(tmp_path / str(keep))}, train_pairs=make_examples(12))
+        runs[keep] = (result.history, weights(result.model))
+    assert [r["loss"] for r in runs[True][0]] == [r["loss"] for r in runs[False][0]]
+    for name, value in runs[True][1].items():
+        assert torch.equal(value, runs[False][1][name]), name
