@@ -8,6 +8,8 @@ the mathematics: each keeps the first-step loss within float32 rounding of the u
   rows), to measure the pair-tree layout that the library now uses by default.
 - ``dense-embedding``: the model's own lookup of a tied input embedding (a dense vocabulary-sized gradient per
   micro-batch) instead of dpolab's sparse-gradient lookup.
+- ``model-head``: the model's own output layer on the scored positions (``logits_to_keep``) instead of dpolab's
+  fused output layer (which holds neither the (positions, vocabulary) logits nor a second weight gradient).
 - ``fused-gelu``: GPT-2's Python-level tanh-GELU (``NewGELUActivation``, six elementwise kernels and as many
   saved tensors) replaced by ``torch.nn.GELU(approximate="tanh")``, the same function in one kernel.
 - ``micro8``: ``micro_batch_size=8, grad_accum_steps=1`` instead of 4 × 2 (same global batch).
@@ -23,7 +25,7 @@ import contextlib
 
 import torch
 
-PATCHES = ("two-rows", "dense-embedding", "fused-gelu", "micro8", "micro2", "system-malloc", "compile", "threads1")
+PATCHES = ("two-rows", "dense-embedding", "model-head", "fused-gelu", "micro8", "micro2", "system-malloc", "compile", "threads1")
 # trainer config fields that a patch changes
 FIELDS = {"micro8": {"micro_batch_size": 8, "grad_accum_steps": 1},
           "micro2": {"micro_batch_size": 2, "grad_accum_steps": 4},
@@ -80,6 +82,10 @@ def applied(patches: list[str], models: list[torch.nn.Module]):
             import dpolab.logprobs
 
             stack.enter_context(_attribute(dpolab.logprobs, "SPARSE_TIED_EMBEDDING", False))
+        if "model-head" in patches:
+            import dpolab.logprobs
+
+            stack.enter_context(_attribute(dpolab.logprobs, "FUSED_OUTPUT_LAYER", False))
         yield
 
 

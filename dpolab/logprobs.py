@@ -15,7 +15,9 @@ which removes the second copy of every prompt and most of the padding.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +74,56 @@ class _LabelLogProb(torch.autograd.Function):
 
 def _chunk_rows(vocab_size: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(vocab_size, 1))
+
+
+class _OutputLayerLogProb(torch.autograd.Function):
+    """log softmax(h W^T)[y] for hidden states ``h`` (M, H) and a bias-free output layer ``W`` (V, H), fused.
+
+    Target k is scored by row ``rows[k]`` of ``h`` (a row may score several: the pair tree's last prompt
+    position). The forward computes the (M, V) logits in one product and keeps them with the per-row logsumexp;
+    the backward turns them in place into dz = Σ_k g_k (onehot(y_k) - softmax), then dh = dz W and dW = dz^T h.
+    Besides skipping the zero-filled gradient-of-logits matrix, this lets dW go where it ends up:
+
+    with ``direct`` (:func:`output_grad_into_weight`, a leaf weight) dW is added straight into ``W.grad`` instead
+    of being returned. Autograd would otherwise hold a second vocabulary-sized matrix until it adds it there
+    itself, and for a tied embedding only after the whole backward pass, when the lookup's gradient arrives.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, rows: Tensor, targets: Tensor, direct: bool) -> Tensor:
+        compute = torch.promote_types(hidden.dtype, torch.float32)
+        logits = F.linear(hidden, weight)
+        lse = torch.empty(logits.size(0), dtype=compute, device=hidden.device)
+        chunk = _chunk_rows(logits.size(-1))
+        for start in range(0, logits.size(0), chunk):
+            lse[start:start + chunk] = torch.logsumexp(logits[start:start + chunk].to(compute), dim=-1)
+        out = logits[rows, targets].to(compute) - lse[rows]
+        ctx.save_for_backward(hidden, weight, rows, targets, lse, logits)
+        ctx.direct = direct
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        hidden, weight, rows, targets, lse, logits = ctx.saved_tensors
+        per_row = torch.zeros_like(lse).index_add_(0, rows, grad_out.to(lse.dtype))  # G_r = Σ_{k: rows[k]=r} g_k
+        chunk = _chunk_rows(logits.size(-1))
+        for start in range(0, logits.size(0), chunk):  # logits -> -G softmax, in place
+            z = logits[start:start + chunk]
+            dz = z.to(lse.dtype).sub_(lse[start:start + chunk, None]).exp_().mul_(-per_row[start:start + chunk, None])
+            if dz.data_ptr() != z.data_ptr():
+                z.copy_(dz)
+        dz = logits.index_put_((rows, targets), grad_out.to(logits.dtype), accumulate=True)
+        grad_h = dz @ weight if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            if ctx.direct and weight.grad is not None:
+                weight.grad.addmm_(dz.t(), hidden)
+            else:
+                grad_w = dz.t() @ hidden
+                if ctx.direct:
+                    weight.grad, grad_w = grad_w, None
+        return grad_h, grad_w, None, None, None
 
 
 def _check_labels(labels: Tensor, vocab_size: int, what: str = "labels") -> None:
@@ -172,6 +224,53 @@ def supports_scored_logits(model) -> bool:
     return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
 
 
+FUSED_OUTPUT_LAYER = True  # see _output_weight; False restores the model's own output layer (logits_to_keep)
+_DIRECT_OUTPUT_GRAD = False
+
+
+@contextlib.contextmanager
+def output_grad_into_weight() -> Iterator[None]:
+    """Within the block, the fused output layer adds its weight gradient straight into ``weight.grad``.
+
+    For callers that run ``loss.backward()`` (the trainer): it saves holding a second vocabulary-sized matrix
+    through the backward pass. Outside the block the gradient is returned to autograd as usual, which
+    ``torch.autograd.grad`` needs (it never touches ``.grad``).
+    """
+    global _DIRECT_OUTPUT_GRAD
+    saved, _DIRECT_OUTPUT_GRAD = _DIRECT_OUTPUT_GRAD, True
+    try:
+        yield
+    finally:
+        _DIRECT_OUTPUT_GRAD = saved
+
+
+def _output_weight(model) -> Tensor | None:
+    """The output layer's weight when dpolab computes the scored log-probs from the hidden states itself.
+
+    For a verified family (GPT-2, Llama) called directly, not through a DDP/FSDP/PEFT wrapper, whose output layer
+    is a bias-free ``nn.Linear`` and with autocast off: the model then runs its base (transformer blocks and final
+    norm) and :class:`_OutputLayerLogProb` does the rest, with the same function as the model's own head.
+    """
+    net = _unwrap(model)
+    if not FUSED_OUTPUT_LAYER or net is not model or getattr(net.config, "model_type", None) not in SHARED_PROMPT_MODELS:
+        return None
+    head = net.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None or torch.is_autocast_enabled(head.weight.device.type):
+        return None
+    return head.weight
+
+
+def _fused_scores(model, weight: Tensor, inputs: dict, keep: Tensor, rows: Tensor | None, targets: Tensor) -> Tensor:
+    """Scored log-probs through :class:`_OutputLayerLogProb`: hidden states at the True positions of ``keep``
+    (row-major), target k scored by kept position ``rows[k]`` (by position k when ``rows`` is None)."""
+    hidden = model.base_model(**inputs).last_hidden_state
+    hidden = hidden.reshape(-1, hidden.size(-1))[keep.reshape(-1)]
+    if rows is None:
+        rows = torch.arange(targets.numel(), device=targets.device)
+    direct = _DIRECT_OUTPUT_GRAD and torch.is_grad_enabled() and weight.requires_grad and weight.is_leaf
+    return _OutputLayerLogProb.apply(hidden, weight, rows, targets, direct)
+
+
 def sequence_forward(model, batch, average: bool = False, *, full_logits: bool = False) -> tuple[Tensor, Tensor]:
     """Run ``model`` once on ``batch`` and return each row's response log-prob and scored-token count.
 
@@ -192,6 +291,12 @@ def sequence_forward(model, batch, average: bool = False, *, full_logits: bool =
     lengths = keep.sum(-1)
     _check_scored(lengths)
     inputs = {**_token_inputs(model, batch.input_ids), "attention_mask": batch.attention_mask, "use_cache": False}
+    weight = None if full_logits else _output_weight(model)
+    if weight is not None:
+        _check_labels(labels, weight.size(0))
+        scored = _fused_scores(model, weight, inputs, keep, None, targets[keep])
+        logps = _row_sums(scored, keep.nonzero()[:, 0], labels.size(0))
+        return (logps / lengths if average else logps), lengths
     if not full_logits and supports_scored_logits(model):
         logits = model(**inputs, logits_to_keep=keep).logits
     else:
@@ -270,15 +375,19 @@ def _tree_forward(model, batch, tree: PairTree, average: bool) -> tuple[Tensor, 
         mask = mask.masked_fill_(~tree.allowed, torch.finfo(dtype).min)[:, None]
     inputs = {**_token_inputs(model, tree.input_ids), "attention_mask": mask, "position_ids": tree.position_ids,
               "use_cache": False}
-    if supports_scored_logits(model):
-        keep = torch.zeros(tree.input_ids.numel(), dtype=torch.bool, device=tree.input_ids.device)
-        keep[tree.predictor] = True
-        logits = model(**inputs, logits_to_keep=keep.view(tree.input_ids.shape)).logits  # (kept positions, V)
-        rows = (keep.cumsum(0) - 1)[tree.predictor]  # predictor position -> its row of ``logits``
+    weight = _output_weight(model)
+    keep = torch.zeros(tree.input_ids.numel(), dtype=torch.bool, device=tree.input_ids.device)
+    keep[tree.predictor] = True
+    rows = (keep.cumsum(0) - 1)[tree.predictor]  # predictor position -> its row among the kept positions
+    if weight is not None:
+        scored = _fused_scores(model, weight, inputs, keep, rows, tree.targets)
     else:
-        logits = model(**inputs).logits.flatten(0, 1)
-        rows = tree.predictor
-    scored = _LabelLogProb.apply(logits, rows, tree.targets, _chunk_rows(logits.size(-1)))
+        if supports_scored_logits(model):
+            logits = model(**inputs, logits_to_keep=keep.view(tree.input_ids.shape)).logits  # (kept positions, V)
+        else:
+            logits = model(**inputs).logits.flatten(0, 1)
+            rows = tree.predictor
+        scored = _LabelLogProb.apply(logits, rows, tree.targets, _chunk_rows(logits.size(-1)))
     logps = _row_sums(scored, tree.source_row, batch.input_ids.size(0))
     if average:
         logps = logps / lengths

@@ -38,7 +38,7 @@ from dpolab.batch import collate_pairs, length_bucketed_batches, pair_length
 from dpolab.config import TrainConfig
 from dpolab.heldout import heldout_metrics, sample_kl, to_device
 from dpolab.inputs import add_lora, load_policy, prepare_pairs, tokenize_config
-from dpolab.logprobs import pair_layout
+from dpolab.logprobs import output_grad_into_weight, pair_layout
 from dpolab.metrics import MetricsWriter, Monitor, NonFiniteLossError, read_metrics
 from dpolab.objective import STATS, batch_objective, mean_metrics
 from dpolab.reference import make_reference, precompute_reference
@@ -269,7 +269,7 @@ def accumulate_gradients(model, reference, batches: list, *, config: TrainConfig
     """
     totals, first_bad = torch.zeros(len(STATS), dtype=torch.float64), None
     for i, batch in enumerate(batches):
-        with dist.gradient_sync(model, sync=i == len(batches) - 1), autocast():
+        with dist.gradient_sync(model, sync=i == len(batches) - 1), autocast(), output_grad_into_weight():
             losses, sums = batch_objective(model, reference, batch, stage=config.stage, loss=config.loss,
                                            beta=config.beta, loss_params=config.loss_params,
                                            sft_weight=config.sft_weight)

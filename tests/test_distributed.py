@@ -79,10 +79,11 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     of the gradient sums differs, so weights agree to float rounding; metrics are reduced over both
     processes and files are written by rank 0 only.
 
-    The single process uses the model's own embedding lookup, as distributed processes do (the sparse tied
-    lookup of dpolab.logprobs is single-process only): GPT-2's attention-key biases get a gradient that is
+    The single process uses the model's own embedding lookup and output layer, as distributed processes do (the
+    sparse tied lookup and the fused output layer of dpolab.logprobs are single-process only): GPT-2's attention-key biases get a gradient that is
     zero up to rounding, which Adam scales up to lr-sized steps, so any other summation order shows there."""
     monkeypatch.setattr(logprobs, "SPARSE_TIED_EMBEDDING", False)
+    monkeypatch.setattr(logprobs, "FUSED_OUTPUT_LAYER", False)  # likewise single-process only
     out = tmp_path / "ddp"
     proc = _torchrun(out)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -117,6 +118,7 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
 def test_fsdp_two_processes_equal_one_process(tmp_path, monkeypatch):
     """The same comparison with the model sharded by FSDP (fully_shard) instead of replicated by DDP."""
     monkeypatch.setattr(logprobs, "SPARSE_TIED_EMBEDDING", False)  # as in the DDP comparison above
+    monkeypatch.setattr(logprobs, "FUSED_OUTPUT_LAYER", False)
     out = tmp_path / "fsdp"
     proc = _torchrun(out, extra=', "fsdp": True, "kl_samples": 0')
     assert proc.returncode == 0, proc.stderr[-3000:]

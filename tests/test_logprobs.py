@@ -145,22 +145,31 @@ def _pairs():
     ]
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("share_prompt", [False, True])
-def test_scored_path_equals_full_logits_path_values_and_gradients(model, share_prompt):
-    """The default path asks the model for logits only where a token is scored: lm_head sees Σ lengths rows on
-    2B rows, and one row fewer per pair on the pair-tree layout (the last prompt position predicts the first
-    token of both responses)."""
+def test_scored_path_equals_full_logits_path_values_and_gradients(model, share_prompt, fused, monkeypatch):
+    """The default path computes logits only where a token is scored: Σ lengths rows on 2B rows, and one row
+    fewer per pair on the pair-tree layout (the last prompt position predicts the first token of both
+    responses). Unfused, the model's own output layer does it (``logits_to_keep``); fused, the model never runs
+    its output layer and dpolab.logprobs._OutputLayerLogProb applies the same weight to the hidden states."""
+    monkeypatch.setattr(logprobs, "FUSED_OUTPUT_LAYER", fused)
     batch = collate_pairs(_pairs(), pad_token_id=0)
     assert supports_scored_logits(model)
-    seen = []
+    seen, fused_rows = [], []
     hook = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    apply = logprobs._OutputLayerLogProb.apply
+    monkeypatch.setattr(logprobs._OutputLayerLogProb, "apply",
+                        lambda hidden, *rest: fused_rows.append(hidden.shape) or apply(hidden, *rest))
     try:
         fast = concatenated_forward(model, batch, share_prompt=share_prompt)
     finally:
         hook.remove()
     shared_predictors = batch.num_pairs if share_prompt else 0
-    assert seen == [torch.Size([int(fast.chosen_lengths.sum() + fast.rejected_lengths.sum()) - shared_predictors,
-                                model.config.vocab_size])]
+    scored_rows = int(fast.chosen_lengths.sum() + fast.rejected_lengths.sum()) - shared_predictors
+    if fused:
+        assert seen == [] and fused_rows == [torch.Size([scored_rows, model.config.hidden_size])]
+    else:
+        assert seen == [torch.Size([scored_rows, model.config.vocab_size])] and fused_rows == []
     grads_fast = torch.autograd.grad((fast.chosen - 2 * fast.rejected).sum(), list(model.parameters()))
     slow = concatenated_forward(model, batch, full_logits=True)
     grads_slow = torch.autograd.grad((slow.chosen - 2 * slow.rejected).sum(), list(model.parameters()))
@@ -168,6 +177,41 @@ def test_scored_path_equals_full_logits_path_values_and_gradients(model, share_p
     torch.testing.assert_close(fast.rejected, slow.rejected, atol=1e-5, rtol=0)
     for g_fast, g_slow in zip(grads_fast, grads_slow):
         torch.testing.assert_close(g_fast, g_slow, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "tied-llama"])
+def test_output_gradient_added_into_the_weight_equals_autograds(kind, monkeypatch):
+    """Inside output_grad_into_weight the fused output layer adds its weight gradient into .grad itself (empty
+    at the first micro-batch, accumulating at the next), with softmax chunks smaller than the batch: every .grad equals
+    that of the model's own output layer run through autograd, to float rounding."""
+    model = tiny_causal_lm(kind, seed=0)[0] if kind != "tied-llama" else _tied_llama()
+    batches = [collate_pairs(_pairs(), pad_token_id=0), collate_pairs(_pairs()[::-1][:2], pad_token_id=0)]
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 3 * model.config.vocab_size)  # 3 rows per chunk
+    grads = {}
+    for fused in (True, False):
+        monkeypatch.setattr(logprobs, "FUSED_OUTPUT_LAYER", fused)
+        model.zero_grad(set_to_none=True)
+        for weight, batch in zip((1.0, -0.7), batches):
+            with logprobs.output_grad_into_weight():
+                out = concatenated_forward(model, batch)
+                (weight * (out.chosen - 0.3 * out.rejected)).sum().backward()
+        grads[fused] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert grads[True].keys() == grads[False].keys()
+    for name, reference in grads[False].items():
+        torch.testing.assert_close(grads[True][name], reference, atol=1e-5, rtol=1e-4, msg=name)  # as above
+
+
+def test_fused_output_layer_only_where_it_is_the_same_function():
+    """Wrapped models, output layers with a bias, and autocast keep the model's own output layer."""
+    model, _ = tiny_causal_lm("gpt2", seed=0)
+    assert logprobs._output_weight(model) is model.get_output_embeddings().weight
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert logprobs._output_weight(model) is None
+    wrapper = torch.nn.Module()
+    wrapper.module = model
+    assert logprobs._output_weight(wrapper) is None
+    model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))
+    assert logprobs._output_weight(model) is None
 
 
 def test_concatenated_forward_splits_chosen_then_rejected(model):
@@ -272,3 +316,24 @@ def test_row_sums_are_correctly_rounded():
     half_ulp = torch.finfo(torch.float32).eps * exact.abs() / 2
     assert got.dtype == torch.float32
     assert ((got.double() - exact).abs() <= half_ulp * 1.0001).all()
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_output_layer_log_prob_against_float64_log_softmax(direct, monkeypatch):
+    """_OutputLayerLogProb on random hidden states with a repeated row (one row scoring two targets) and
+    3-row softmax chunks: values and both gradients equal log_softmax(h W^T)[y] computed in float64."""
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 3 * 40)
+    generator = torch.Generator().manual_seed(5)
+    hidden = torch.randn(7, 16, generator=generator, requires_grad=True)
+    weight = torch.nn.Parameter(torch.randn(40, 16, generator=generator) / 4)
+    rows = torch.tensor([0, 1, 2, 2, 3, 4, 5, 6])
+    targets = torch.randint(40, (8,), generator=generator)
+    g = torch.randn(8, generator=generator)
+    out = logprobs._OutputLayerLogProb.apply(hidden, weight, rows, targets, direct)
+    (out * g).sum().backward()
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    expected = torch.log_softmax(h64 @ w64.T, -1)[rows, targets]
+    (expected * g.double()).sum().backward()
+    torch.testing.assert_close(out.double(), expected.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weight.grad.double(), w64.grad, atol=1e-5, rtol=1e-5)

@@ -89,16 +89,19 @@ def _random_pairs(generator, n, vocab):
     return pairs
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_tree_equals_two_row_slow_path_values_and_gradients(kind, attention):
-    """Same log-probs and parameter gradients as the full-logits 2B-row reference, to float32 rounding."""
+def test_tree_equals_two_row_slow_path_values_and_gradients(kind, attention, fused, monkeypatch):
+    """Same log-probs and parameter gradients as the full-logits 2B-row reference, to float32 rounding, with
+    dpolab's fused output layer and with the model's own."""
+    monkeypatch.setattr(logprobs, "FUSED_OUTPUT_LAYER", fused)
     model, _ = tiny_causal_lm(kind, seed=0)
     model.config._attn_implementation = attention
     batch = collate_pairs(_random_pairs(torch.Generator().manual_seed(7), 6, model.config.vocab_size), 0)
     calls = []
-    hook = model.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(kwargs["attention_mask"].shape),
-                                           with_kwargs=True)
+    hook = model.base_model.register_forward_pre_hook(  # the transformer blocks' input, with or without the head
+        lambda mod, args, kwargs: calls.append(kwargs["attention_mask"].shape), with_kwargs=True)
     try:
         fast = concatenated_forward(model, batch)
     finally:
