@@ -11,8 +11,11 @@ than 1e-5 is not kept whatever its speed. Run from the repository root::
 
     .venv/bin/python benchmarks/levers.py --workload-dir DIR [--levers a,b,c] [--rounds 3] [--steps 4]
 
-where DIR is a prepared workload (``dpo_throughput.py --workdir DIR`` leaves ``DIR/tiny``). The glibc malloc
-lever needs a fresh process: ``--malloc`` runs the baseline under the settings of ``dpo_throughput.MALLOC_ENV``.
+where DIR is a prepared workload (``dpo_throughput.py --workdir DIR`` leaves ``DIR/tiny``). The baseline uses the
+trainer's optimizer (fused AdamW; lever ``foreach-adamw`` is torch's multi-pass default) but not the trainer's
+allocator setting (:mod:`dpolab.allocator`), which is process-wide: ``--malloc`` runs the baseline in fresh
+processes under the settings of ``dpo_throughput.MALLOC_ENV``, and ``dpo_throughput.py`` measures the trainer
+with and without it (patch ``system-malloc``).
 """
 
 from __future__ import annotations
@@ -70,11 +73,15 @@ def plan_batches(pairs, steps: int, *, micro: int = 4, accum: int = 2, bucketed:
 class Setup:
     """Everything one variant's step needs; :meth:`step` runs one optimizer step and returns (seconds, loss)."""
 
-    def __init__(self, policy, reference, steps_batches, *, fused_adam: bool = False, micro: int = 4, accum: int = 2):
+    def __init__(self, policy, reference, steps_batches, *, foreach_adam: bool = False, micro: int = 4,
+                 accum: int = 2):
+        from dpolab.trainer import _fused_adamw
+
         self.policy, self.reference, self.batches = policy, reference, steps_batches
         self.config = _config(micro, accum)
         self.params = [p for p in policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.config.lr, fused=fused_adam or None)
+        fused = None if foreach_adam else _fused_adamw(self.params, self.config)  # the trainer's choice
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.config.lr, fused=fused)
 
     def step(self, i: int) -> tuple[float, float, int, float]:
         from dpolab.objective import STATS
@@ -201,7 +208,7 @@ def build(lever: str, workload, pairs, steps: int):
                 stack.enter_context(make())
             yield
 
-    setup = Setup(policy, reference, batches, fused_adam="fused-adamw" in parts, micro=micro, accum=accum)
+    setup = Setup(policy, reference, batches, foreach_adam="foreach-adamw" in parts, micro=micro, accum=accum)
     return setup, context
 
 
@@ -215,7 +222,7 @@ def _threads(n: int):
         torch.set_num_threads(saved)
 
 
-LEVERS = ("full-logits", "random-batches", "micro8", "precomputed", "ce-logprob", "fused-gelu", "fused-adamw",
+LEVERS = ("full-logits", "random-batches", "micro8", "precomputed", "ce-logprob", "fused-gelu", "foreach-adamw",
           "threads1", "compile", "two-rows", "row-buckets", "dense-embedding")
 
 

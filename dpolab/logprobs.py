@@ -247,12 +247,14 @@ def output_grad_into_weight() -> Iterator[None]:
 def _output_weight(model) -> Tensor | None:
     """The output layer's weight when dpolab computes the scored log-probs from the hidden states itself.
 
-    For a verified family (GPT-2, Llama) called directly, not through a DDP/FSDP/PEFT wrapper, whose output layer
+    For a verified family (GPT-2, Llama) in a single process, called directly (no DDP/PEFT wrapper), whose output layer
     is a bias-free ``nn.Linear`` and with autocast off: the model then runs its base (transformer blocks and final
     norm) and :class:`_OutputLayerLogProb` does the rest, with the same function as the model's own head.
     """
     net = _unwrap(model)
-    if not FUSED_OUTPUT_LAYER or net is not model or getattr(net.config, "model_type", None) not in SHARED_PROMPT_MODELS:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()  # FSDP2 shards in place
+    if (not FUSED_OUTPUT_LAYER or distributed or net is not model
+            or getattr(net.config, "model_type", None) not in SHARED_PROMPT_MODELS):
         return None
     head = net.get_output_embeddings()
     if type(head) is not torch.nn.Linear or head.bias is not None or torch.is_autocast_enabled(head.weight.device.type):
