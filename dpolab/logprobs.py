@@ -116,13 +116,14 @@ class _OutputLayerLogProb(torch.autograd.Function):
         dz = logits.index_put_((rows, targets), grad_out.to(logits.dtype), accumulate=True)
         grad_h = dz @ weight if ctx.needs_input_grad[0] else None
         grad_w = None
-        if ctx.needs_input_grad[1]:
-            if ctx.direct and weight.grad is not None:
-                weight.grad.addmm_(dz.t(), hidden)
-            else:
-                grad_w = dz.t() @ hidden
-                if ctx.direct:
-                    weight.grad, grad_w = grad_w, None
+        if not ctx.needs_input_grad[1]:
+            pass
+        elif not ctx.direct:
+            grad_w = dz.t() @ hidden
+        elif weight.grad is None:
+            weight.grad = dz.t() @ hidden
+        else:
+            weight.grad.addmm_(dz.t(), hidden)
         return grad_h, grad_w, None, None, None
 
 
@@ -252,9 +253,7 @@ def _output_weight(model) -> Tensor | None:
     norm) and :class:`_OutputLayerLogProb` does the rest, with the same function as the model's own head.
     """
     net = _unwrap(model)
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()  # FSDP2 shards in place
-    if (not FUSED_OUTPUT_LAYER or distributed or net is not model
-            or getattr(net.config, "model_type", None) not in SHARED_PROMPT_MODELS):
+    if not (FUSED_OUTPUT_LAYER and _single_process() and net is model and _verified(net)):  # FSDP2 shards in place
         return None
     head = net.get_output_embeddings()
     if type(head) is not torch.nn.Linear or head.bias is not None or torch.is_autocast_enabled(head.weight.device.type):
@@ -348,11 +347,20 @@ def concatenated_forward(model, batch, average: bool = False, *, full_logits: bo
 SHARED_PROMPT_MODELS = ("gpt2", "llama")
 
 
+def _verified(net) -> bool:
+    """Whether the (unwrapped) model is of a family whose forward the tests verify against dpolab's own paths."""
+    return getattr(getattr(net, "config", None), "model_type", None) in SHARED_PROMPT_MODELS
+
+
+def _single_process() -> bool:
+    """No torch.distributed group: DDP and FSDP own the parameters (and their gradients) otherwise."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
 def supports_shared_prompt(model) -> bool:
     """Whether ``model`` can run the tree layout: a known family with sdpa or eager attention."""
-    config = getattr(_unwrap(model), "config", None)
-    return (getattr(config, "model_type", None) in SHARED_PROMPT_MODELS
-            and getattr(config, "_attn_implementation", None) in ("sdpa", "eager"))
+    net = _unwrap(model)
+    return _verified(net) and getattr(net.config, "_attn_implementation", None) in ("sdpa", "eager")
 
 
 def pair_layout(model, stage: str = "dpo") -> str:
@@ -410,9 +418,7 @@ def _token_inputs(model, input_ids: Tensor) -> dict[str, Tensor]:
     model's own forward does nothing else to the ids) and a single process (DDP and FSDP own the parameters).
     """
     net = _unwrap(model)
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    verified = getattr(net.config, "model_type", None) in SHARED_PROMPT_MODELS
-    if not (SPARSE_TIED_EMBEDDING and torch.is_grad_enabled() and verified) or distributed:
+    if not (SPARSE_TIED_EMBEDDING and torch.is_grad_enabled() and _verified(net) and _single_process()):
         return {"input_ids": input_ids}
     embedding, output = net.get_input_embeddings(), net.get_output_embeddings()
     tied = (type(embedding) is torch.nn.Embedding and output is not None and output.weight is embedding.weight

@@ -198,7 +198,9 @@ def test_output_gradient_added_into_the_weight_equals_autograds(kind, monkeypatc
         grads[fused] = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert grads[True].keys() == grads[False].keys()
     for name, reference in grads[False].items():
-        torch.testing.assert_close(grads[True][name], reference, atol=1e-5, rtol=1e-4, msg=name)  # as above
+        # float32 rounding of sums over tens of positions: within 1e-6 of the tensor's largest entry
+        torch.testing.assert_close(grads[True][name], reference, atol=1e-6 * reference.abs().max().item(), rtol=0,
+                                   msg=name)
 
 
 def test_fused_output_layer_only_where_it_is_the_same_function():
