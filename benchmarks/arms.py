@@ -7,8 +7,8 @@ arm is meant to run alone in a fresh process (see ``dpo_throughput.py``), so tha
 
 Arms:
 
-- ``dpolab``: :func:`dpolab.trainer.train` with its default configuration (micro-batches of 4 × 2
-  accumulation steps, length-bucketed batches, reference="copy" computed online).
+- ``dpolab``: :func:`dpolab.trainer.train` with its default configuration (micro-batches of 8 pairs,
+  one per optimizer step, length-bucketed batches, reference="copy" computed online).
 - ``dpolab-pre``: the same with reference="precomputed" (log π_ref of all pairs computed once before training).
 - ``trl-shipped``: trl's ``DPOTrainer`` with ``DPOConfig`` defaults (bf16=True, gradient checkpointing on,
   reference online) — what a user gets.

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import load_workload  # noqa: E402
 
 
-def _config(micro: int = 4, accum: int = 2):
+def _config(micro: int = 8, accum: int = 1):
     from dpolab.config import TrainConfig
 
     return TrainConfig.load(None, {"beta": 0.1, "lr": 5e-5, "warmup_steps": 0, "micro_batch_size": micro,
@@ -52,7 +52,7 @@ def _pairs(workload):
                           [1] * len(r["rejected_ids"])) for r in workload.pairs()]
 
 
-def plan_batches(pairs, steps: int, *, micro: int = 4, accum: int = 2, bucketed: bool = True, seed: int = 0,
+def plan_batches(pairs, steps: int, *, micro: int = 8, accum: int = 1, bucketed: bool = True, seed: int = 0,
                  layout: str = "tree"):
     """The first ``steps`` optimizer steps as lists of collated micro-batches (dpolab's plan, bucketed by
     ``layout``'s pair length as the trainer does for a GPT-2 or Llama policy, or random order)."""
@@ -73,8 +73,8 @@ def plan_batches(pairs, steps: int, *, micro: int = 4, accum: int = 2, bucketed:
 class Setup:
     """Everything one variant's step needs; :meth:`step` runs one optimizer step and returns (seconds, loss)."""
 
-    def __init__(self, policy, reference, steps_batches, *, foreach_adam: bool = False, micro: int = 4,
-                 accum: int = 2):
+    def __init__(self, policy, reference, steps_batches, *, foreach_adam: bool = False, micro: int = 8,
+                 accum: int = 1):
         from dpolab.trainer import _fused_adamw
 
         self.policy, self.reference, self.batches = policy, reference, steps_batches
@@ -170,7 +170,7 @@ def build(lever: str, workload, pairs, steps: int):
 
     parts = set(lever.split("+"))
     policy, ref_model = _models(workload)
-    micro, accum = (8, 1) if "micro8" in parts else (4, 2)
+    micro, accum = (4, 2) if "micro4" in parts else (8, 1)
     batches = plan_batches(pairs, steps, micro=micro, accum=accum, bucketed="random-batches" not in parts,
                            layout="rows" if "row-buckets" in parts else "tree")
     contexts = []
@@ -222,7 +222,7 @@ def _threads(n: int):
         torch.set_num_threads(saved)
 
 
-LEVERS = ("full-logits", "random-batches", "micro8", "precomputed", "ce-logprob", "fused-gelu", "foreach-adamw",
+LEVERS = ("full-logits", "random-batches", "micro4", "precomputed", "ce-logprob", "fused-gelu", "foreach-adamw",
           "threads1", "compile", "two-rows", "row-buckets", "dense-embedding")
 
 

@@ -12,8 +12,9 @@ the mathematics: each keeps the first-step loss within float32 rounding of the u
   fused output layer (which holds neither the (positions, vocabulary) logits nor a second weight gradient).
 - ``fused-gelu``: GPT-2's Python-level tanh-GELU (``NewGELUActivation``, six elementwise kernels and as many
   saved tensors) replaced by ``torch.nn.GELU(approximate="tanh")``, the same function in one kernel.
-- ``micro8``: ``micro_batch_size=8, grad_accum_steps=1`` instead of 4 × 2 (same global batch).
-- ``micro2``: ``micro_batch_size=2, grad_accum_steps=4`` (same global batch, half the activations at a time).
+- ``micro4``: ``micro_batch_size=4, grad_accum_steps=2`` instead of the default 8 × 1 (same global batch; the
+  default before 2026-11-28).
+- ``micro2``: ``micro_batch_size=2, grad_accum_steps=4`` (same global batch, a quarter of the activations at a time).
 - ``system-malloc``: ``keep_freed_memory=False``, glibc's own thresholds (freed blocks go back to the system).
 - ``compile``: ``torch.compile(dynamic=True)`` of every transformer block (policy and reference).
 - ``threads1``: one torch thread.
@@ -25,9 +26,9 @@ import contextlib
 
 import torch
 
-PATCHES = ("two-rows", "dense-embedding", "model-head", "fused-gelu", "micro8", "micro2", "system-malloc", "compile", "threads1")
+PATCHES = ("two-rows", "dense-embedding", "model-head", "fused-gelu", "micro4", "micro2", "system-malloc", "compile", "threads1")
 # trainer config fields that a patch changes
-FIELDS = {"micro8": {"micro_batch_size": 8, "grad_accum_steps": 1},
+FIELDS = {"micro4": {"micro_batch_size": 4, "grad_accum_steps": 2},
           "micro2": {"micro_batch_size": 2, "grad_accum_steps": 4},
           "system-malloc": {"keep_freed_memory": False}}
 

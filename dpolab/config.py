@@ -73,9 +73,10 @@ class TrainConfig:
     """Optimizer steps of linear warm-up from 0 to lr (the paper uses 150); constant afterwards."""
     max_steps: int = 24
     """Optimizer steps to train for (each consumes one global batch)."""
-    micro_batch_size: int = 4
-    """Pairs per forward pass on each process."""
-    grad_accum_steps: int = 2
+    micro_batch_size: int = 8
+    """Pairs per forward pass on each process (8, as trl's per-device batch: one pass per step of short pairs pays;
+    lower it and raise grad_accum_steps when long pairs do not fit in memory)."""
+    grad_accum_steps: int = 1
     """Micro-batches accumulated per optimizer step; global batch = micro_batch_size × grad_accum_steps × processes."""
     max_grad_norm: float = 10.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
