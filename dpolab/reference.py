@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dpolab.batch import PairBatch, SequenceBatch, collate_pairs
+from dpolab.batch import PairBatch, SequenceBatch, collate_pairs, pair_length
 from dpolab.cache import build_artifact, cache_dir
-from dpolab.logprobs import PairLogps, concatenated_forward, sequence_forward, shift_labels
+from dpolab.logprobs import PairLogps, concatenated_forward, pair_layout, sequence_forward, shift_labels
 from dpolab.tokenize import TokenizedPair, pad_token_id
 
 KEY_VERSION = 1  # bump when the way reference log-probs are computed changes
@@ -122,6 +122,9 @@ def precompute_reference(
 ) -> PrecomputedReference:
     """Compute log π_ref of every pair once (or reuse the artifact computed before) and return the table.
 
+    The forward passes take the pairs in order of their padded width (so batches carry little padding); the
+    table is in dataset order.
+
     Args:
         model: π_ref (the initial policy, or the SFT model); it is not modified.
         tokenizer: its tokenizer (part of the key; its pad id is used for collation).
@@ -139,9 +142,11 @@ def precompute_reference(
         model.eval()
         device = next(model.parameters()).device
         chosen, rejected = torch.empty(len(pairs)), torch.empty(len(pairs))
+        layout = pair_layout(model)
+        order = sorted(range(len(pairs)), key=lambda i: pair_length(pairs[i], layout))
         try:
             for start in range(0, len(pairs), batch_size):
-                rows = list(range(start, min(start + batch_size, len(pairs))))
+                rows = order[start:start + batch_size]
                 batch = collate_pairs([pairs[i] for i in rows], pad, index=rows)
                 batch = PairBatch(**{k: v.to(device) for k, v in vars(batch).items()})
                 with torch.no_grad():

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import dpolab.reference as reference_module
-from dpolab.batch import collate_pairs
+from dpolab.batch import collate_pairs, pair_length
 from dpolab.inputs import add_lora, prepare_pairs
-from dpolab.logprobs import concatenated_forward
+from dpolab.logprobs import concatenated_forward, pair_layout
 from dpolab.reference import AdapterReference, make_reference, precompute_reference, reference_key
 from dpolab.tiny import tiny_causal_lm
 from dpolab.tokenize import TokenizeConfig
@@ -83,9 +83,12 @@ def test_precomputed_table_equals_the_model_and_is_reused(tiny, tmp_path, monkey
     model, tok, pairs = tiny
     calls = []
     forward = reference_module.concatenated_forward
-    monkeypatch.setattr(reference_module, "concatenated_forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    monkeypatch.setattr(reference_module, "concatenated_forward",
+                        lambda m, b, **k: calls.append(b.index.tolist()) or forward(m, b, **k))
     table = precompute_reference(model, tok, pairs, batch_size=4, root=tmp_path)
     assert len(calls) == 2  # 6 pairs in batches of 4
+    widths = [pair_length(pairs[i], pair_layout(model)) for i in calls[0] + calls[1]]  # taken narrowest first
+    assert sorted(calls[0] + calls[1]) == list(range(6)) and widths == sorted(widths) and len(set(widths)) > 1
     batch, want = _logps(model, tok, pairs)
     got = table.pair_logps(batch)
     torch.testing.assert_close(got.chosen, want.chosen, rtol=1e-5, atol=1e-5)
