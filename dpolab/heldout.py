@@ -24,7 +24,7 @@ from dpolab.rewards import sequence_kl
 from dpolab.tokenize import TokenizedPair, pad_token_id
 
 
-def heldout_metrics(model, reference, pairs: list[TokenizedPair], *, config, pad_token_id: int,
+def heldout_metrics(model, reference, pairs: list[TokenizedPair], *, config, pad_id: int,
                     ctx: DistributedContext, autocast) -> dict[str, float]:
     """``eval/loss``, ``eval/rewards/*``, ``eval/logps/*``, ``eval/lengths/*`` over all ``pairs``."""
     layout = pair_layout(model, config.stage)
@@ -36,7 +36,7 @@ def heldout_metrics(model, reference, pairs: list[TokenizedPair], *, config, pad
         # FSDP gathers weights inside every forward, so all processes must run the same forwards: each
         # evaluates every batch and nothing is reduced; DDP processes split the batches.
         for rows in batches if config.fsdp else batches[ctx.rank :: ctx.world_size]:
-            batch = to_device(collate_pairs([pairs[i] for i in rows], pad_token_id, index=rows), ctx.device)
+            batch = to_device(collate_pairs([pairs[i] for i in rows], pad_id, index=rows), ctx.device)
             with autocast():
                 _, sums = batch_objective(model, reference, batch, stage=config.stage, loss=config.loss,
                                           beta=config.beta, loss_params=config.loss_params,

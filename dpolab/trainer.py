@@ -212,7 +212,7 @@ def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs
         history.append(record)
         if eval_data.pairs and ((config.eval_every and step % config.eval_every == 0) or step == config.max_steps):
             evaluation = {"step": step, **heldout_metrics(wrapped, eval_ref, eval_data.pairs, config=config,
-                                                          pad_token_id=pad, ctx=ctx, autocast=autocast)}
+                                                          pad_id=pad, ctx=ctx, autocast=autocast)}
             if config.kl_samples:
                 evaluation.update(sample_kl(wrapped, eval_ref, tokenizer, eval_data.prompts[: config.kl_samples],
                                             config=config, ctx=ctx, chat=eval_data.chat))
