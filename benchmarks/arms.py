@@ -173,14 +173,18 @@ def _check_trl_tokens(dataset, ordered: list[dict]) -> None:
 
 
 def _first_grad_forward(policy: torch.nn.Module) -> list[float]:
-    """A list that receives the time of the policy's first forward with gradients on (training starts)."""
+    """A list that receives the time of the policy's first forward with gradients on (training starts).
+
+    The hook sits on the decoder body (``base_model``), which every training forward runs: dpolab's fused output
+    layer calls the body and not the top-level module, and its sparse embedding lookup bypasses the embedding
+    module, so hooks on either never fire."""
     when: list[float] = []
 
     def hook(module, args, kwargs):
         if not when and torch.is_grad_enabled():
             when.append(time.perf_counter())
 
-    policy.register_forward_pre_hook(hook, with_kwargs=True)
+    policy.base_model.register_forward_pre_hook(hook, with_kwargs=True)
     return when
 
 

@@ -6,7 +6,8 @@ What must hold for the benchmark's table to mean anything, checked on a workload
 - both trainers' first optimizer step covers the same 8 pairs, so their first-step losses agree to 1e-5
   (sigmoid DPO: −log σ(β·margin), the same function of the same four log-prob sums);
 - that loss is not the trivial log 2 of π_θ = π_ref, because the reference is a perturbed copy of the policy;
-- the table marks an arm whose first-step loss differs by more than 1e-5 as void.
+- the table marks an arm whose first-step loss differs by more than 1e-5 as void;
+- each arm's setup time (arm start to the policy's first training forward) is recorded.
 
 No wall-clock time is asserted.
 """
@@ -73,6 +74,13 @@ def test_token_counts_are_the_same_pairs(workload, records):
     pairs = workload.pairs()
     first = sum(pair_tokens(pairs[i]) for i in records["dpolab"]["first_rows"])
     assert records["dpolab"]["tokens"][0] == records["trl-fast"]["tokens"][0] == first
+
+
+def test_setup_time_is_recorded_for_both_trainers(records):
+    # the first training forward happens after the arm starts and before its first step ends; dpolab's fused output
+    # layer bypasses the top-level module, so a hook placed there would leave this NaN
+    for record in records.values():
+        assert 0.0 < record["setup_s"] < record["step_end_s"][0]
 
 
 def test_trl_tokenization_mismatch_is_refused(workload):
