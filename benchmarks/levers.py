@@ -164,11 +164,20 @@ def _compiled(model):
     return model
 
 
+def _lever_parts(lever: str) -> set[str]:
+    """The levers joined by ``+`` in ``lever``; an unknown name is refused (it would time the baseline twice)."""
+    parts = set(lever.split("+"))
+    unknown = parts - set(LEVERS) - {"baseline"}
+    if unknown:
+        raise ValueError(f"unknown lever(s) {sorted(unknown)} in {lever!r}; known: {', '.join(LEVERS)}")
+    return parts
+
+
 def build(lever: str, workload, pairs, steps: int):
     """A :class:`Setup` for ``lever`` (several joined by ``+`` combine) and the context it steps in."""
     from dpolab.reference import FrozenReference, precompute_reference
 
-    parts = set(lever.split("+"))
+    parts = _lever_parts(lever)
     policy, ref_model = _models(workload)
     micro, accum = (4, 2) if "micro4" in parts else (8, 1)
     batches = plan_batches(pairs, steps, micro=micro, accum=accum, bucketed="random-batches" not in parts,
@@ -228,6 +237,8 @@ LEVERS = ("full-logits", "random-batches", "micro4", "precomputed", "ce-logprob"
 
 def measure(workload_dir: Path, levers: list[str], *, rounds: int, steps: int) -> list[dict]:
     """For each lever, ``rounds`` alternating blocks of ``steps`` steps (baseline, lever); per-step timings."""
+    for lever in levers:
+        _lever_parts(lever)
     workload = load_workload(workload_dir)
     pairs = _pairs(workload)
     results = []

@@ -19,15 +19,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import load_workload  # noqa: E402
 
 
-def count(records: list[dict], bucket_by: str, micro: int = 4, accum: int = 2) -> dict[str, int]:
-    """Real tokens and padded positions of one epoch, for both layouts, with batches bucketed by ``bucket_by``."""
+def count(records: list[dict], bucket_by: str, micro: int | None = None, accum: int | None = None) -> dict[str, int]:
+    """Real tokens and padded positions of one epoch, for both layouts, with batches bucketed by ``bucket_by``
+    (micro-batch size and accumulation: the trainer's defaults unless given)."""
     from dpolab.batch import pair_length
     from dpolab.config import TrainConfig
     from dpolab.tokenize import TokenizedPair
     from dpolab.trainer import BatchPlan
 
     pairs = [TokenizedPair(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], [], []) for r in records]
-    config = TrainConfig.load(None, {"micro_batch_size": micro, "grad_accum_steps": accum})
+    default = TrainConfig()
+    config = TrainConfig.load(None, {"micro_batch_size": micro or default.micro_batch_size,
+                                     "grad_accum_steps": accum or default.grad_accum_steps})
     plan = BatchPlan([pair_length(p, bucket_by) for p in pairs], config, world_size=1)
     out = dict.fromkeys(("tokens", "rows_positions", "tree_tokens", "tree_positions"), 0)
     for step in range(len(plan.epoch_batches(0))):
@@ -44,15 +47,21 @@ def count(records: list[dict], bucket_by: str, micro: int = 4, accum: int = 2) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from dpolab.config import TrainConfig
+
+    default = TrainConfig()
     parser.add_argument("--workload-dir", required=True)
+    parser.add_argument("--micro", type=int, default=default.micro_batch_size, help="pairs per micro-batch")
+    parser.add_argument("--accum", type=int, default=default.grad_accum_steps, help="micro-batches per step")
     args = parser.parse_args(argv)
     records = load_workload(Path(args.workload_dir)).pairs()
-    print(f"one epoch of {len(records)} pairs, micro-batches of 4 pairs; positions = what the linear layers run on\n")
+    print(f"one epoch of {len(records)} pairs, micro-batches of {args.micro} pairs, {args.accum} per optimizer step; "
+          "positions = what the linear layers run on\n")
     print("| layout | batches bucketed by | real tokens | positions run | padding | positions ÷ two-row baseline |")
     print("|---|---|---|---|---|---|")
     base = None
     for bucket_by in ("rows", "tree"):
-        c = count(records, bucket_by)
+        c = count(records, bucket_by, args.micro, args.accum)
         base = base or c["rows_positions"]
         for layout, real, positions in (("two rows", c["tokens"], c["rows_positions"]),
                                         ("pair tree", c["tree_tokens"], c["tree_positions"])):

@@ -186,7 +186,9 @@ def resume_point(config, *, is_main: bool = True, world_size: int = 1) -> Checkp
                            f"now {now_global}")
     if differences:
         raise ValueError(f"cannot resume from {folder}: the config differs in fields that change the run:\n  "
-                         + "\n  ".join(differences))
+                         + "\n  ".join(differences) + "\nset them to the checkpoint's values to resume it (runs "
+                         "saved before the default became micro_batch_size=8, grad_accum_steps=1 need 4 and 2), "
+                         "or start a new run with overwrite=true or another output_dir")
     if resume.step > config.max_steps:
         raise ValueError(f"checkpoint {folder} is at step {resume.step}, beyond max_steps={config.max_steps}")
     return resume

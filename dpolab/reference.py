@@ -29,7 +29,8 @@ from dpolab.cache import build_artifact, cache_dir
 from dpolab.logprobs import PairLogps, concatenated_forward, pair_layout, sequence_forward, shift_labels
 from dpolab.tokenize import TokenizedPair, pad_token_id
 
-KEY_VERSION = 1  # bump when the way reference log-probs are computed changes
+KEY_VERSION = 2  # bump when the way reference log-probs are computed changes (2: passes in order of padded width,
+#                 which changes batch composition and so the float rounding, by about 1e-7)
 
 
 class FrozenReference:

@@ -113,3 +113,11 @@ def test_steady_state_excludes_warmup_and_last_step():
     assert state["tokens_per_s"] == pytest.approx(100.0)
     assert state["s_per_step"] == pytest.approx(2.5)
     assert state["cpu_s_per_step"] == pytest.approx(1.5)
+
+
+def test_levers_refuse_unknown_names():
+    import levers
+
+    assert levers._lever_parts("micro4+precomputed") == {"micro4", "precomputed"}
+    with pytest.raises(ValueError, match="micro8"):  # renamed lever: would otherwise time the baseline twice
+        levers._lever_parts("micro4+micro8")
