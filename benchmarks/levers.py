@@ -75,13 +75,12 @@ class Setup:
 
     def __init__(self, policy, reference, steps_batches, *, foreach_adam: bool = False, micro: int = 8,
                  accum: int = 1):
-        from dpolab.trainer import _fused_adamw
+        from dpolab.trainer import build_optimizer
 
         self.policy, self.reference, self.batches = policy, reference, steps_batches
         self.config = _config(micro, accum)
         self.params = [p for p in policy.parameters() if p.requires_grad]
-        fused = None if foreach_adam else _fused_adamw(self.params, self.config)  # the trainer's choice
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.config.lr, fused=fused)
+        self.optimizer = build_optimizer(self.params, self.config, fused=not foreach_adam)  # the trainer's optimizer
 
     def step(self, i: int) -> tuple[float, float, int, float]:
         from dpolab.objective import STATS

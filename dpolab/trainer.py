@@ -161,10 +161,7 @@ def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs
         step = resume.step
     wrapped = dist.wrap(model, ctx, config.fsdp)
     params = [p for p in wrapped.parameters() if p.requires_grad]
-    optimizer = (torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
-                                   fused=_fused_adamw(params, config))
-                 if config.optimizer == "adamw" else
-                 torch.optim.RMSprop(params, lr=config.lr, weight_decay=config.weight_decay))
+    optimizer = build_optimizer(params, config)
     if resume is not None:
         dist.load_optimizer_state(wrapped, optimizer, resume.optimizer_state, ctx, config.fsdp)
 
@@ -281,14 +278,19 @@ def accumulate_gradients(model, reference, batches: list, *, config: TrainConfig
     return totals, first_bad
 
 
-def _fused_adamw(params, config) -> bool | None:
-    """Use torch's one-pass (fused) AdamW where it exists: float parameters on CPU or CUDA (FSDP-sharded too).
+def build_optimizer(params, config: TrainConfig, *, fused: bool = True) -> torch.optim.Optimizer:
+    """The trainer's optimizer for ``params``: ``config.optimizer`` with ``config.lr`` and ``config.weight_decay``.
 
-    Same update as the multi-pass default up to float rounding; on SmolLM2-135M it took 8% off a CPU step
-    (benchmarks/levers.py, lever ``fused-adamw``). None keeps torch's default elsewhere.
+    AdamW runs torch's one-pass (fused) kernel where it exists: float parameters on CPU or CUDA (FSDP-sharded
+    too). Same update as the multi-pass default up to float rounding; on SmolLM2-135M it took 8% off a CPU step
+    (benchmarks/levers.py, lever ``fused-adamw``). Elsewhere, or with ``fused=False``, torch's default
+    implementation is used.
     """
-    ok = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    return True if ok else None
+    params = list(params)
+    if config.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=config.lr, weight_decay=config.weight_decay)
+    ok = fused and bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True if ok else None)
 
 
 def _save(out, step, wrapped, model, tokenizer, optimizer, config, record, ctx) -> Path:

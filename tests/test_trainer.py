@@ -318,3 +318,31 @@ def test_keeping_freed_memory_changes_no_number(tmp_path):
     assert [r["loss"] for r in runs[True][0]] == [r["loss"] for r in runs[False][0]]
     for name, value in runs[True][1].items():
         assert torch.equal(value, runs[False][1][name]), name
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_optimizer_takes_lr_and_weight_decay_from_the_config_and_its_first_adamw_step_is_the_hand_derived_one(fused):
+    """One AdamW step from zero moments: m̂ = g and v̂ = g², so p ← p·(1 − lr·wd) − lr·g / (|g| + eps), fused or not."""
+    from dpolab.trainer import build_optimizer
+
+    config = TrainConfig.load(None, {"lr": 1e-2, "weight_decay": 0.1})
+    p = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0, 0.0]))
+    g = torch.tensor([0.3, -2.0, 1e-3, 4.0])
+    optimizer = build_optimizer([p], config, fused=fused)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.defaults["fused"] is (True if fused else None)
+    before = p.detach().clone()
+    p.grad = g.clone()
+    optimizer.step()
+    eps = optimizer.defaults["eps"]
+    expected = before * (1 - 1e-2 * 0.1) - 1e-2 * g / (g.abs() + eps)
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7)  # float32 rounding of a few ops
+
+
+def test_rmsprop_is_built_when_the_config_asks_for_it():
+    from dpolab.trainer import build_optimizer
+
+    config = TrainConfig.load(None, {"optimizer": "rmsprop", "lr": 1e-3, "weight_decay": 0.05})
+    optimizer = build_optimizer([torch.nn.Parameter(torch.ones(3))], config)
+    assert isinstance(optimizer, torch.optim.RMSprop)
+    assert (optimizer.defaults["lr"], optimizer.defaults["weight_decay"]) == (1e-3, 0.05)
