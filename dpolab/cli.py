@@ -40,9 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dpolab`` console script; returns the exit code."""
+    use_headless_backend()
     parser = build_parser()
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
+
+
+def use_headless_backend() -> None:
+    """Draw figures with Agg: the command saves them to files and opens no window (the library never chooses)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
 
 
 def add_train(subparsers) -> None:

@@ -140,6 +140,9 @@ def register(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dpolab.cli import use_headless_backend
+
+    use_headless_backend()
     parser = argparse.ArgumentParser(prog="dpolab")
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)

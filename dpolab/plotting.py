@@ -1,14 +1,15 @@
-"""Figures as ``matplotlib`` Figure objects; saving is the caller's choice (``save_figure``)."""
+"""Figures as ``matplotlib`` Figure objects; saving is the caller's choice (``save_figure``).
+
+The library never selects a matplotlib backend: a Jupyter kernel keeps its inline backend, so a figure made
+here shows in the notebook; headless scripts choose Agg for themselves (the ``dpolab`` command does).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 # one style per method, as in the paper's Fig. 2 (left)
 METHOD_STYLE = {

@@ -1,0 +1,149 @@
+"""What an executed notebook shows: its figures, quiet library output, and a self-contained HTML copy.
+
+The notebook tests (``notebooks/conftest.py`` under nbval) and ``dpolab notebooks`` check that every code cell
+that draws a figure produced as many ``image/png`` outputs as figures it makes (:func:`missing_figures`).
+:func:`write_html` renders an executed notebook to one HTML file with its images embedded and MathJax 3
+inlined from the ``django-static-mathjax`` wheel, so equations render in a browser without a network.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+# pyplot calls that open a new figure; any call to a function named ``*_figure`` (dpolab.plotting's
+# constructors, e.g. ``frontier_figure``) does too, except the saver
+NEW_FIGURE_CALLS = {"subplots", "figure", "subplot_mosaic"}
+# pyplot calls that draw (into a new figure when none is open); any ``.plot(...)`` (pandas) draws too
+DRAWING_CALLS = {"plot", "hist", "bar", "barh", "scatter", "imshow", "errorbar", "step", "matshow"}
+NOT_A_FIGURE = {"save_figure"}
+MATHJAX_HINT = "pip install django-static-mathjax  (it ships MathJax 3; the notebooks extra includes it)"
+
+
+def _called_names(source: str) -> list[tuple[str | None, str]]:
+    """``(receiver, name)`` of every call in ``source``: ``plt.subplots(...)`` gives ``("plt", "subplots")``."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:  # IPython magics or shell lines: fall back to the text
+        return [(receiver or None, name) for receiver, name in re.findall(r"(?:(\w+)\.)?(\w+)\s*\(", source)]
+    calls = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            if isinstance(func, ast.Attribute):
+                receiver = func.value.id if isinstance(func.value, ast.Name) else None
+                calls.append((receiver, func.attr))
+            elif isinstance(func, ast.Name):
+                calls.append((None, func.id))
+    return calls
+
+
+def figures_drawn(source: str) -> int:
+    """How many figures a code cell's source makes, at least: 0 when it draws nothing.
+
+    A cell makes one figure per ``plt.subplots`` / ``plt.figure`` / ``plt.subplot_mosaic`` call and per call of
+    a ``*_figure`` constructor (``save_figure`` excepted); a cell that only plots (``df.plot(...)``,
+    ``plt.hist(...)``) makes at least one.
+    """
+    calls = _called_names(source)
+    made = sum(1 for receiver, name in calls if (receiver == "plt" and name in NEW_FIGURE_CALLS)
+               or (name.endswith("_figure") and name not in NOT_A_FIGURE))
+    draws = any((receiver == "plt" and name in DRAWING_CALLS) or name == "plot" for receiver, name in calls)
+    return made or int(draws)
+
+
+def count_images(outputs: Iterable[Mapping]) -> int:
+    """Number of ``image/png`` outputs among a cell's outputs (nbformat dicts or nbval's)."""
+    return sum(1 for out in outputs if "image/png" in (out.get("data") or {}))
+
+
+def missing_figures(cells: Iterable[Mapping]) -> list[str]:
+    """One message per executed code cell that draws more figures than it shows as ``image/png`` outputs.
+
+    Args:
+        cells: notebook cells (``nb["cells"]`` of an executed notebook, as dicts or ``NotebookNode``).
+    """
+    problems = []
+    for index, cell in enumerate(cells):
+        if cell.get("cell_type") != "code":
+            continue
+        source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
+        expected, shown = figures_drawn(source), count_images(cell.get("outputs") or [])
+        if shown < expected:
+            first = source.strip().splitlines()[0] if source.strip() else ""
+            problems.append(f"cell {index} draws {expected} figure(s) but shows {shown} image/png output(s): {first}")
+    return problems
+
+
+def quiet_library_progress() -> None:
+    """Switch off transformers' and datasets' own progress bars (weight loading, dataset saving).
+
+    In a notebook they fill cells with bars that say nothing; the kit's own bars (``progress=True``) stay.
+    """
+    from datasets.utils.logging import disable_progress_bar
+    from transformers.utils.logging import disable_progress_bar as disable_transformers_bars
+
+    disable_progress_bar()
+    disable_transformers_bars()
+
+
+def mathjax_script() -> Path:
+    """Path of MathJax 3's single-file TeX-to-SVG bundle inside the ``django-static-mathjax`` wheel.
+
+    ``tex-svg-full.js`` holds every TeX extension and draws glyphs as SVG paths, so it loads no fonts or
+    further files: inlined in a page, it renders the page's equations offline. The package is located, not
+    imported (it is a Django app).
+    """
+    spec = importlib.util.find_spec("mathjax")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        path = Path(folder) / "static" / "mathjax" / "es5" / "tex-svg-full.js"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"MathJax 3 (es5/tex-svg-full.js) is not installed; run: {MATHJAX_HINT}")
+
+
+# MathJax 3 in place of nbconvert's MathJax 2 loader (a CDN URL); delimiters as in Jupyter
+_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{%- block html_head_js_mathjax -%}
+<script>
+window.MathJax = {
+  tex: {inlineMath: [['$', '$'], ['\\\\(', '\\\\)']], displayMath: [['$$', '$$'], ['\\\\[', '\\\\]']],
+        processEscapes: true, processEnvironments: true, tags: 'ams'},
+  svg: {fontCache: 'global'},
+  options: {ignoreHtmlClass: 'tex2jax_ignore|jp-InputArea-editor'}
+};
+</script>
+<script>{{ resources.dpolab_mathjax }}</script>
+{%- endblock html_head_js_mathjax -%}
+"""
+
+
+def notebook_html(notebook) -> str:
+    """An executed notebook (path or ``NotebookNode``) as one self-contained HTML page (images and MathJax inlined)."""
+    import jinja2
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    if not isinstance(notebook, nbformat.NotebookNode):
+        notebook = nbformat.read(str(notebook), as_version=4)
+    # a literal "</script" inside the inlined code would end the script element early
+    script = mathjax_script().read_text(encoding="utf-8").replace("</script", "<\\/script")
+    exporter = HTMLExporter(extra_loaders=[jinja2.DictLoader({"dpolab_offline.html.j2": _TEMPLATE})],
+                            template_file="dpolab_offline.html.j2", embed_images=True)
+    body, _ = exporter.from_notebook_node(notebook, resources={"dpolab_mathjax": script})
+    return body
+
+
+def write_html(notebook_path: str | Path, html_path: str | Path | None = None) -> Path:
+    """Write the executed notebook at ``notebook_path`` as self-contained HTML (default: same name, ``.html``)."""
+    notebook_path = Path(notebook_path)
+    html_path = Path(html_path) if html_path else notebook_path.with_suffix(".html")
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = html_path.with_name(html_path.name + ".tmp")
+    tmp.write_text(notebook_html(notebook_path), encoding="utf-8")
+    tmp.replace(html_path)
+    return html_path
