@@ -48,8 +48,13 @@ def sentiment_config(path: str | None, overrides: list[str]):
             raise SystemExit(f"dpolab reproduce: unknown config key {key!r}; known: {', '.join(fields)}")
         default = fields[key].default
         if isinstance(default, tuple):
+            if isinstance(value, str) and default and isinstance(default[0], str):
+                value = [v.strip() for v in value.split(",") if v.strip()]  # methods=dpo,rloo
             value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            if default and isinstance(default[0], str):
+                if not all(isinstance(v, str) for v in value):
+                    raise SystemExit(f"dpolab reproduce: config key {key!r} needs names, got {value!r}")
+            elif not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
                 raise SystemExit(f"dpolab reproduce: config key {key!r} needs numbers, got {value!r}")
         elif isinstance(default, bool):
             if not isinstance(value, bool):
@@ -63,19 +68,26 @@ def sentiment_config(path: str | None, overrides: list[str]):
 
 
 def cmd_reproduce(args) -> int:
-    from dpolab.experiments.sentiment import from_results, run, table_markdown
+    import matplotlib
+
+    matplotlib.use("Agg")  # the command line saves figures headless; the library itself never picks a backend
+
+    from dpolab.experiments.sentiment import run
+    from dpolab.experiments.sentiment_report import from_results, report_markdown
 
     if args.from_results:
-        out = from_results(args.from_results, args.figure)
+        try:
+            out = from_results(args.from_results, args.figure)
+        except ValueError as err:
+            raise SystemExit(f"dpolab reproduce --from-results: {err}") from None
         print(out["table_md"])
         if out["figure"]:
             print(f"figure: {out['figure']}")
         return 0
     config = sentiment_config(args.config, args.overrides)
     result = run(config)
-    print(table_markdown(result["rows"]))
+    print(report_markdown(result["results"]))
     print(f"\npairs: {result['pair_stats']}")
-    print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result["timings"].items()))
     print(f"table: {result['table']}\nfigure: {result['figure']}")
     return 0
 

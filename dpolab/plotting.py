@@ -17,6 +17,7 @@ METHOD_STYLE = {
     "Preferred-FT": {"color": "tab:green", "marker": "s"},
     "Best of N": {"color": "tab:purple", "marker": "^"},
     "RLOO": {"color": "tab:orange", "marker": "D"},
+    "Unlikelihood": {"color": "tab:red", "marker": "v"},
     "Reference": {"color": "black", "marker": "*"},
 }
 
@@ -42,6 +43,41 @@ def frontier_figure(rows: Sequence[dict], title: str = "Reward vs KL(π‖π_ref
         if tag:
             ax.annotate(tag, (row["kl"], row["reward"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xlabel("KL(π‖π_ref) per completion (nats)")
+    ax.set_ylabel("mean ground-truth reward (VADER compound)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def frontier_curves_figure(rows: Sequence[dict], title: str = "Reward vs KL(π‖π_ref), held-out prefixes"):
+    """Reward–KL curves: one line per (method, knob) through its checkpoints in step order, ±1 s.e. bars.
+
+    Args:
+        rows: checkpoint rows (:mod:`dpolab.experiments.sentiment_curves`) with ``method``, ``knob``, ``step``,
+            ``reward``, ``reward_se``, ``kl``, ``kl_se``; Best-of-N rows form one line over N.
+    """
+    fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=120)
+    curves: dict = {}
+    for row in rows:
+        key = (row["method"], 0.0 if row["method"] == "Best of N" else row["knob"])
+        curves.setdefault(key, []).append(row)
+    seen = set()
+    for (method, knob), points in curves.items():
+        points = sorted(points, key=lambda r: (r["knob"], r["step"]) if method == "Best of N" else r["step"])
+        style = METHOD_STYLE.get(method, {"color": "gray", "marker": "x"})
+        label = None if method in seen else method
+        seen.add(method)
+        ax.errorbar([r["kl"] for r in points], [r["reward"] for r in points],
+                    xerr=[r.get("kl_se") or 0.0 for r in points], yerr=[r.get("reward_se") or 0.0 for r in points],
+                    fmt="-" + style["marker"], color=style["color"], label=label, capsize=2, markersize=5,
+                    linewidth=1.2, alpha=0.85)
+        tag = {"DPO": f"β={knob:g}", "RLOO": f"coef={knob:g}"}.get(method)
+        if tag and len(points) > 1:
+            ax.annotate(tag, (points[-1]["kl"], points[-1]["reward"]), textcoords="offset points", xytext=(5, 3),
+                        fontsize=7, color=style["color"])
+    ax.set_xlabel("KL(π‖π_ref) per continuation (nats)")
     ax.set_ylabel("mean ground-truth reward (VADER compound)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)

@@ -69,12 +69,14 @@ def rloo_train(
     max_new_tokens: int = 24,
     seed: int = 0,
     progress: bool = True,
+    on_step: Callable[[int, dict], None] | None = None,
 ) -> list[dict]:
     """Train ``policy`` in place with RLOO; return one metrics dict per step.
 
     Each step samples ``k`` completions for ``prompts_per_step`` prompts (cycling through ``prompts``),
     scores them with ``reward_fn`` (texts -> scores) and takes one AdamW step on
-    −mean(A_i · log π(y_i|x)).
+    −mean(A_i · log π(y_i|x)). ``on_step(step, record)`` runs after each step (e.g. to evaluate the policy
+    along training); the record's ``reward`` and ``kl`` are the step's own samples' means (a learning curve).
     """
     from tqdm.auto import tqdm
 
@@ -102,5 +104,8 @@ def rloo_train(
         optimizer.step()
         history.append({"step": step + 1, "loss": loss.item(), "reward": reward.mean().item(),
                         "kl": kl.mean().item(), "grad_norm": float(grad_norm)})
+        if on_step is not None:
+            policy.eval()
+            on_step(step + 1, history[-1])
     policy.eval()
     return history

@@ -40,6 +40,9 @@ def test_unknown_or_mistyped_cli_key_is_named():
     with pytest.raises(SystemExit, match="'steps' needs int"):
         sentiment_config(None, ["steps=many"])
     assert sentiment_config(None, ["betas=0.1,0.5", "lr=1"]).betas == (0.1, 0.5)
+    assert sentiment_config(None, ["methods=dpo,rloo"]).methods == ("dpo", "rloo")
+    with pytest.raises(ValueError, match="methods: unknown"):
+        sentiment_config(None, ["methods=dpo,ppo"])
 
 
 def letter_e_reward(texts):
@@ -49,7 +52,8 @@ def letter_e_reward(texts):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """The whole experiment on a tiny random Llama: 4 train / 2 held-out prefixes, everything one or two steps.
+    """The whole frontier pipeline on a tiny random Llama: 4 train / 3 held-out prefixes, every method, two steps
+    each, evaluated at every step; two β and two KL coefficients.
 
     The ground truth is :func:`letter_e_reward` in place of VADER (the second judge stays TextBlob).
     """
@@ -62,35 +66,72 @@ def tiny_run(tmp_path_factory):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     out = tmp_path_factory.mktemp("run")
-    config = SentimentConfig(model=str(folder), n_train_prompts=4, n_eval_prompts=2, samples_per_prompt=3,
-                             max_new_tokens=4, sft_steps=0, betas=(0.1,), steps=2, batch_size=4, rloo_steps=1,
-                             rloo_prompts_per_step=2, rloo_k=2, best_of_n=(2, 4), eval_samples_per_prompt=2,
-                             output_dir=str(out), figure=str(out / "frontier.png"), progress=False)
+    config = SentimentConfig(model=str(folder), n_train_prompts=4, n_eval_prompts=3, samples_per_prompt=3,
+                             max_new_tokens=4, sft_steps=0, methods=("dpo", "preferred_ft", "unlikelihood", "rloo"),
+                             betas=(0.1, 0.5), steps=2, eval_every=1, batch_size=4, rloo_steps=2,
+                             rloo_prompts_per_step=2, rloo_k=2, rloo_kl_coefs=(0.0, 0.1), best_of_n=(1, 2, 4),
+                             eval_samples_per_prompt=2, heldout_pair_samples=4, output_dir=str(out),
+                             figure=str(out / "frontier.png"), results=str(out / "copy" / "results.json"),
+                             progress=False)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(experiment, "get_judge", lambda name: get_judge(letter_e_reward if name == "vader" else name))
         return config, run(config)
 
 
-def test_tiny_run_rows_and_invariants(tiny_run):
-    """Every method gets a row; KL of the reference is 0 and Best-of-N's is the analytic log N − (N−1)/N; DPO's
-    first step starts at π_θ = π_ref, so its loss is log 2; gains are paired against the reference."""
+def test_tiny_run_curves_and_invariants(tiny_run):
+    """Every trained curve has its step-0 point (π_ref: KL 0, gain 0) and one row per step; Best-of-N sits at the
+    analytic KL log N − (N−1)/N and Best-of-1 is π_ref's mean reward (the unbiased estimator at N = 1); DPO's first
+    step starts at π_θ = π_ref, so its loss is log 2; the gains are paired against π_ref's per-prefix means."""
     config, result = tiny_run
-    rows = {r["policy"]: r for r in result["rows"]}
-    assert set(rows) == {"reference", "best-of-2", "best-of-4", "dpo_beta0.1", "preferred_ft", "rloo"}
-    assert rows["reference"]["kl"] == 0.0 and rows["reference"]["n_samples"] == 2 * 4
-    for n in (2, 4):
-        assert rows[f"best-of-{n}"]["kl"] == pytest.approx(math.log(n) - (n - 1) / n, abs=1e-12)
-    # best-of-4 takes the max of all 4 reference samples of a prompt, the reference row their mean
-    assert rows["best-of-4"]["reward"] >= rows["reference"]["reward"] - 1e-12
-    assert rows["best-of-4"]["reward"] >= rows["best-of-2"]["reward"] - 1e-12  # max over a superset of samples
-    for name in ("dpo_beta0.1", "preferred_ft", "rloo"):
-        row = rows[name]
-        assert row["n_samples"] == 2 * config.eval_samples_per_prompt
-        assert 0.0 <= row["heldout_acc"] <= 1.0 and row["heldout_pairs"] <= 2 * math.comb(4, 2)
-        assert row["reward_gain"] == pytest.approx(np.mean(row["prompt_rewards"]) - rows["reference"]["reward"])
+    rows = result["results"]["policies"]
+    reference = next(r for r in rows if r["method"] == "Reference")
+    assert reference["kl"] == 0.0 and reference["n_samples"] == 3 * 4
+    curves = {}
+    for r in rows:
+        curves.setdefault((r["method"], r["knob"]), []).append(r["step"])
+    expected = {("DPO", 0.1), ("DPO", 0.5), ("Preferred-FT", 0.0), ("Unlikelihood", 0.0), ("RLOO", 0.0), ("RLOO", 0.1)}
+    assert {k for k in curves if k[0] not in ("Reference", "Best of N")} == expected
+    for key in expected:
+        assert sorted(curves[key]) == [0, 1, 2]
+    for r in rows:
+        assert len(r["prompt_rewards"]) == len(r["prompt_kls"]) == 3
+        if r["step"] == 0 and r["method"] != "Best of N":
+            assert r["reward"] == reference["reward"] and r["kl"] == 0.0
+        elif r["method"] not in ("Reference", "Best of N"):
+            assert r["gain"] == pytest.approx(r["reward"] - reference["reward"])
+            assert r["n_samples"] == 3 * config.eval_samples_per_prompt
+        if r.get("final"):
+            assert 0.0 <= r["heldout_acc"] <= 1.0 and r["heldout_pairs"] <= 3 * math.comb(4, 2)
+    bon = {r["knob"]: r for r in rows if r["method"] == "Best of N"}
+    for n in (1, 2, 4):
+        assert bon[n]["kl"] == pytest.approx(math.log(n) - (n - 1) / n, abs=1e-12)
+    assert bon[1]["reward"] == pytest.approx(reference["reward"])
+    assert bon[4]["reward"] >= bon[2]["reward"] - 1e-12 >= bon[1]["reward"] - 2e-12  # E[max] grows with N
     metrics = [json.loads(line) for line in (config_out(config) / "dpo_beta0.1" / "metrics.jsonl").open()]
     assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    curves_logged = result["results"]["learning_curves"]
+    assert len(curves_logged["rloo_0.1"]) == 2 and all("reward" in r and "kl" in r for r in curves_logged["rloo_0.1"])
     assert result["figure"].is_file()
+
+
+def test_tiny_run_comparisons_and_timings(tiny_run):
+    """One matched-KL row per pair of methods, with the result fields (or a note where the curves do not share a
+    KL range); the timings name the training and evaluation of every curve."""
+    _, result = tiny_run
+    comparisons = result["results"]["comparisons"]
+    methods = ["DPO", "RLOO", "Preferred-FT", "Unlikelihood", "Best of N"]
+    assert {(c["method_a"], c["method_b"]) for c in comparisons} == {
+        (a, b) for i, a in enumerate(methods) for b in methods[i + 1:]}
+    for c in comparisons:
+        if c["note"]:
+            assert math.isnan(c["reward_diff"])
+        else:
+            assert c["kl_low"] <= c["kl_high"] and c["ci_low"] <= c["ci_high"]
+            assert 0.0 <= c["dominance_share"] <= 1.0
+    timings = result["results"]["timings"]
+    for name in ("DPO β=0.1 (train)", "DPO β=0.1 (evaluation)", "RLOO KL coef 0.1 (train)", "reference_samples"):
+        assert name in timings
+    assert timings["total"] >= sum(v for k, v in timings.items() if k.endswith("(train)"))
 
 
 def config_out(config):
@@ -99,14 +140,36 @@ def config_out(config):
     return resolve(config.output_dir)
 
 
-def test_saved_results_rerender_the_same_table(tiny_run):
+def test_saved_results_rerender_the_same_tables(tiny_run):
+    from dpolab.experiments.sentiment_report import report_markdown
+
     config, result = tiny_run
     saved = from_results(result["table"])
-    assert saved["table_md"] == table_markdown(result["rows"]) and saved["figure"] is None
+    assert saved["table_md"] == report_markdown(result["results"]) and saved["figure"] is None
     assert from_results(result["table"], config_out(config) / "redrawn.png")["figure"].is_file()
     assert (config_out(config) / "results.md").read_text().strip() == saved["table_md"]
+    assert json.loads((config_out(config) / "copy" / "results.json").read_text()) == json.loads(
+        result["table"].read_text())
+    assert table_markdown(result["results"]["policies"]) in saved["table_md"]
     with pytest.raises(ValueError, match="not a results.json"):
         from_results(config_out(config) / "results.md")
+
+
+def test_older_results_file_is_refused_naming_the_field(tmp_path):
+    """A results file of the first format (one row per policy under "rows") is refused, naming 'policies'; a row
+    without its KL names the row and the field."""
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"rows": [{"policy": "reference"}], "timings": {}}))
+    with pytest.raises(ValueError, match="'policies' is missing"):
+        from_results(old)
+    from dpolab.experiments.sentiment_curves import RESULTS_FORMAT
+
+    row = {k: 0.0 for k in ("method", "knob", "step", "reward", "reward_se", "kl_se", "gain", "gain_se")}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": RESULTS_FORMAT, "policies": [{**row, "prompt_rewards": [], "prompt_kls": []}],
+                               "comparisons": [], "timings": {}}))
+    with pytest.raises(ValueError, match=r"policies\[0\] has no field 'kl'"):
+        from_results(bad)
 
 
 def test_pairs_are_reused_with_the_same_settings(tiny_run):

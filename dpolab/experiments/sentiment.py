@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
+import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpolab.cache import REPO_ROOT, atomic_write_text
+from dpolab.cache import REPO_ROOT
 from dpolab.experiments.sentiment_eval import (
-    add_paired_gains,
     best_of_n_rows,
     evaluate_policy,
     evaluate_samples,
@@ -52,9 +52,9 @@ class SentimentConfig:
 
     model: str = DEFAULT_MODEL
     """Initial model (the embedded SmolLM2-135M-Instruct, a local folder, or a hub id)."""
-    n_train_prompts: int = 32
+    n_train_prompts: int = 64
     """Training prefixes (each gets ``samples_per_prompt`` reference samples)."""
-    n_eval_prompts: int = 16
+    n_eval_prompts: int = 32
     """Held-out prefixes (from snippets no training prefix comes from)."""
     min_prefix_tokens: int = 2
     """Shortest prefix, in tokens of the model's tokenizer (paper: 2)."""
@@ -68,38 +68,52 @@ class SentimentConfig:
     """Length of every continuation, in tokens."""
     sft_steps: int = 8
     """SFT steps on review text before anything else, as the paper's §6.1 (0 = the initial model is π_ref)."""
-    betas: tuple[float, ...] = (0.1, 0.5)
+    methods: tuple[str, ...] = ("dpo",)
+    """Trained methods, each a curve: "dpo" (one per β), "preferred_ft", "unlikelihood", "rloo" (one per KL
+    coefficient). Best-of-N and π_ref are always evaluated."""
+    betas: tuple[float, ...] = (0.1,)
     """The β grid of the DPO runs."""
     loss: str = "sigmoid"
     """DPO-family loss (a name in dpolab.losses.LOSSES)."""
-    steps: int = 16
-    """Optimizer steps of each DPO and Preferred-FT run."""
+    steps: int = 32
+    """Optimizer steps of each DPO, Preferred-FT and Unlikelihood run."""
+    eval_every: int = 8
+    """Evaluate every trained policy on the held-out prefixes every this many steps (and at the last step)."""
     batch_size: int = 8
-    """Pairs per optimizer step (micro-batches of 4 accumulated)."""
+    """Pairs per optimizer step (micro-batches of at most 8 accumulated)."""
     lr: float = 5e-5
-    """Learning rate of DPO and Preferred-FT (AdamW; small CPU runs need far more than the paper's 1e-6)."""
+    """Learning rate of DPO, Preferred-FT and Unlikelihood (AdamW; small CPU runs need far more than the paper's
+    1e-6)."""
+    unlikelihood_alpha: float = 1.0
+    """Weight of the unlikelihood term −log(1 − π(y_l,t)) (Welleck et al.: 1)."""
     rloo_steps: int = 8
     """Steps of the RL baseline (each samples rloo_k continuations of rloo_prompts_per_step prefixes)."""
     rloo_prompts_per_step: int = 4
     """Prefixes per RLOO step."""
     rloo_k: int = 4
     """Samples per prefix in RLOO (the leave-one-out baseline needs ≥ 2)."""
-    rloo_kl_coef: float = 0.1
-    """β of the KL penalty in the RL baseline's reward."""
+    rloo_kl_coefs: tuple[float, ...] = (0.1,)
+    """The KL-coefficient grid of the RL baseline (its reward is VADER − coef · log π/π_ref), one curve each."""
     rloo_lr: float = 2e-5
     """RLOO learning rate."""
-    best_of_n: tuple[int, ...] = (2, 4, 8)
-    """N of the Best-of-N baselines (the reference is sampled max(best_of_n) times per held-out prefix)."""
+    rloo_eval_every: int = 0
+    """Evaluate the RL policy every this many steps (0 = ``eval_every``)."""
+    best_of_n: tuple[int, ...] = (1, 2, 4, 8, 16)
+    """N of the Best-of-N curve (π_ref is sampled max(best_of_n) times per held-out prefix)."""
     eval_samples_per_prompt: int = 4
-    """Samples per held-out prefix for each trained policy."""
+    """Samples per held-out prefix for each evaluated checkpoint."""
+    heldout_pair_samples: int = 8
+    """π_ref samples per held-out prefix whose pairs measure the implicit-reward accuracy (at each run's end)."""
     seed: int = 0
     """Seed of prompt selection, sampling, pair labels and training."""
     output_dir: str = "runs/sentiment"
     """Where the pairs, metrics, results table and figure go (relative paths from the repository root)."""
     figure: str = "figures/sentiment_frontier.png"
     """Where the frontier figure is written ("" = not written)."""
+    results: str = ""
+    """Also copy the results JSON here (e.g. results/sentiment_default.json; "" = only output_dir/results.json)."""
     progress: bool = True
-    """Show progress bars."""
+    """Show the stages and progress bars on stderr."""
 
     def __post_init__(self):
         if self.n_train_prompts < 1 or self.n_eval_prompts < 1:
@@ -110,6 +124,20 @@ class SentimentConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 1 <= self.min_prefix_tokens <= self.max_prefix_tokens:
             raise ValueError("need 1 <= min_prefix_tokens <= max_prefix_tokens")
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise ValueError(f"methods: unknown {unknown}; known: {', '.join(METHODS)}")
+        if self.steps < 1 or self.eval_every < 0 or self.rloo_eval_every < 0:
+            raise ValueError("steps must be >= 1, eval_every and rloo_eval_every >= 0")
+        if not self.best_of_n or min(self.best_of_n) < 1:
+            raise ValueError(f"best_of_n must list integers >= 1, got {self.best_of_n!r}")
+        for name in ("betas", "rloo_kl_coefs"):
+            values = getattr(self, name)
+            if any(not (math.isfinite(v) and v >= 0) for v in values) or (name == "betas" and 0 in values):
+                raise ValueError(f"{name} must be finite, > 0 for betas and >= 0 for KL coefficients; got {values!r}")
+
+
+METHODS = ("dpo", "preferred_ft", "unlikelihood", "rloo")
 
 
 def resolve(path: str) -> Path:
@@ -154,6 +182,12 @@ class Setup:
     timings: dict = field(default_factory=dict)
     heldout: dict | None = None
     """π_ref's samples of the held-out prefixes, their rewards and π_ref's log-probs (see :func:`heldout_samples`)."""
+    reference_row: dict | None = None
+    """π_ref's checkpoint row (:func:`dpolab.experiments.sentiment_curves.reference_curve_row`), once evaluated."""
+
+    def heldout_samples(self) -> dict:
+        """π_ref's held-out samples (drawn once; see the module function :func:`heldout_samples`)."""
+        return heldout_samples(self)
 
 
 def prepare(config: SentimentConfig | None = None, **overrides) -> Setup:
@@ -234,35 +268,55 @@ def _with_token_ids(dataset, samples):
 def train_config(setup: Setup, name: str, **fields) -> dict:
     """The trainer settings shared by every policy of the experiment (a dict for dpolab.trainer.train)."""
     c = setup.config
-    return dict(max_steps=c.steps, lr=c.lr, micro_batch_size=min(4, c.batch_size),
-                grad_accum_steps=max(1, c.batch_size // 4), seed=c.seed, progress=c.progress, kl_samples=0,
-                overwrite=True, output_dir=str(setup.out / name), **fields)
+    micro = min(8, c.batch_size)
+    return dict(max_steps=c.steps, lr=c.lr, micro_batch_size=micro, grad_accum_steps=max(1, c.batch_size // micro),
+                seed=c.seed, progress=c.progress, kl_samples=0, overwrite=True, output_dir=str(setup.out / name),
+                **fields)
 
 
-def train_dpo(setup: Setup, pairs: list[TokenizedPair], beta: float, loss: str | None = None):
+def _with_policy(policy, on_step):
+    """``on_step(step, record)`` for the trainer, given a callback of ``(policy, step, record)``."""
+    return None if on_step is None else (lambda step, record: on_step(policy, step, record))
+
+
+def train_dpo(setup: Setup, pairs: list[TokenizedPair], beta: float, loss: str | None = None, on_step=None):
     """A copy of π_ref trained with DPO at ``beta`` (reference log-probs precomputed once, cached by hash).
 
+    ``on_step(policy, step, record)`` runs after every optimizer step (e.g. to evaluate checkpoints).
     Returns ``(policy, TrainResult)``.
     """
     from dpolab.trainer import train
 
     policy = copy.deepcopy(setup.reference)
     result = train(train_config(setup, f"dpo_beta{beta:g}", stage="dpo", beta=beta, loss=loss or setup.config.loss,
-                                reference="precomputed"), model=policy, tokenizer=setup.tokenizer, train_pairs=pairs)
+                                reference="precomputed"), model=policy, tokenizer=setup.tokenizer, train_pairs=pairs,
+                   on_step=_with_policy(policy, on_step))
     return policy.eval(), result
 
 
-def train_preferred_ft(setup: Setup, pairs: list[TokenizedPair]):
+def train_preferred_ft(setup: Setup, pairs: list[TokenizedPair], on_step=None):
     """Preferred-FT: a copy of π_ref trained with SFT on the chosen responses. Returns ``(policy, TrainResult)``."""
     from dpolab.trainer import train
 
     policy = copy.deepcopy(setup.reference)
     result = train(train_config(setup, "preferred_ft", stage="sft"), model=policy, tokenizer=setup.tokenizer,
-                   train_pairs=pairs)
+                   train_pairs=pairs, on_step=_with_policy(policy, on_step))
     return policy.eval(), result
 
 
-def train_rloo(setup: Setup):
+def train_unlikelihood(setup: Setup, pairs: list[TokenizedPair], on_step=None):
+    """Unlikelihood (:mod:`dpolab.unlikelihood`) from a copy of π_ref. Returns ``(policy, history)``."""
+    from dpolab.unlikelihood import unlikelihood_train
+
+    c = setup.config
+    policy = copy.deepcopy(setup.reference)
+    history = unlikelihood_train(policy, pairs, pad_token_id(setup.tokenizer), steps=c.steps, batch_size=c.batch_size,
+                                 lr=c.lr, alpha=c.unlikelihood_alpha, seed=c.seed, progress=c.progress,
+                                 on_step=_with_policy(policy, on_step))
+    return policy.eval(), history
+
+
+def train_rloo(setup: Setup, kl_coef: float | None = None, on_step=None):
     """The RL baseline (dpolab.rloo) from a copy of π_ref. Returns ``(policy, history)``."""
     from dpolab.rloo import rloo_train
 
@@ -270,9 +324,10 @@ def train_rloo(setup: Setup):
     policy = copy.deepcopy(setup.reference)
     history = rloo_train(policy, setup.reference, setup.tokenizer, setup.train_prefixes, setup.reward_fn,
                          steps=c.rloo_steps, prompts_per_step=c.rloo_prompts_per_step, k=c.rloo_k,
-                         kl_coef=c.rloo_kl_coef, lr=c.rloo_lr, max_new_tokens=c.max_new_tokens, seed=c.seed,
-                         progress=c.progress)
-    return policy, history
+                         kl_coef=c.rloo_kl_coefs[0] if kl_coef is None else kl_coef, lr=c.rloo_lr,
+                         max_new_tokens=c.max_new_tokens, seed=c.seed, progress=c.progress,
+                         on_step=_with_policy(policy, on_step))
+    return policy.eval(), history
 
 
 def heldout_samples(setup: Setup) -> dict:
@@ -285,7 +340,7 @@ def heldout_samples(setup: Setup) -> dict:
         from dpolab.rloo import score_completions
 
         c = setup.config
-        kw = _sampling(setup, max(c.best_of_n), c.seed + 1)
+        kw = _sampling(setup, max(*c.best_of_n, c.heldout_pair_samples, 2), c.seed + 1)
         samples = sample(setup.reference, setup.tokenizer, setup.eval_prefixes, kw.pop("n"), **kw)
         rewards = np.asarray(setup.reward_fn(full_texts(samples))).reshape(len(samples.prompts), -1)
         setup.heldout = {"samples": samples, "rewards": rewards,
@@ -314,51 +369,112 @@ def reference_rows(setup: Setup) -> list[dict]:
 
 
 def run(config: SentimentConfig | None = None, **overrides) -> dict:
-    """The whole experiment; returns ``{"rows", "table", "figure", "timings", "pair_stats"}``.
+    """The whole experiment: every method's reward–KL curve, the matched-KL comparisons, the results file.
 
-    Every evaluated policy is also saved with :func:`save_model_row` under ``output_dir/models`` for ranking.
+    Returns ``{"results", "table", "figure", "timings", "pair_stats"}``; ``results`` is the dict written to
+    ``output_dir/results.json`` (and to ``config.results`` when set), in the format that
+    :func:`dpolab.experiments.sentiment_report.from_results` reads. The last checkpoint of every curve and the
+    Best-of-N rows are also saved with :func:`save_model_row` under ``output_dir/models`` for ranking.
     """
-    from dpolab.plotting import frontier_figure, save_figure
+    from dpolab.experiments import sentiment_curves as curves
+    from dpolab.experiments.sentiment_report import assemble, write_results
 
-    setup = prepare(config, **overrides)
-    config, timings = setup.config, setup.timings
+    config = dataclasses.replace(config or SentimentConfig(), **overrides)
+    stages = ["load + SFT", "preference pairs", "π_ref held-out samples"]
+    stages += [f"DPO β={b:g}" for b in config.betas] if "dpo" in config.methods else []
+    stages += [name for key, name in (("preferred_ft", "Preferred-FT"), ("unlikelihood", "Unlikelihood"))
+               if key in config.methods]
+    stages += [f"RLOO KL coef {k:g}" for k in config.rloo_kl_coefs] if "rloo" in config.methods else []
+    say = _stage_printer(stages, config.progress)
     t0 = time.perf_counter()
+
+    say("load + SFT")
+    setup = prepare(config)
+    config, timings = setup.config, setup.timings
+    say("preference pairs")
     _, pairs, metadata = make_pairs(setup)
-    rows = []
+    say("π_ref held-out samples")
+    t = time.perf_counter()
+    setup.heldout_samples()
+    timings["reference_samples"] = time.perf_counter() - t
+    setup.reference_row = curves.reference_curve_row(setup)
+    rows = [setup.reference_row, *curves.best_of_n_curve_rows(setup, config.best_of_n)]
+    learning_curves = {}
 
-    def timed(name, fn):
-        t = time.perf_counter()
-        value = fn()
-        timings[name] = time.perf_counter() - t
-        return value
+    def traced(method: str, knob: float, name: str, train_fn, every: int, steps: int):
+        """Train one curve, evaluating at the checkpoint steps; record train and eval seconds apart."""
+        say(name)
+        at = curves.checkpoint_steps(steps, every)
+        points = [curves.start_row(setup.reference_row, method, knob)]
+        spent = {"eval": 0.0}
 
-    rows.extend(timed("reference_eval", lambda: reference_rows(setup)))
-    for beta in config.betas:
-        def dpo(beta=beta):
-            policy, result = train_dpo(setup, pairs, beta)
-            return evaluate(setup, f"dpo_beta{beta:g}", "DPO", policy, beta=beta, final_metrics=_last(result))
-        rows.append(timed(f"dpo_beta{beta:g}", dpo))
+        def on_step(policy, step, record):
+            if step in at:
+                started = time.perf_counter()
+                points.append(curves.evaluate_checkpoint(setup, policy, method, knob, step,
+                                                         pair_accuracy=step == steps))
+                spent["eval"] += time.perf_counter() - started
+                if config.progress:
+                    r = points[-1]
+                    print(f"    step {step}: reward {r['reward']:.3f} ± {r['reward_se']:.3f}, "
+                          f"KL {r['kl']:.2f} ± {r['kl_se']:.2f}, gain {r['gain']:+.3f} ± {r['gain_se']:.3f}",
+                          file=sys.stderr, flush=True)
 
-    def pft():
-        policy, result = train_preferred_ft(setup, pairs)
-        return evaluate(setup, "preferred_ft", "Preferred-FT", policy, final_metrics=_last(result))
-    rows.append(timed("preferred_ft", pft))
+        started = time.perf_counter()
+        _, result = train_fn(on_step)
+        timings[f"{name} (train)"] = time.perf_counter() - started - spent["eval"]
+        timings[f"{name} (evaluation)"] = spent["eval"]
+        history = getattr(result, "history", result)
+        learning_curves[points[-1]["policy"].rsplit("_step", 1)[0]] = [
+            {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            for record in history]
+        rows.extend(points)
 
-    def rl():
-        policy, history = train_rloo(setup)
-        return evaluate(setup, "rloo", "RLOO", policy, kl_coef=config.rloo_kl_coef, final_metrics=history[-1])
-    rows.append(timed("rloo", rl))
-    timings["total"] = time.perf_counter() - t0 + timings["load"] + timings.get("sft", 0.0)
-    add_paired_gains(rows)
+    if "dpo" in config.methods:
+        for beta in config.betas:
+            traced("DPO", beta, f"DPO β={beta:g}",
+                   lambda cb, beta=beta: train_dpo(setup, pairs, beta, on_step=cb), config.eval_every, config.steps)
+    if "preferred_ft" in config.methods:
+        traced("Preferred-FT", 0.0, "Preferred-FT", lambda cb: train_preferred_ft(setup, pairs, on_step=cb),
+               config.eval_every, config.steps)
+    if "unlikelihood" in config.methods:
+        traced("Unlikelihood", 0.0, "Unlikelihood", lambda cb: train_unlikelihood(setup, pairs, on_step=cb),
+               config.eval_every, config.steps)
+    if "rloo" in config.methods:
+        for coef in config.rloo_kl_coefs:
+            traced("RLOO", coef, f"RLOO KL coef {coef:g}",
+                   lambda cb, coef=coef: train_rloo(setup, coef, on_step=cb),
+                   config.rloo_eval_every or config.eval_every, config.rloo_steps)
+    timings["total"] = time.perf_counter() - t0
 
-    for row in rows:
-        save_model_row(row, setup.out / "models", source="sentiment")
-    table = setup.out / "results.json"
-    atomic_write_text(table, json.dumps({"config": dataclasses.asdict(config), "pair_stats": metadata.get("stats"),
-                                         "rows": rows, "timings": timings}, indent=2, default=str))
-    atomic_write_text(setup.out / "results.md", table_markdown(rows) + "\n")
-    figure = save_figure(frontier_figure(rows), resolve(config.figure)) if config.figure else None
-    return {"rows": rows, "table": table, "figure": figure, "timings": timings, "pair_stats": metadata.get("stats")}
+    results = assemble(config, rows, learning_curves, timings, metadata.get("stats"))
+    for row in results["policies"]:
+        if row["method"] == "Best of N" or (row["method"] != "Reference" and row.get("final")):
+            save_model_row(row, setup.out / "models", source="sentiment")
+    paths = write_results(results, setup.out / "results.json", resolve(config.results) if config.results else None,
+                          resolve(config.figure) if config.figure else None)
+    say(None)
+    return {"results": results, **paths, "timings": timings, "pair_stats": metadata.get("stats")}
+
+
+def _stage_printer(stages: list[str], enabled: bool):
+    """``say(name)`` prints "[i/n] name" with the time since the previous stage (``say(None)``: the end)."""
+    state = {"t": time.perf_counter(), "t0": time.perf_counter(), "last": None}
+
+    def say(name):
+        if not enabled:
+            return
+        now = time.perf_counter()
+        if state["last"] is not None:
+            print(f"      {state['last']} done in {now - state['t']:.0f} s", file=sys.stderr, flush=True)
+        if name is None:
+            print(f"[dpolab reproduce] finished in {now - state['t0']:.0f} s", file=sys.stderr, flush=True)
+        else:
+            i = stages.index(name) + 1 if name in stages else "?"
+            print(f"[dpolab reproduce {i}/{len(stages)}] {name} …", file=sys.stderr, flush=True)
+        state["t"], state["last"] = now, name
+
+    return say
 
 
 def _last(result) -> dict:
@@ -385,32 +501,4 @@ def sft_on_reviews(model, tokenizer, config: SentimentConfig, out: Path):
     return model.eval()
 
 
-def table_markdown(rows: list[dict]) -> str:
-    """The results as a Markdown table (± one standard error; the gain is paired over held-out prompts)."""
-    lines = ["| policy | method | VADER reward | gain vs reference (paired) | KL(π‖π_ref) (nats) | TextBlob | samples | "
-             "held-out pair acc. (pairs) |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        gain = f"{r['reward_gain']:+.3f} ± {r['reward_gain_se']:.3f}" if "reward_gain" in r else "—"
-        acc = (f"{r['heldout_acc']:.3f} ± {r['heldout_acc_se']:.3f} ({r['heldout_pairs']})" if "heldout_acc" in r
-               else "—")
-        lines.append(f"| {r['policy']} | {r['method']} | {r['reward']:.3f} ± {r['reward_se']:.3f} | {gain} | "
-                     f"{r['kl']:.2f} ± {r['kl_se']:.2f} | {r['judge']:.3f} ± {r['judge_se']:.3f} | {r['n_samples']} | "
-                     f"{acc} |")
-    return "\n".join(lines)
-
-
-def from_results(path: str | Path, figure: str | None = None) -> dict:
-    """Re-render the table (and the figure, when ``figure`` is a path) from a saved ``results.json``, no recompute.
-
-    Returns ``{"rows", "table_md", "figure"}``; the rows get their paired gains (:func:`add_paired_gains`).
-    """
-    from dpolab.plotting import frontier_figure, save_figure
-
-    path = resolve(str(path))
-    try:
-        rows = json.loads(path.read_text())["rows"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{path}: not a results.json written by dpolab reproduce ({err!r})") from err
-    add_paired_gains(rows)
-    written = save_figure(frontier_figure(rows), resolve(figure)) if figure else None
-    return {"rows": rows, "table_md": table_markdown(rows), "figure": written}
+from dpolab.experiments.sentiment_report import from_results, table_markdown  # noqa: E402, F401  (public names)

@@ -1,0 +1,159 @@
+"""The results file of the controlled-sentiment experiment: assembled, validated, written, re-rendered.
+
+Format ``dpolab.sentiment/2`` (a JSON object):
+
+- ``policies``: one row per evaluated checkpoint (:mod:`dpolab.experiments.sentiment_curves`) with at least
+  :data:`POLICY_FIELDS` and the per-prefix means ``prompt_rewards`` and ``prompt_kls``;
+- ``comparisons``: one row per pair of methods (:func:`dpolab.frontier.compare_all`) with at least
+  :data:`COMPARISON_FIELDS`: the reward difference at matched KL over the common KL range with its bootstrap CI;
+- ``learning_curves``: per trained curve, the per-step training records (RLOO's ``reward`` and ``kl`` are the
+  reward and KL of its own training samples, so a reader sees whether it plateaued);
+- ``timings``: seconds per stage; ``config``, ``pair_stats``, ``format``, ``versions``.
+
+The README's tables and figure are regenerated from such a file with ``dpolab reproduce --from-results``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from dpolab.experiments.sentiment_curves import COMPARISON_FIELDS, POLICY_FIELDS, RESULTS_FORMAT
+
+METHOD_ORDER = ("DPO", "RLOO", "Preferred-FT", "Unlikelihood", "Best of N")
+
+
+def assemble(config, rows: list[dict], learning_curves: dict, timings: dict, pair_stats) -> dict:
+    """The results dict: rows with the last checkpoint of each curve marked ``final``, and the comparisons."""
+    import platform
+
+    import torch
+    import transformers
+
+    from dpolab.frontier import compare_all
+
+    last = {}
+    for row in rows:
+        key = (row["method"], row["knob"])
+        if key not in last or row["step"] > last[key]["step"]:
+            last[key] = row
+    for row in rows:
+        row["final"] = row is last[(row["method"], row["knob"])] and row["method"] not in ("Reference", "Best of N")
+    methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
+    curve_rows = [r for r in rows if r["method"] != "Reference"]
+    comparisons = compare_all(curve_rows, methods, seed=config.seed) if len(methods) > 1 else []
+    return {"format": RESULTS_FORMAT, "config": dataclasses.asdict(config), "pair_stats": pair_stats,
+            "policies": rows, "comparisons": comparisons, "learning_curves": learning_curves, "timings": timings,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__}}
+
+
+def write_results(results: dict, path: Path, copy_to: Path | None, figure: Path | None) -> dict:
+    """Write the results JSON (atomically, to ``path`` and ``copy_to``), the Markdown tables and the figure."""
+    from dpolab.cache import atomic_write_text
+    from dpolab.plotting import frontier_curves_figure, save_figure
+
+    text = json.dumps(results, indent=1, default=float)
+    for target in (path, copy_to):
+        if target is not None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(target, text + "\n")
+    atomic_write_text(path.with_suffix(".md"), report_markdown(results) + "\n")
+    written = save_figure(frontier_curves_figure(results["policies"]), figure) if figure else None
+    return {"table": path, "figure": written}
+
+
+def validate(results, source: str) -> dict:
+    """Check a loaded results file; a file of another format names what is missing."""
+    if not isinstance(results, dict):
+        raise ValueError(f"{source}: not a results file of dpolab reproduce (a JSON object expected)")
+    if results.get("format") != RESULTS_FORMAT:
+        found = "rows" if "rows" in results else "format"
+        raise ValueError(f"{source}: results format {results.get('format')!r} is not {RESULTS_FORMAT!r} (an older "
+                         f"file: field 'policies' is missing, it has {found!r}); rerun dpolab reproduce")
+    for field in ("policies", "comparisons", "timings"):
+        if field not in results:
+            raise ValueError(f"{source}: field {field!r} is missing")
+    for i, row in enumerate(results["policies"]):
+        for field in (*POLICY_FIELDS, "prompt_rewards", "prompt_kls"):
+            if field not in row:
+                raise ValueError(f"{source}: policies[{i}] has no field {field!r}")
+    for i, row in enumerate(results["comparisons"]):
+        for field in COMPARISON_FIELDS:
+            if field not in row:
+                raise ValueError(f"{source}: comparisons[{i}] has no field {field!r}")
+    return results
+
+
+def from_results(path: str | Path, figure: str | Path | None = None) -> dict:
+    """Re-render the tables (and the figure, when ``figure`` is a path) from a results file, no recompute.
+
+    Returns ``{"results", "table_md", "figure"}``.
+    """
+    from dpolab.experiments.sentiment import resolve
+    from dpolab.plotting import frontier_curves_figure, save_figure
+
+    path = resolve(str(path))
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a results.json written by dpolab reproduce ({err!r})") from err
+    validate(results, str(path))
+    written = save_figure(frontier_curves_figure(results["policies"]), resolve(str(figure))) if figure else None
+    return {"results": results, "table_md": report_markdown(results), "figure": written}
+
+
+def _fmt(value: float, se: float, digits: int = 3, sign: bool = False) -> str:
+    return f"{value:{'+' if sign else ''}.{digits}f} ± {se:.{digits}f}"
+
+
+def table_markdown(rows: list[dict]) -> str:
+    """π_ref, the last checkpoint of every trained curve and the Best-of-N points (± one s.e. over prefixes)."""
+    lines = ["| method | knob | step | reward (VADER) | paired gain vs π_ref | gain / s.e. | KL(π‖π_ref) (nats) | "
+             "TextBlob | held-out pair acc. (pairs) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if not (r["method"] in ("Reference", "Best of N") or r.get("final")):
+            continue
+        ratio = f"{r['gain'] / r['gain_se']:.1f}" if r.get("gain_se") else "—"
+        acc = (f"{r['heldout_acc']:.3f} ± {r['heldout_acc_se']:.3f} ({r['heldout_pairs']})" if "heldout_acc" in r
+               else "—")
+        knob = f"{r['knob']:g}" if r["method"] not in ("Reference", "Preferred-FT", "Unlikelihood") else "—"
+        lines.append(f"| {r['method']} | {knob} | {r['step']} | {_fmt(r['reward'], r['reward_se'])} | "
+                     f"{_fmt(r['gain'], r['gain_se'], sign=True)} | {ratio} | {_fmt(r['kl'], r['kl_se'], 2)} | "
+                     f"{_fmt(r['judge'], r['judge_se'])} | {acc} |")
+    return "\n".join(lines)
+
+
+def comparisons_markdown(comparisons: list[dict]) -> str:
+    """Reward difference at matched KL (A − B, mean over the common KL range) with its 95% bootstrap CI."""
+    lines = ["| A | B | common KL range (nats) | reward A − B at matched KL | 95% CI | share of range A > B "
+             "(CI > 0) | share B > A |", "|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        if c.get("note"):
+            lines.append(f"| {c['method_a']} | {c['method_b']} | {c['note']} | — | — | — | — |")
+            continue
+        lines.append(f"| {c['method_a']} | {c['method_b']} | {c['kl_low']:.2f}–{c['kl_high']:.2f} | "
+                     f"{c['reward_diff']:+.3f} | [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | "
+                     f"{c['dominance_share']:.2f} | {c.get('dominance_share_b', float('nan')):.2f} |")
+    return "\n".join(lines)
+
+
+def timings_markdown(timings: dict) -> str:
+    """Seconds per stage, with the share of the total."""
+    total = timings.get("total") or sum(v for k, v in timings.items() if k != "total")
+    lines = ["| stage | seconds | share |", "|---|---|---|"]
+    for name, seconds in timings.items():
+        if name != "total":
+            lines.append(f"| {name} | {seconds:.0f} | {seconds / total:.0%} |")
+    lines.append(f"| total | {total:.0f} | 100% |")
+    return "\n".join(lines)
+
+
+def report_markdown(results: dict) -> str:
+    """All three tables of a results file."""
+    parts = [table_markdown(results["policies"])]
+    if results["comparisons"]:
+        parts.append(comparisons_markdown(results["comparisons"]))
+    parts.append(timings_markdown(results["timings"]))
+    return "\n\n".join(parts)
