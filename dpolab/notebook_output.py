@@ -106,8 +106,12 @@ def mathjax_script() -> Path:
     raise FileNotFoundError(f"MathJax 3 (es5/tex-svg-full.js) is not installed; run: {MATHJAX_HINT}")
 
 
-# MathJax 3 in place of nbconvert's MathJax 2 loader (a CDN URL); delimiters as in Jupyter
+# nbconvert's lab page without what it would fetch from CDNs: MathJax 3 inlined in place of the MathJax 2
+# loader (delimiters as in Jupyter); no require.js, widget manager or mermaid loader (nothing here uses them)
 _TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
 {%- block html_head_js_mathjax -%}
 <script>
 window.MathJax = {
