@@ -27,7 +27,7 @@ test-slow: setup
 # The main job of the README: the controlled-sentiment reproduction on the embedded default, then the five
 # notebooks executed by papermill into runs/notebooks/ (figures into figures/).
 run: setup
-	$(BIN)/dpolab reproduce progress=False
+	$(BIN)/dpolab reproduce
 	$(BIN)/dpolab notebooks
 
 lint: setup

@@ -414,6 +414,9 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
                 points.append(curves.evaluate_checkpoint(setup, policy, method, knob, step,
                                                          pair_accuracy=step == steps))
                 spent["eval"] += time.perf_counter() - started
+                for part, seconds in points[-1]["eval_seconds"].items():
+                    timings[f"evaluation: {part} (all curves)"] = timings.get(
+                        f"evaluation: {part} (all curves)", 0.0) + seconds
                 if config.progress:
                     r = points[-1]
                     print(f"    step {step}: reward {r['reward']:.3f} ± {r['reward_se']:.3f}, "
@@ -423,7 +426,6 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
         started = time.perf_counter()
         _, result = train_fn(on_step)
         timings[f"{name} (train)"] = time.perf_counter() - started - spent["eval"]
-        timings[f"{name} (evaluation)"] = spent["eval"]
         history = getattr(result, "history", result)
         learning_curves[points[-1]["policy"].rsplit("_step", 1)[0]] = [
             {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
@@ -445,6 +447,7 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
             traced("RLOO", coef, f"RLOO KL coef {coef:g}",
                    lambda cb, coef=coef: train_rloo(setup, coef, on_step=cb),
                    config.rloo_eval_every or config.eval_every, config.rloo_steps)
+    timings["other (model copies, bookkeeping)"] = time.perf_counter() - t0 - sum(timings.values())
     timings["total"] = time.perf_counter() - t0
 
     results = assemble(config, rows, learning_curves, timings, metadata.get("stats"))

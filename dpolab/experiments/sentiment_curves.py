@@ -15,13 +15,14 @@ less noisy than independent draws would make them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
 import numpy as np
 
 from dpolab.experiments.sentiment_eval import full_texts, heldout_pair_accuracy
-from dpolab.generate import sample
+from dpolab.generate import Samples, sample
 from dpolab.rloo import score_completions
 from dpolab.tokenize import pad_token_id
 
@@ -84,21 +85,35 @@ def evaluate_checkpoint(setup, policy, method: str, knob: float, step: int, *, p
     pad = pad_token_id(setup.tokenizer)
     samples = sample(policy, setup.tokenizer, setup.eval_prefixes, c.eval_samples_per_prompt,
                      max_new_tokens=c.max_new_tokens, top_k=len(setup.tokenizer), seed=c.seed + 2, progress=False)
+    seconds = {"sampling": time.perf_counter() - t}
+    t = time.perf_counter()
     kls = (samples.model_logps - score_completions(setup.reference, samples, pad)).numpy()
+    seconds["π_ref log-probs"] = time.perf_counter() - t
+    t = time.perf_counter()
     texts = full_texts(samples)
     shape = kls.shape
     rewards = np.asarray(setup.reward_fn(texts), dtype=np.float64).reshape(shape)
     judges = np.asarray(setup.judge_fn(texts), dtype=np.float64).reshape(shape)
+    seconds["judges"] = time.perf_counter() - t
     extra = {}
     if pair_accuracy:
+        t = time.perf_counter()
         held = setup.heldout_samples()
         k = min(c.heldout_pair_samples, held["rewards"].shape[1])
-        ratios = score_completions(policy, held["samples"], pad) - held["ref_logps"]
-        extra = heldout_pair_accuracy(ratios.numpy()[:, :k], held["rewards"][:, :k])
+        ratios = score_completions(policy, first_samples(held["samples"], k), pad) - held["ref_logps"][:, :k]
+        extra = heldout_pair_accuracy(ratios.numpy(), held["rewards"][:, :k])
+        seconds["held-out pair accuracy"] = time.perf_counter() - t
     lengths = [float(np.mean([len(ids) for ids in row])) for row in samples.token_ids]
     return curve_row(method, knob, step, rewards.mean(1), kls.mean(1), judges.mean(1), setup.reference_row,
                      n_samples=int(rewards.size), prompt_lengths=lengths, prompts=list(samples.prompts),
-                     examples=texts[:: max(1, len(texts) // 3)][:3], eval_seconds=time.perf_counter() - t, **extra)
+                     examples=texts[:: max(1, len(texts) // 3)][:3], eval_seconds=seconds, **extra)
+
+
+def first_samples(samples: Samples, k: int) -> Samples:
+    """The first ``k`` samples of every prompt (a view for scoring fewer completions)."""
+    return dataclasses.replace(samples, texts=[row[:k] for row in samples.texts],
+                               token_ids=[row[:k] for row in samples.token_ids], model_logps=samples.model_logps[:, :k],
+                               sampling_logps=samples.sampling_logps[:, :k], finished=samples.finished[:, :k])
 
 
 def checkpoint_steps(steps: int, every: int) -> set[int]:
