@@ -45,7 +45,7 @@ def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cumulative sum (float64) is taken only inside that block. Tokens of weight 0 are never drawn.
     """
     rows, vocab = weights.shape
-    blocks = F.pad(weights, (0, -vocab % BLOCK)).view(rows, -1, BLOCK)
+    blocks = (F.pad(weights, (0, -vocab % BLOCK)) if vocab % BLOCK else weights).view(rows, -1, BLOCK)
     block_cdf = blocks.sum(-1).double().cumsum_(-1)  # (B, blocks)
     target = (u.to(block_cdf) * block_cdf[:, -1])[:, None]
     block = torch.searchsorted(block_cdf, target, right=True).clamp_max_(block_cdf.shape[1] - 1)  # (B, 1)
@@ -66,12 +66,21 @@ def _weights_and_lse(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return weights, top.squeeze(-1) + weights.sum(-1, dtype=torch.float64).log().float()
 
 
-def draw_step(logits: torch.Tensor, u: torch.Tensor, warp) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def draw_step(logits: torch.Tensor, u: torch.Tensor, warp,
+              overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw one token per row from ``warp(logits)``; return it with its raw-model and sampling log-probs. (B,) each.
 
     ``warp`` maps the raw logits to the sampling distribution's logits, or is None for the raw distribution. A
     log-prob is ``score - logsumexp(scores)`` at the drawn token, so no (B, V) log-softmax is materialised.
+    ``overwrite``: float32 ``logits`` may be turned into the weights in place (no (B, V) temporary at all).
     """
+    if overwrite and warp is None and logits.dtype == torch.float32:
+        top = logits.amax(-1, keepdim=True)
+        weights = logits.sub_(top).exp_()
+        log_total = weights.sum(-1, dtype=torch.float64).log().float()
+        tokens = inverse_cdf(weights, u)
+        logp = weights.gather(-1, tokens[:, None]).squeeze(-1).log() - log_total  # log(e^(s - top)) = s - top
+        return tokens, logp, logp
     scores = logits.float()
     weights, model_lse = _weights_and_lse(scores)
     warped, sampling_lse = (scores, model_lse) if warp is None else (warp(scores), None)
@@ -81,6 +90,29 @@ def draw_step(logits: torch.Tensor, u: torch.Tensor, warp) -> tuple[torch.Tensor
     pick = tokens[:, None]
     model_logp = scores.gather(-1, pick).squeeze(-1) - model_lse
     return tokens, model_logp, warped.gather(-1, pick).squeeze(-1) - sampling_lse
+
+
+class _NextTokenLogits:
+    """Logits of the last position only, for GPT-2 and Llama written by one matmul into a buffer reused every step.
+
+    Other models run their own forward with ``logits_to_keep=1``.
+    """
+
+    def __init__(self, model, rows: int):
+        self.model, self.head = model, model.get_output_embeddings()
+        own = type(model).__name__ in ("GPT2LMHeadModel", "LlamaForCausalLM") and isinstance(self.head, torch.nn.Linear)
+        weight = self.head.weight
+        self.buffer = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=weight.device) if own else None
+
+    def __call__(self, **inputs) -> torch.Tensor:
+        """(B, V) logits; with the buffer, valid until the next call."""
+        if self.buffer is None:
+            return self.model(**inputs, logits_to_keep=1).logits[:, -1]
+        hidden = self.model.base_model(**inputs).last_hidden_state[:, -1]
+        out, weight, bias = self.buffer[:hidden.shape[0]], self.head.weight, self.head.bias
+        # the same call nn.Linear makes (addmm with a bias, mm without), so the same logits bit for bit
+        return torch.addmm(bias, hidden, weight.t(), out=out) if bias is not None else torch.mm(hidden, weight.t(),
+                                                                                                 out=out)
 
 
 def _select_rows(cache, keep: torch.Tensor) -> None:
@@ -118,12 +150,13 @@ def decode_rows(model, prompts: list[list[int]], generators: list[torch.Generato
     live = torch.arange(rows)  # batch position -> row index
     cache = DynamicCache(config=model.config)
 
-    out = model(input_ids=input_ids, attention_mask=mask[:, :width], position_ids=positions, cache=cache,
-                use_cache=True, logits_to_keep=1)
+    next_token_logits = _NextTokenLogits(model, rows)
+    logits = next_token_logits(input_ids=input_ids, attention_mask=mask[:, :width], position_ids=positions,
+                               cache=cache, use_cache=True)
     next_position = positions[:, -1:] + 1
     for step in range(max_new_tokens):
         u = torch.cat([torch.rand(1, generator=generators[r], dtype=torch.float64) for r in live.tolist()])
-        drawn, model_logp, sampling_logp = draw_step(out.logits[:, -1], u.to(device), warp)
+        drawn, model_logp, sampling_logp = draw_step(logits, u.to(device), warp, overwrite=True)
         tokens[live, step] = drawn.cpu()
         model_logps[live] += model_logp.double().cpu()
         sampling_logps[live] += sampling_logp.double().cpu()
@@ -138,7 +171,7 @@ def decode_rows(model, prompts: list[list[int]], generators: list[torch.Generato
             live, drawn, next_position = live[keep], drawn[keep.to(device)], next_position[keep.to(device)]
             mask = mask[keep.to(device)]
             _select_rows(cache, keep.to(device))
-        out = model(input_ids=drawn[:, None], attention_mask=mask[:, :width + step + 1], position_ids=next_position,
-                    cache=cache, use_cache=True, logits_to_keep=1)
+        logits = next_token_logits(input_ids=drawn[:, None], attention_mask=mask[:, :width + step + 1],
+                                   position_ids=next_position, cache=cache, use_cache=True)
         next_position = next_position + 1
     return DecodedRows(tokens, lengths, model_logps.float(), sampling_logps.float(), finished)
