@@ -113,6 +113,12 @@ class TabularPolicy(nn.Module):
         return torch.log_softmax(self.logits, dim=-1)
 
 
+def _one_token(n: int) -> dict[str, Tensor]:
+    """Response lengths for losses that normalise by length: a bandit response is one action, one token."""
+    ones = torch.ones(n, dtype=torch.long)
+    return {"chosen_lengths": ones, "rejected_lengths": ones}
+
+
 def empirical_dpo_loss(
     policy_logprobs: Tensor, bandit: Bandit, preferences: Preferences, beta: float, loss: str = "sigmoid", **params
 ) -> Tensor:
@@ -124,6 +130,7 @@ def empirical_dpo_loss(
         bandit.ref_logprobs[x, win],
         bandit.ref_logprobs[x, lose],
         beta,
+        **_one_token(len(x)),
         **params,
     )
     return losses.mean()
@@ -153,6 +160,7 @@ def expected_dpo_loss(policy_logprobs: Tensor, bandit: Bandit, beta: float, loss
         ref[:, :, None].expand(-1, -1, k).reshape(-1),
         ref[:, None, :].expand(-1, k, -1).reshape(-1),
         beta,
+        **_one_token(policy_logprobs.size(0) * k * k),
         **params,
     )
     return (weight.reshape(-1) * losses).sum()

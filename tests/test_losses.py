@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from dpolab.bandit import TabularPolicy
-from dpolab.losses import LOSSES, dpo_loss, get_loss, robust_dpo_loss, sft_loss, weighted_loss
+from dpolab.losses import LOSSES, SORTED_LOSSES, TRL_LOSS_TYPES, dpo_loss, get_loss, robust_dpo_loss, sft_loss, weighted_loss
 
 L1 = math.log1p(math.exp(-1))  # ℓ(1) = 0.31326168751822286
 POLICY_CHOSEN = torch.tensor([-1.0, -3.0], dtype=torch.float64)
@@ -37,9 +37,14 @@ def _call(name, beta, **params):
 
 
 def test_registry_names():
-    assert set(LOSSES) == {"sigmoid", "robust", "ipo", "ipo_mean", "hinge", "simpo", "reference_free"}
+    """Every trl 1.16 loss_type under its own name, plus the kit's variants under names trl does not use."""
+    assert set(TRL_LOSS_TYPES) == {"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
+                                   "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft",
+                                   "sigmoid_norm"}
+    assert set(LOSSES) == set(TRL_LOSS_TYPES) | {"ipo_sum", "sft_per_sequence", "simpo", "reference_free",
+                                                 "unlikelihood"}
     assert LOSSES["sigmoid"] is dpo_loss
-    with pytest.raises(ValueError, match="unknown loss 'dpo'; known losses: hinge, ipo"):
+    with pytest.raises(ValueError, match="unknown loss 'dpo'; known losses: aot, aot_unpaired, apo_down"):
         get_loss("dpo")
 
 
@@ -84,15 +89,15 @@ def test_robust_dpo_is_unbiased_under_label_flips():
 
 
 def test_ipo_summed():
-    """IPO: (ρ − 1/(2β))². β = 0.5: (2 − 1)² = 1 and (−2 − 1)² = 9; β = 0.25 puts the first at its optimum, 0."""
-    assert _call("ipo", 0.5)[0].tolist() == pytest.approx([1.0, 9.0], abs=1e-12)
-    assert _call("ipo", 0.25)[0].tolist() == pytest.approx([0.0, 16.0], abs=1e-12)
+    """ipo_sum: (ρ − 1/(2β))². β = 0.5: (2 − 1)² = 1 and (−2 − 1)² = 9; β = 0.25 puts the first at its optimum, 0."""
+    assert _call("ipo_sum", 0.5)[0].tolist() == pytest.approx([1.0, 9.0], abs=1e-12)
+    assert _call("ipo_sum", 0.25)[0].tolist() == pytest.approx([0.0, 16.0], abs=1e-12)
 
 
-def test_ipo_mean_per_token():
-    """Per-token log-ratios: pair 1: 1/2 − (−1)/4 = 0.75, (0.75 − 1)² = 0.0625 at β = 0.5;
+def test_ipo_per_token_as_trl():
+    """trl's ipo, per-token log-ratios: pair 1: 1/2 − (−1)/4 = 0.75, (0.75 − 1)² = 0.0625 at β = 0.5;
     pair 2: −1/4 − 1/2 = −0.75, (−1.75)² = 3.0625. Rewards stay β × summed log-ratio."""
-    losses, chosen, _ = _call("ipo_mean", 0.5)
+    losses, chosen, _ = _call("ipo", 0.5)
     assert losses.tolist() == pytest.approx([0.0625, 3.0625], abs=1e-12)
     assert chosen.tolist() == [0.5, -0.5]
 
@@ -131,16 +136,19 @@ def test_reference_free():
 
 
 def test_sft_and_weighted_mix():
-    """SFT: −log π(y_w)/|y_w| = 1/2 and 3/4. sigmoid + 0.1 sft = (ℓ(1) + 0.05, ℓ(−1) + 0.075);
-    adding 2 × hinge(β = 0.5) adds (0, 4). Rewards come from the first non-SFT loss."""
+    """Per-sequence SFT: −log π(y_w)/|y_w| = 1/2 and 3/4. trl's per-token sft: −log π(y_w)/n̄ with n̄ = (2 + 4)/2 = 3,
+    i.e. 1/3 and 1 (mean 2/3 = 4 nats / 6 tokens). sigmoid + 0.1 sft_per_sequence = (ℓ(1) + 0.05, ℓ(−1) + 0.075);
+    adding 2 × hinge(β = 0.5) adds (0, 4). Rewards come from the first loss in the mapping (β × log-ratio here)."""
     assert sft_loss(POLICY_CHOSEN, LENGTHS_CHOSEN).tolist() == [0.5, 0.75]
+    assert _call("sft_per_sequence", 0.5)[0].tolist() == [0.5, 0.75]
+    assert _call("sft", 0.5)[0].tolist() == pytest.approx([1 / 3, 1.0], abs=1e-12)
     mixed, chosen, _ = weighted_loss(
         POLICY_CHOSEN,
         POLICY_REJECTED,
         REF,
         REF,
         0.5,
-        weights={"sft": 0.1, "sigmoid": 1.0, "hinge": 2.0},
+        weights={"sft_per_sequence": 0.1, "sigmoid": 1.0, "hinge": 2.0},
         chosen_lengths=LENGTHS_CHOSEN,
         rejected_lengths=LENGTHS_REJECTED,
     )
@@ -167,10 +175,15 @@ def test_every_loss_detaches_rewards_and_passes_gradcheck(name):
     inputs = tuple(torch.randn(5, generator=generator, dtype=torch.float64) - 3 for _ in range(4))
     inputs = tuple(x.requires_grad_() for x in inputs)
     kwargs = {"chosen_lengths": torch.tensor([1, 2, 3, 4, 5]), "rejected_lengths": torch.tensor([5, 1, 2, 2, 7])}
+    if name == "unlikelihood":
+        kwargs |= {"rejected_token_logps": -torch.rand(5, 3, generator=generator, dtype=torch.float64) - 0.1,
+                   "rejected_token_mask": torch.tensor([[1, 1, 0]] * 5)}
     losses, chosen, rejected = LOSSES[name](*inputs, 0.3, **kwargs)
     assert losses.shape == chosen.shape == rejected.shape == (5,)
     assert not chosen.requires_grad and not rejected.requires_grad
-    assert torch.autograd.gradcheck(lambda *x: LOSSES[name](*x, 0.3, **kwargs)[0], inputs)
+    # the sorted losses spread the batch's terms over the pairs: only their sum is a function of the inputs
+    reduce = (lambda losses: losses.sum()) if name in SORTED_LOSSES else (lambda losses: losses)
+    assert torch.autograd.gradcheck(lambda *x: reduce(LOSSES[name](*x, 0.3, **kwargs)[0]), inputs)
 
 
 def _dpo_closed_form(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
@@ -257,8 +270,8 @@ def test_bad_parameters_are_named():
         _call("sigmoid", 0.1, label_smoothing=0.5)
     with pytest.raises(ValueError, match="flip rate"):
         _call("robust", 0.1, label_smoothing=0.6)
-    with pytest.raises(ValueError, match="'ipo_mean' normalises by length"):
-        LOSSES["ipo_mean"](POLICY_CHOSEN, POLICY_REJECTED, REF, REF, 0.1)
+    with pytest.raises(ValueError, match="'ipo' normalises by length"):
+        LOSSES["ipo"](POLICY_CHOSEN, POLICY_REJECTED, REF, REF, 0.1)
     with pytest.raises(ValueError, match="ref_rejected_logps has shape"):
         dpo_loss(POLICY_CHOSEN, POLICY_REJECTED, REF, REF[:1])
     with pytest.raises(ValueError, match="ref_chosen_logps is None"):

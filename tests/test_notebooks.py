@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-EXPECTED = ["01_derivation", "02_training", "03_beta_sweep", "04_multi_turn", "05_ranking"]
+EXPECTED = ["01_derivation", "02_training", "03_beta_sweep", "04_multi_turn", "05_ranking", "06_loss_family"]
 
 
 def load(path: Path) -> dict:
@@ -19,7 +19,7 @@ def parameters_cells(nb: dict) -> list[dict]:
     return [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
 
 
-def test_all_five_notebooks_exist():
+def test_all_notebooks_exist():
     assert [p.stem for p in NOTEBOOKS] == EXPECTED
 
 

@@ -67,10 +67,10 @@ def test_per_sequence_logps_match_trl(trainer_and_batch):
 
 @pytest.mark.parametrize(
     ("trl_loss", "ours", "label_smoothing"),
-    [("sigmoid", "sigmoid", 0.0), ("ipo", "ipo_mean", 0.0), ("hinge", "hinge", 0.0), ("robust", "robust", 0.2)],
+    [("sigmoid", "sigmoid", 0.0), ("ipo", "ipo", 0.0), ("hinge", "hinge", 0.0), ("robust", "robust", 0.2)],
 )
 def test_loss_matches_trl(trainer_and_batch, trl_loss, ours, label_smoothing):
-    """trl's ``ipo`` is the per-token-mean form, our ``ipo_mean``."""
+    """trl's ``ipo`` is the per-token-mean form, which is ours under the same name."""
     trainer, inputs, batch = trainer_and_batch
     trainer.loss_types, trainer.loss_weights, trainer.label_smoothing = [trl_loss], [1.0], label_smoothing
     with torch.no_grad():
