@@ -17,6 +17,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -90,6 +91,10 @@ class TrainConfig:
     """When tokens(prompt) is not a prefix of tokens(prompt + response): "error", or "repair" (see dpolab.tokenize)."""
     mask_policy: Literal["final_turn", "all_assistant"] = "final_turn"
     """Multi-turn scoring: only the final assistant turn, or every assistant turn of the response side."""
+    on_truncation: Literal["drop", "error"] = "drop"
+    """A pair that truncation leaves unusable (no response token, or chosen = rejected): "drop" it (counted), or "error"."""
+    special_tokens: Literal["error", "allow"] = "error"
+    """Data text holding a special token's literal text (e.g. "<|endoftext|>"): "error", or "allow" it as that token."""
 
     # --- run -----------------------------------------------------------------------------------------------
     seed: int = 0
@@ -101,7 +106,7 @@ class TrainConfig:
     fsdp: bool = False
     """Under torchrun, shard the model with FSDP instead of replicating it with DDP (for models that do not fit)."""
     output_dir: str = "runs/train"
-    """Folder for metrics.jsonl, checkpoints/ and final/ (checked writable before training)."""
+    """Folder for metrics.jsonl and checkpoints/ (the last checkpoint holds the final model); checked writable first."""
     overwrite: bool = False
     """Let a fresh run replace an earlier run's files in output_dir (otherwise it refuses, to protect them)."""
     eval_every: int = 0
@@ -159,9 +164,16 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config field {name!r} must be > 0, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):  # nan passes every comparison below, inf most of them
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"config field {f.name!r} must be a finite number, got {value}")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"config field {name!r} must be >= 0, got {getattr(self, name)}")
+        for name in ("beta", "lr"):  # β ≤ 0 trains towards the rejected responses (or not at all); lr 0 trains nothing
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"config field {name!r} must be > 0, got {getattr(self, name)}")
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(f"config field 'max_prompt_length' ({self.max_prompt_length}) must be smaller than "
                               f"'max_length' ({self.max_length})")
@@ -179,6 +191,49 @@ class TrainConfig:
             if self.reference == "none" and ref_default is not None:
                 raise ConfigError(f"config field 'reference' is 'none' but loss {self.loss!r} needs reference "
                                   "log-probs (use 'copy', 'adapter' or 'precomputed', or a reference-free loss)")
+            check_loss_params(self.loss, self.loss_params, self.beta)
+
+
+# Arguments the trainer passes to every loss itself; loss_params cannot set them.
+_TRAINER_ARGS = frozenset({"policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
+                           "beta", "chosen_lengths", "rejected_lengths"})
+
+
+def check_loss_params(loss: str, params: Mapping[str, Any], beta: float = 0.1) -> None:
+    """Check ``loss_params`` against the loss's signature, then call the loss once on a one-pair batch so
+    that its own range checks (e.g. label_smoothing in [0, 0.5)) run at load time, not at step 1."""
+    import torch
+
+    from dpolab.losses import LOSSES
+
+    fn = LOSSES[loss]
+    accepted = inspect.signature(fn).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    for name in params:
+        if name in _TRAINER_ARGS:
+            raise ConfigError(f"config field 'loss_params': {name!r} is set by the trainer, not by loss_params"
+                              + (" (use the config field 'beta')" if name == "beta" else ""))
+        if name not in accepted and not takes_any:
+            own = sorted(n for n in accepted if n not in _TRAINER_ARGS)
+            close = difflib.get_close_matches(name, own, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"config field 'loss_params': loss {loss!r} has no parameter {name!r}{hint}; its "
+                              f"parameters: {own or 'none'}")
+    if not params:
+        return
+    one = torch.ones(1)
+
+    def call(**kwargs):
+        fn(-one, -one, -one, -one, beta=beta, chosen_lengths=one, rejected_lengths=one, **kwargs)
+
+    try:
+        call(**params)
+    except (ValueError, TypeError) as err:
+        try:
+            call()  # a loss that cannot run on this stand-in batch at all: leave the values to step 1
+        except Exception:
+            return
+        raise ConfigError(f"config field 'loss_params' {dict(params)!r} of loss {loss!r}: {err}") from err
 
 
 def field_help() -> dict[str, tuple[str, str, str]]:
@@ -257,11 +312,32 @@ def _set(values: dict[str, Any], key: str, value: Any, source: str) -> None:
     values[key] = coerce(key, value, source)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {line}; first given on line {seen[key]})",
+                    key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (line numbers in the error)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from err
     if data is None:

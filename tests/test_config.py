@@ -18,12 +18,13 @@ def test_defaults_are_a_small_cpu_dpo_run():
 def test_yaml_then_overrides_in_order(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("beta: 0.5\nlr: 1e-5\noptimizer: rmsprop\nloss_params: {label_smoothing: 0.1}\nmax_steps: 3\n")
-    config = TrainConfig.load(path, ["beta=0.25", "output_dir=2024", "progress=false", "loss_params.foo=2"])
+    config = TrainConfig.load(path, ["beta=0.25", "output_dir=2024", "progress=false",
+                                    "loss_params.label_smoothing=0.2"])
     assert config.beta == 0.25  # the override wins over the file
     assert config.lr == 1e-5 and isinstance(config.lr, float)  # YAML 1.1 reads "1e-5" as text; accepted as float
     assert config.optimizer == "rmsprop" and config.max_steps == 3 and config.progress is False
     assert config.output_dir == "2024"  # a str field keeps the text, not YAML's int
-    assert config.loss_params == {"label_smoothing": 0.1, "foo": 2}
+    assert config.loss_params == {"label_smoothing": 0.2}  # names are checked against the loss (issue 20)
     assert TrainConfig.load(None, {"max_steps": 7, "warmup_steps": 0}).max_steps == 7
 
 
