@@ -17,6 +17,7 @@ Every error names the source (``file.jsonl:row 17``) and the field, and, for a c
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from pathlib import Path
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
 HH_ASSISTANT = "\n\nAssistant:"
+HH_HUMAN = "\n\nHuman:"
+RECORD_KEYS = ("prompt", "chosen", "rejected")
 FORMATS = ("auto", "text", "conversational", "hh", "ultrafeedback")
 
 
@@ -95,12 +98,33 @@ def _messages(value, source: str, name: str) -> tuple[Message, ...]:
                 raise DataError(source, f"{name}[{i}].{key}",
                                 f"turn {i}: expected a string, got {type(m[key]).__name__}")
         if m["role"] not in ROLES:
-            raise DataError(source, f"{name}[{i}].role",
-                            f"turn {i}: unknown role {m['role']!r}, expected one of {ROLES}")
+            raise DataError(source, f"{name}[{i}].role", f"turn {i}: unknown role {m['role']!r}{_did_you_mean(m['role'], ROLES)}, "
+                            f"expected one of {ROLES}")
         if not m["content"].strip():
             raise DataError(source, f"{name}[{i}].content", f"turn {i}: empty content")
+        extra = sorted(k for k, v in m.items() if k not in ("role", "content") and v is not None)
+        if extra:  # dropping them would train on a different conversation than the data holds
+            raise DataError(source, f"{name}[{i}].{extra[0]}", f"turn {i}: message key(s) {extra} are not supported "
+                            "(dpolab renders only 'role' and 'content'); remove them from the data")
         out.append({"role": m["role"], "content": m["content"]})
     return tuple(out)
+
+
+def _did_you_mean(value, options) -> str:
+    close = difflib.get_close_matches(str(value), list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_turns(messages, source: str, name: str) -> None:
+    """Each message a dict with a known string role (checked before the record's form is guessed from roles)."""
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise DataError(source, f"{name}[{i}]", f"turn {i}: expected a message dict, got {type(m).__name__}")
+        if "role" not in m:
+            raise DataError(source, f"{name}[{i}].role", f"turn {i}: missing key 'role'")
+        if m["role"] not in ROLES:
+            raise DataError(source, f"{name}[{i}].role", f"turn {i}: unknown role {m['role']!r}"
+                            f"{_did_you_mean(m['role'], ROLES)}, expected one of {ROLES}")
 
 
 def _check_roles(messages: tuple[Message, ...], source: str, name: str, first: int) -> None:
@@ -130,11 +154,17 @@ def _check_roles(messages: tuple[Message, ...], source: str, name: str, first: i
 
 
 def split_hh(transcript: str, source: str = "", name: str = "chosen") -> tuple[str, str]:
-    """Split an HH-RLHF transcript into (prompt up to and including the last ``"\\n\\nAssistant:"``, response)."""
+    """Split an HH-RLHF transcript into (prompt up to and including the last ``"\\n\\nAssistant:"``, response).
+
+    A transcript that ends on a Human turn is refused, as a message list ending on a user turn is.
+    """
     cut = transcript.rfind(HH_ASSISTANT)
     if cut < 0:
         raise DataError(source, name, f"no {HH_ASSISTANT!r} marker: not an HH-RLHF transcript")
     cut += len(HH_ASSISTANT)
+    if HH_HUMAN in transcript[cut:]:
+        raise DataError(source, name, "the transcript ends on a Human turn (after its last Assistant turn); the last "
+                        "turn must be the Assistant's response")
     return transcript[:cut], transcript[cut:]
 
 
@@ -160,10 +190,18 @@ def example_from_record(record: Mapping, source: str = "", format: str = "auto")
     if not isinstance(record, Mapping):
         raise DataError(source, None, f"expected a JSON object with keys prompt/chosen/rejected, got "
                         f"{type(record).__name__}")
+    missing = [k for k in RECORD_KEYS if k not in record]
+    for key in record:  # a misspelt key names itself, instead of making the row look like another format
+        close = difflib.get_close_matches(str(key), missing, n=1, cutoff=0.75) if key not in RECORD_KEYS else []
+        if close:
+            raise DataError(source, str(key), f"unknown key (did you mean {close[0]!r}?)")
     for key in ("chosen", "rejected"):
         if key not in record:
             raise DataError(source, key, "missing key")
     chosen, rejected, prompt = record["chosen"], record["rejected"], record.get("prompt")
+    for key, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        if isinstance(value, list | tuple):  # roles first: the format and the prompt are guessed from them
+            _check_turns(value, source, key)
     if format == "auto":
         if isinstance(chosen, str):
             format = "text" if "prompt" in record else "hh"
@@ -197,6 +235,13 @@ def example_from_record(record: Mapping, source: str = "", format: str = "auto")
         if not isinstance(prompt, list | tuple):
             raise DataError(source, "prompt", f"expected a string or a message list, got {type(prompt).__name__}")
         return PreferenceExample(tuple(prompt), tuple(chosen), tuple(rejected), source)
+    for key, value in (("chosen", chosen), ("rejected", rejected)):
+        roles = [m["role"] for m in value]
+        if "assistant" not in roles:
+            raise DataError(source, key, "no assistant turn: the conversation needs the assistant's response")
+        if roles[-1] != "assistant":
+            raise DataError(source, f"{key}[{len(roles) - 1}].role", f"turn {len(roles) - 1}: the conversation ends "
+                            f"with a {roles[-1]!r} turn; it must end with the assistant's response")
     k = shared_history(chosen, rejected)  # full conversations: the prompt is their shared history
     if k == 0:
         if list(chosen) == list(rejected):

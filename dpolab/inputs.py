@@ -8,11 +8,12 @@ dataset, a list of record dicts, of :class:`dpolab.data.PreferenceExample`, or o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpolab.data import PreferenceExample, example_from_record, iter_dataset, load_jsonl
-from dpolab.tokenize import TokenizeConfig, TokenizedPair, tokenize_examples
+from dpolab.tokenize import TokenizationReport, TokenizeConfig, TokenizedPair, tokenize_examples
 
 TINY_MODELS = {"tiny-gpt2": "gpt2", "tiny-llama": "llama"}
 
@@ -24,6 +25,14 @@ class PairData:
     pairs: list[TokenizedPair]
     prompts: list
     chat: bool = False
+    report: TokenizationReport = field(default_factory=TokenizationReport)
+    """Rows read, kept, truncated, and dropped by truncation (with reasons)."""
+
+    def summary(self) -> dict:
+        """The report as flat JSON-ready numbers: rows, kept, truncated, dropped, and dropped by reason."""
+        r = self.report
+        return {"rows": r.rows, "kept": r.kept, "truncated": r.truncated, "dropped": sum(r.dropped.values()),
+                "dropped_by_reason": dict(r.dropped)}
 
 
 def load_policy(name: str, *, seed: int = 0):
@@ -33,9 +42,19 @@ def load_policy(name: str, *, seed: int = 0):
         from dpolab.tiny import tiny_causal_lm
 
         return tiny_causal_lm(TINY_MODELS[name], seed=seed)
+    if looks_local(name) and not Path(name).expanduser().exists():
+        raise FileNotFoundError(f"model {name!r}: no such folder or file (a local path is never looked up on a hub); "
+                                "check the path, or give a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'")
     from dpolab.models import load_model
 
     return load_model(name)
+
+
+def looks_local(name: str) -> bool:
+    """True for a name that can only be a local path: absolute, ``./``/``../``/``~``, Windows-style, more than one
+    ``/`` (a hub id is ``owner/name``), or a model file's extension."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name or name.count("/") > 1
+            or name.endswith((".gguf", ".safetensors", ".bin", ".json")))
 
 
 def add_lora(model, rank: int, alpha: float):
@@ -51,11 +70,20 @@ def add_lora(model, rank: int, alpha: float):
 def tokenize_config(config) -> TokenizeConfig:
     """The tokenization settings of a :class:`dpolab.config.TrainConfig`."""
     return TokenizeConfig(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-                          boundary=config.boundary, mask_policy=config.mask_policy)
+                          boundary=config.boundary, mask_policy=config.mask_policy,
+                          special_tokens=getattr(config, "special_tokens", "error"))
 
 
-def prepare_pairs(data, tokenizer, settings: TokenizeConfig, *, name: str = "data") -> PairData:
-    """Tokenize ``data`` (any accepted form, see the module docstring) into :class:`PairData`."""
+def prepare_pairs(data, tokenizer, settings: TokenizeConfig, *, name: str = "data",
+                  on_truncation: str = "drop") -> PairData:
+    """Tokenize ``data`` (any accepted form, see the module docstring) into :class:`PairData`.
+
+    A row that truncation leaves unusable (no response token, no scored token, or chosen = rejected) is dropped
+    and counted in ``.report`` (``on_truncation="drop"``), or stops the run (``"error"``); any other bad row stops
+    the run, naming file, row and field.
+    """
+    if on_truncation not in ("drop", "error"):
+        raise ValueError(f"on_truncation must be 'drop' or 'error', got {on_truncation!r}")
     if data is None:
         return PairData([], [])
     if isinstance(data, (str, Path)):
@@ -67,13 +95,20 @@ def prepare_pairs(data, tokenizer, settings: TokenizeConfig, *, name: str = "dat
         raise ValueError(f"{name}: no preference pairs")
     if all(isinstance(x, TokenizedPair) for x in items):
         prompts = [tokenizer.decode(p.prompt_ids, skip_special_tokens=True) for p in items]
-        return PairData(items, prompts)
+        report = TokenizationReport(rows=len(items), kept=len(items), truncated=sum(p.truncated for p in items),
+                                    repaired=sum(p.repaired for p in items), index=list(range(len(items))))
+        return PairData(items, prompts, report=report)
     examples = [x if isinstance(x, PreferenceExample) else example_from_record(x, f"{name}:row {i}")
                 for i, x in enumerate(items)]
-    pairs, _ = tokenize_examples(examples, tokenizer, settings, on_error="raise")
-    chat = any(e.is_conversational for e in examples)
-    prompts = [list(e.prompt) if chat else e.prompt for e in examples]
-    return PairData(pairs, prompts, chat)
+    pairs, report = tokenize_examples(examples, tokenizer, settings,
+                                      on_error="drop" if on_truncation == "drop" else "raise")
+    if not pairs:
+        raise ValueError(f"{name}: truncation dropped every one of the {report.rows} rows ({report}); raise "
+                         f"max_length ({settings.max_length}) or lower max_prompt_length ({settings.max_prompt_length})")
+    kept = [examples[i] for i in report.index]
+    chat = any(e.is_conversational for e in kept)
+    prompts = [list(e.prompt) if chat else e.prompt for e in kept]
+    return PairData(pairs, prompts, chat, report)
 
 
 def _load_path(path: Path):

@@ -51,6 +51,7 @@ from dpolab.data import DataError, Message, PreferenceExample
 
 PROMPT_FILLS = "the prompt fills the length budget, no response token fits"
 NO_SCORED = "no scored response token survives truncation"
+IDENTICAL = "chosen and rejected are identical after truncation"
 Prompt = str | tuple[Message, ...] | list[Message]
 Response = str | tuple[Message, ...] | list[Message]
 
@@ -81,22 +82,38 @@ class TokenizeConfig:
 
     max_length: int = 512
     """Most prompt + response tokens in one sequence."""
-    max_prompt_length: int = 256
-    """The prompt is never cut below this many tokens to make room for a response."""
+    max_prompt_length: int | None = None
+    """The prompt is never cut below this many tokens to make room for a response; ``1 <= max_prompt_length <
+    max_length``. None (default): 256, or ``max_length - 1`` when that is smaller."""
     boundary: str = "error"
     """``"error"`` or ``"repair"`` when tokens(prompt) is not a prefix of tokens(prompt + response)."""
     mask_policy: str = "final_turn"
     """Multi-turn scoring: ``"final_turn"`` or ``"all_assistant"`` (every assistant turn of the response side)."""
     add_eos: bool = True
     """End every plain-text response with the tokenizer's EOS."""
+    special_tokens: str = "error"
+    """Data text holding a special token's literal text: ``"error"`` (default), or ``"allow"`` it to become that
+    token. A plain-text response may always end with the EOS text (it is then not added twice)."""
 
     def __post_init__(self):
         if self.boundary not in ("error", "repair"):
             raise ValueError(f"boundary must be 'error' or 'repair', got {self.boundary!r}")
         if self.mask_policy not in ("final_turn", "all_assistant"):
             raise ValueError(f"mask_policy must be 'final_turn' or 'all_assistant', got {self.mask_policy!r}")
-        if self.max_length < 1 or self.max_prompt_length < 0:
-            raise ValueError(f"bad lengths: max_length={self.max_length}, max_prompt_length={self.max_prompt_length}")
+        if self.special_tokens not in ("error", "allow"):
+            raise ValueError(f"special_tokens must be 'error' or 'allow', got {self.special_tokens!r}")
+        if self.max_prompt_length is None:
+            self.max_prompt_length = min(256, self.max_length - 1) if isinstance(self.max_length, int) else 256
+        for name in ("max_length", "max_prompt_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"TokenizeConfig.{name} must be an int, got {type(value).__name__} {value!r}")
+        # a prompt of 0 tokens leaves the first response token with nothing before it: it can never be scored
+        if self.max_prompt_length < 1:
+            raise ValueError(f"TokenizeConfig.max_prompt_length must be >= 1, got {self.max_prompt_length}")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"TokenizeConfig.max_prompt_length ({self.max_prompt_length}) must be smaller than "
+                             f"max_length ({self.max_length}), else no response token fits")
 
 
 @dataclass
@@ -233,6 +250,39 @@ def _unstable(notes: list[str], strict: bool, source: str, name: str, turn: int,
     notes.append(message)
 
 
+def special_texts(tokenizer) -> list[str]:
+    """The literal texts of the tokenizer's special tokens (``<|endoftext|>``, ``<|im_end|>``, …)."""
+    texts = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    texts |= {str(t) for t in tokenizer.added_tokens_decoder.values() if getattr(t, "special", False)}
+    return sorted((t for t in texts if t), key=len, reverse=True)
+
+
+def check_special_text(value: Prompt | Response, tokenizer, source: str, name: str,
+                       trailing_eos: bool = False) -> None:
+    """Raise when data text holds a special token's literal text, which the tokenizer would turn into the real
+    token (e.g. ``<|endoftext|>`` inside a response would be scored as an end of text). A plain-text prompt
+    may start with the BOS text, a plain-text response (``trailing_eos``) may end with the EOS text."""
+    texts = special_texts(tokenizer)
+    if not texts:
+        return
+    if isinstance(value, str):
+        bos, eos = tokenizer.bos_token, tokenizer.eos_token
+        if not trailing_eos and bos and value.startswith(bos):
+            value = value[len(bos):]
+        if trailing_eos and eos and value.endswith(eos):
+            value = value[: -len(eos)]
+        items = [(name, value)]
+    else:
+        items = [(f"{name}[{i}].content", m["content"]) for i, m in enumerate(value)]
+    for field_name, text in items:
+        for special in texts:
+            at = text.find(special)
+            if at >= 0:
+                raise TokenizationError(source, field_name, f"contains the special token text {special!r} at "
+                                        f"character {at}; it would become the real special token. Remove it, or "
+                                        "pass special_tokens='allow' if that is what the data means")
+
+
 def render_response(prompt: Prompt, response: Response, tokenizer, config: TokenizeConfig, *, source: str = "",
                     name: str = "response", strict: bool = True) -> Rendered:
     """Tokenize one (prompt, response) without truncation: ids, scored-token mask, and the boundary checks.
@@ -241,6 +291,9 @@ def render_response(prompt: Prompt, response: Response, tokenizer, config: Token
     records merges and template instabilities instead of raising.
     """
     repair = config.boundary == "repair" or not strict
+    if strict and config.special_tokens == "error":
+        check_special_text(prompt, tokenizer, source, "prompt")
+        check_special_text(response, tokenizer, source, name, trailing_eos=True)
     lead = bos_prefix(tokenizer)
     unstable: list[str] = []
     if isinstance(prompt, str):
@@ -334,6 +387,11 @@ def tokenize_pair(example: PreferenceExample, tokenizer, config: TokenizeConfig 
         c.prompt_ids, [(c.response_ids, c.response_mask), (r.response_ids, r.response_mask)], config,
         leading_bos(c.prompt_ids, tokenizer), src, ["chosen", "rejected"],
     )
+    if ci == ri and cm == rm:  # the responses differed only in what was cut: a margin of exactly 0, no preference
+        if truncated:
+            raise TruncationError(src, "rejected", IDENTICAL, f"they differ only after the first {len(ci)} response "
+                                  f"tokens; max_length={config.max_length}")
+        raise TokenizationError(src, "rejected", "tokenizes to the same ids as 'chosen'; the pair carries no preference")
     return TokenizedPair(prompt_ids, ci, ri, cm, rm, truncated=truncated, repaired=c.repaired or r.repaired)
 
 
@@ -366,10 +424,12 @@ def tokenize_examples(examples, tokenizer, config: TokenizeConfig | None = None,
         examples: An iterable of :class:`PreferenceExample` (a list, or a lazy loader).
         tokenizer: A Hugging Face tokenizer (a chat template is needed for conversational examples).
         config: The policies; defaults to ``TokenizeConfig()``.
-        on_error: ``"raise"`` stops at the first bad row; ``"skip"`` leaves it out and records it in the report.
+        on_error: ``"raise"`` stops at the first bad row; ``"skip"`` leaves it out and records it in the report;
+            ``"drop"`` leaves out only rows that truncation makes unusable (:class:`TruncationError`, counted by
+            reason) and raises at any other bad row.
     """
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if on_error not in ("raise", "skip", "drop"):
+        raise ValueError(f"on_error must be 'raise', 'skip' or 'drop', got {on_error!r}")
     config = config or TokenizeConfig()
     pairs, report = [], TokenizationReport()
     for i, example in enumerate(examples):
@@ -377,7 +437,7 @@ def tokenize_examples(examples, tokenizer, config: TokenizeConfig | None = None,
         try:
             pair = tokenize_pair(example, tokenizer, config)
         except TokenizationError as err:
-            if on_error == "raise":
+            if on_error == "raise" or (on_error == "drop" and not isinstance(err, TruncationError)):
                 raise
             report.errors.append(str(err))
             if isinstance(err, TruncationError):

@@ -18,8 +18,8 @@ from dpolab.inspector import inspect_pair, token_table
 from dpolab.models import default_model_dir
 from dpolab.tiny import tiny_causal_lm, tiny_tokenizer
 from dpolab.tokenize import (
+    IDENTICAL,
     NO_SCORED,
-    PROMPT_FILLS,
     BoundaryError,
     TemplateError,
     TokenizeConfig,
@@ -251,15 +251,19 @@ def test_truncation_cuts_response_end_without_eos():
     assert pair.rejected_ids == full.rejected_ids  # the short response is untouched
 
 
-def test_prompt_filling_the_budget_is_dropped_with_reason():
+def test_prompt_filling_the_budget_is_refused_and_drops_are_counted_with_reason():
+    """max_prompt_length >= max_length would let the prompt fill the budget: refused up front (issue 20).
+    Truncation that leaves chosen = rejected (" great fun." and " great." both cut to " great") drops the row."""
     gpt2 = tiny_tokenizer("gpt2")
-    ex = PreferenceExample("The movie was a delight from start to finish", " great.", " bad.", "p.jsonl:row 4")
-    config = TokenizeConfig(max_length=6, max_prompt_length=6)
-    with pytest.raises(TruncationError, match="p.jsonl:row 4: field 'prompt': the prompt fills the length budget"):
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        TokenizeConfig(max_length=6, max_prompt_length=6)
+    ex = PreferenceExample("The movie was a delight from start to finish", " great fun.", " great.", "p.jsonl:row 4")
+    config = TokenizeConfig(max_length=6, max_prompt_length=5)
+    with pytest.raises(TruncationError, match=f"p.jsonl:row 4: field 'rejected': {IDENTICAL}"):
         tokenize_pair(ex, gpt2, config)
     ok = PreferenceExample("Hello!", " great.", " bad.")
     pairs, report = tokenize_examples([ex, ok, ex], gpt2, config, on_error="skip")
-    assert len(pairs) == 1 and report.index == [1] and report.dropped == {PROMPT_FILLS: 2}
+    assert len(pairs) == 1 and report.index == [1] and report.dropped == {IDENTICAL: 2}
     assert "3 rows: 1 kept" in str(report)
 
 
@@ -277,6 +281,10 @@ def test_multi_turn_truncation_that_leaves_no_scored_token_is_dropped():
 def test_never_a_zero_length_response(max_length, max_prompt_length):
     """Whatever the budget: either a TruncationError or every response keeps >= 1 scored token within max_length."""
     llama = tiny_tokenizer("llama")
+    if not 1 <= max_prompt_length < max_length:  # refused up front (issue 20)
+        with pytest.raises(ValueError, match="max_prompt_length"):
+            TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length)
+        return
     config = TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length)
     for ex in (MULTI, PreferenceExample("The movie was a delight from start to finish", " great fun.", " bad.")):
         try:
