@@ -21,6 +21,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from dpolab.cache import atomic_write_text
+
 
 class TrainingWarning(UserWarning):
     """A pattern in the metrics that usually means the run is going wrong."""
@@ -28,6 +30,10 @@ class TrainingWarning(UserWarning):
 
 class NonFiniteLossError(FloatingPointError):
     """A loss or gradient became NaN or inf; raised before the optimizer step, so no bad weights are saved."""
+
+
+class NonFiniteWeightsError(NonFiniteLossError):
+    """A weight became NaN or inf; raised before a checkpoint is written, so none holds bad weights."""
 
 
 class MetricsWriter:
@@ -44,7 +50,8 @@ class MetricsWriter:
         if not enabled:
             return
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] if resume_step is not None else []
-        self.path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        # a rewrite in place would leave a torn or empty file if the disk fills or the process dies during it
+        atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record (non-finite floats are written as null: JSON has no NaN)."""
@@ -54,16 +61,31 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a metrics file (empty if it does not exist); a torn last line is ignored."""
+    """All records of a metrics file (empty if it does not exist).
+
+    A torn *last* line is ignored (the process died while appending it); a bad line before the last is
+    damage, and raises naming the file and the line rather than silently dropping every record after it.
+    """
     path = Path(path)
     if not path.is_file():
         return []
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
     records = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # the process died while writing this line
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}: line {number} is not valid JSON ({err.msg}); the file is damaged. Repair or "
+                             "remove that line to resume, or start a new run with overwrite=true") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: line {number} is not a JSON object; the file is damaged")
+        records.append(record)
     return records
 
 

@@ -4,10 +4,14 @@
   in eval mode with gradients off. Costs a second copy of the weights.
 - :class:`AdapterReference`: the policy itself with its peft LoRA adapter switched off; the frozen base
   weights *are* π_ref, so nothing is held twice (for models too large to hold twice).
+  :class:`StartingAdapterReference`: when the policy already carried an adapter (LoRA SFT, then LoRA DPO),
+  π_ref is the policy with the adapter's *starting* weights (a copy of the adapter only), not the bare base.
 - :class:`PrecomputedReference`: log π_ref of every training response, computed once and stored as a
-  cache artifact keyed by a hash of (model weights, tokenizer, tokenized data, tokenization settings).
-  A β sweep or a second run with the same inputs reuses the file; any changed input gives a new key,
-  so a stale table is never read. It has no model, so it cannot score new samples (no KL estimate).
+  cache artifact keyed by a hash of (model weights, tokenizer, tokenized data, tokenization settings, the
+  precision and batch size of the forward passes, torch and transformers versions). A β sweep or a second
+  run with the same inputs reuses the file; any changed input gives a new key, so a stale table is never
+  read. The table's SHA-256 is stored beside it and checked on every read; a damaged or altered table is
+  rebuilt. It has no model, so it cannot score new samples (no KL estimate).
 
 Every strategy returns :class:`dpolab.logprobs.PairLogps` without autograd history.
 """
@@ -19,16 +23,20 @@ import copy
 import dataclasses
 import hashlib
 import json
+import shutil
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from dpolab.batch import PairBatch, SequenceBatch, collate_pairs, pair_length
-from dpolab.cache import build_artifact, cache_dir
+from dpolab.cache import build_artifact, cache_dir, sha256_file
 from dpolab.logprobs import PairLogps, concatenated_forward, pair_layout, sequence_forward, shift_labels
 from dpolab.tokenize import TokenizedPair, pad_token_id
 
+TABLE = "reference_logps.safetensors"
+TABLE_DIGEST = "reference_logps.sha256"
 KEY_VERSION = 2  # bump when the way reference log-probs are computed changes (2: passes in order of padded width,
 #                 which changes batch composition and so the float rounding, by about 1e-7)
 
@@ -77,6 +85,49 @@ class AdapterReference(FrozenReference):
             self.model.train(was_training)
 
 
+class _WithParams(torch.nn.Module):
+    """``module`` called with some parameters replaced by ``params`` (torch.func.functional_call; nothing is
+    modified in place, so autograd's saved tensors of the policy's own forward stay valid)."""
+
+    def __init__(self, module: torch.nn.Module, params: dict[str, torch.Tensor]):
+        super().__init__()
+        self.inner, self.params = module, params
+
+    def forward(self, *args, **kwargs):
+        return torch.func.functional_call(self.inner, self.params, args, kwargs, strict=False)
+
+
+class StartingAdapterReference(FrozenReference):
+    """π_ref as the peft policy with its adapter at the weights it had when this reference was made.
+
+    For a policy that already carries a trained adapter (LoRA SFT, then LoRA DPO): switching the adapter off
+    would give the bare base model, not the SFT model the paper's reference is. Only the trainable (adapter)
+    tensors are copied.
+    """
+
+    def __init__(self, policy: torch.nn.Module):
+        if not hasattr(policy, "disable_adapter"):
+            raise ValueError("StartingAdapterReference needs a peft model with a LoRA adapter")
+        start = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+        self.model = _WithParams(policy, start)
+
+    def pair_logps(self, batch: PairBatch) -> PairLogps:
+        was_training = self.model.inner.training
+        self.model.inner.eval()
+        try:
+            return super().pair_logps(batch)
+        finally:
+            self.model.inner.train(was_training)
+
+    def sequence_logps(self, batch: SequenceBatch) -> torch.Tensor:
+        was_training = self.model.inner.training
+        self.model.inner.eval()
+        try:
+            return super().sequence_logps(batch)
+        finally:
+            self.model.inner.train(was_training)
+
+
 class PrecomputedReference:
     """π_ref log-probs read from a table indexed by the pairs' dataset positions (``PairBatch.index``)."""
 
@@ -96,9 +147,16 @@ class PrecomputedReference:
     sequence_logps = None  # no model: new responses cannot be scored
 
 
-def reference_key(model: torch.nn.Module, tokenizer, pairs: list[TokenizedPair], tokenize_config=None) -> str:
-    """SHA-256 of everything reference log-probs depend on: weights, tokenizer, tokenized data, settings."""
+def reference_key(model: torch.nn.Module, tokenizer, pairs: list[TokenizedPair], tokenize_config=None, *,
+                  precision: str = "fp32", batch_size: int | None = None) -> str:
+    """SHA-256 of everything reference log-probs depend on: weights, tokenizer, tokenized data, settings, and
+    what changes their rounding: the precision and batch size of the passes, the torch and transformers versions."""
+    import transformers
+
     h = hashlib.sha256(f"dpolab-reference-v{KEY_VERSION}".encode())
+    numerics = {"precision": precision, "batch_size": batch_size, "torch": torch.__version__,
+                "transformers": transformers.__version__}
+    h.update(json.dumps(numerics, sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
@@ -120,6 +178,7 @@ def precompute_reference(
     tokenize_config=None,
     batch_size: int = 8,
     root: Path | None = None,
+    precision: str = "fp32",
 ) -> PrecomputedReference:
     """Compute log π_ref of every pair once (or reuse the artifact computed before) and return the table.
 
@@ -133,8 +192,12 @@ def precompute_reference(
         tokenize_config: the settings that produced ``pairs`` (part of the key).
         batch_size: pairs per forward pass.
         root: cache folder for the artifacts (default ``cache_dir() / "reference_logps"``).
+        precision: ``"fp32"``, or ``"bf16"`` to run the passes under the same bf16 autocast as the policy's
+            (so that at θ = θ_ref the margins are 0, as with a model reference).
     """
-    key = reference_key(model, tokenizer, pairs, tokenize_config)
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    key = reference_key(model, tokenizer, pairs, tokenize_config, precision=precision, batch_size=batch_size)
     folder = Path(root or cache_dir() / "reference_logps") / key
     pad = pad_token_id(tokenizer)
 
@@ -142,6 +205,8 @@ def precompute_reference(
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
+        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                    else contextlib.nullcontext())
         chosen, rejected = torch.empty(len(pairs)), torch.empty(len(pairs))
         layout = pair_layout(model)
         order = sorted(range(len(pairs)), key=lambda i: pair_length(pairs[i], layout))
@@ -150,27 +215,56 @@ def precompute_reference(
                 rows = order[start:start + batch_size]
                 batch = collate_pairs([pairs[i] for i in rows], pad, index=rows)
                 batch = PairBatch(**{k: v.to(device) for k, v in vars(batch).items()})
-                with torch.no_grad():
+                with torch.no_grad(), autocast:
                     logps = concatenated_forward(model, batch)
                 chosen[rows], rejected[rows] = logps.chosen.float().cpu(), logps.rejected.float().cpu()
         finally:
             model.train(was_training)
-        save_file({"chosen": chosen, "rejected": rejected}, str(out / "reference_logps.safetensors"))
+        save_file({"chosen": chosen, "rejected": rejected}, str(out / TABLE))
+        (out / TABLE_DIGEST).write_text(sha256_file(out / TABLE) + "\n")
 
-    build_artifact(folder, build, info={"pairs": len(pairs), "key_version": KEY_VERSION})
-    table = load_file(str(folder / "reference_logps.safetensors"))
-    if len(table["chosen"]) != len(pairs):
-        raise ValueError(f"{folder}: table of {len(table['chosen'])} pairs for a dataset of {len(pairs)}")
+    info = {"pairs": len(pairs), "key_version": KEY_VERSION, "precision": precision}
+    for attempt in (1, 2):
+        build_artifact(folder, build, info=info)
+        problem = _table_problem(folder, len(pairs))
+        if problem is None:
+            break
+        if attempt == 2:
+            raise ValueError(f"{folder / TABLE}: {problem}, even after a rebuild; delete {folder} and run again")
+        warnings.warn(f"reference cache {folder / TABLE}: {problem}; rebuilding it", RuntimeWarning, stacklevel=2)
+        shutil.rmtree(folder, ignore_errors=True)
+    table = {k: v.clone() for k, v in load_file(str(folder / TABLE)).items()}  # in memory, not tied to the file
     return PrecomputedReference(table["chosen"], table["rejected"], folder)
 
 
-def make_reference(kind: str, policy: torch.nn.Module, reference_model: torch.nn.Module | None = None):
+def _table_problem(folder: Path, n_pairs: int) -> str | None:
+    """Why the cached table in ``folder`` cannot be used (None if it can): missing, altered, unreadable, wrong size."""
+    path, digest = folder / TABLE, folder / TABLE_DIGEST
+    if not path.is_file() or not digest.is_file():
+        return "the table or its digest is missing (written by an older dpolab, or damaged)"
+    if sha256_file(path) != digest.read_text().strip():
+        return "its SHA-256 does not match the one stored when it was written (damaged or altered)"
+    try:
+        table = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types
+        return f"cannot be read ({type(err).__name__}: {err})"
+    if set(table) != {"chosen", "rejected"} or len(table["chosen"]) != n_pairs or len(table["rejected"]) != n_pairs:
+        return f"holds {({k: tuple(v.shape) for k, v in table.items()})} for a dataset of {n_pairs} pairs"
+    if not all(bool(torch.isfinite(t).all()) for t in table.values()):
+        return "holds non-finite log-probs"
+    return None
+
+
+def make_reference(kind: str, policy: torch.nn.Module, reference_model: torch.nn.Module | None = None, *,
+                   adapter_start: bool = False):
     """A model-based reference: ``"copy"`` (of ``reference_model`` if given, else of the policy now) or
-    ``"adapter"``; None for ``"none"``. ``"precomputed"`` is built with :func:`precompute_reference`."""
+    ``"adapter"`` (the adapter switched off, or with ``adapter_start`` at its current weights: for a policy that
+    arrived with a trained adapter); None for ``"none"``. ``"precomputed"`` is built with
+    :func:`precompute_reference`."""
     if kind == "copy":
         return FrozenReference(reference_model if reference_model is not None else copy.deepcopy(policy))
     if kind == "adapter":
-        return AdapterReference(policy)
+        return StartingAdapterReference(policy) if adapter_start else AdapterReference(policy)
     if kind == "none":
         return None
     raise ValueError(f"make_reference: unknown kind {kind!r} (expected 'copy', 'adapter' or 'none')")

@@ -21,7 +21,11 @@ same weights as an uninterrupted one (the data order is a function of the seed a
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
+import random
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -59,14 +63,20 @@ class TrainResult:
     tokenizer: Any
     checkpoint: Path | None = None  # the final checkpoint (weights loadable with dpolab.models.load_model)
     warnings: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+    """What tokenization did to the data: ``{"train": {rows, kept, truncated, dropped, dropped_by_reason}, "eval": …}``."""
 
 
 class BatchPlan:
     """Which pairs each process trains on at each step: a function of (seed, step) only, so resumable.
 
     Each epoch the pairs are grouped into length-bucketed global batches (dpolab.batch) reshuffled by
-    seed and epoch; incomplete batches are skipped so every step has the same number of pairs. Global
-    batch g is cut into micro-batches of ``micro_batch_size``; process r takes micro-batches r, r + N, ….
+    seed and epoch, so every step has the same number of pairs. When the pair count is not a multiple of
+    the global batch, the r pairs left over sit out the epoch; which ones rotates along a fixed seeded
+    cycle (epoch e holds out cycle positions e·r … e·r + r − 1), so over epochs every pair is trained
+    equally often (counts never differ by more than one), rather than the same longest pairs being cut
+    every epoch. Global batch g is cut into micro-batches of ``micro_batch_size``; process r takes
+    micro-batches r, r + N, ….
     """
 
     def __init__(self, lengths: list[int], config: TrainConfig, world_size: int):
@@ -75,12 +85,20 @@ class BatchPlan:
         if len(lengths) < self.global_size:
             raise ValueError(f"{len(lengths)} training pairs are fewer than one global batch of {self.global_size} "
                              f"(micro_batch_size × grad_accum_steps × processes)")
+        self.left_over = len(lengths) % self.global_size
+        self._cycle = list(range(len(lengths)))
+        random.Random(self.seed * 100_003 - 1).shuffle(self._cycle)
         self._epochs: dict[int, list[list[int]]] = {}
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         if epoch not in self._epochs:
-            batches = length_bucketed_batches(self.lengths, self.global_size, seed=self.seed * 100_003 + epoch)
-            self._epochs[epoch] = [b for b in batches if len(b) == self.global_size]
+            n, r = len(self.lengths), self.left_over
+            held = {self._cycle[(epoch * r + k) % n] for k in range(r)}
+            keep = [i for i in range(n) if i not in held]
+            batches = length_bucketed_batches([self.lengths[i] for i in keep], self.global_size,
+                                              seed=self.seed * 100_003 + epoch)
+            self._epochs[epoch] = [[keep[j] for j in b] for b in batches]
+            assert all(len(b) == self.global_size for b in self._epochs[epoch])
         return self._epochs[epoch]
 
     def micro_batches(self, step: int, rank: int) -> tuple[int, list[list[int]]]:
@@ -136,18 +154,29 @@ def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs
     resume = ckpt.resume_point(config, is_main=ctx.is_main, world_size=ctx.world_size)
     dist.barrier(ctx)
     torch.manual_seed(config.seed)
+    provenance = {"name": config.model}
     if model is None:
         model, loaded_tokenizer = load_policy(config.model, seed=config.seed)
         tokenizer = tokenizer or loaded_tokenizer
+    else:  # config.model did not make this model: record what did train, by content
+        provenance = {"name": getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__,
+                      "passed_in": True, "weights_sha256": weights_digest(model)}
     if tokenizer is None:
         raise ValueError("train(model=...) needs the model's tokenizer: pass tokenizer=...")
     settings = tokenize_config(config)
+    on_truncation = getattr(config, "on_truncation", "drop")
     train_data = prepare_pairs(train_pairs if train_pairs is not None else config.train_data or None, tokenizer,
-                               settings, name=config.train_data or "train_pairs")
+                               settings, name=config.train_data or "train_pairs", on_truncation=on_truncation)
     if not train_data.pairs:
         raise ValueError("no training pairs: pass train_pairs=... or set the config field train_data")
     eval_data = prepare_pairs(eval_pairs if eval_pairs is not None else config.eval_data or None, tokenizer,
-                              settings, name=config.eval_data or "eval_pairs")
+                              settings, name=config.eval_data or "eval_pairs", on_truncation=on_truncation)
+    data_report = {"train": train_data.summary(), **({"eval": eval_data.summary()} if eval_data.pairs else {})}
+    fingerprint = {"train_sha256": pairs_digest(train_data.pairs), "train_pairs": len(train_data.pairs)}
+    if resume is not None:  # the config matched; the data and the starting model must match too
+        ckpt.check_resume_state(resume, {"data": fingerprint, "model": provenance})
+    if ctx.is_main:
+        print(f"dpolab: data: {_data_line(data_report)}", file=sys.stderr)
     layout = pair_layout(model, config.stage)
     plan = BatchPlan([pair_length(p, layout) for p in train_data.pairs], config, ctx.world_size)
     pad = pad_token_id(tokenizer)
@@ -165,6 +194,36 @@ def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs
     if resume is not None:
         dist.load_optimizer_state(wrapped, optimizer, resume.optimizer_state, ctx, config.fsdp)
 
+    try:
+        return _train_loop(config, ctx, model, wrapped, params, optimizer, tokenizer, train_data, eval_data, train_ref,
+                           eval_ref, plan, pad, resume, step, on_step, data_report,
+                           {"model": provenance, "data": fingerprint})
+    except BaseException as err:
+        if ctx.is_main:
+            _after_failure(out, resume, err)
+        raise
+
+
+def _after_failure(out: Path, resume, err: BaseException) -> None:
+    """Leave the folder so that the corrected rerun can go on, and say how in a note on the error.
+
+    A fresh run that wrote no checkpoint cannot be resumed: its metrics are moved aside (to
+    ``metrics.failed.jsonl``, kept for reading), so the rerun does not find an earlier run in its way.
+    """
+    if resume is None and not ckpt.list_checkpoints(out):
+        if (out / METRICS).exists():
+            (out / METRICS).replace(out / ckpt.FAILED_METRICS)
+            err.add_note(f"dpolab: the run failed before its first checkpoint; its metrics were moved to "
+                         f"{out / ckpt.FAILED_METRICS}, and a rerun with the same output_dir starts fresh")
+    else:
+        err.add_note(f"dpolab: checkpoints of this run are in {out / ckpt.CHECKPOINTS}; continue it with "
+                     "resume_from=auto, or start over with overwrite=true")
+
+
+def _train_loop(config, ctx, model, wrapped, params, optimizer, tokenizer, train_data, eval_data, train_ref, eval_ref,
+                plan, pad, resume, step, on_step, data_report, state_extra) -> TrainResult:
+    """The optimizer steps, evaluations and checkpoints of :func:`train` (after everything is set up)."""
+    out = Path(config.output_dir)
     writer = MetricsWriter(out / METRICS, enabled=ctx.is_main, resume_step=step if resume is not None else None)
     earlier = read_metrics(out / METRICS) if ctx.is_main else []
     history = [r for r in earlier if "loss" in r]
@@ -204,7 +263,13 @@ def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs
         record = {"step": step, "epoch": epoch, "lr": lr, "grad_norm": grad_norm,
                   **mean_metrics(totals, config.stage),
                   "tokens_per_s": float(totals[STATS.index("tokens")]) / (time.perf_counter() - started)}
-        record["warnings"] = monitor.observe(record, emit=ctx.is_main)
+        if step == 1 and any(r["truncated"] or r["dropped"] for r in data_report.values()):
+            # what truncation did to the data, once per run (records of untouched data keep their fields)
+            record.update({f"data/{split}/{k}": v for split, summary in data_report.items()
+                           for k, v in summary.items() if k != "dropped_by_reason"})
+            record["warnings"] = [f"data: {_data_line(data_report)}"]
+            monitor.messages.append(record["warnings"][0])
+        record["warnings"] = record.get("warnings", []) + monitor.observe(record, emit=ctx.is_main)
         writer.write(record)
         history.append(record)
         if eval_data.pairs and ((config.eval_every and step % config.eval_every == 0) or step == config.max_steps):
@@ -217,7 +282,8 @@ def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs
             writer.write(evaluation)
             eval_history.append(evaluation)
         if (config.save_every and step % config.save_every == 0) or step == config.max_steps:
-            last_checkpoint = _save(out, step, wrapped, model, tokenizer, optimizer, config, record, ctx)
+            last_checkpoint = _save(out, step, wrapped, model, tokenizer, optimizer, config, record, ctx,
+                                    {**state_extra, "data_report": data_report})
         bar.update(1)
         bar.set_postfix({"loss": f"{record['loss']:.4f}",
                          **({"acc": f"{record['rewards/accuracies']:.2f}"} if config.stage == "dpo" else {})})
@@ -225,7 +291,35 @@ def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs
             on_step(step, record)
     bar.close()
     return TrainResult(out, history, eval_history, step, dist.unwrap(wrapped), tokenizer, last_checkpoint,
-                       monitor.messages)
+                       monitor.messages, data_report)
+
+
+def _data_line(report: dict[str, Any]) -> str:
+    """One line: rows, kept, truncated and dropped (with reasons) per split."""
+    parts = []
+    for split, r in report.items():
+        why = "; ".join(f"{n} {reason}" for reason, n in r["dropped_by_reason"].items())
+        parts.append(f"{split} {r['rows']} rows, {r['kept']} kept, {r['truncated']} truncated, {r['dropped']} dropped"
+                     + (f" ({why})" if why else ""))
+    return "; ".join(parts)
+
+
+def pairs_digest(pairs) -> str:
+    """SHA-256 of tokenized pairs (ids and masks, in order): the training data's fingerprint in a checkpoint."""
+    h = hashlib.sha256(b"dpolab-pairs-v1")
+    for p in pairs:
+        h.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids, p.chosen_mask, p.rejected_mask]).encode())
+    return h.hexdigest()
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's state dict (names, dtypes, shapes, bytes): its identity when passed in as an object."""
+    h = hashlib.sha256(b"dpolab-weights-v1")
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _policy_and_references(config, ctx, model, tokenizer, reference_model, train_data, eval_data):
@@ -240,13 +334,15 @@ def _policy_and_references(config, ctx, model, tokenizer, reference_model, train
     elif config.reference == "precomputed":
         source = model if reference_model is None else reference_model
         settings = tokenize_config(config)
+        # same precision as the policy's forward passes, so that at θ = θ_ref every margin is 0
         train_ref, eval_ref = (precompute_reference(source, tokenizer, data.pairs, tokenize_config=settings,
-                                                    batch_size=config.eval_batch_size) if data.pairs else None
-                               for data in (train_data, eval_data))
+                                                    batch_size=config.eval_batch_size, precision=config.precision)
+                               if data.pairs else None for data in (train_data, eval_data))
+    had_adapter = hasattr(model, "disable_adapter")  # e.g. LoRA SFT, then LoRA DPO: π_ref is the SFT adapter
     if config.lora_r:
         model = add_lora(model, config.lora_r, config.lora_alpha).to(ctx.device).eval()
     if config.reference == "adapter":
-        train_ref = eval_ref = make_reference("adapter", model)
+        train_ref = eval_ref = make_reference("adapter", model, adapter_start=had_adapter)
     if config.stage == "sft":
         train_ref = None  # the NLL needs no reference; evaluation still reports rewards and KL against it
     return model, train_ref, eval_ref
@@ -293,7 +389,7 @@ def build_optimizer(params, config: TrainConfig, *, fused: bool = True) -> torch
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True if ok else None)
 
 
-def _save(out, step, wrapped, model, tokenizer, optimizer, config, record, ctx) -> Path:
+def _save(out, step, wrapped, model, tokenizer, optimizer, config, record, ctx, extra) -> Path:
     """Write the step's checkpoint on rank 0 (every process takes part in gathering the state)."""
     model_state = dist.model_state(wrapped, ctx, config.fsdp)
     optimizer_state = dist.optimizer_state(wrapped, optimizer, ctx, config.fsdp)
@@ -302,7 +398,7 @@ def _save(out, step, wrapped, model, tokenizer, optimizer, config, record, ctx) 
     if ctx.is_main:
         folder = ckpt.save_checkpoint(out, step, model_state=model_state, optimizer_state=optimizer_state,
                                       config=config.to_dict(), metrics=record, seed=config.seed,
-                                      rng_states=rng_states, keep_last=config.keep_last,
+                                      rng_states=rng_states, keep_last=config.keep_last, extra=extra,
                                       export=lambda tmp: ckpt.export_pretrained(model, tokenizer, tmp))
     dist.barrier(ctx)
     return folder

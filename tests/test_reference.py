@@ -94,8 +94,10 @@ def test_precomputed_table_equals_the_model_and_is_reused(tiny, tmp_path, monkey
     torch.testing.assert_close(got.chosen, want.chosen, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.rejected, want.rejected, rtol=1e-5, atol=1e-5)
     assert torch.equal(got.chosen_lengths, want.chosen_lengths)
-    again = precompute_reference(model, tok, pairs, batch_size=2, root=tmp_path)
+    again = precompute_reference(model, tok, pairs, batch_size=4, root=tmp_path)
     assert len(calls) == 2 and again.folder == table.folder and torch.equal(again.chosen, table.chosen)
+    # the batch size changes the rounding, so it is part of the key (issue 20): a new table
+    assert precompute_reference(model, tok, pairs, batch_size=2, root=tmp_path).folder != table.folder
     shuffled = collate_pairs([pairs[5], pairs[0]], tok.pad_token_id, index=[5, 0])  # looked up by dataset index
     assert torch.equal(table.pair_logps(shuffled).chosen, table.chosen[[5, 0]])
     with pytest.raises(IndexError, match="outside the precomputed table of 6 pairs"):
