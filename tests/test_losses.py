@@ -13,7 +13,16 @@ import torch
 import torch.nn.functional as F
 
 from dpolab.bandit import TabularPolicy
-from dpolab.losses import LOSSES, SORTED_LOSSES, TRL_LOSS_TYPES, dpo_loss, get_loss, robust_dpo_loss, sft_loss, weighted_loss
+from dpolab.losses import (
+    LOSSES,
+    SORTED_LOSSES,
+    TRL_LOSS_TYPES,
+    dpo_loss,
+    get_loss,
+    robust_dpo_loss,
+    sft_loss,
+    weighted_loss,
+)
 
 L1 = math.log1p(math.exp(-1))  # ℓ(1) = 0.31326168751822286
 POLICY_CHOSEN = torch.tensor([-1.0, -3.0], dtype=torch.float64)

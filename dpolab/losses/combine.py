@@ -30,18 +30,22 @@ def combined_loss(
     loss_type: Sequence[str] = ("sigmoid",),
     loss_weights: Sequence[float] | None = None,
     pair_weights: Tensor | None = None,
+    mean_pair_weight: float | Tensor | None = None,
     f_divergence_type: str = "reverse_kl",
     f_alpha_divergence_coef: float = 0.5,
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
     **params: Any,
 ) -> LossOutput:
-    """trl's combined objective, per pair: c_i · Σ_k w_k L_k,i (e.g. MPO: sigmoid, bco_pair, sft with 0.8, 0.2, 1).
+    """trl's combined objective, per pair: Σ_k w_k c_i L_k,i (e.g. MPO: sigmoid, bco_pair, sft with 0.8, 0.2, 1).
 
     Args:
         loss_type: names in :data:`LOSSES`, trl's ``loss_type`` list.
         loss_weights: one weight per name (trl's ``loss_weights``); None weighs each 1.
-        pair_weights: c_i, per-pair weights without gradient (WPO, :func:`wpo_weights`); None is 1.
+        pair_weights: c_i, per-pair weights without gradient (WPO, :func:`wpo_weights`); None is 1. A loss that is
+            one number for the whole batch (``sft``, marked ``batch_mean``) is weighted by the mean weight c̄ instead,
+            as trl does (it scales the batch's token-mean NLL by each pair's weight, then averages).
+        mean_pair_weight: c̄ over the *global* batch (exact accumulation); None takes this batch's mean.
         f_divergence_type, f_alpha_divergence_coef: passed to the losses of the margin (and ``sft``, which ignores
             them); a divergence other than the reverse KL with any other loss is an error, as in trl.
         **params: each keyword goes to every loss in ``loss_type`` that takes it (``label_smoothing`` to robust,
@@ -75,11 +79,14 @@ def combined_loss(
         losses, chosen_rewards, rejected_rewards = get_loss(name)(
             policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
             chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **kwargs)
+        if pair_weights is not None:
+            if getattr(get_loss(name), "batch_mean", False):
+                losses = losses * (pair_weights.detach().mean() if mean_pair_weight is None else mean_pair_weight)
+            else:
+                losses = losses * pair_weights.detach()
         total = total + weight * losses
         if rewards is None:
             rewards = (chosen_rewards, rejected_rewards)
-    if pair_weights is not None:
-        total = total * pair_weights.detach()
     return (total, *rewards)
 
 

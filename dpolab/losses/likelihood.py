@@ -42,6 +42,7 @@ def sft_token_loss(
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
     mean_chosen_length: float | Tensor | None = None,
+    unweighted_chosen_logps: Tensor | None = None,
     f_divergence_type: str = "reverse_kl",
     f_alpha_divergence_coef: float = 0.5,
 ) -> LossOutput:
@@ -54,12 +55,18 @@ def sft_token_loss(
     accumulation n̄ must be the mean over the *global* batch (``mean_chosen_length``); by default it is this
     batch's, which is trl's value for one batch. The reference and the f-divergence play no part.
 
+    Args:
+        mean_chosen_length: n̄ of the global batch (tokens of the chosen responses / pairs).
+        unweighted_chosen_logps: the plain sums log π_θ(y_w|x) when ``policy_chosen_logps`` are reweighted for the
+            other losses (LD-DPO); trl's NLL always uses the plain per-token log-probs.
+
     Shape: all (B,) -> three (B,) tensors.
     """
-    n_chosen, _ = need_lengths("sft", chosen_lengths, chosen_lengths)
-    mean = chosen_lengths.sum().clamp(min=1) / chosen_lengths.numel() if mean_chosen_length is None \
-        else mean_chosen_length
-    losses = -policy_chosen_logps / mean
+    need_lengths("sft", chosen_lengths, chosen_lengths)
+    if mean_chosen_length is None:
+        mean_chosen_length = chosen_lengths.to(policy_chosen_logps.dtype).sum().clamp(min=1) / chosen_lengths.numel()
+    nll_logps = policy_chosen_logps if unweighted_chosen_logps is None else unweighted_chosen_logps
+    losses = -nll_logps / mean_chosen_length
     return (losses, *_rewards_of(beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                  ref_rejected_logps))
 
@@ -129,4 +136,5 @@ def unlikelihood_pair_loss(
                                  ref_rejected_logps))
 
 
+sft_token_loss.batch_mean = True  # one number for the batch (spread over the pairs), see combine.combined_loss
 unlikelihood_pair_loss.token_inputs = ("rejected_token_logps", "rejected_token_mask")
