@@ -1,7 +1,8 @@
 """Sampling N completions per prompt, with the log-probs that the KL estimate needs.
 
-``model.generate`` runs the loop (KV cache, left padding, stopping at EOS), but the token choice is
-made here, by :class:`_RecordingSampler`, a logits processor that sees the model's raw next-token
+Two engines give the same completions: ``"fast"`` (the default), the decoding loop of :mod:`dpolab.decode`, and
+``"generate"``, the slow reference described here. In it ``model.generate`` runs the loop (KV cache, left padding,
+stopping at EOS), but the token choice is made here, by :class:`_RecordingSampler`, a logits processor that sees the model's raw next-token
 logits, applies temperature, top-k and top-p itself (:func:`warp_logits`), draws the token from a
 random stream of its own for every (prompt, sample) row, and records two log-probs of the drawn
 token; ``generate`` then only takes the one token left standing. So each completion comes with
