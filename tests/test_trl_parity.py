@@ -11,7 +11,7 @@ import torch
 
 from dpolab.batch import PairBatch
 from dpolab.logprobs import concatenated_forward
-from dpolab.losses import LOSSES
+from dpolab.losses import TRL_LOSS_TYPES, combined_loss
 from dpolab.rewards import pair_metrics
 from dpolab.tiny import tiny_causal_lm
 
@@ -65,30 +65,48 @@ def test_per_sequence_logps_match_trl(trainer_and_batch):
             torch.testing.assert_close(got.rejected, trl_rejected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize(
-    ("trl_loss", "ours", "label_smoothing"),
-    [("sigmoid", "sigmoid", 0.0), ("ipo", "ipo", 0.0), ("hinge", "hinge", 0.0), ("robust", "robust", 0.2)],
-)
-def test_loss_matches_trl(trainer_and_batch, trl_loss, ours, label_smoothing):
-    """trl's ``ipo`` is the per-token-mean form, which is ours under the same name."""
+SMOOTHED = ("robust", "exo_pair", "aot", "aot_unpaired")  # the losses that read trl's label_smoothing
+
+
+def _cases():
+    cases = [([name], None, "reverse_kl") for name in TRL_LOSS_TYPES]
+    cases += [(["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], "reverse_kl"),  # MPO
+              (["sigmoid"], None, "js_divergence"), (["ipo", "sft"], [1.0, 0.5], "forward_kl"),
+              (["robust"], None, "alpha_divergence")]
+    return cases
+
+
+@pytest.mark.parametrize(("loss_type", "loss_weights", "f_divergence_type"), _cases(),
+                         ids=lambda v: "+".join(v) if isinstance(v, list) and isinstance(v[0], str) else str(v))
+def test_loss_matches_trl(trainer_and_batch, loss_type, loss_weights, f_divergence_type):
+    """Every trl ``loss_type`` (and MPO, and f-divergences) on the same token batch: trl's compute_loss against
+    the kit's :func:`combined_loss` of the per-sequence log-probs, averaged over the pairs."""
     trainer, inputs, batch = trainer_and_batch
-    trainer.loss_types, trainer.loss_weights, trainer.label_smoothing = [trl_loss], [1.0], label_smoothing
+    label_smoothing = 0.1 if set(loss_type) & set(SMOOTHED) else 0.0
+    trainer.loss_types, trainer.loss_weights = loss_type, loss_weights or [1.0] * len(loss_type)
+    trainer.label_smoothing, trainer.f_divergence_type, trainer.f_alpha_divergence_coef = (label_smoothing,
+                                                                                            f_divergence_type, 0.5)
     with torch.no_grad():
         trl_value = trainer.compute_loss(trainer.model, inputs)
         policy = concatenated_forward(trainer.model, batch)
         reference = concatenated_forward(trainer.ref_model, batch)
-    params = {"label_smoothing": label_smoothing} if ours == "robust" else {}
-    losses, chosen_rewards, rejected_rewards = LOSSES[ours](
+    params = {"label_smoothing": label_smoothing} if label_smoothing else {}
+    losses, chosen_rewards, rejected_rewards = combined_loss(
         policy.chosen,
         policy.rejected,
         reference.chosen,
         reference.rejected,
         BETA,
+        loss_type=loss_type,
+        loss_weights=loss_weights,
+        f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=0.5,
         chosen_lengths=policy.chosen_lengths,
         rejected_lengths=policy.rejected_lengths,
         **params,
     )
-    assert abs(trl_value.item() - losses.mean().item()) < 1e-5
+    # float32 log-probs agree to ~1e-5; squared losses (ipo, sppo_hard) scale that error with their size
+    assert abs(trl_value.item() - losses.mean().item()) < 1e-5 * max(1.0, abs(trl_value.item()))
     assert (chosen_rewards - rejected_rewards).abs().max() > 0.05  # π ≠ π_ref: not the trivial point of zero margins
     logged = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("rewards/")}
     ours_metrics = pair_metrics(chosen_rewards, rejected_rewards)
