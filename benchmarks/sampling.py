@@ -85,6 +85,7 @@ def run(quick: bool = False, prompts: int = 32, n: int = 4, max_new_tokens: int 
             start = time.perf_counter()
             tokens = arm(model, tokenizer, texts, n, max_new_tokens, seed=round_)
             rates[name].append(tokens / (time.perf_counter() - start))
+            print(f"round {round_ + 1}: {name}: {rates[name][-1]:.1f} tokens/s", file=sys.stderr, flush=True)
     return rates
 
 
