@@ -122,7 +122,8 @@ class TrainConfig:
     keep_last: int = 2
     """Number of most recent checkpoints kept on disk."""
     resume_from: str = ""
-    """Checkpoint folder to resume from, "auto" for the latest in output_dir/checkpoints, or "" for a fresh run."""
+    """Checkpoint folder to resume from, "auto" for the latest in output_dir/checkpoints (refuses to start over on an
+    earlier run's files without overwrite=true), or "" for a fresh run."""
     keep_freed_memory: bool = True
     """CPU runs with glibc: keep freed memory in the process during training instead of paying page faults for it
     again every step (dpolab.allocator; same numbers, faster); ignored when MALLOC_* variables are set."""
