@@ -16,6 +16,11 @@ whatever the padding and the split into micro-batches and processes. Dropout sta
 as in the reference (both run in eval mode; gradients flow as usual), so log-prob ratios are
 deterministic. Given the seed, a CPU run is bit-for-bit repeatable, and a resumed run ends with the
 same weights as an uninterrupted one (the data order is a function of the seed and the step).
+
+Nothing already written is lost: a resume must match the checkpoint's config, training data (a fingerprint of
+the tokenized pairs) and starting model; a fresh run that fails before its first checkpoint moves its metrics
+aside (``metrics.failed.jsonl``) so that its rerun is not blocked; rows that truncation leaves unusable are
+dropped and counted (``TrainResult.data``, the first step's record, one line on stderr).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from dpolab.heldout import heldout_metrics, sample_kl, to_device
 from dpolab.inputs import add_lora, load_policy, prepare_pairs, tokenize_config
 from dpolab.logprobs import output_grad_into_weight, pair_layout
 from dpolab.metrics import MetricsWriter, Monitor, NonFiniteLossError, read_metrics
-from dpolab.objective import STATS, batch_objective, mean_metrics
+from dpolab.objective import STATS, batch_objective, global_contexts, mean_metrics, objective_settings
 from dpolab.reference import make_reference, precompute_reference
 from dpolab.tokenize import pad_token_id
 
@@ -212,9 +217,13 @@ def _after_failure(out: Path, resume, err: BaseException) -> None:
     """
     if resume is None and not ckpt.list_checkpoints(out):
         if (out / METRICS).exists():
-            (out / METRICS).replace(out / ckpt.FAILED_METRICS)
-            err.add_note(f"dpolab: the run failed before its first checkpoint; its metrics were moved to "
-                         f"{out / ckpt.FAILED_METRICS}, and a rerun with the same output_dir starts fresh")
+            aside, n = out / ckpt.FAILED_METRICS, 0
+            while aside.exists():  # an earlier failed run's file is kept too
+                n += 1
+                aside = out / ckpt.FAILED_METRICS.replace(".jsonl", f".{n}.jsonl")
+            (out / METRICS).replace(aside)
+            err.add_note(f"dpolab: the run failed before its first checkpoint; its metrics were moved to {aside}, "
+                         "and a rerun with the same output_dir starts fresh")
     else:
         err.add_note(f"dpolab: checkpoints of this run are in {out / ckpt.CHECKPOINTS}; continue it with "
                      "resume_from=auto, or start over with overwrite=true")
@@ -259,6 +268,8 @@ def _train_loop(config, ctx, model, wrapped, params, optimizer, tokenizer, train
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        if config.sync_ref_model and step % config.ref_model_sync_steps == 0:  # TR-DPO
+            train_ref.mix_in(dist.unwrap(wrapped), config.ref_model_mixup_alpha)
 
         record = {"step": step, "epoch": epoch, "lr": lr, "grad_norm": grad_norm,
                   **mean_metrics(totals, config.stage),
@@ -361,11 +372,13 @@ def accumulate_gradients(model, reference, batches: list, *, config: TrainConfig
         description of the first micro-batch whose loss was not finite (None if all were).
     """
     totals, first_bad = torch.zeros(len(STATS), dtype=torch.float64), None
+    settings = objective_settings(config)
+    with autocast():  # the global batch's numbers for losses that are not per-pair sums (trl's sft, AOT, WPO)
+        contexts = global_contexts(model, reference, batches, stage=config.stage, **settings)
     for i, batch in enumerate(batches):
         with dist.gradient_sync(model, sync=i == len(batches) - 1), autocast(), output_grad_into_weight():
-            losses, sums = batch_objective(model, reference, batch, stage=config.stage, loss=config.loss,
-                                           beta=config.beta, loss_params=config.loss_params,
-                                           sft_weight=config.sft_weight)
+            losses, sums = batch_objective(model, reference, batch, stage=config.stage, context=contexts[i],
+                                           **settings)
             (losses.sum() * scale).backward()
         totals += sums
         if first_bad is None and sums[STATS.index("nonfinite")]:
