@@ -127,6 +127,13 @@ class StartingAdapterReference(FrozenReference):
         finally:
             self.model.inner.train(was_training)
 
+    def mix_in(self, policy: torch.nn.Module, alpha: float) -> None:
+        """TR-DPO's soft update on the adapter's starting weights: θ_ref ← α θ + (1 − α) θ_ref (adapter tensors only)."""
+        current = dict(policy.named_parameters())
+        with torch.no_grad():
+            for name, start in self.model.params.items():
+                start.mul_(1 - alpha).add_(current[name].detach().to(start.dtype), alpha=alpha)
+
 
 class PrecomputedReference:
     """π_ref log-probs read from a table indexed by the pairs' dataset positions (``PairBatch.index``)."""
@@ -145,13 +152,6 @@ class PrecomputedReference:
         return PairLogps(self.chosen[index].to(device), self.rejected[index].to(device), lengths[:b], lengths[b:])
 
     sequence_logps = None  # no model: new responses cannot be scored
-    def mix_in(self, policy: torch.nn.Module, alpha: float) -> None:
-        """TR-DPO's soft update on the adapter's starting weights: θ_ref ← α θ + (1 − α) θ_ref (adapter tensors only)."""
-        current = dict(policy.named_parameters())
-        with torch.no_grad():
-            for name, start in self.model.params.items():
-                start.mul_(1 - alpha).add_(current[name].detach().to(start.dtype), alpha=alpha)
-
 
 
 def reference_key(model: torch.nn.Module, tokenizer, pairs: list[TokenizedPair], tokenize_config=None, *,
