@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import inspect
 import math
+import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -56,6 +57,25 @@ class TrainConfig:
     """Weight of the SFT (per-token NLL on chosen) term mixed into the DPO loss: total = loss + sft_weight * sft."""
     reference: Literal["copy", "adapter", "precomputed", "none"] = "copy"
     """Reference π_ref: frozen "copy"; the policy with its LoRA "adapter" off; "precomputed" cached log-probs; "none"."""
+    loss_type: list = field(default_factory=list)
+    """trl's name: losses of dpolab.losses.LOSSES trained as a weighted sum, e.g. [sigmoid, bco_pair, sft] (MPO); empty
+    = [loss]. loss_params go to every listed loss that takes them."""
+    loss_weights: list = field(default_factory=list)
+    """trl's name: one weight per loss_type entry, e.g. [0.8, 0.2, 1.0]; empty = 1 each."""
+    use_weighting: bool = False
+    """trl's name: WPO, weigh each pair by the policy's length-normalised probabilities of both responses (no grad)."""
+    ld_alpha: float | None = None
+    """trl's name: LD-DPO, weight in [0, 1] of the response tokens past the shorter response's length; null = off."""
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
+    """trl's name: the divergence to π_ref (f-DPO); other than reverse_kl only for losses of the reward margin."""
+    f_alpha_divergence_coef: float = 0.5
+    """trl's name: α of f_divergence_type alpha_divergence."""
+    sync_ref_model: bool = False
+    """trl's name: TR-DPO, every ref_model_sync_steps steps set π_ref ← α π_θ + (1 − α) π_ref (reference "copy")."""
+    ref_model_mixup_alpha: float = 0.6
+    """trl's name: TR-DPO's α in [0, 1]."""
+    ref_model_sync_steps: int = 512
+    """trl's name: TR-DPO's τ, optimizer steps between reference updates."""
 
     # --- parameter-efficient fine-tuning -------------------------------------------------------------------
     lora_r: int = 0
@@ -183,7 +203,10 @@ class TrainConfig:
                               "LoRA adapter to switch off (set lora_r > 0)")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"config field 'device' must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
-        if self.stage == "dpo":
+        from dpolab.loss_config import check_loss_fields
+
+        check_loss_fields(self)  # loss_type, loss_weights and the other trl fields
+        if self.stage == "dpo" and not self.loss_type:
             from dpolab.losses import LOSSES
 
             if self.loss not in LOSSES:
@@ -272,6 +295,10 @@ def coerce(key: str, value: Any, source: str = "config") -> Any:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"{source}: {key!r} is not a TrainConfig field{hint}; see `dpolab train --help`")
     expected = hints[key]
+    if isinstance(expected, types.UnionType) and type(None) in typing.get_args(expected):  # X | None
+        if value is None or (isinstance(value, str) and value.strip() in ("null", "None", "~")):
+            return None
+        expected = next(a for a in typing.get_args(expected) if a is not type(None))
     text = value if isinstance(value, str) else None
     if text is not None and expected is not str:
         value = yaml.safe_load(text) if text.strip() else text
@@ -298,6 +325,11 @@ def coerce(key: str, value: Any, source: str = "config") -> Any:
     elif expected is dict:
         if isinstance(value, dict):
             return dict(value)
+    elif expected is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):  # one item, as trl's str loss_type
+            return [value]
     raise ConfigError(f"{source}: field {key!r} expects {_type_name(expected)}, got {type(value).__name__} {value!r}")
 
 

@@ -19,7 +19,7 @@ import torch
 from dpolab.batch import collate_pairs, collate_sequences, length_bucketed_batches, pair_length
 from dpolab.distributed import DistributedContext, all_gather_objects, all_reduce_sum, unwrap
 from dpolab.logprobs import pair_layout
-from dpolab.objective import STATS, batch_objective, mean_metrics
+from dpolab.objective import STATS, batch_objective, mean_metrics, objective_settings
 from dpolab.rewards import sequence_kl
 from dpolab.tokenize import TokenizedPair, pad_token_id
 
@@ -38,9 +38,7 @@ def heldout_metrics(model, reference, pairs: list[TokenizedPair], *, config, pad
         for rows in batches if config.fsdp else batches[ctx.rank :: ctx.world_size]:
             batch = to_device(collate_pairs([pairs[i] for i in rows], pad_id, index=rows), ctx.device)
             with autocast():
-                _, sums = batch_objective(model, reference, batch, stage=config.stage, loss=config.loss,
-                                          beta=config.beta, loss_params=config.loss_params,
-                                          sft_weight=config.sft_weight)
+                _, sums = batch_objective(model, reference, batch, stage=config.stage, **objective_settings(config))
             totals = sums if totals is None else totals + sums
     if totals is None:  # more processes than evaluation batches
         totals = torch.zeros(len(STATS), dtype=torch.float64)

@@ -1,10 +1,16 @@
 """The training objective on one batch of pairs, and the metric sums that travel with it.
 
-SFT (the paper's first stage) minimises the per-token NLL of the chosen responses; DPO minimises a
-registered loss of the policy and reference log-probs (paper Eq. 7 for "sigmoid"), optionally plus
-``sft_weight`` times the NLL. Both return *per-pair* losses: the trainer sums them and divides by the
-number of pairs of the whole global batch, so k micro-batches of b pairs give the same gradient as one
-batch of k·b pairs whatever the padding of each micro-batch (exact accumulation).
+SFT (the paper's first stage) minimises the per-token NLL of the chosen responses; DPO minimises a registered
+loss of the policy and reference log-probs (paper Eq. 7 for "sigmoid"), or trl's weighted list of losses
+(``loss_type``, ``loss_weights``), with trl's options: WPO weights (``use_weighting``), LD-DPO log-probs
+(``ld_alpha``) and f-divergences; optionally plus ``sft_weight`` times the kit's per-sequence NLL. Both return
+*per-pair* losses: the trainer sums them and divides by the number of pairs of the whole global batch, so k
+micro-batches of b pairs give the same gradient as one batch of k·b pairs (exact accumulation).
+
+A few losses are not sums of per-pair terms: trl's ``sft`` averages over the tokens of the batch, AOT sorts the
+batch, and under WPO the ``sft`` term is scaled by the batch's mean weight. For them :func:`global_contexts`
+computes the global batch's numbers first (token counts from the labels; sorted values and weights from a
+forward pass without gradient) and hands each micro-batch its share, so accumulation stays exact for every loss.
 
 Metrics are kept as sums over pairs (:data:`STATS`), which add across micro-batches and processes and
 are divided by the pair count only when logged.
@@ -16,13 +22,32 @@ import torch
 from torch import Tensor
 
 from dpolab.batch import PairBatch, SequenceBatch
-from dpolab.logprobs import concatenated_forward, sequence_forward
-from dpolab.losses import get_loss, sft_loss
+from dpolab.logprobs import IGNORE_INDEX, concatenated_forward, sequence_forward, shift_labels
+from dpolab.losses import (
+    LOSSES,
+    SORTED_LOSSES,
+    aot_partners,
+    aot_sorted_values,
+    combined_loss,
+    length_desensitised_logps,
+    loss_parameters,
+    sft_loss,
+    wpo_weights,
+)
+from dpolab.token_scores import token_scores
 
 # Sums over pairs (plus counts) that one batch contributes to a step's metrics.
 STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
          "logps/rejected", "lengths/chosen", "lengths/rejected", "pairs", "tokens", "nonfinite")
 _SFT_STATS = ("loss", "logps/chosen", "lengths/chosen")
+# The config fields that define the DPO objective (TrainConfig names, which are trl's where trl has them).
+OBJECTIVE_FIELDS = ("loss", "beta", "loss_params", "sft_weight", "loss_type", "loss_weights", "use_weighting",
+                    "ld_alpha", "f_divergence_type", "f_alpha_divergence_coef")
+
+
+def objective_settings(config) -> dict:
+    """The keyword arguments of :func:`batch_objective` and :func:`global_contexts` from a TrainConfig."""
+    return {name: getattr(config, name) for name in OBJECTIVE_FIELDS if hasattr(config, name)}
 
 
 def chosen_rows(batch: PairBatch) -> SequenceBatch:
@@ -32,8 +57,55 @@ def chosen_rows(batch: PairBatch) -> SequenceBatch:
     return SequenceBatch(batch.input_ids[:b, :width], batch.attention_mask[:b, :width], batch.labels[:b, :width])
 
 
+def _loss_names(loss: str, loss_type) -> list[str]:
+    return list(loss_type) if loss_type else [loss]
+
+
+def _needs_tokens(names, use_weighting, ld_alpha) -> bool:
+    return use_weighting or ld_alpha is not None or any(getattr(LOSSES[n], "token_inputs", ()) for n in names)
+
+
+def _pair_inputs(model, reference, batch: PairBatch, names, *, use_weighting=False, ld_alpha=None):
+    """Policy and reference log-probs (2B,) as the losses see them, response lengths (2B,), WPO pair weights (B,)
+    or None, and the extra per-pair inputs some losses take (unweighted NLL log-probs, rejected-token log-probs)."""
+    b = batch.num_pairs
+    extra = {}
+    if not _needs_tokens(names, use_weighting, ld_alpha):
+        policy = concatenated_forward(model, batch)
+        logps = torch.cat([policy.chosen, policy.rejected])
+        lengths = torch.cat([policy.chosen_lengths, policy.rejected_lengths])
+        ref = reference.pair_logps(batch) if reference is not None else None
+        ref_logps = None if ref is None else torch.cat([ref.chosen, ref.rejected])
+        return logps, ref_logps, lengths, None, extra
+    scores = token_scores(model, batch, sum_sq=use_weighting)
+    lengths, logps = scores.lengths, scores.sums
+    ref_logps = None
+    if ld_alpha is not None:
+        other = torch.cat([lengths[b:], lengths[:b]])
+        extra["unweighted_chosen_logps"] = logps[:b]
+        logps = length_desensitised_logps(scores.logps, scores.mask, other, ld_alpha)
+        if reference is not None:
+            if getattr(reference, "token_logps", None) is None:
+                raise ValueError("ld_alpha needs per-token reference log-probs: use reference 'copy' or 'adapter' "
+                                 "(a precomputed reference holds sums only)")
+            ref_tokens = reference.token_logps(batch)
+            ref_logps = length_desensitised_logps(ref_tokens, scores.mask, other, ld_alpha)
+    elif reference is not None:
+        ref = reference.pair_logps(batch)
+        ref_logps = torch.cat([ref.chosen, ref.rejected])
+    weights = None
+    if use_weighting:
+        weights = wpo_weights(scores.logps[:b], scores.log_sum_sq[:b], scores.mask[:b], scores.logps[b:],
+                              scores.log_sum_sq[b:], scores.mask[b:])
+    extra["rejected_token_logps"], extra["rejected_token_mask"] = scores.logps[b:], scores.mask[b:]
+    return logps, ref_logps, lengths, weights, extra
+
+
 def batch_objective(model, reference, batch: PairBatch, *, stage: str, loss: str = "sigmoid", beta: float = 0.1,
-                    loss_params: dict | None = None, sft_weight: float = 0.0) -> tuple[Tensor, Tensor]:
+                    loss_params: dict | None = None, sft_weight: float = 0.0, loss_type=None, loss_weights=None,
+                    use_weighting: bool = False, ld_alpha: float | None = None,
+                    f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
+                    context: dict | None = None) -> tuple[Tensor, Tensor]:
     """Per-pair losses (with grad) and the batch's metric sums.
 
     Args:
@@ -43,7 +115,11 @@ def batch_objective(model, reference, batch: PairBatch, *, stage: str, loss: str
         batch: B pairs.
         stage: ``"sft"`` or ``"dpo"``.
         loss, beta, loss_params, sft_weight: the DPO loss, its β and own parameters, and the weight of
-            the NLL term added to it.
+            the kit's per-sequence NLL term added to it.
+        loss_type, loss_weights: trl's list of losses and their weights (overrides ``loss`` when given).
+        use_weighting, ld_alpha, f_divergence_type, f_alpha_divergence_coef: trl's WPO, LD-DPO and f-DPO.
+        context: this micro-batch's share of the global batch (:func:`global_contexts`); None treats the batch
+            as the whole global batch.
 
     Returns:
         ``(losses, sums)``: losses (B,) and a float64 vector aligned with :data:`STATS`.
@@ -58,28 +134,115 @@ def batch_objective(model, reference, batch: PairBatch, *, stage: str, loss: str
         for name, value in zip(_SFT_STATS, (losses, logps, lengths)):
             sums[name] = float(value.detach().double().sum())
     else:
-        policy = concatenated_forward(model, batch)
-        ref = reference.pair_logps(batch) if reference is not None else None
-        losses, chosen_rewards, rejected_rewards = get_loss(loss)(
-            policy.chosen, policy.rejected, None if ref is None else ref.chosen, None if ref is None else ref.rejected,
-            beta=beta, chosen_lengths=policy.chosen_lengths, rejected_lengths=policy.rejected_lengths,
-            **(loss_params or {}),
-        )
+        names = _loss_names(loss, loss_type)
+        b = batch.num_pairs
+        logps, ref_logps, lengths, weights, extra = _pair_inputs(model, reference, batch, names,
+                                                                 use_weighting=use_weighting, ld_alpha=ld_alpha)
+        params = {**(loss_params or {}), **(context or {})}
+        params.update({k: v for k, v in extra.items()
+                       if any(k in loss_parameters(n) for n in names)})
+        losses, chosen_rewards, rejected_rewards = combined_loss(
+            logps[:b], logps[b:], None if ref_logps is None else ref_logps[:b],
+            None if ref_logps is None else ref_logps[b:], beta, loss_type=names,
+            loss_weights=list(loss_weights) if loss_weights else None, pair_weights=weights,
+            f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+            chosen_lengths=lengths[:b], rejected_lengths=lengths[b:], **params)
         if sft_weight:
-            losses = losses + sft_weight * sft_loss(policy.chosen, policy.chosen_lengths)
+            losses = losses + sft_weight * sft_loss(extra.get("unweighted_chosen_logps", logps[:b]), lengths[:b])
         margins = chosen_rewards - rejected_rewards
         sums["tokens"] = float(batch.num_tokens)
         values = {
             "loss": losses, "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
             "rewards/margins": margins,
             "rewards/accuracies": (margins > 0).double() + 0.5 * (margins == 0).double(),  # ties ½, as rewards.py
-            "logps/chosen": policy.chosen, "logps/rejected": policy.rejected,
-            "lengths/chosen": policy.chosen_lengths, "lengths/rejected": policy.rejected_lengths,
+            "logps/chosen": logps[:b], "logps/rejected": logps[b:],
+            "lengths/chosen": lengths[:b], "lengths/rejected": lengths[b:],
         }
         for name, value in values.items():
             sums[name] = float(value.detach().double().sum())
     sums["nonfinite"] = float(not bool(torch.isfinite(losses.detach()).all()))
     return losses, torch.tensor([sums[name] for name in STATS], dtype=torch.float64)
+
+
+def global_contexts(model, reference, batches: list[PairBatch], *, stage: str, loss: str = "sigmoid",
+                    loss_type=None, use_weighting: bool = False, ld_alpha: float | None = None,
+                    **_settings) -> list[dict]:
+    """Each micro-batch's share of the global batch's numbers, for the losses that are not per-pair sums.
+
+    - ``sft`` (trl's): ``mean_chosen_length``, chosen tokens / pairs of the global batch (from the labels);
+    - ``aot``/``aot_unpaired``: ``partners``, the values each pair faces in the global batch's sorted order;
+    - ``sft`` under WPO: ``mean_pair_weight``, the global batch's mean WPO weight.
+
+    The last two need the policy's log-probs first: one forward pass without gradient over every micro-batch.
+    Under torch.distributed the numbers are gathered from every process (the global batch spans them).
+
+    Returns:
+        One dict per micro-batch (empty when nothing is needed), the ``context`` of :func:`batch_objective`.
+    """
+    contexts = [{} for _ in batches]
+    if stage != "dpo" or not batches:
+        return contexts
+    names = _loss_names(loss, loss_type)
+    if "sft" in names:
+        counts = torch.tensor([[float((shift_labels(b.labels[: b.num_pairs]) != IGNORE_INDEX).sum()),
+                                float(b.num_pairs)] for b in batches], dtype=torch.float64).sum(0)
+        tokens, pairs = _all_sum(counts).tolist()
+        for c in contexts:
+            c["mean_chosen_length"] = max(tokens, 1.0) / pairs
+    sorted_names = [n for n in names if n in SORTED_LOSSES]
+    if len(sorted_names) > 1:
+        raise ValueError(f"at most one sorted loss per objective, got {sorted_names}")
+    mean_weight = use_weighting and any(getattr(LOSSES[n], "batch_mean", False) for n in names)
+    if not (sorted_names or mean_weight):
+        return contexts
+    firsts, seconds, weights = [], [], []
+    with torch.no_grad():
+        for batch in batches:
+            logps, ref_logps, _, pair_weights, _ = _pair_inputs(model, reference, batch, names,
+                                                                 use_weighting=use_weighting, ld_alpha=ld_alpha)
+            b = batch.num_pairs
+            if sorted_names:
+                first, second = aot_sorted_values(sorted_names[0], logps[:b], logps[b:], ref_logps[:b], ref_logps[b:])
+                firsts.append(first)
+                seconds.append(second)
+            if mean_weight:
+                weights.append(pair_weights)
+    if mean_weight:
+        local = torch.cat(weights).double()
+        total, count = _all_sum(torch.stack([local.sum(), torch.tensor(float(len(local)), dtype=torch.float64)]))
+        for c in contexts:
+            c["mean_pair_weight"] = float(total / count)
+    if sorted_names:
+        first_all, offset = _all_gather(torch.cat(firsts))
+        second_all, _ = _all_gather(torch.cat(seconds))
+        facing_first, facing_second = aot_partners(first_all, second_all)
+        for c, batch in zip(contexts, batches):
+            end = offset + batch.num_pairs
+            c["partners"] = (facing_first[offset:end], facing_second[offset:end])
+            offset = end
+    return contexts
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def _all_sum(values: Tensor) -> Tensor:
+    if _distributed():
+        values = values.clone()
+        torch.distributed.all_reduce(values)
+    return values
+
+
+def _all_gather(values: Tensor) -> tuple[Tensor, int]:
+    """Every process's values in rank order, and where this process's start."""
+    if not _distributed():
+        return values, 0
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, values.cpu())
+    offset = sum(len(p) for p in parts[: torch.distributed.get_rank()])
+    return torch.cat(parts).to(values.device), offset
 
 
 def mean_metrics(totals: Tensor, stage: str, prefix: str = "") -> dict[str, float]:

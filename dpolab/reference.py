@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from dpolab.batch import PairBatch, SequenceBatch, collate_pairs, pair_length
 from dpolab.cache import build_artifact, cache_dir, sha256_file
 from dpolab.logprobs import PairLogps, concatenated_forward, pair_layout, sequence_forward, shift_labels
+from dpolab.token_scores import token_scores
 from dpolab.tokenize import TokenizedPair, pad_token_id
 
 TABLE = "reference_logps.safetensors"
@@ -57,6 +58,17 @@ class FrozenReference:
         with torch.no_grad():
             return sequence_forward(self.model, batch)[0]
 
+    def token_logps(self, batch) -> torch.Tensor:
+        """log π_ref of every scored token (LD-DPO), 0 elsewhere (:mod:`dpolab.token_scores`). Shape: (N, T)."""
+        with torch.no_grad():
+            return token_scores(self.model, batch).logps
+
+    def mix_in(self, policy: torch.nn.Module, alpha: float) -> None:
+        """TR-DPO's soft update (Gorbatovski et al. 2024, arXiv 2404.09656): θ_ref ← α θ + (1 − α) θ_ref."""
+        with torch.no_grad():
+            for ref_param, param in zip(self.model.parameters(), policy.parameters(), strict=True):
+                ref_param.mul_(1 - alpha).add_(param.detach().to(ref_param.dtype), alpha=alpha)
+
 
 class AdapterReference(FrozenReference):
     """π_ref as the peft policy with its LoRA adapter disabled (the base weights are never trained)."""
@@ -73,6 +85,12 @@ class AdapterReference(FrozenReference):
     def sequence_logps(self, batch: SequenceBatch) -> torch.Tensor:
         with self._base():
             return super().sequence_logps(batch)
+
+    def token_logps(self, batch) -> torch.Tensor:
+        with self._base():
+            return super().token_logps(batch)
+
+    mix_in = None  # the reference is the policy's own base weights: nothing to synchronise
 
     @contextlib.contextmanager
     def _base(self):

@@ -20,7 +20,8 @@ Modules, by concept: :mod:`~dpolab.losses.margin` (functions of the reward margi
 """
 
 from dpolab.losses.registry import (  # noqa: I001 (the registry first; the modules below fill it)
-    F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSSES, TRL_LOSS_TYPES, LossOutput, f_divergence_scores, get_loss, register)
+    F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSSES, TRL_LOSS_TYPES, LossOutput, f_divergence_scores, get_loss, loss_parameters,
+    register)
 from dpolab.losses.margin import (dpo_loss, discopop_loss, exo_pair_loss, hinge_loss, ipo_loss, ipo_sum_loss,
                                   robust_dpo_loss, sigmoid_norm_loss)
 from dpolab.losses.per_response import apo_down_loss, apo_zero_loss, bco_pair_loss, nca_pair_loss, sppo_hard_loss
@@ -36,7 +37,7 @@ __all__ = [
     "F_DIVERGENCES", "F_DIVERGENCE_LOSSES", "LOSSES", "SORTED_LOSSES", "TRL_LOSS_TYPES", "LossOutput", "aot_loss",
     "aot_partners", "aot_sorted_values", "aot_unpaired_loss", "apo_down_loss", "apo_zero_loss", "bco_pair_loss",
     "combined_loss", "discopop_loss", "dpo_loss", "exo_pair_loss", "f_divergence_scores", "get_loss", "hinge_loss",
-    "ipo_loss", "ipo_sum_loss", "length_desensitised_logps", "nca_pair_loss", "reference_free_loss", "register",
+    "ipo_loss", "ipo_sum_loss", "length_desensitised_logps", "loss_parameters", "nca_pair_loss", "reference_free_loss", "register",
     "robust_dpo_loss", "sft_loss", "sft_per_sequence_loss", "sft_token_loss", "sigmoid_norm_loss", "simpo_loss",
     "sppo_hard_loss", "unlikelihood_pair_loss", "weighted_loss", "wpo_weights",
 ]

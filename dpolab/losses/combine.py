@@ -4,20 +4,13 @@ reweightings of trl: WPO's weights (``use_weighting``) and LD-DPO's length-desen
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from dpolab.losses.registry import F_DIVERGENCE_LOSSES, LossOutput, get_loss, implicit_rewards
-
-
-@functools.cache
-def _parameters(name: str) -> frozenset[str]:
-    return frozenset(inspect.signature(get_loss(name)).parameters)
+from dpolab.losses.registry import F_DIVERGENCE_LOSSES, LossOutput, get_loss, implicit_rewards, loss_parameters
 
 
 def combined_loss(
@@ -67,12 +60,12 @@ def combined_loss(
         if unsupported:
             raise ValueError(f"f_divergence_type={f_divergence_type!r} is defined only for losses of the reward margin "
                              f"{sorted(F_DIVERGENCE_LOSSES)}, not {unsupported}")
-    unused = [key for key in params if not any(key in _parameters(n) for n in names)]
+    unused = [key for key in params if not any(key in loss_parameters(n) for n in names)]
     if unused:
         raise ValueError(f"no loss in {names} takes the parameter(s) {unused}")
     total, rewards = torch.zeros_like(policy_chosen_logps), None
     for name, weight in zip(names, weights):
-        accepted = _parameters(name)
+        accepted = loss_parameters(name)
         kwargs = {k: v for k, v in params.items() if k in accepted}
         if name in F_DIVERGENCE_LOSSES:
             kwargs.update(f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef)

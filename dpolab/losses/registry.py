@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable
 
@@ -41,6 +43,12 @@ def get_loss(name: str) -> Callable[..., LossOutput]:
         return LOSSES[name]
     except KeyError:
         raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(sorted(LOSSES))}") from None
+
+
+@functools.cache
+def loss_parameters(name: str) -> frozenset[str]:
+    """The keyword names the registered loss ``name`` accepts."""
+    return frozenset(inspect.signature(get_loss(name)).parameters)
 
 
 def logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,59 @@
+"""Per-token log-probs of the response tokens, for the objectives that need more than per-sequence sums.
+
+WPO weighs a pair by per-token probabilities relative to log Σ_v π(v|·)² (``use_weighting``), LD-DPO reweighs the
+tokens past the shorter response (``ld_alpha``), and Unlikelihood pushes each rejected token's probability down.
+This is the plain path: the model's full logits at every position (no fused output layer, no shared-prompt tree),
+so it is slower than :func:`dpolab.logprobs.concatenated_forward` and used only when one of these is asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dpolab.logprobs import IGNORE_INDEX, shift_labels
+
+
+@dataclass
+class TokenScores:
+    """Per-position scores of a batch of N rows, aligned with the shifted labels.
+
+    Attributes:
+        logps: (N, T) log π(y_t | x, y_<t) at scored positions, 0 elsewhere; with grad if the model trains.
+        mask: (N, T) True at scored positions.
+        log_sum_sq: (N, T) log Σ_v π(v | ·)², without grad (None unless asked for).
+    """
+
+    logps: Tensor
+    mask: Tensor
+    log_sum_sq: Tensor | None = None
+
+    @property
+    def sums(self) -> Tensor:
+        """Σ_t log π(y_t|·) of each row, as :func:`dpolab.logprobs.sequence_forward`. Shape: (N,)."""
+        return self.logps.sum(-1)
+
+    @property
+    def lengths(self) -> Tensor:
+        """Scored tokens per row. Shape: (N,)."""
+        return self.mask.sum(-1)
+
+
+def token_scores(model, batch, *, sum_sq: bool = False) -> TokenScores:
+    """Run ``model`` on ``batch`` (``input_ids``, ``attention_mask``, ``labels`` of shape (N, T)) and score each label.
+
+    Log-probs are computed in float32 (float64 for float64 logits), as in :mod:`dpolab.logprobs`.
+    """
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    targets = shift_labels(batch.labels)
+    mask = targets != IGNORE_INDEX
+    logp = torch.log_softmax(logits, dim=-1)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    log_sum_sq = None
+    if sum_sq:
+        with torch.no_grad():
+            log_sum_sq = torch.logsumexp(2 * logp, dim=-1) * mask
+    return TokenScores(picked * mask, mask, log_sum_sq)
