@@ -6,8 +6,9 @@ response gets the higher implicit reward β log π_θ/π_ref (ties ½).
 
 The KL estimate samples one completion per held-out prompt from the policy at temperature 1 over the
 full vocabulary (so y ~ π_θ, as the estimator requires; :func:`dpolab.generate.sample`) and averages
-log π_θ(y|x) − log π_ref(y|x) (:func:`dpolab.rewards.sequence_kl`). It needs a reference *model*, so a
-precomputed reference skips it, as does FSDP (sharded generation would need every process in step).
+log π_θ(y|x) − log π_ref(y|x) (:func:`dpolab.rewards.sequence_kl`). It needs a reference *model*: a precomputed
+reference has one only with a LoRA policy (the adapter switched off is π_ref), else the KL is skipped, as under
+FSDP (sharded generation would need every process in step); ``eval/kl_note`` then says why.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def sample_kl(model, reference, tokenizer, prompts: Sequence, *, config, ctx: Di
     model, FSDP, or no :mod:`dpolab.generate`).
     """
     why = ("no held-out prompts" if not prompts else
-           "no reference model to score samples (reference 'none' or 'precomputed')"
+           "no reference model to score samples (reference 'none', or 'precomputed' without LoRA; use reference "
+           "'copy' or lora_r > 0 for the KL estimate)"
            if reference is None or getattr(reference, "sequence_logps", None) is None else
            "not estimated under FSDP" if config.fsdp else None)
     try:
