@@ -354,6 +354,10 @@ def _policy_and_references(config, ctx, model, tokenizer, reference_model, train
         model = add_lora(model, config.lora_r, config.lora_alpha).to(ctx.device).eval()
     if config.reference == "adapter":
         train_ref = eval_ref = make_reference("adapter", model, adapter_start=had_adapter)
+    if (config.reference == "precomputed" and config.lora_r and not had_adapter and reference_model is None
+            and eval_ref is not None):
+        # the table came from the base weights, which the adapter switched off gives back: KL samples cost nothing
+        eval_ref.sequence_logps = make_reference("adapter", model).sequence_logps
     if config.stage == "sft":
         train_ref = None  # the NLL needs no reference; evaluation still reports rewards and KL against it
     return model, train_ref, eval_ref

@@ -498,3 +498,11 @@ def test_a_second_failed_run_keeps_the_first_failed_runs_metrics(tmp_path):
         with pytest.raises(RuntimeError):
             train({**FAST, "output_dir": str(tmp_path)}, train_pairs=records(), on_step=fail)
     assert (tmp_path / ckpt.FAILED_METRICS).is_file() and (tmp_path / "metrics.failed.1.jsonl").is_file()
+
+
+def test_precomputed_reference_with_lora_reports_the_kl(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPOLAB_CACHE", str(tmp_path / "cache"))
+    result = train({**FAST, "max_steps": 1, "reference": "precomputed", "lora_r": 4, "kl_samples": 2,
+                    "kl_max_new_tokens": 4, "output_dir": str(tmp_path / "run")}, train_pairs=records(),
+                   eval_pairs=records(4))
+    assert math.isfinite(result.eval_history[-1]["eval/kl"])
