@@ -180,7 +180,8 @@ def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs
     fingerprint = {"train_sha256": pairs_digest(train_data.pairs), "train_pairs": len(train_data.pairs)}
     if resume is not None:  # the config matched; the data and the starting model must match too
         ckpt.check_resume_state(resume, {"data": fingerprint, "model": provenance})
-    if ctx.is_main:
+    touched = any(r["truncated"] or r["dropped"] for r in data_report.values())
+    if ctx.is_main and (touched or config.progress):  # quiet runs (notebooks under test) hear only of changed data
         print(f"dpolab: data: {_data_line(data_report)}", file=sys.stderr)
     layout = pair_layout(model, config.stage)
     plan = BatchPlan([pair_length(p, layout) for p in train_data.pairs], config, ctx.world_size)
