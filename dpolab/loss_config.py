@@ -59,6 +59,9 @@ def check_loss_fields(config) -> None:
                               f"reference 'copy', not {config.reference!r}")
         if config.fsdp:
             raise ConfigError("config field 'sync_ref_model' (TR-DPO) is not supported with fsdp")
+        if config.lora_r:
+            raise ConfigError("config field 'sync_ref_model' (TR-DPO) mixes full weights into the reference copy; with "
+                              "lora_r > 0 the policy's weights do not match it (trl refuses PEFT here too)")
         if config.resume_from:
             raise ConfigError("config field 'sync_ref_model' (TR-DPO): the synchronised reference is not saved in "
                               "checkpoints, so the run cannot be resumed (resume_from must be empty)")
