@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import sys
 import time
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpolab.cache import REPO_ROOT
+from dpolab.cache import REPO_ROOT, atomic_write_text
 from dpolab.experiments.sentiment_eval import (
     best_of_n_rows,
     evaluate_policy,
@@ -431,6 +432,9 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
             {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
             for record in history]
         rows.extend(points)
+        # each finished curve is on disk at once: a run stopped later keeps what it measured
+        atomic_write_text(setup.out / "results.partial.json", json.dumps(
+            {"policies": rows, "learning_curves": learning_curves, "timings": timings}, default=float))
 
     if "dpo" in config.methods:
         for beta in config.betas:
@@ -447,8 +451,9 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
             traced("RLOO", coef, f"RLOO KL coef {coef:g}",
                    lambda cb, coef=coef: train_rloo(setup, coef, on_step=cb),
                    config.rloo_eval_every or config.eval_every, config.rloo_steps)
-    timings["other (model copies, bookkeeping)"] = time.perf_counter() - t0 - sum(timings.values())
-    timings["total"] = time.perf_counter() - t0
+    total = time.perf_counter() - t0
+    timings["other (model copies, bookkeeping)"] = total - sum(timings.values())
+    timings["total"] = total
 
     results = assemble(config, rows, learning_curves, timings, metadata.get("stats"))
     for row in results["policies"]:
