@@ -137,7 +137,7 @@ class LengthCreepDetector:
             self.fired = True
             return (f"step {step}: the mean length of policy samples crept up from {self.history[0]:.1f} to "
                     f"{mean_length:.1f} tokens over {len(self.history)} evaluations; the policy may be exploiting "
-                    "length. Consider a length-normalised loss (simpo, ipo_mean), an SFT term, or a larger beta.")
+                    "length. Consider a length-normalised loss (simpo, ipo, sigmoid_norm), an SFT term, or a larger beta.")
         return None
 
 
