@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m ipykernel install --user --name python3 >/dev/null
 	touch $@
 
-# The test command of the README: unit tests, then the five notebooks on their defaults under nbval.
+# The test command of the README: unit tests, then the six notebooks on their defaults under nbval.
 test: setup
 	$(BIN)/python -m pytest -q tests
 	$(BIN)/python -m pytest -q --nbval-lax --nbval-current-env --nbval-cell-timeout=1200 -p no:cacheprovider notebooks
@@ -24,11 +24,11 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow tests
 
-# The main job of the README: the controlled-sentiment reproduction on the embedded default, then the five
-# notebooks executed by papermill into runs/notebooks/ (figures into figures/).
+# The main job of the README: the controlled-sentiment reproduction on the embedded default, then the six
+# notebooks executed by papermill into runs/notebooks/ (with HTML copies; figures into figures/).
 run: setup
 	$(BIN)/dpolab reproduce
-	$(BIN)/dpolab notebooks
+	$(BIN)/dpolab notebooks --html
 
 lint: setup
 	$(BIN)/ruff check dpolab tests benchmarks notebooks

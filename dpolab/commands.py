@@ -10,7 +10,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-NOTEBOOK_ORDER = ["01_derivation", "02_training", "03_beta_sweep", "04_multi_turn", "05_ranking"]
+NOTEBOOK_ORDER = ["01_derivation", "02_training", "03_beta_sweep", "04_multi_turn", "05_ranking", "06_loss_family"]
 
 
 def add_reproduce(sub) -> None:
@@ -118,7 +118,7 @@ def cmd_sweep(args) -> int:
 
 
 def add_notebooks(sub) -> None:
-    p = sub.add_parser("notebooks", help="execute the five notebooks with papermill into runs/notebooks/")
+    p = sub.add_parser("notebooks", help="execute the six notebooks with papermill into runs/notebooks/")
     p.add_argument("--only", nargs="*", default=NOTEBOOK_ORDER, help="notebook stems to run")
     p.add_argument("--full", action="store_true", help="use each notebook's .full.yaml overrides")
     p.add_argument("--out", default="runs/notebooks")

@@ -86,6 +86,36 @@ def frontier_curves_figure(rows: Sequence[dict], title: str = "Reward vs KL(π�
     return fig
 
 
+def rl_learning_curves_figure(learning_curves: dict, window: int = 8):
+    """The RL baseline's training curves: reward and KL of each step's own samples, moving mean over ``window``.
+
+    Args:
+        learning_curves: curve name -> per-step records with ``step``, ``reward``, ``kl`` (names starting "rloo_").
+    """
+    import numpy as np
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.0, 3.6), dpi=120)
+    for name, records in learning_curves.items():
+        if not name.startswith("rloo_") or not records:
+            continue
+        steps = np.array([r["step"] for r in records])
+        for ax, key in ((left, "reward"), (right, "kl")):
+            values = np.array([r[key] for r in records], dtype=float)
+            k = min(window, len(values))
+            smooth = np.convolve(values, np.ones(k) / k, mode="valid")
+            ax.plot(steps, values, alpha=0.25, linewidth=0.8)
+            ax.plot(steps[k - 1:], smooth, label=f"KL coef {name.removeprefix('rloo_')}", color=ax.lines[-1].get_color())
+    left.set_ylabel("training reward (VADER), per step")
+    right.set_ylabel("KL(π‖π_ref) of the step's samples (nats)")
+    for ax in (left, right):
+        ax.set_xlabel("RLOO step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"RL baseline (RLOO) learning curves; thick: moving mean over {window} steps", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def save_figure(fig, path: str | Path) -> Path:
     """Save ``fig`` as PNG at ``path`` (parents created) and return the path."""
     path = Path(path)

@@ -112,6 +112,7 @@ def test_tiny_run_curves_and_invariants(tiny_run):
     curves_logged = result["results"]["learning_curves"]
     assert len(curves_logged["rloo_0.1"]) == 2 and all("reward" in r and "kl" in r for r in curves_logged["rloo_0.1"])
     assert result["figure"].is_file()
+    assert result["figure"].with_name("frontier_rl_training.png").is_file()  # the RL baseline's learning curves
 
 
 def test_tiny_run_comparisons_and_timings(tiny_run):

@@ -52,7 +52,6 @@ def assemble(config, rows: list[dict], learning_curves: dict, timings: dict, pai
 def write_results(results: dict, path: Path, copy_to: Path | None, figure: Path | None) -> dict:
     """Write the results JSON (atomically, to ``path`` and ``copy_to``), the Markdown tables and the figure."""
     from dpolab.cache import atomic_write_text
-    from dpolab.plotting import frontier_curves_figure, save_figure
 
     text = json.dumps(results, indent=1, default=float)
     for target in (path, copy_to):
@@ -60,8 +59,25 @@ def write_results(results: dict, path: Path, copy_to: Path | None, figure: Path 
             target.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(target, text + "\n")
     atomic_write_text(path.with_suffix(".md"), report_markdown(results) + "\n")
-    written = save_figure(frontier_curves_figure(results["policies"]), figure) if figure else None
+    written = draw_figures(results, figure) if figure else None
     return {"table": path, "figure": written}
+
+
+def draw_figures(results: dict, figure: Path) -> Path:
+    """The frontier figure at ``figure``, and beside it (``*_rl_training.png``) the RL baseline's learning curves
+    when the results hold any. Returns the frontier figure's path."""
+    import matplotlib.pyplot as plt
+
+    from dpolab.plotting import frontier_curves_figure, rl_learning_curves_figure, save_figure
+
+    fig = frontier_curves_figure(results["policies"])
+    written = save_figure(fig, figure)
+    plt.close(fig)
+    if any(name.startswith("rloo_") for name in results.get("learning_curves", {})):
+        fig = rl_learning_curves_figure(results["learning_curves"])
+        save_figure(fig, figure.with_name(figure.stem + "_rl_training.png"))
+        plt.close(fig)
+    return written
 
 
 def validate(results, source: str) -> dict:
@@ -92,7 +108,6 @@ def from_results(path: str | Path, figure: str | Path | None = None) -> dict:
     Returns ``{"results", "table_md", "figure"}``.
     """
     from dpolab.experiments.sentiment import resolve
-    from dpolab.plotting import frontier_curves_figure, save_figure
 
     path = resolve(str(path))
     try:
@@ -100,7 +115,7 @@ def from_results(path: str | Path, figure: str | Path | None = None) -> dict:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not a results.json written by dpolab reproduce ({err!r})") from err
     validate(results, str(path))
-    written = save_figure(frontier_curves_figure(results["policies"]), resolve(str(figure))) if figure else None
+    written = draw_figures(results, resolve(str(figure))) if figure else None
     return {"results": results, "table_md": report_markdown(results), "figure": written}
 
 
@@ -115,7 +130,8 @@ def table_markdown(rows: list[dict]) -> str:
     for r in rows:
         if not (r["method"] in ("Reference", "Best of N") or r.get("final")):
             continue
-        ratio = f"{r['gain'] / r['gain_se']:.1f}" if r.get("gain_se") else "—"
+        # π_ref and Best-of-1 have a gain of 0 up to rounding: no ratio for them
+        ratio = f"{r['gain'] / r['gain_se']:.1f}" if (r.get("gain_se") or 0.0) > 1e-9 else "—"
         acc = (f"{r['heldout_acc']:.3f} ± {r['heldout_acc_se']:.3f} ({r['heldout_pairs']})" if "heldout_acc" in r
                else "—")
         knob = f"{r['knob']:g}" if r["method"] not in ("Reference", "Preferred-FT", "Unlikelihood") else "—"
