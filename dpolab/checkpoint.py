@@ -55,8 +55,11 @@ class CheckpointError(ValueError):
 # Fields that may change between an interrupted run and its resumption without changing its trajectory.
 RESUMABLE_FIELDS = frozenset(
     {"max_steps", "resume_from", "progress", "keep_freed_memory", "save_every", "keep_last", "eval_every", "output_dir", "overwrite",
-     "device", "train_data", "eval_data", "eval_batch_size", "kl_samples", "kl_max_new_tokens"}
+     "device", "train_data", "eval_data", "eval_batch_size", "kl_samples", "kl_max_new_tokens", "num_train_epochs",
+     "report_to", "logging_steps"}
 )
+# The fields that set a run's length: free to change on resume only while the learning-rate schedule ignores it.
+LENGTH_FIELDS = ("max_steps", "num_train_epochs")
 
 
 @dataclass
@@ -245,7 +248,9 @@ def resume_point(config, *, is_main: bool = True, world_size: int = 1) -> Checkp
     resume = load_checkpoint(folder)
     defaults = type(config)().to_dict() if hasattr(type(config), "to_dict") else {}
     # a field the checkpoint does not know was added later: it had its default value
-    differences = config_differences({**defaults, **resume.config}, config.to_dict())
+    saved = {**defaults, **resume.config}
+    differences = config_differences(saved, config.to_dict())
+    differences += _length_differences(saved, config.to_dict())
     saved_global = resume.config["micro_batch_size"] * resume.config["grad_accum_steps"] * resume.world_size
     now_global = config.micro_batch_size * config.grad_accum_steps * world_size
     if saved_global != now_global:
@@ -256,9 +261,20 @@ def resume_point(config, *, is_main: bool = True, world_size: int = 1) -> Checkp
                          + "\n  ".join(differences) + "\nset them to the checkpoint's values to resume it (runs "
                          "saved before the default became micro_batch_size=8, grad_accum_steps=1 need 4 and 2), "
                          "or start a new run with overwrite=true or another output_dir")
-    if resume.step > config.max_steps:
+    if resume.step > config.max_steps and not getattr(config, "num_train_epochs", 0):  # epochs: checked with the data
         raise ValueError(f"checkpoint {folder} is at step {resume.step}, beyond max_steps={config.max_steps}")
     return resume
+
+
+def _length_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """A changed run length, when the learning-rate schedule depends on it (a decay, or warmup_ratio > 0): the
+    steps already taken had other learning rates than the longer or shorter run would give them."""
+    if current.get("lr_scheduler_type", "constant") == "constant" and not current.get("warmup_ratio"):
+        return []
+    names = ["num_train_epochs"] if current.get("num_train_epochs") else list(LENGTH_FIELDS)
+    return [f"{n}: checkpoint {saved.get(n)!r}, now {current.get(n)!r} (the {current['lr_scheduler_type']!r} "
+            f"schedule with warmup_ratio {current.get('warmup_ratio')} depends on the number of steps)"
+            for n in names if saved.get(n) != current.get(n)]
 
 
 def earlier_run(out: Path) -> list[str]:

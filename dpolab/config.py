@@ -91,9 +91,17 @@ class TrainConfig:
     weight_decay: float = 0.0
     """Decoupled weight decay (AdamW) or L2 penalty (RMSprop)."""
     warmup_steps: int = 2
-    """Optimizer steps of linear warm-up from 0 to lr (the paper uses 150); constant afterwards."""
+    """Optimizer steps of linear warm-up from 0 to lr (the paper uses 150); then lr_scheduler_type."""
+    warmup_ratio: float = 0.0
+    """HF's name: warm-up as a share of all steps (ceil(warmup_ratio × steps)); when > 0 it replaces warmup_steps."""
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant"
+    """HF's name: after the warm-up keep lr "constant", or decay it to 0 at the last step ("linear", "cosine");
+    dpolab.schedule. Unlike HF's "constant", the warm-up applies to every type (warmup_steps=0 for none)."""
     max_steps: int = 24
-    """Optimizer steps to train for (each consumes one global batch)."""
+    """Optimizer steps to train for (each consumes one global batch); ignored when num_train_epochs > 0."""
+    num_train_epochs: float = 0.0
+    """HF's name: when > 0, train ceil(num_train_epochs × steps per epoch) steps instead of max_steps (steps per
+    epoch = pairs // global batch; fractions allowed)."""
     micro_batch_size: int = 8
     """Pairs per forward pass on each process (8, as trl's per-device batch: one pass per step of short pairs pays;
     lower it and raise grad_accum_steps when long pairs do not fit in memory)."""
@@ -121,6 +129,12 @@ class TrainConfig:
     """Seed of the data order and of everything random; a CPU run is bit-for-bit repeatable."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """Compute precision of forward passes ("bf16" autocast pays only on hardware with bf16 units)."""
+    dtype: Literal["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"] = "fp32"
+    """trl's name: dtype the model named by `model` is loaded in (weights, gradients and optimizer state); separate
+    from the autocast `precision`. bf16/fp16 halve the memory; fp16 has no loss scaling here (bf16 is safer)."""
+    gradient_checkpointing: bool = False
+    """HF's name: recompute each decoder layer's activations in the backward pass instead of keeping them (less
+    memory, about one more forward of time); same loss and gradients to float rounding (dpolab.recompute)."""
     device: str = "auto"
     """"auto" (CUDA if available, else CPU), "cpu", or "cuda"; under torchrun each process uses its local GPU."""
     fsdp: bool = False
@@ -147,6 +161,13 @@ class TrainConfig:
     keep_freed_memory: bool = True
     """CPU runs with glibc: keep freed memory in the process during training instead of paying page faults for it
     again every step (dpolab.allocator; same numbers, faster); ignored when MALLOC_* variables are set."""
+    report_to: list = field(default_factory=lambda: ["jsonl"])
+    """HF's name: where step and eval metrics go: "jsonl" (output_dir/metrics.jsonl, always written: resume reads
+    it), "tensorboard" (output_dir/runs, extra dpolab[tensorboard]), "wandb" (extra dpolab[wandb]; WANDB_MODE=offline
+    works without a network)."""
+    logging_steps: int = 1
+    """HF's name: log one record every this many optimizer steps (and at the last), with the metrics averaged over
+    those steps as trl does; TrainResult.history keeps every step of this process."""
     progress: bool = True
     """Show a tqdm progress bar with the live loss and reward accuracy (switch off for notebooks under test)."""
 
@@ -179,9 +200,9 @@ class TrainConfig:
     def validate(self) -> None:
         """Range and cross-field checks (types are checked on the way in)."""
         positive = ["max_steps", "micro_batch_size", "grad_accum_steps", "max_length", "max_prompt_length",
-                    "eval_batch_size", "keep_last"]
+                    "eval_batch_size", "keep_last", "logging_steps"]
         non_negative = ["warmup_steps", "eval_every", "save_every", "kl_samples", "kl_max_new_tokens", "lora_r",
-                        "max_grad_norm", "weight_decay", "sft_weight", "lr"]
+                        "max_grad_norm", "weight_decay", "sft_weight", "lr", "warmup_ratio", "num_train_epochs"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config field {name!r} must be > 0, got {getattr(self, name)}")
@@ -195,6 +216,11 @@ class TrainConfig:
         for name in ("beta", "lr"):  # β ≤ 0 trains towards the rejected responses (or not at all); lr 0 trains nothing
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config field {name!r} must be > 0, got {getattr(self, name)}")
+        if self.warmup_ratio >= 1:
+            raise ConfigError(f"config field 'warmup_ratio' must be in [0, 1), got {self.warmup_ratio}")
+        unknown = [t for t in self.report_to if t not in TRACKERS]
+        if unknown:
+            raise ConfigError(f"config field 'report_to': {unknown} not among {list(TRACKERS)}")
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(f"config field 'max_prompt_length' ({self.max_prompt_length}) must be smaller than "
                               f"'max_length' ({self.max_length})")
@@ -217,6 +243,9 @@ class TrainConfig:
                                   "log-probs (use 'copy', 'adapter' or 'precomputed', or a reference-free loss)")
             check_loss_params(self.loss, self.loss_params, self.beta)
 
+
+# Where report_to can send metrics (dpolab.trackers).
+TRACKERS = ("jsonl", "tensorboard", "wandb")
 
 # Arguments the trainer passes to every loss itself; loss_params cannot set them.
 _TRAINER_ARGS = frozenset({"policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps",

@@ -1,14 +1,14 @@
 """Evaluation during training: the objective and implicit-reward accuracy on held-out pairs, and KL(π‖π_ref).
 
-The held-out metrics are the training metrics (same names under ``eval/``) computed without gradients
-on pairs the policy never trained on; ``eval/rewards/accuracies`` is the share of pairs whose chosen
+The held-out metrics are the training metrics (same names with trl's ``eval_`` prefix) computed without
+gradients on pairs the policy never trained on; ``eval_rewards/accuracies`` is the share of pairs whose chosen
 response gets the higher implicit reward β log π_θ/π_ref (ties ½).
 
 The KL estimate samples one completion per held-out prompt from the policy at temperature 1 over the
 full vocabulary (so y ~ π_θ, as the estimator requires; :func:`dpolab.generate.sample`) and averages
 log π_θ(y|x) − log π_ref(y|x) (:func:`dpolab.rewards.sequence_kl`). It needs a reference *model*: a precomputed
 reference has one only with a LoRA policy (the adapter switched off is π_ref), else the KL is skipped, as under
-FSDP (sharded generation would need every process in step); ``eval/kl_note`` then says why.
+FSDP (sharded generation would need every process in step); ``eval_kl_note`` then says why.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from dpolab.batch import collate_pairs, collate_sequences, length_bucketed_batches, pair_length
 from dpolab.distributed import DistributedContext, all_gather_objects, all_reduce_sum, unwrap
 from dpolab.logprobs import pair_layout
+from dpolab.metrics import EVAL_PREFIX
 from dpolab.objective import STATS, batch_objective, mean_metrics, objective_settings
 from dpolab.rewards import sequence_kl
 from dpolab.tokenize import TokenizedPair, pad_token_id
@@ -27,7 +28,7 @@ from dpolab.tokenize import TokenizedPair, pad_token_id
 
 def heldout_metrics(model, reference, pairs: list[TokenizedPair], *, config, pad_id: int,
                     ctx: DistributedContext, autocast) -> dict[str, float]:
-    """``eval/loss``, ``eval/rewards/*``, ``eval/logps/*``, ``eval/lengths/*`` over all ``pairs``."""
+    """``eval_loss``, ``eval_rewards/*``, ``eval_logps/*``, ``eval_lengths/*`` over all ``pairs``."""
     layout = pair_layout(model, config.stage)
     batches = length_bucketed_batches([pair_length(p, layout) for p in pairs], config.eval_batch_size, seed=0,
                                       shuffle=False)
@@ -43,14 +44,14 @@ def heldout_metrics(model, reference, pairs: list[TokenizedPair], *, config, pad
             totals = sums if totals is None else totals + sums
     if totals is None:  # more processes than evaluation batches
         totals = torch.zeros(len(STATS), dtype=torch.float64)
-    return mean_metrics(totals if config.fsdp else all_reduce_sum(totals, ctx), config.stage, prefix="eval/")
+    return mean_metrics(totals if config.fsdp else all_reduce_sum(totals, ctx), config.stage, prefix=EVAL_PREFIX)
 
 
 def sample_kl(model, reference, tokenizer, prompts: Sequence, *, config, ctx: DistributedContext,
               chat: bool) -> dict[str, float]:
-    """``eval/kl`` (± ``eval/kl_se``) and ``eval/sample_length`` from one policy sample per prompt.
+    """``eval_kl`` (± ``eval_kl_se``) and ``eval_sample_length`` from one policy sample per prompt.
 
-    When the estimate is unavailable, returns only ``eval/kl_note`` saying why (no prompts, no reference
+    When the estimate is unavailable, returns only ``eval_kl_note`` saying why (no prompts, no reference
     model, FSDP, or no :mod:`dpolab.generate`).
     """
     why = ("no held-out prompts" if not prompts else
@@ -63,7 +64,7 @@ def sample_kl(model, reference, tokenizer, prompts: Sequence, *, config, ctx: Di
     except ImportError:
         why = why or "dpolab.generate is not available"
     if why:
-        return {"eval/kl_note": f"KL skipped: {why}"}
+        return {"eval_kl_note": f"KL skipped: {why}"}
     policy = unwrap(model)
     share = list(prompts)[ctx.rank :: ctx.world_size]
     policy_logps, ref_logps, lengths = [], [], []
@@ -84,7 +85,7 @@ def sample_kl(model, reference, tokenizer, prompts: Sequence, *, config, ctx: Di
     ref_all = torch.tensor([x for g in gathered for x in g[1]], dtype=torch.float64)
     all_lengths = [x for g in gathered for x in g[2]]
     kl, kl_se = sequence_kl(policy_all, ref_all)
-    return {"eval/kl": kl, "eval/kl_se": kl_se, "eval/sample_length": sum(all_lengths) / len(all_lengths)}
+    return {"eval_kl": kl, "eval_kl_se": kl_se, "eval_sample_length": sum(all_lengths) / len(all_lengths)}
 
 
 def to_device(batch, device: torch.device):

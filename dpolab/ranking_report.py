@@ -217,7 +217,8 @@ def worst_of_n_rows(reference_samples, reward_fn: Callable, judge_fn: Callable, 
     return rows
 
 
-HELDOUT_ACCURACY_KEYS = ("heldout_acc", "implicit_accuracy", "eval/rewards/accuracies")
+# eval/rewards/accuracies: the name in rows saved before dpolab took trl's eval_ prefix
+HELDOUT_ACCURACY_KEYS = ("heldout_acc", "implicit_accuracy", "eval_rewards/accuracies", "eval/rewards/accuracies")
 
 
 def heldout_accuracy(row: dict) -> float | None:

@@ -7,7 +7,7 @@ the reference. Both stages run here::
     sft = train({"stage": "sft", "model": "tiny-gpt2", "output_dir": "runs/sft"}, train_pairs=pairs)
     dpo = train({"beta": 0.1, "output_dir": "runs/dpo"}, model=sft.model, tokenizer=sft.tokenizer,
                 train_pairs=pairs, eval_pairs=heldout)
-    dpo.history[-1]["rewards/accuracies"], dpo.eval_history[-1]["eval/kl"]
+    dpo.history[-1]["rewards/accuracies"], dpo.eval_history[-1]["eval_kl"]
 
 One optimizer step consumes one *global batch* of micro_batch_size × grad_accum_steps × processes
 pairs. Each micro-batch's per-pair losses are summed and divided by the global pair count before the
@@ -50,8 +50,11 @@ from dpolab.inputs import add_lora, load_policy, prepare_pairs, tokenize_config
 from dpolab.logprobs import output_grad_into_weight, pair_layout
 from dpolab.metrics import MetricsWriter, Monitor, NonFiniteLossError, read_metrics
 from dpolab.objective import STATS, batch_objective, global_contexts, mean_metrics, objective_settings
+from dpolab.recompute import enable_gradient_checkpointing, recomputing
 from dpolab.reference import make_reference, precompute_reference
+from dpolab.schedule import learning_rate
 from dpolab.tokenize import pad_token_id
+from dpolab.trackers import Trackers
 
 METRICS = ckpt.METRICS
 
@@ -106,15 +109,38 @@ class BatchPlan:
             assert all(len(b) == self.global_size for b in self._epochs[epoch])
         return self._epochs[epoch]
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps of one epoch: the pair count // the global batch."""
+        return len(self.lengths) // self.global_size
+
+    def total_steps(self, config: TrainConfig) -> int:
+        """The run's optimizer steps: ``ceil(num_train_epochs × steps per epoch)`` when that is set, else max_steps."""
+        if config.num_train_epochs > 0:
+            return max(1, math.ceil(config.num_train_epochs * self.steps_per_epoch))
+        return config.max_steps
+
+    def global_batch(self, step: int) -> tuple[int, list[int]]:
+        """``(epoch, pair indices of the whole global batch)`` of the 0-based optimizer step ``step``."""
+        epoch, step = divmod(step, self.steps_per_epoch)
+        return epoch, self.epoch_batches(epoch)[step]
+
     def micro_batches(self, step: int, rank: int) -> tuple[int, list[list[int]]]:
         """``(epoch, micro-batches of this process)`` for the 0-based optimizer step ``step``."""
-        epoch = 0
-        while step >= len(self.epoch_batches(epoch)):
-            step -= len(self.epoch_batches(epoch))
-            epoch += 1
-        batch = self.epoch_batches(epoch)[step]
+        epoch, batch = self.global_batch(step)
         micro = [batch[i : i + self.micro] for i in range(0, len(batch), self.micro)]
         return epoch, micro[rank :: self.world]
+
+    def tokens_before(self, step: int, pairs, stage: str) -> int:
+        """Input tokens (no padding) that the first ``step`` optimizer steps trained on, all processes together:
+        the ``num_tokens`` a resumed run continues from. DPO runs prompt + chosen and prompt + rejected, SFT
+        prompt + chosen (as :func:`dpolab.objective.batch_objective` counts them)."""
+        def tokens(p) -> int:
+            if stage == "sft":
+                return len(p.prompt_ids) + len(p.chosen_ids)
+            return 2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
+
+        return sum(tokens(pairs[i]) for s in range(step) for i in self.global_batch(s)[1])
 
 
 def train(
@@ -161,7 +187,7 @@ def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs
     torch.manual_seed(config.seed)
     provenance = {"name": config.model}
     if model is None:
-        model, loaded_tokenizer = load_policy(config.model, seed=config.seed)
+        model, loaded_tokenizer = load_policy(config.model, seed=config.seed, dtype=config.dtype)
         tokenizer = tokenizer or loaded_tokenizer
     else:  # config.model did not make this model: record what did train, by content
         provenance = {"name": getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__,
@@ -187,8 +213,14 @@ def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs
     plan = BatchPlan([pair_length(p, layout) for p in train_data.pairs], config, ctx.world_size)
     pad = pad_token_id(tokenizer)
 
+    if resume is not None and resume.step > plan.total_steps(config):
+        raise ValueError(f"checkpoint {resume.folder} is at step {resume.step}, beyond this run's "
+                         f"{plan.total_steps(config)} steps (num_train_epochs={config.num_train_epochs})")
+
     model, train_ref, eval_ref = _policy_and_references(config, ctx, model, tokenizer, reference_model, train_data,
                                                         eval_data)
+    if config.gradient_checkpointing:  # after the reference copy: it never runs a backward pass
+        enable_gradient_checkpointing(model)
     step = 0
     if resume is not None:
         model.load_state_dict(resume.model_state)
@@ -237,7 +269,7 @@ def _train_loop(config, ctx, model, wrapped, params, optimizer, tokenizer, train
     writer = MetricsWriter(out / METRICS, enabled=ctx.is_main, resume_step=step if resume is not None else None)
     earlier = read_metrics(out / METRICS) if ctx.is_main else []
     history = [r for r in earlier if "loss" in r]
-    eval_history = [r for r in earlier if "eval/loss" in r]
+    eval_history = [r for r in earlier if "eval_loss" in r]
     monitor = Monitor()
     for record in history + eval_history:
         monitor.observe(record, emit=False)  # a resumed run's detectors continue from the earlier steps
@@ -245,65 +277,110 @@ def _train_loop(config, ctx, model, wrapped, params, optimizer, tokenizer, train
         else contextlib.nullcontext
     scale = ctx.world_size / plan.global_size  # DDP averages over processes; we want the mean over pairs
     last_checkpoint = resume.folder if resume is not None else None
-    bar = tqdm(total=config.max_steps, initial=step, desc=config.stage, disable=not (config.progress and ctx.is_main))
-
-    while step < config.max_steps:
-        started = time.perf_counter()
-        lr = config.lr * min(1.0, (step + 1) / (config.warmup_steps + 1))  # linear warm-up, then constant
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        epoch, micro_batches = plan.micro_batches(step, ctx.rank)
-        batches = [to_device(collate_pairs([train_data.pairs[j] for j in rows], pad, index=rows), ctx.device)
-                   for rows in micro_batches]
-        totals, first_bad = accumulate_gradients(wrapped, train_ref, batches, config=config, scale=scale,
-                                                 autocast=autocast)
-        totals = dist.all_reduce_sum(totals, ctx)
-        if totals[STATS.index("nonfinite")]:
-            where = first_bad or "a micro-batch of another process"
-            raise NonFiniteLossError(f"non-finite loss at step {step + 1} (epoch {epoch}), {where}; training "
-                                     f"stopped before the optimizer step, no checkpoint written for this step")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")))
-        if not math.isfinite(grad_norm):
-            raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {step + 1} (epoch {epoch}) although "
-                                     f"the loss is finite; stopped before the optimizer step")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if config.sync_ref_model and step % config.ref_model_sync_steps == 0:  # TR-DPO
-            train_ref.mix_in(dist.unwrap(wrapped), config.ref_model_mixup_alpha)
-
-        record = {"step": step, "epoch": epoch, "lr": lr, "grad_norm": grad_norm,
-                  **mean_metrics(totals, config.stage),
-                  "tokens_per_s": float(totals[STATS.index("tokens")]) / (time.perf_counter() - started)}
-        if step == 1 and any(r["truncated"] or r["dropped"] for r in data_report.values()):
-            # what truncation did to the data, once per run (records of untouched data keep their fields)
-            record.update({f"data/{split}/{k}": v for split, summary in data_report.items()
-                           for k, v in summary.items() if k != "dropped_by_reason"})
-            record["warnings"] = [f"data: {_data_line(data_report)}"]
-            monitor.messages.append(record["warnings"][0])
-        record["warnings"] = record.get("warnings", []) + monitor.observe(record, emit=ctx.is_main)
-        writer.write(record)
-        history.append(record)
-        if eval_data.pairs and ((config.eval_every and step % config.eval_every == 0) or step == config.max_steps):
-            evaluation = {"step": step, **heldout_metrics(wrapped, eval_ref, eval_data.pairs, config=config,
-                                                          pad_id=pad, ctx=ctx, autocast=autocast)}
-            if config.kl_samples:
-                evaluation.update(sample_kl(wrapped, eval_ref, tokenizer, eval_data.prompts[: config.kl_samples],
-                                            config=config, ctx=ctx, chat=eval_data.chat))
-            evaluation["warnings"] = monitor.observe(evaluation, emit=ctx.is_main)
-            writer.write(evaluation)
-            eval_history.append(evaluation)
-        if (config.save_every and step % config.save_every == 0) or step == config.max_steps:
-            last_checkpoint = _save(out, step, wrapped, model, tokenizer, optimizer, config, record, ctx,
-                                    {**state_extra, "data_report": data_report})
-        bar.update(1)
-        bar.set_postfix({"loss": f"{record['loss']:.4f}",
-                         **({"acc": f"{record['rewards/accuracies']:.2f}"} if config.stage == "dpo" else {})})
-        if on_step is not None:
-            on_step(step, record)
+    total = plan.total_steps(config)
+    num_tokens = plan.tokens_before(step, train_data.pairs, config.stage)  # trl's num_tokens: cumulative
+    trackers = Trackers(config.report_to, out, config=config.to_dict(), enabled=ctx.is_main,
+                        resume_step=step if resume is not None else None)
+    window: list[dict[str, Any]] = []  # the steps since the last logged record (logging_steps)
+    bar = tqdm(total=total, initial=step, desc=config.stage, disable=not (config.progress and ctx.is_main))
+    try:
+        while step < total:
+            step, record = _train_step(config, ctx, wrapped, params, optimizer, train_data, train_ref, plan, pad,
+                                       step, total, scale, autocast, num_tokens, data_report, monitor)
+            num_tokens = record["num_tokens"]
+            history.append(record)
+            window.append(record)
+            if step % config.logging_steps == 0 or step == total:
+                logged = logged_record(window)
+                logged["warnings"] = logged.get("warnings", []) + monitor.observe(logged, emit=ctx.is_main)
+                writer.write(logged)
+                trackers.log(logged)
+                window = []
+            if eval_data.pairs and ((config.eval_every and step % config.eval_every == 0) or step == total):
+                evaluation = {"step": step, **heldout_metrics(wrapped, eval_ref, eval_data.pairs, config=config,
+                                                              pad_id=pad, ctx=ctx, autocast=autocast)}
+                if config.kl_samples:
+                    evaluation.update(sample_kl(wrapped, eval_ref, tokenizer, eval_data.prompts[: config.kl_samples],
+                                                config=config, ctx=ctx, chat=eval_data.chat))
+                evaluation["warnings"] = monitor.observe(evaluation, emit=ctx.is_main)
+                writer.write(evaluation)
+                trackers.log(evaluation)
+                eval_history.append(evaluation)
+            if (config.save_every and step % config.save_every == 0) or step == total:
+                last_checkpoint = _save(out, step, wrapped, model, tokenizer, optimizer, config, record, ctx,
+                                        {**state_extra, "data_report": data_report})
+            bar.update(1)
+            bar.set_postfix({"loss": f"{record['loss']:.4f}",
+                             **({"acc": f"{record['rewards/accuracies']:.2f}"} if config.stage == "dpo" else {})})
+            if on_step is not None:
+                on_step(step, record)
+    finally:
+        trackers.close()
     bar.close()
     return TrainResult(out, history, eval_history, step, dist.unwrap(wrapped), tokenizer, last_checkpoint,
                        monitor.messages, data_report)
+
+
+# Metrics that a logged record averages over its steps (trl logs the mean of each metric over the logging interval;
+# the others, e.g. learning_rate, grad_norm and num_tokens, are the last step's, as in HF's Trainer).
+_AVERAGED = (*STATS[:9], "tokens_per_s")
+
+
+def logged_record(window: list[dict[str, Any]]) -> dict[str, Any]:
+    """The record logged for the steps of ``window``: the last step's, with the metrics of :data:`_AVERAGED` as
+    means over the window and the warnings of every step (one step: that step's record itself)."""
+    if len(window) == 1:
+        return window[0]
+    logged: dict[str, Any] = {}
+    for record in window:
+        logged.update({k: v for k, v in record.items() if k != "warnings"})
+    for name in _AVERAGED:
+        values = [r[name] for r in window if name in r]
+        if values:
+            logged[name] = sum(values) / len(values)
+    logged["warnings"] = [w for r in window for w in r.get("warnings", [])]
+    return logged
+
+
+def _train_step(config, ctx, wrapped, params, optimizer, train_data, train_ref, plan, pad, step, total, scale,
+                autocast, num_tokens, data_report, monitor) -> tuple[int, dict[str, Any]]:
+    """One optimizer step (0-based ``step`` in, 1-based step and its metrics record out)."""
+    started = time.perf_counter()
+    lr = learning_rate(step, config, total)  # a function of the step: a resumed run continues it exactly
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    epoch, micro_batches = plan.micro_batches(step, ctx.rank)
+    batches = [to_device(collate_pairs([train_data.pairs[j] for j in rows], pad, index=rows), ctx.device)
+               for rows in micro_batches]
+    with recomputing(wrapped):  # gradient checkpointing, when it is on
+        totals, first_bad = accumulate_gradients(wrapped, train_ref, batches, config=config, scale=scale,
+                                                 autocast=autocast)
+    totals = dist.all_reduce_sum(totals, ctx)
+    if totals[STATS.index("nonfinite")]:
+        where = first_bad or "a micro-batch of another process"
+        raise NonFiniteLossError(f"non-finite loss at step {step + 1} (epoch {epoch}), {where}; training "
+                                 f"stopped before the optimizer step, no checkpoint written for this step")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")))
+    if not math.isfinite(grad_norm):
+        raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {step + 1} (epoch {epoch}) although "
+                                 f"the loss is finite; stopped before the optimizer step")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    step += 1
+    if config.sync_ref_model and step % config.ref_model_sync_steps == 0:  # TR-DPO
+        train_ref.mix_in(dist.unwrap(wrapped), config.ref_model_mixup_alpha)
+
+    tokens = float(totals[STATS.index("tokens")])
+    record = {"step": step, "epoch": epoch, "learning_rate": lr, "grad_norm": grad_norm,
+              **mean_metrics(totals, config.stage), "num_tokens": num_tokens + int(tokens),
+              "tokens_per_s": tokens / (time.perf_counter() - started)}
+    if step == 1 and any(r["truncated"] or r["dropped"] for r in data_report.values()):
+        # what truncation did to the data, once per run (records of untouched data keep their fields)
+        record.update({f"data/{split}/{k}": v for split, summary in data_report.items()
+                       for k, v in summary.items() if k != "dropped_by_reason"})
+        record["warnings"] = [f"data: {_data_line(data_report)}"]
+        monitor.messages.append(record["warnings"][0])
+    return step, record
 
 
 def _data_line(report: dict[str, Any]) -> str:

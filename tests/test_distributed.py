@@ -98,14 +98,14 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
 
     lines = read_metrics(out / "metrics.jsonl")
     steps = [r for r in lines if "loss" in r]
-    evals = [r for r in lines if "eval/loss" in r]
+    evals = [r for r in lines if "eval_loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3] and [r["step"] for r in evals] == [3]  # written once
     for got, want in zip(steps, single.history):
         for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "lengths/rejected", "grad_norm"):
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (got["step"], key)
-    for key in ("eval/loss", "eval/rewards/accuracies", "eval/logps/rejected"):
+    for key in ("eval_loss", "eval_rewards/accuracies", "eval_logps/rejected"):
         assert evals[0][key] == pytest.approx(single.eval_history[0][key], rel=1e-5, abs=1e-6), key
-    assert "eval/kl" in evals[0]  # samples gathered from both processes
+    assert "eval_kl" in evals[0]  # samples gathered from both processes
 
     assert (out / "saved-by-rank-0").read_text() == "xxx" and not (out / "saved-by-rank-1").exists()
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-000001", "step-000002", "step-000003"]
@@ -127,5 +127,5 @@ def test_fsdp_two_processes_equal_one_process(tmp_path, monkeypatch):
     sharded = ckpt.load_checkpoint(ckpt.latest_checkpoint(out)).model_state
     for name, tensor in single.model.state_dict().items():
         torch.testing.assert_close(sharded[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
-    evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval/loss" in r]
-    assert evals[0]["eval/loss"] == pytest.approx(single.eval_history[0]["eval/loss"], rel=1e-5)
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval_loss" in r]
+    assert evals[0]["eval_loss"] == pytest.approx(single.eval_history[0]["eval_loss"], rel=1e-5)

@@ -465,8 +465,8 @@ def test_precomputed_reference_says_in_the_metrics_why_kl_is_absent(tmp_path, mo
     monkeypatch.setenv("DPOLAB_CACHE", str(tmp_path / "cache"))
     result = train({**FAST, "max_steps": 1, "reference": "precomputed", "kl_samples": 2,
                     "output_dir": str(tmp_path / "run")}, train_pairs=records(), eval_pairs=records(4))
-    note = result.eval_history[-1]["eval/kl_note"]
-    assert "KL skipped" in note and "precomputed" in note and "eval/kl" not in result.eval_history[-1]
+    note = result.eval_history[-1]["eval_kl_note"]
+    assert "KL skipped" in note and "precomputed" in note and "eval_kl" not in result.eval_history[-1]
 
 
 def test_starting_adapter_reference_follows_tr_dpo_updates():
@@ -505,4 +505,4 @@ def test_precomputed_reference_with_lora_reports_the_kl(tmp_path, monkeypatch):
     result = train({**FAST, "max_steps": 1, "reference": "precomputed", "lora_r": 4, "kl_samples": 2,
                     "kl_max_new_tokens": 4, "output_dir": str(tmp_path / "run")}, train_pairs=records(),
                    eval_pairs=records(4))
-    assert math.isfinite(result.eval_history[-1]["eval/kl"])
+    assert math.isfinite(result.eval_history[-1]["eval_kl"])

@@ -179,4 +179,4 @@ def test_trl_fields_reach_the_trainer(tmp_path):
                     "use_weighting": True, "ld_alpha": 0.5, "output_dir": str(tmp_path)},
                    train_pairs=examples(8), eval_pairs=examples(4, offset=50))
     assert len(result.history) == 2 and all(math.isfinite(r["loss"]) for r in result.history)
-    assert "eval/loss" in result.eval_history[-1]
+    assert "eval_loss" in result.eval_history[-1]

@@ -155,6 +155,7 @@ def test_worst_of_n_and_construction_keys():
 
 def test_heldout_accuracy_looks_in_the_row_and_its_final_metrics():
     assert heldout_accuracy({"implicit_accuracy": 0.75}) == 0.75
-    assert heldout_accuracy({"final_metrics": {"eval/rewards/accuracies": 0.6, "loss": 0.3}}) == 0.6
+    assert heldout_accuracy({"final_metrics": {"eval_rewards/accuracies": 0.6, "loss": 0.3}}) == 0.6
+    assert heldout_accuracy({"final_metrics": {"eval/rewards/accuracies": 0.7}}) == 0.7  # rows saved before the rename
     assert heldout_accuracy({"final_metrics": {"rewards/accuracies": 0.9}}) is None  # training pairs, not held out
     assert heldout_accuracy({}) is None

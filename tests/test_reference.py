@@ -141,9 +141,9 @@ def test_beta_sweep_reuses_the_precomputed_reference_and_matches_the_copy(tmp_pa
     for a, b in zip(sweep[1].history, copied.history):
         for name in ("loss", "rewards/margins", "grad_norm"):
             assert a[name] == pytest.approx(b[name], rel=1e-4, abs=1e-6), (a["step"], name)
-    assert sweep[1].eval_history[0]["eval/rewards/accuracies"] == copied.eval_history[0]["eval/rewards/accuracies"]
-    assert "eval/kl" not in sweep[1].eval_history[0]  # no reference model to score new samples
-    assert sweep[1].eval_history[0]["eval/kl_note"].startswith("KL skipped: no reference model")
+    assert sweep[1].eval_history[0]["eval_rewards/accuracies"] == copied.eval_history[0]["eval_rewards/accuracies"]
+    assert "eval_kl" not in sweep[1].eval_history[0]  # no reference model to score new samples
+    assert sweep[1].eval_history[0]["eval_kl_note"].startswith("KL skipped: no reference model")
 
 
 def test_lora_training_against_the_adapter_reference_leaves_the_base_weights(tmp_path):
@@ -173,5 +173,5 @@ def test_sampled_kl_is_zero_when_the_policy_is_its_reference(tiny):
     prompts = [e.prompt for e in make_examples(5)]
     out = sample_kl(model, make_reference("copy", model), tok, prompts, config=config, ctx=DistributedContext(),
                     chat=False)
-    assert abs(out["eval/kl"]) < 1e-4 and out["eval/kl_se"] < 1e-4
-    assert 1 <= out["eval/sample_length"] <= 6
+    assert abs(out["eval_kl"]) < 1e-4 and out["eval_kl_se"] < 1e-4
+    assert 1 <= out["eval_sample_length"] <= 6

@@ -1,6 +1,7 @@
 """The training loop: exact accumulation, SFT and DPO, metrics, NaN stop, bad input, checkpoints and resume."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -105,16 +106,22 @@ def test_dpo_run_writes_metric_lines_evaluates_and_learns(tmp_path):
                    train_pairs=train_examples, eval_pairs=heldout)
     lines = read_metrics(tmp_path / "metrics.jsonl")
     steps = [r for r in lines if "loss" in r]
-    evals = [r for r in lines if "eval/loss" in r]
+    evals = [r for r in lines if "eval_loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 13)) and [r["step"] for r in evals] == [6, 12]
     names = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-             "logps/rejected", "lr", "grad_norm", "tokens_per_s", "lengths/chosen", "lengths/rejected"}
+             "logps/rejected", "learning_rate", "grad_norm", "num_tokens", "tokens_per_s", "lengths/chosen",
+             "lengths/rejected"}
     assert names <= set(steps[0])
-    assert {"eval/rewards/accuracies", "eval/kl", "eval/kl_se", "eval/sample_length"} <= set(evals[0])
+    assert {"eval_rewards/accuracies", "eval_kl", "eval_kl_se", "eval_sample_length"} <= set(evals[0])
     assert steps[0]["loss"] == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-6)  # π_θ = π_ref at step 1
     assert steps[0]["rewards/accuracies"] == 0.5  # all rewards 0: ties count ½
-    assert steps[0]["lr"] == pytest.approx(0.5e-3) and steps[1]["lr"] == pytest.approx(1e-3)  # 1 warm-up step
-    assert result.eval_history[-1]["eval/rewards/accuracies"] > 0.5  # the positive words generalise to new pairs
+    assert steps[0]["learning_rate"] == pytest.approx(0.5e-3) and steps[1]["learning_rate"] == pytest.approx(1e-3)
+    # num_tokens: input tokens of both sides (prompt twice, no padding) of every pair trained so far, as trl's
+    pairs = prepare_pairs(train_examples, result.tokenizer, tokenize_config(TrainConfig.load(None, FAST))).pairs
+    per_epoch = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    assert steps[5]["num_tokens"] == per_epoch and steps[11]["num_tokens"] == 2 * per_epoch  # 6 steps of 4 = 1 epoch
+    assert all(a["num_tokens"] < b["num_tokens"] for a, b in zip(steps, steps[1:]))
+    assert result.eval_history[-1]["eval_rewards/accuracies"] > 0.5  # the positive words generalise to new pairs
     assert sum(r["loss"] for r in steps[-3:]) / 3 < steps[0]["loss"]
     assert result.history == steps and result.step == 12
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000012"]
@@ -124,8 +131,8 @@ def test_sft_stage_lowers_the_nll_of_chosen_responses(tmp_path):
     result = train({**FAST, "stage": "sft", "max_steps": 8, "micro_batch_size": 4, "grad_accum_steps": 1,
                     "lr": 3e-3, "output_dir": str(tmp_path)}, train_pairs=make_examples(16))
     first, last = result.history[0], result.history[-1]
-    assert set(first) == {"step", "epoch", "lr", "grad_norm", "loss", "logps/chosen", "lengths/chosen",
-                          "tokens_per_s", "warnings"}
+    assert set(first) == {"step", "epoch", "learning_rate", "grad_norm", "loss", "logps/chosen", "lengths/chosen",
+                          "num_tokens", "tokens_per_s", "warnings"}
     assert first["loss"] == pytest.approx(-first["logps/chosen"] / first["lengths/chosen"], rel=0.3)
     assert last["loss"] < first["loss"] - 0.5
 
@@ -197,22 +204,29 @@ def die(step, record):
     if step == 3:  # step 3 is done but not checkpointed: the resumed run must redo it
         os.kill(os.getpid(), signal.SIGKILL)
 
-train({{**RESUME, "output_dir": {out!r}}}, train_pairs=make_examples(20), on_step=die)
+train({{**RESUME, **{extra!r}, "output_dir": {out!r}}}, train_pairs=make_examples(20), on_step=die)
 """
 RESUME = {**FAST, "max_steps": 5, "micro_batch_size": 2, "grad_accum_steps": 2, "save_every": 2, "keep_last": 3}
+# a decaying schedule whose warm-up is a share of the run: the resumed steps must get the same learning rates
+COSINE = {"lr_scheduler_type": "cosine", "warmup_ratio": 0.2}
 
 
-def test_a_killed_and_resumed_run_ends_bit_for_bit_equal_to_an_uninterrupted_one(tmp_path):
-    script = textwrap.dedent(KILLED_RUN.format(tests=str(Path(__file__).parent), out=str(tmp_path / "resumed")))
+@pytest.mark.parametrize("extra", [{}, COSINE], ids=["constant", "cosine"])
+def test_a_killed_and_resumed_run_ends_bit_for_bit_equal_to_an_uninterrupted_one(tmp_path, extra):
+    script = textwrap.dedent(KILLED_RUN.format(tests=str(Path(__file__).parent), out=str(tmp_path / "resumed"),
+                                               extra=extra))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "resumed")] == ["step-000002"]
     assert [r["step"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")] == [1, 2, 3]
 
-    resumed = train({**RESUME, "output_dir": str(tmp_path / "resumed"), "resume_from": "auto"},
+    resumed = train({**RESUME, **extra, "output_dir": str(tmp_path / "resumed"), "resume_from": "auto"},
                     train_pairs=make_examples(20))
-    straight = train({**RESUME, "output_dir": str(tmp_path / "straight")}, train_pairs=make_examples(20))
+    straight = train({**RESUME, **extra, "output_dir": str(tmp_path / "straight")}, train_pairs=make_examples(20))
+    if extra:  # warm-up ceil(0.2 × 5) = 1 step at lr/2, then cos from 1 down to (1 + cos(3π/4)) / 2 at step 5
+        expected_lr = [0.5e-3] + [1e-3 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+        assert [r["learning_rate"] for r in straight.history] == pytest.approx(expected_lr, rel=1e-12)
     a, b = weights(resumed.model), weights(straight.model)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
@@ -251,7 +265,7 @@ def test_command_line_trains_from_yaml_and_jsonl(tmp_path, capsys):
     assert main(["train", str(config), "max_steps=2", "micro_batch_size=4", "grad_accum_steps=1",
                  f"output_dir={tmp_path / 'out'}"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["final"]["step"] == 2 and "eval/rewards/accuracies" in summary["final"]
+    assert summary["final"]["step"] == 2 and "eval_rewards/accuracies" in summary["final"]
     assert [r["step"] for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r] == [1, 2]
 
 
