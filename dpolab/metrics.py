@@ -81,6 +81,28 @@ class MetricsWriter:
                 f.write(json.dumps({k: _finite(v) for k, v in record.items()}, sort_keys=True) + "\n")
 
 
+# Metrics that a logged record averages over its steps (trl logs the mean of each metric over the logging interval;
+# the others, e.g. learning_rate, grad_norm and num_tokens, are the last step's, as in HF's Trainer).
+_AVERAGED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+             "logps/rejected", "lengths/chosen", "lengths/rejected", "tokens_per_s")
+
+
+def logged_record(window: list[dict[str, Any]]) -> dict[str, Any]:
+    """The record logged for the steps of ``window``: the last step's, with the metrics of :data:`_AVERAGED` as
+    means over the window and the warnings of every step (one step: that step's record itself)."""
+    if len(window) == 1:
+        return window[0]
+    logged: dict[str, Any] = {}
+    for record in window:
+        logged.update({k: v for k, v in record.items() if k != "warnings"})
+    for name in _AVERAGED:
+        values = [r[name] for r in window if name in r]
+        if values:
+            logged[name] = sum(values) / len(values)
+    logged["warnings"] = [w for r in window for w in r.get("warnings", [])]
+    return logged
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """All records of a metrics file (empty if it does not exist).
 

@@ -6,7 +6,8 @@ records as that file, every numeric field as a scalar under the file's own name 
 tracker's package is an optional extra: ``pip install 'dpolab[tensorboard]'`` or ``'dpolab[wandb]'``.
 
 - ``tensorboard``: event files in ``<output_dir>/runs``. A resumed run purges the events after its checkpoint's
-  step, so the curves hold each step once.
+  step, and a fresh run (overwrite=true, or the rerun of a failed run) all earlier events, so the curves hold
+  each step once, of this run.
 - ``wandb``: a run in ``<output_dir>/wandb`` (project ``$WANDB_PROJECT`` or "dpolab", the config as its config).
   ``WANDB_MODE=offline`` records without a network (``wandb sync`` uploads later). A resumed run continues the
   W&B run whose id is kept in ``<output_dir>/wandb_run_id``.
@@ -53,7 +54,9 @@ class Trackers:
             except ImportError as err:
                 raise ImportError("report_to 'tensorboard' needs the package tensorboard: "
                                   "pip install 'dpolab[tensorboard]'") from err
-            purge = resume_step + 1 if resume_step is not None else None
+            # readers drop the events of an earlier writer from this step on: those after a resumed checkpoint, or
+            # all of an overwritten or failed earlier run
+            purge = (resume_step or 0) + 1
             self.tensorboard = SummaryWriter(log_dir=str(out / TENSORBOARD_DIR), purge_step=purge)
         if "wandb" in report_to:
             try:

@@ -48,7 +48,7 @@ from dpolab.config import TrainConfig
 from dpolab.heldout import heldout_metrics, sample_kl, to_device
 from dpolab.inputs import add_lora, load_policy, prepare_pairs, tokenize_config
 from dpolab.logprobs import output_grad_into_weight, pair_layout
-from dpolab.metrics import MetricsWriter, Monitor, NonFiniteLossError, read_metrics
+from dpolab.metrics import MetricsWriter, Monitor, NonFiniteLossError, logged_record, read_metrics
 from dpolab.objective import STATS, batch_objective, global_contexts, mean_metrics, objective_settings
 from dpolab.recompute import enable_gradient_checkpointing, recomputing
 from dpolab.reference import make_reference, precompute_reference
@@ -319,27 +319,6 @@ def _train_loop(config, ctx, model, wrapped, params, optimizer, tokenizer, train
     bar.close()
     return TrainResult(out, history, eval_history, step, dist.unwrap(wrapped), tokenizer, last_checkpoint,
                        monitor.messages, data_report)
-
-
-# Metrics that a logged record averages over its steps (trl logs the mean of each metric over the logging interval;
-# the others, e.g. learning_rate, grad_norm and num_tokens, are the last step's, as in HF's Trainer).
-_AVERAGED = (*STATS[:9], "tokens_per_s")
-
-
-def logged_record(window: list[dict[str, Any]]) -> dict[str, Any]:
-    """The record logged for the steps of ``window``: the last step's, with the metrics of :data:`_AVERAGED` as
-    means over the window and the warnings of every step (one step: that step's record itself)."""
-    if len(window) == 1:
-        return window[0]
-    logged: dict[str, Any] = {}
-    for record in window:
-        logged.update({k: v for k, v in record.items() if k != "warnings"})
-    for name in _AVERAGED:
-        values = [r[name] for r in window if name in r]
-        if values:
-            logged[name] = sum(values) / len(values)
-    logged["warnings"] = [w for r in window for w in r.get("warnings", [])]
-    return logged
 
 
 def _train_step(config, ctx, wrapped, params, optimizer, train_data, train_ref, plan, pad, step, total, scale,

@@ -35,7 +35,10 @@ def _event_scalars(folder) -> dict[str, list[tuple[int, float]]]:
 
 def test_tensorboard_event_files_carry_the_same_scalars_as_the_jsonl(tmp_path):
     pytest.importorskip("tensorboard")
-    train({**RUN, "max_steps": 4, "eval_every": 2, "report_to": ["jsonl", "tensorboard"],
+    # an earlier run in the folder, replaced with overwrite: its events must not show among the new ones
+    train({**RUN, "max_steps": 3, "lr": 3e-3, "report_to": ["tensorboard"], "output_dir": str(tmp_path)},
+          train_pairs=make_examples(8))
+    train({**RUN, "max_steps": 4, "eval_every": 2, "report_to": ["jsonl", "tensorboard"], "overwrite": True,
            "output_dir": str(tmp_path)}, train_pairs=make_examples(8), eval_pairs=make_examples(4, offset=50))
     expected: dict[str, list[tuple[int, float]]] = {}
     for record in read_metrics(tmp_path / "metrics.jsonl"):
