@@ -63,8 +63,9 @@ def add_train(subparsers) -> None:
         lines.append(f"      {comment}")
     parser = subparsers.add_parser(
         "train", help="SFT or DPO training from a YAML config and key=value overrides",
-        description="Train a policy with SFT or DPO. Metrics go to OUTPUT_DIR/metrics.jsonl, checkpoints to "
-                    "OUTPUT_DIR/checkpoints/. Under torchrun every process runs this same command.",
+        description="Train a policy with SFT or DPO. Metrics go to OUTPUT_DIR/metrics.jsonl (and to TensorBoard or W&B "
+                    "with report_to), checkpoints to OUTPUT_DIR/checkpoints/. Under torchrun every process runs this "
+                    "same command.",
         epilog="\n".join(lines), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("settings", nargs="*", metavar="[config.yaml] key=value",
