@@ -95,8 +95,8 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     """HF's name: warm-up as a share of all steps (ceil(warmup_ratio × steps)); when > 0 it replaces warmup_steps."""
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant"
-    """HF's name: after the warm-up keep lr "constant", or decay it towards 0 at the end of the run ("linear", "cosine");
-    dpolab.schedule. Unlike HF's "constant", the warm-up applies to every type (warmup_steps=0 for none)."""
+    """HF's name: after the warm-up keep lr "constant", or decay it towards 0 at the end of the run ("linear",
+    "cosine"); dpolab.schedule. Unlike HF's "constant", the warm-up applies to every type (warmup_steps=0 for none)."""
     max_steps: int = 24
     """Optimizer steps to train for (each consumes one global batch); ignored when num_train_epochs > 0."""
     num_train_epochs: float = 0.0

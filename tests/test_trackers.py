@@ -126,7 +126,8 @@ def test_a_run_saved_with_the_old_metric_names_resumes_under_the_new_ones(tmp_pa
     train({**config, "max_steps": 2, "output_dir": str(old)}, train_pairs=make_examples(8), eval_pairs=eval_pairs)
     renamed = {"learning_rate": "lr", **{k: "eval/" + k[len("eval_"):] for k in straight.eval_history[0]
                                          if k.startswith("eval_")}}
-    lines = [{renamed.get(k, k): v for k, v in r.items() if k != "num_tokens"} for r in read_metrics(old / "metrics.jsonl")]
+    lines = [{renamed.get(k, k): v for k, v in r.items() if k != "num_tokens"}
+             for r in read_metrics(old / "metrics.jsonl")]
     assert "lr" in lines[0] and "eval/loss" in lines[-1]
     (old / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     state_file = ckpt.latest_checkpoint(old) / ckpt.STATE
