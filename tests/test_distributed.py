@@ -103,6 +103,7 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     for got, want in zip(steps, single.history):
         for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "lengths/rejected", "grad_norm"):
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (got["step"], key)
+        assert got["num_tokens"] == want["num_tokens"]  # both processes' tokens counted
     for key in ("eval_loss", "eval_rewards/accuracies", "eval_logps/rejected"):
         assert evals[0][key] == pytest.approx(single.eval_history[0][key], rel=1e-5, abs=1e-6), key
     assert "eval_kl" in evals[0]  # samples gathered from both processes
@@ -111,6 +112,23 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-000001", "step-000002", "step-000003"]
     state = json.loads((ckpt.latest_checkpoint(out) / ckpt.STATE).read_text())
     assert state["world_size"] == 2 and len(ckpt.load_checkpoint(ckpt.latest_checkpoint(out)).rng_states) == 2
+
+
+@pytest.mark.distributed
+def test_gradient_checkpointing_under_ddp_trains_as_one_process_without_it(tmp_path, monkeypatch):
+    """The same comparison with every decoder layer recomputed in the backward pass of both DDP processes."""
+    monkeypatch.setattr(logprobs, "SPARSE_TIED_EMBEDDING", False)
+    monkeypatch.setattr(logprobs, "FUSED_OUTPUT_LAYER", False)
+    out = tmp_path / "ddp"
+    proc = _torchrun(out, extra=', "gradient_checkpointing": True')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = train({**RUN, "grad_accum_steps": 2, "output_dir": str(tmp_path / "single")},
+                   train_pairs=make_examples(16), eval_pairs=make_examples(6, offset=50))
+    ddp_weights = torch.load(out / "weights-rank-0.pt")
+    for name, tensor in single.model.state_dict().items():
+        torch.testing.assert_close(ddp_weights[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+    steps = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert [r["loss"] for r in steps] == pytest.approx([r["loss"] for r in single.history], rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.slow
