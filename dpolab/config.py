@@ -164,7 +164,7 @@ class TrainConfig:
     report_to: list = field(default_factory=lambda: ["jsonl"])
     """HF's name: where step and eval metrics go: "jsonl" (output_dir/metrics.jsonl, always written: resume reads
     it), "tensorboard" (output_dir/runs, extra dpolab[tensorboard]), "wandb" (extra dpolab[wandb]; WANDB_MODE=offline
-    works without a network)."""
+    works without a network); "none" (HF's: no tracker) leaves the JSONL alone."""
     logging_steps: int = 1
     """HF's name: log one record every this many optimizer steps (and at the last), with the metrics averaged over
     those steps as trl does; TrainResult.history keeps every step of this process."""
@@ -218,7 +218,7 @@ class TrainConfig:
                 raise ConfigError(f"config field {name!r} must be > 0, got {getattr(self, name)}")
         if self.warmup_ratio >= 1:
             raise ConfigError(f"config field 'warmup_ratio' must be in [0, 1), got {self.warmup_ratio}")
-        unknown = [t for t in self.report_to if t not in TRACKERS]
+        unknown = [t for t in self.report_to if t not in (*TRACKERS, "none")]
         if unknown:
             raise ConfigError(f"config field 'report_to': {unknown} not among {list(TRACKERS)}")
         if self.max_prompt_length >= self.max_length:

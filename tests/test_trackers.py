@@ -105,6 +105,7 @@ def test_a_missing_tracker_package_says_which_extra_to_install(tmp_path, monkeyp
 
 def test_report_to_names_are_checked():
     assert TrainConfig.load(None, ["report_to=tensorboard"]).report_to == ["tensorboard"]
+    assert TrainConfig.load(None, ["report_to=none"]).report_to == ["none"]  # HF's spelling of no tracker
     with pytest.raises(ConfigError, match=r"'report_to': \['mlflow'\] not among"):
         TrainConfig.load(None, {"report_to": ["jsonl", "mlflow"]})
 
