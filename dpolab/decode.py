@@ -100,7 +100,10 @@ class _NextTokenLogits:
 
     def __init__(self, model, rows: int):
         self.model, self.head = model, model.get_output_embeddings()
-        own = type(model).__name__ in ("GPT2LMHeadModel", "LlamaForCausalLM") and isinstance(self.head, torch.nn.Linear)
+        # the own matmul bypasses the top-level forward and the head module: only where no hook would be skipped
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (model, self.head))
+        own = (type(model).__name__ in ("GPT2LMHeadModel", "LlamaForCausalLM") and type(self.head) is torch.nn.Linear
+               and not hooked)
         weight = self.head.weight
         self.buffer = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=weight.device) if own else None
 
