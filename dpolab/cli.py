@@ -31,6 +31,7 @@ SUBCOMMANDS: dict[str, str] = {
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every registered subcommand."""
     parser = argparse.ArgumentParser(prog="dpolab", description="dpolab: Direct Preference Optimization research kit")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the traceback (also after the command)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for target in SUBCOMMANDS.values():
         module, function = target.split(":")
@@ -38,12 +39,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors that a user's input causes (data, config, files, checkpoints, a diverging run): one line, exit code 2.
+# Every error class of the kit (ConfigError, DataError, CheckpointError, ...) derives from ValueError.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, FloatingPointError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``dpolab`` console script; returns the exit code."""
+    """Entry point of the ``dpolab`` console script; returns the exit code.
+
+    A user error prints one line, ``dpolab COMMAND: error: MESSAGE`` (the message names the file, row and field),
+    and returns 2; ``--debug`` anywhere on the command line raises it with its traceback instead.
+    """
     use_headless_backend()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        message = " ".join(str(err).split("\n")) or type(err).__name__
+        print(f"dpolab {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 2
 
 
 def use_headless_backend() -> None:

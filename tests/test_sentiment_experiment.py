@@ -26,10 +26,17 @@ def test_paired_gain_by_hand():
     ("samples_per_prompt", 1, "samples_per_prompt must be >= 2"),
     ("n_eval_prompts", 0, "empty prompt set"),
     ("max_new_tokens", 0, "max_new_tokens must be >= 1"),
+    ("rloo_steps", 0, "rloo_steps must be >= 1.*leave 'rloo' out of methods"),
+    ("rloo_k", 1, "rloo_k must be >= 2"),
+    ("eval_samples_per_prompt", 0, "eval_samples_per_prompt must be >= 1"),
+    ("lr", 0.0, "lr must be finite and > 0"),
+    ("betas", (0.1, -0.1), "betas must be finite"),
+    ("methods", ("dpo", "ppo"), "methods: unknown"),
 ])
 def test_bad_settings_fail_before_any_model_load(field, value, message):
     with pytest.raises(ValueError, match=message):
-        SentimentConfig(model="/nonexistent/model/folder", **{field: value})
+        SentimentConfig(model="/nonexistent/model/folder", **{field: value},
+                        **({"methods": ("dpo", "rloo")} if field.startswith("rloo") else {}))
 
 
 def test_unknown_or_mistyped_cli_key_is_named():

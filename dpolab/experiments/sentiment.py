@@ -130,6 +130,16 @@ class SentimentConfig:
             raise ValueError(f"methods: unknown {unknown}; known: {', '.join(METHODS)}")
         if self.steps < 1 or self.eval_every < 0 or self.rloo_eval_every < 0:
             raise ValueError("steps must be >= 1, eval_every and rloo_eval_every >= 0")
+        counts = {"batch_size": 1, "eval_samples_per_prompt": 1, "heldout_pair_samples": 2, "sft_steps": 0}
+        if "rloo" in self.methods:  # a method that is asked for must be able to run: no zero-step RL stage
+            counts.update(rloo_steps=1, rloo_prompts_per_step=1, rloo_k=2)
+        for name, least in counts.items():
+            if not getattr(self, name) >= least:
+                raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)!r}"
+                                 + (" (leave 'rloo' out of methods to skip the RL baseline)" if "rloo" in name else ""))
+        for name in ("lr", "rloo_lr"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be finite and > 0, got {getattr(self, name)!r}")
         if not self.best_of_n or min(self.best_of_n) < 1:
             raise ValueError(f"best_of_n must list integers >= 1, got {self.best_of_n!r}")
         for name in ("betas", "rloo_kl_coefs"):

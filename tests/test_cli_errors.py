@@ -1,0 +1,37 @@
+"""User errors on the command line: one line naming the file, row and field, exit code 2; --debug raises instead."""
+
+import json
+
+import pytest
+
+from dpolab.cli import main
+
+
+@pytest.fixture
+def bad_data(tmp_path):
+    """A JSONL file whose second row misspells 'prompt'."""
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": "Hi", "chosen": " there", "rejected": " no"}, {"promt": "Hi", "chosen": " a", "rejected": " b"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_bad_data_is_one_line_with_file_row_and_field(bad_data, tmp_path, capsys):
+    code = main(["train", "model=tiny-gpt2", f"train_data={bad_data}", f"output_dir={tmp_path / 'run'}",
+                 "max_steps=1", "progress=false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    last = err[-1]
+    assert last.startswith("dpolab train: error:") and "pairs.jsonl" in last and "promt" in last
+    assert not any(line.startswith("Traceback") for line in err)
+
+
+def test_debug_shows_the_traceback(bad_data, tmp_path):
+    with pytest.raises(ValueError, match="promt"):
+        main(["--debug", "train", "model=tiny-gpt2", f"train_data={bad_data}", f"output_dir={tmp_path / 'run'}",
+              "max_steps=1", "progress=false"])
+
+
+def test_missing_results_file_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="not a results.json"):
+        main(["reproduce", "--from-results", str(tmp_path / "missing.json")])
