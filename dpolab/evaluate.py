@@ -24,13 +24,39 @@ def _as_array(values, field: str, source: str) -> np.ndarray:
     """A 1-D float64 copy of a list, array or tensor; NaN or infinity is an error naming its row."""
     if hasattr(values, "detach"):  # a torch tensor (possibly bf16, on a GPU, with grad)
         values = values.detach().float().cpu().numpy()
-    array = np.asarray(values, dtype=np.float64).reshape(-1)
+    try:
+        array = np.asarray(values, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):  # a non-numeric entry: name the first one
+        items = list(values.tolist() if hasattr(values, "tolist") else values)
+        for row, item in enumerate(items):
+            try:
+                float(item)
+            except (TypeError, ValueError):
+                raise ValueError(f"{source}, row {row}, field '{field}': {item!r} is not a number") from None
+        raise
     bad = ~np.isfinite(array)
     if bad.any():
         row = np.flatnonzero(bad)[0]
         raise ValueError(f"{source}, row {row}, field '{field}': {array[row]} is not a finite number ({bad.sum()} of "
                          f"{len(array)} rows); a judge that returned NaN must be fixed or the prompt dropped for both")
     return array
+
+
+def _aligned(source: str, **values) -> list:
+    """The values in one order: pandas Series are matched by index label (the first Series' order), never by
+    position; Series whose labels differ are refused, naming labels that one of them lacks."""
+    series = {name: v for name, v in values.items() if hasattr(v, "index") and hasattr(v, "reindex")}
+    if len(series) < 2:
+        return list(values.values())
+    first_name, first = next(iter(series.items()))
+    for name, other in series.items():
+        if not other.index.is_unique:
+            raise ValueError(f"{source}, field '{name}': its index has duplicate labels; cannot align by label")
+        if set(other.index) != set(first.index):
+            missing = sorted(set(first.index) ^ set(other.index), key=str)[:5]
+            raise ValueError(f"{source}: the indexes of '{first_name}' and '{name}' differ (e.g. labels {missing}); "
+                             "the comparison is prompt by prompt, so both need the same prompts")
+    return [v.reindex(first.index) if name in series else v for name, v in values.items()]
 
 
 def _same_length(source: str, **arrays: np.ndarray) -> int:
@@ -108,6 +134,7 @@ def win_rate(scores_a, scores_b, *, tie_tolerance: float = 0.0, n_bootstrap: int
         See :func:`summarise_preferences`: ``win_rate``, ``standard_error``, ``ci_low``, ``ci_high``,
         ``n_wins``, ``n_losses``, ``n_ties``, ``n``.
     """
+    scores_a, scores_b = _aligned(source, scores_a=scores_a, scores_b=scores_b)
     a, b = _as_array(scores_a, "scores_a", source), _as_array(scores_b, "scores_b", source)
     _same_length(source, scores_a=a, scores_b=b)
     return summarise_preferences(_outcomes(a, b, tie_tolerance), n_bootstrap=n_bootstrap, confidence=confidence,
@@ -198,6 +225,8 @@ def length_controlled_win_rate(scores_a, scores_b, lengths_a, lengths_b, *, tie_
         The :func:`win_rate` dictionary plus ``lc_win_rate``, ``lc_ci_low``, ``lc_ci_high``,
         ``length_coefficient`` (θ₁, logits per sd of length difference), ``length_difference_sd``.
     """
+    scores_a, scores_b, lengths_a, lengths_b = _aligned(source, scores_a=scores_a, scores_b=scores_b,
+                                                        lengths_a=lengths_a, lengths_b=lengths_b)
     a, b = _as_array(scores_a, "scores_a", source), _as_array(scores_b, "scores_b", source)
     len_a, len_b = _as_array(lengths_a, "lengths_a", source), _as_array(lengths_b, "lengths_b", source)
     n = _same_length(source, scores_a=a, scores_b=b, lengths_a=len_a, lengths_b=len_b)
@@ -253,6 +282,7 @@ def preference_accuracy(chosen_rewards, rejected_rewards, *, confidence: float =
         ``accuracy``, ``standard_error`` (√(p(1−p)/n)), ``ci_low``, ``ci_high`` (Wilson score interval on
         n_correct + ½·n_ties successes), ``n_correct`` (strictly preferred), ``n_ties``, ``n``.
     """
+    chosen_rewards, rejected_rewards = _aligned(source, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
     chosen = _as_array(chosen_rewards, "chosen_rewards", source)
     rejected = _as_array(rejected_rewards, "rejected_rewards", source)
     n = _same_length(source, chosen_rewards=chosen, rejected_rewards=rejected)
