@@ -10,6 +10,7 @@ when complete (:func:`dpolab.cache.build_artifact`).
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 from pathlib import Path
 
@@ -84,6 +85,26 @@ def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def hub_endpoint() -> str:
+    """The Hugging Face hub's address (``HF_ENDPOINT``, default https://huggingface.co)."""
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub accepts a TCP connection within ``timeout`` seconds; False under ``HF_HUB_OFFLINE=1``."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no"):
+        return False
+    url = urlparse(hub_endpoint())
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     *,
@@ -106,10 +127,18 @@ def load_model(
     local = Path(source)
     if local.exists() and not (local / "config.json").is_file():
         raise FileNotFoundError(f"{local} is a folder but has no config.json; expected a saved transformers model")
+    # a hub id on a machine that cannot reach the hub: only the local HF cache, and a clear error at once
+    # (transformers would otherwise retry for about a minute before failing)
+    offline = not local.exists() and not hub_reachable()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=offline)
     except OSError as err:
+        if offline:
+            raise OSError(f"could not load model {name_or_path!r}: it is not a local folder, not in the local Hugging "
+                          f"Face cache, and the hub ({hub_endpoint()}) cannot be reached from this machine. Give a "
+                          f"local folder with config.json, or the default {DEFAULT_MODEL!r}.") from err
+
         raise OSError(
             f"could not load model {name_or_path!r}: expected the default {DEFAULT_MODEL!r}, a local folder with "
             f"config.json, or a Hugging Face hub id reachable from this machine (hub downloads need network access; "

@@ -35,3 +35,22 @@ def test_debug_shows_the_traceback(bad_data, tmp_path):
 def test_missing_results_file_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit, match="not a results.json"):
         main(["reproduce", "--from-results", str(tmp_path / "missing.json")])
+
+
+def test_unreachable_hub_fails_at_once_with_what_to_do(monkeypatch):
+    """A hub id that is not in the local cache, on a machine that cannot reach the hub (here: an endpoint on a closed
+    local port), is refused with a message that says so, without transformers' minute of retries."""
+    from dpolab.models import hub_reachable, load_model
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert not hub_reachable()
+    with pytest.raises(OSError, match=r"not in the local Hugging Face cache, and the hub \(http://127.0.0.1:9\) cannot"):
+        load_model("someone-who-does-not-exist/no-such-model-xyz")
+
+
+def test_hub_offline_setting_counts_as_unreachable(monkeypatch):
+    from dpolab.models import hub_reachable
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not hub_reachable()
