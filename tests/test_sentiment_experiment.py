@@ -192,3 +192,43 @@ def test_pairs_are_reused_with_the_same_settings(tiny_run):
     assert metadata["content_hash"] == first["content_hash"] and metadata["settings"] == first["settings"]
     assert first["num_rows"] > 0
     assert len(pairs) == len(dataset) == first["stats"]["num_pairs"]
+
+
+def test_a_stopped_run_keeps_its_curves_and_the_rerun_reuses_them(tmp_path):
+    """The RL stage fails after DPO finished: DPO's curve is on disk (results.partial.json). The rerun with the same
+    settings does not train DPO again (train_dpo would raise), returns the saved DPO rows unchanged, finishes the RL
+    stage, and removes the partial file once the whole run is in results.json."""
+    import dpolab.experiments.sentiment as experiment
+    from dpolab.judges import get_judge
+    from dpolab.tiny import tiny_causal_lm
+
+    folder = tmp_path / "model"
+    model, tokenizer = tiny_causal_lm("llama", seed=0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    config = SentimentConfig(model=str(folder), n_train_prompts=4, n_eval_prompts=2, samples_per_prompt=3,
+                             max_new_tokens=4, sft_steps=0, methods=("dpo", "rloo"), betas=(0.1,), steps=1,
+                             batch_size=4, rloo_steps=1, rloo_prompts_per_step=2, rloo_k=2, best_of_n=(1, 2),
+                             eval_samples_per_prompt=2, heldout_pair_samples=2, output_dir=str(tmp_path / "run"),
+                             figure="", progress=False)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("stopped here")
+
+    partial = tmp_path / "run" / "results.partial.json"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(experiment, "get_judge", lambda name: get_judge(letter_e_reward if name == "vader" else name))
+        patch.setattr(experiment, "train_rloo", fail)
+        with pytest.raises(RuntimeError, match="stopped here"):
+            run(config)
+        saved = json.loads(partial.read_text())["curves"]
+        assert list(saved) == ["DPO β=0.1"]
+        patch.undo()
+        patch.setattr(experiment, "get_judge", lambda name: get_judge(letter_e_reward if name == "vader" else name))
+        patch.setattr(experiment, "train_dpo", fail)
+        result = run(config)
+    dpo_rows = [r for r in result["results"]["policies"] if r["method"] == "DPO"]
+    unmarked = [{k: v for k, v in r.items() if k != "final"} for r in dpo_rows]  # assemble() marks the last one
+    assert json.loads(json.dumps(unmarked, default=float)) == saved["DPO β=0.1"]["rows"]
+    assert any(r["method"] == "RLOO" and r["step"] == 1 for r in result["results"]["policies"])
+    assert not partial.exists()

@@ -412,8 +412,19 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
     rows = [setup.reference_row, *curves.best_of_n_curve_rows(setup, config.best_of_n)]
     learning_curves = {}
 
+    partial_path = setup.out / "results.partial.json"
+    finished = _finished_curves(partial_path, config)
+
     def traced(method: str, knob: float, name: str, train_fn, every: int, steps: int):
         """Train one curve, evaluating at the checkpoint steps; record train and eval seconds apart."""
+        if name in finished:  # measured by an earlier run of the same settings that stopped later
+            say(name)
+            done = finished[name]
+            rows.extend(done["rows"])
+            learning_curves[done["key"]] = done["learning_curve"]
+            timings[f"{name} (train, reused from an earlier run)"] = done["train_seconds"]
+            saved[name] = done
+            return
         say(name)
         at = curves.checkpoint_steps(steps, every)
         points = [curves.start_row(setup.reference_row, method, knob)]
@@ -438,13 +449,16 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
         _, result = train_fn(on_step)
         timings[f"{name} (train)"] = time.perf_counter() - started - spent["eval"]
         history = getattr(result, "history", result)
-        learning_curves[points[-1]["policy"].rsplit("_step", 1)[0]] = [
-            {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-            for record in history]
+        key = points[-1]["policy"].rsplit("_step", 1)[0]
+        learning_curves[key] = [{k: v for k, v in record.items() if isinstance(v, int | float)
+                                 and not isinstance(v, bool)} for record in history]
         rows.extend(points)
-        # each finished curve is on disk at once: a run stopped later keeps what it measured
-        atomic_write_text(setup.out / "results.partial.json", json.dumps(
-            {"policies": rows, "learning_curves": learning_curves, "timings": timings}, default=float))
+        # each finished curve is on disk at once: a run stopped later keeps it, and its rerun reuses it
+        saved[name] = {"rows": points, "key": key, "learning_curve": learning_curves[key],
+                       "train_seconds": timings[f"{name} (train)"]}
+        atomic_write_text(partial_path, json.dumps({"config": _reuse_key(config), "curves": saved}, default=float))
+
+    saved = {}
 
     if "dpo" in config.methods:
         for beta in config.betas:
@@ -466,6 +480,7 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
     timings["total"] = total
 
     results = assemble(config, rows, learning_curves, timings, metadata.get("stats"))
+    partial_path.unlink(missing_ok=True)  # the whole run is in the results file now
     for row in results["policies"]:
         if row["method"] == "Best of N" or (row["method"] != "Reference" and row.get("final")):
             save_model_row(row, setup.out / "models", source="sentiment")
@@ -473,6 +488,24 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
                           resolve(config.figure) if config.figure else None)
     say(None)
     return {"results": results, **paths, "timings": timings, "pair_stats": metadata.get("stats")}
+
+
+def _reuse_key(config: SentimentConfig) -> dict:
+    """The settings that decide a curve's numbers (not where files go or whether bars are shown)."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("progress", "figure", "results")}
+
+
+def _finished_curves(path: Path, config: SentimentConfig) -> dict:
+    """Curves an earlier, stopped run of the same settings finished (``results.partial.json``); {} otherwise."""
+    try:
+        partial = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    same = partial.get("config") == json.loads(json.dumps(_reuse_key(config), default=float))
+    if same and partial.get("curves"):
+        print(f"dpolab reproduce: reusing {len(partial['curves'])} finished curve(s) of an earlier stopped run with "
+              f"the same settings ({path})", file=sys.stderr)
+    return partial.get("curves", {}) if same else {}
 
 
 def _stage_printer(stages: list[str], enabled: bool):
