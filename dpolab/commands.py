@@ -68,10 +68,6 @@ def sentiment_config(path: str | None, overrides: list[str]):
 
 
 def cmd_reproduce(args) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")  # the command line saves figures headless; the library itself never picks a backend
-
     from dpolab.experiments.sentiment import run
     from dpolab.experiments.sentiment_report import from_results, report_markdown
 

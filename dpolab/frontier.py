@@ -245,9 +245,16 @@ def expected_best_of_n(rewards: np.ndarray, n: int) -> np.ndarray:
     m = rewards.shape[-1]
     if not 1 <= n <= m:
         raise ValueError(f"expected_best_of_n: need 1 ≤ N ≤ M, got N={n}, M={m}")
+    return rewards @ best_of_n_weights(m, n)
+
+
+def best_of_n_weights(m: int, n: int) -> np.ndarray:
+    """Weight of the i-th smallest of M samples in E[max of N draws without replacement]: C(i−1, N−1)/C(M, N).
+
+    Shape: (M,).
+    """
     total = math.comb(m, n)
-    weights = np.array([math.comb(i - 1, n - 1) / total for i in range(1, m + 1)])  # exact big-int ratios
-    return rewards @ weights
+    return np.array([math.comb(i - 1, n - 1) / total for i in range(1, m + 1)])  # exact big-int ratios
 
 
 def best_of_n_curve(rewards: np.ndarray, ns: Sequence[int], *, estimator: str = "unbiased") -> list[dict]:

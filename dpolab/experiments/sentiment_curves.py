@@ -124,7 +124,7 @@ def checkpoint_steps(steps: int, every: int) -> set[int]:
 def best_of_n_curve_rows(setup, ns) -> list[dict]:
     """Best-of-N for each N from π_ref's held-out samples: the unbiased expected best of N draws per prefix
     (:func:`dpolab.frontier.expected_best_of_n`), at the analytic KL log N − (N − 1)/N."""
-    from dpolab.frontier import best_of_n_kl, expected_best_of_n
+    from dpolab.frontier import best_of_n_kl, best_of_n_weights, expected_best_of_n
 
     held = setup.heldout_samples()
     rewards = held["rewards"]
@@ -137,9 +137,7 @@ def best_of_n_curve_rows(setup, ns) -> list[dict]:
         # the second judge of the sample that the ground truth picks: the same order-statistic weights
         # C(i−1, N−1)/C(M, N) on the judges sorted by reward (ties in reward keep the sample order)
         order = np.argsort(rewards, axis=1, kind="stable")
-        m = rewards.shape[1]
-        weights = np.array([math.comb(i, n - 1) for i in range(m)], dtype=np.float64) / math.comb(m, n)
-        judge_best = np.take_along_axis(judges, order, axis=1) @ weights
+        judge_best = np.take_along_axis(judges, order, axis=1) @ best_of_n_weights(rewards.shape[1], n)
         p = rewards.shape[0]
         rows.append(curve_row("Best of N", n, 0, expected_best_of_n(rewards, n), np.full(p, best_of_n_kl(n)),
                               judge_best, setup.reference_row, n=int(n), n_samples=int(rewards.size)))
