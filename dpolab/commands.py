@@ -22,8 +22,9 @@ def add_reproduce(sub) -> None:
     p.add_argument("overrides", nargs="*", help="SentimentConfig fields, e.g. betas=0.1,0.5 steps=48; fields: " +
                    ", ".join(f.name for f in dataclasses.fields(SentimentConfig)))
     p.add_argument("--config", help="YAML file of SentimentConfig fields (e.g. configs/sentiment_full.yaml)")
-    p.add_argument("--from-results", metavar="RESULTS_JSON",
-                   help="print the table of a finished run's results.json without rerunning")
+    p.add_argument("--from-results", metavar="RESULTS_JSON", nargs="+",
+                   help="print the tables of a finished run's results.json without rerunning; several files of runs "
+                        "with the same setup (e.g. the full run and the PPO run) are merged and compared together")
     p.add_argument("--figure", metavar="PNG", help="with --from-results: also redraw the frontier figure to this path")
     p.set_defaults(func=cmd_reproduce)
 

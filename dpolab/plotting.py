@@ -17,6 +17,7 @@ METHOD_STYLE = {
     "Preferred-FT": {"color": "tab:green", "marker": "s"},
     "Best of N": {"color": "tab:purple", "marker": "^"},
     "RLOO": {"color": "tab:orange", "marker": "D"},
+    "PPO": {"color": "tab:brown", "marker": "P"},
     "Unlikelihood": {"color": "tab:red", "marker": "v"},
     "Reference": {"color": "black", "marker": "*"},
 }
@@ -73,7 +74,7 @@ def frontier_curves_figure(rows: Sequence[dict], title: str = "Reward vs KL(π�
                     xerr=[r.get("kl_se") or 0.0 for r in points], yerr=[r.get("reward_se") or 0.0 for r in points],
                     fmt="-" + style["marker"], color=style["color"], label=label, capsize=2, markersize=5,
                     linewidth=1.2, alpha=0.85)
-        tag = {"DPO": f"β={knob:g}", "RLOO": f"coef={knob:g}"}.get(method)
+        tag = {"DPO": f"β={knob:g}", "RLOO": f"coef={knob:g}", "PPO": f"coef={knob:g}"}.get(method)
         if tag and len(points) > 1:
             ax.annotate(tag, (points[-1]["kl"], points[-1]["reward"]), textcoords="offset points", xytext=(5, 3),
                         fontsize=7, color=style["color"])
@@ -90,28 +91,32 @@ def rl_learning_curves_figure(learning_curves: dict, window: int = 8):
     """The RL baseline's training curves: reward and KL of each step's own samples, moving mean over ``window``.
 
     Args:
-        learning_curves: curve name -> per-step records with ``step``, ``reward``, ``kl`` (names starting "rloo_").
+        learning_curves: curve name -> per-step records with ``step``, ``reward``, ``kl`` (names starting "rloo_" or
+            "ppo_"); RLOO's curves are solid, PPO's dashed.
     """
     import numpy as np
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.0, 3.6), dpi=120)
     for name, records in learning_curves.items():
-        if not name.startswith("rloo_") or not records:
+        if not name.startswith(("rloo_", "ppo_")) or not records:
             continue
+        method, coef = name.split("_", 1)
+        style = "-" if method == "rloo" else "--"
         steps = np.array([r["step"] for r in records])
         for ax, key in ((left, "reward"), (right, "kl")):
             values = np.array([r[key] for r in records], dtype=float)
             k = min(window, len(values))
             smooth = np.convolve(values, np.ones(k) / k, mode="valid")
-            ax.plot(steps, values, alpha=0.25, linewidth=0.8)
-            ax.plot(steps[k - 1:], smooth, label=f"KL coef {name.removeprefix('rloo_')}", color=ax.lines[-1].get_color())
+            ax.plot(steps, values, alpha=0.25, linewidth=0.8, linestyle=style)
+            ax.plot(steps[k - 1:], smooth, label=f"{method.upper()} KL coef {coef}", linestyle=style,
+                    color=ax.lines[-1].get_color())
     left.set_ylabel("training reward (VADER), per step")
     right.set_ylabel("KL(π‖π_ref) of the step's samples (nats)")
     for ax in (left, right):
-        ax.set_xlabel("RLOO step")
+        ax.set_xlabel("RL step (rollout)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"RL baseline (RLOO) learning curves; thick: moving mean over {window} steps", fontsize=9)
+    fig.suptitle(f"RL baselines' learning curves; thick: moving mean over {window} steps", fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -20,7 +20,7 @@ import torch
 
 from dpolab.batch import collate_sequences
 from dpolab.generate import Samples, sample
-from dpolab.logprobs import sequence_forward
+from dpolab.logprobs import sequence_forward, shift_labels, token_logprobs
 from dpolab.tokenize import pad_token_id
 
 
@@ -44,6 +44,22 @@ def score_completions(model, samples: Samples, pad_token_id: int, batch_size: in
             sub = type(batch)(batch.input_ids[rows], batch.attention_mask[rows], batch.labels[rows])
             out.append(sequence_forward(model, sub)[0])
     return torch.cat(out).view(len(samples.token_ids), -1)
+
+
+def score_completions_per_token(model, samples: Samples, pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
+    """Per-token log-probs of every completion under ``model`` (teacher-forced), laid out as
+    :func:`dpolab.ppo.policy_and_values` lays them out: row i of :func:`completion_batch`, position t scoring the
+    label at t+1, 0 off the response. Summing a row gives :func:`score_completions`'s entry. Shape: (P·N, T)."""
+    batch = completion_batch(samples, pad_token_id)
+    targets = shift_labels(batch.labels)
+    out = []
+    with torch.no_grad():
+        for start in range(0, batch.input_ids.size(0), batch_size):
+            rows = slice(start, start + batch_size)
+            logits = model(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows],
+                           use_cache=False).logits
+            out.append(token_logprobs(logits, targets[rows]))
+    return torch.cat(out)
 
 
 def leave_one_out_advantages(rewards: torch.Tensor) -> torch.Tensor:

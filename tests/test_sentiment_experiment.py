@@ -31,12 +31,15 @@ def test_paired_gain_by_hand():
     ("eval_samples_per_prompt", 0, "eval_samples_per_prompt must be >= 1"),
     ("lr", 0.0, "lr must be finite and > 0"),
     ("betas", (0.1, -0.1), "betas must be finite"),
-    ("methods", ("dpo", "ppo"), "methods: unknown"),
+    ("ppo_steps", 0, "ppo_steps must be >= 1.*leave 'ppo' out of methods"),
+    ("ppo_lr", float("nan"), "ppo_lr must be finite"),
+    ("methods", ("dpo", "trpo"), "methods: unknown"),
 ])
 def test_bad_settings_fail_before_any_model_load(field, value, message):
     with pytest.raises(ValueError, match=message):
         SentimentConfig(model="/nonexistent/model/folder", **{field: value},
-                        **({"methods": ("dpo", "rloo")} if field.startswith("rloo") else {}))
+                        **({"methods": ("dpo", field[:field.index("_")])} if field.startswith(("rloo", "ppo"))
+                           else {}))
 
 
 def test_unknown_or_mistyped_cli_key_is_named():
@@ -49,7 +52,7 @@ def test_unknown_or_mistyped_cli_key_is_named():
     assert sentiment_config(None, ["betas=0.1,0.5", "lr=1"]).betas == (0.1, 0.5)
     assert sentiment_config(None, ["methods=dpo,rloo"]).methods == ("dpo", "rloo")
     with pytest.raises(ValueError, match="methods: unknown"):
-        sentiment_config(None, ["methods=dpo,ppo"])
+        sentiment_config(None, ["methods=dpo,trpo"])
 
 
 def letter_e_reward(texts):
@@ -74,9 +77,10 @@ def tiny_run(tmp_path_factory):
     tokenizer.save_pretrained(folder)
     out = tmp_path_factory.mktemp("run")
     config = SentimentConfig(model=str(folder), n_train_prompts=4, n_eval_prompts=3, samples_per_prompt=3,
-                             max_new_tokens=4, sft_steps=0, methods=("dpo", "preferred_ft", "unlikelihood", "rloo"),
+                             max_new_tokens=4, sft_steps=0, methods=("dpo", "preferred_ft", "unlikelihood", "rloo", "ppo"),
                              betas=(0.1, 0.5), steps=2, eval_every=1, batch_size=4, rloo_steps=2,
-                             rloo_prompts_per_step=2, rloo_k=2, rloo_kl_coefs=(0.0, 0.1), best_of_n=(1, 2, 4),
+                             rloo_prompts_per_step=2, rloo_k=2, rloo_kl_coefs=(0.0, 0.1), ppo_steps=2,
+                             ppo_prompts_per_step=2, ppo_k=2, ppo_kl_coefs=(0.1,), best_of_n=(1, 2, 4),
                              eval_samples_per_prompt=2, heldout_pair_samples=4, output_dir=str(out),
                              figure=str(out / "frontier.png"), results=str(out / "copy" / "results.json"),
                              progress=False)
@@ -96,7 +100,8 @@ def test_tiny_run_curves_and_invariants(tiny_run):
     curves = {}
     for r in rows:
         curves.setdefault((r["method"], r["knob"]), []).append(r["step"])
-    expected = {("DPO", 0.1), ("DPO", 0.5), ("Preferred-FT", 0.0), ("Unlikelihood", 0.0), ("RLOO", 0.0), ("RLOO", 0.1)}
+    expected = {("DPO", 0.1), ("DPO", 0.5), ("Preferred-FT", 0.0), ("Unlikelihood", 0.0), ("RLOO", 0.0), ("RLOO", 0.1),
+                ("PPO", 0.1)}
     assert {k for k in curves if k[0] not in ("Reference", "Best of N")} == expected
     for key in expected:
         assert sorted(curves[key]) == [0, 1, 2]
@@ -117,7 +122,9 @@ def test_tiny_run_curves_and_invariants(tiny_run):
     metrics = [json.loads(line) for line in (config_out(config) / "dpo_beta0.1" / "metrics.jsonl").open()]
     assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     curves_logged = result["results"]["learning_curves"]
-    assert len(curves_logged["rloo_0.1"]) == 2 and all("reward" in r and "kl" in r for r in curves_logged["rloo_0.1"])
+    for name in ("rloo_0.1", "ppo_0.1"):
+        assert len(curves_logged[name]) == 2 and all("reward" in r and "kl" in r for r in curves_logged[name])
+    assert all("clipfrac" in r and "vf_loss" in r for r in curves_logged["ppo_0.1"])
     assert result["figure"].is_file()
     assert result["figure"].with_name("frontier_rl_training.png").is_file()  # the RL baseline's learning curves
 
@@ -127,7 +134,7 @@ def test_tiny_run_comparisons_and_timings(tiny_run):
     KL range); the timings name the training and evaluation of every curve."""
     _, result = tiny_run
     comparisons = result["results"]["comparisons"]
-    methods = ["DPO", "RLOO", "Preferred-FT", "Unlikelihood", "Best of N"]
+    methods = ["DPO", "RLOO", "PPO", "Preferred-FT", "Unlikelihood", "Best of N"]
     assert {(c["method_a"], c["method_b"]) for c in comparisons} == {
         (a, b) for i, a in enumerate(methods) for b in methods[i + 1:]}
     for c in comparisons:
@@ -138,7 +145,7 @@ def test_tiny_run_comparisons_and_timings(tiny_run):
             assert 0.0 <= c["dominance_share"] <= 1.0
     timings = result["results"]["timings"]
     for name in ("DPO β=0.1 (train)", "evaluation: sampling (all curves)", "evaluation: π_ref log-probs (all curves)",
-                 "RLOO KL coef 0.1 (train)", "reference_samples", "load", "pairs"):
+                 "RLOO KL coef 0.1 (train)", "PPO KL coef 0.1 (train)", "reference_samples", "load", "pairs"):
         assert name in timings
     # the stages partition the run: their sum is the total (the "other" row takes what no stage timed)
     assert sum(v for k, v in timings.items() if k != "total") == pytest.approx(timings["total"], rel=1e-9)
@@ -163,6 +170,33 @@ def test_saved_results_rerender_the_same_tables(tiny_run):
     assert table_markdown(result["results"]["policies"]) in saved["table_md"]
     with pytest.raises(ValueError, match="not a results.json"):
         from_results(config_out(config) / "results.md")
+
+
+def test_runs_of_one_setup_merge_into_the_same_comparisons(tiny_run, tmp_path):
+    """Split the tiny run into two files (PPO in one, every other curve in the other, π_ref and Best-of-N in both):
+    merging them gives back the same rows and the same matched-KL comparisons. A file whose π_ref differs, or two
+    files with the same curve, are refused."""
+    _, result = tiny_run
+    full = json.loads(result["table"].read_text())
+    shared = [r for r in full["policies"] if r["method"] in ("Reference", "Best of N")]
+    a = {**full, "policies": [r for r in full["policies"] if r["method"] != "PPO"]}
+    b = {**full, "policies": shared + [r for r in full["policies"] if r["method"] == "PPO"]}
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, part in zip(paths, (a, b)):
+        path.write_text(json.dumps(part))
+    merged = from_results(paths)["results"]
+    key = lambda r: (r["method"], r["knob"], r["step"])  # noqa: E731
+    assert sorted(map(key, merged["policies"])) == sorted(map(key, full["policies"]))
+    assert json.dumps(merged["comparisons"]) == json.dumps(full["comparisons"])  # NaN rows compare as text
+    assert merged["timings"]["total"] == pytest.approx(2 * full["timings"]["total"])
+    bad = json.loads(json.dumps(b))
+    next(r for r in bad["policies"] if r["method"] == "Reference")["prompt_rewards"][0] += 1.0
+    paths[1].write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="b.json: its π_ref row"):
+        from_results(paths)
+    paths[1].write_text(json.dumps(full))
+    with pytest.raises(ValueError, match="b.json: the DPO row"):
+        from_results(paths)
 
 
 def test_older_results_file_is_refused_naming_the_field(tmp_path):

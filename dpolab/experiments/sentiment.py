@@ -70,8 +70,8 @@ class SentimentConfig:
     sft_steps: int = 8
     """SFT steps on review text before anything else, as the paper's §6.1 (0 = the initial model is π_ref)."""
     methods: tuple[str, ...] = ("dpo",)
-    """Trained methods, each a curve: "dpo" (one per β), "preferred_ft", "unlikelihood", "rloo" (one per KL
-    coefficient). Best-of-N and π_ref are always evaluated."""
+    """Trained methods, each a curve: "dpo" (one per β), "preferred_ft", "unlikelihood", "rloo" and "ppo" (one per
+    KL coefficient). Best-of-N and π_ref are always evaluated."""
     betas: tuple[float, ...] = (0.1,)
     """The β grid of the DPO runs."""
     loss: str = "sigmoid"
@@ -99,6 +99,21 @@ class SentimentConfig:
     """RLOO learning rate."""
     rloo_eval_every: int = 0
     """Evaluate the RL policy every this many steps (0 = ``eval_every``)."""
+    ppo_steps: int = 8
+    """Steps (rollouts) of PPO, the paper's RL baseline; each samples ppo_k continuations of ppo_prompts_per_step
+    prefixes, drawn exactly as RLOO draws them."""
+    ppo_prompts_per_step: int = 4
+    """Prefixes per PPO rollout."""
+    ppo_k: int = 4
+    """Samples per prefix in a PPO rollout."""
+    ppo_kl_coefs: tuple[float, ...] = (0.05,)
+    """The KL-coefficient grid of PPO (per-token penalty, trl's ``kl_coef``), one curve each."""
+    ppo_lr: float = 2e-5
+    """PPO learning rate (policy and value head)."""
+    num_ppo_epochs: int = 2
+    """AdamW steps on each rollout (trl's ``num_ppo_epochs``; its default is 4)."""
+    ppo_eval_every: int = 0
+    """Evaluate the PPO policy every this many steps (0 = ``eval_every``)."""
     best_of_n: tuple[int, ...] = (1, 2, 4, 8, 16)
     """N of the Best-of-N curve (π_ref is sampled max(best_of_n) times per held-out prefix)."""
     eval_samples_per_prompt: int = 4
@@ -128,27 +143,30 @@ class SentimentConfig:
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise ValueError(f"methods: unknown {unknown}; known: {', '.join(METHODS)}")
-        if self.steps < 1 or self.eval_every < 0 or self.rloo_eval_every < 0:
-            raise ValueError("steps must be >= 1, eval_every and rloo_eval_every >= 0")
+        if self.steps < 1 or min(self.eval_every, self.rloo_eval_every, self.ppo_eval_every) < 0:
+            raise ValueError("steps must be >= 1, eval_every, rloo_eval_every and ppo_eval_every >= 0")
         counts = {"batch_size": 1, "eval_samples_per_prompt": 1, "heldout_pair_samples": 2, "sft_steps": 0}
         if "rloo" in self.methods:  # a method that is asked for must be able to run: no zero-step RL stage
             counts.update(rloo_steps=1, rloo_prompts_per_step=1, rloo_k=2)
+        if "ppo" in self.methods:
+            counts.update(ppo_steps=1, ppo_prompts_per_step=1, ppo_k=1, num_ppo_epochs=1)
         for name, least in counts.items():
             if not getattr(self, name) >= least:
+                rl = next((m for m in ("rloo", "ppo") if m in name), None)
                 raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)!r}"
-                                 + (" (leave 'rloo' out of methods to skip the RL baseline)" if "rloo" in name else ""))
-        for name in ("lr", "rloo_lr"):
+                                 + (f" (leave '{rl}' out of methods to skip it)" if rl else ""))
+        for name in ("lr", "rloo_lr", "ppo_lr"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be finite and > 0, got {getattr(self, name)!r}")
         if not self.best_of_n or min(self.best_of_n) < 1:
             raise ValueError(f"best_of_n must list integers >= 1, got {self.best_of_n!r}")
-        for name in ("betas", "rloo_kl_coefs"):
+        for name in ("betas", "rloo_kl_coefs", "ppo_kl_coefs"):
             values = getattr(self, name)
             if any(not (math.isfinite(v) and v >= 0) for v in values) or (name == "betas" and 0 in values):
                 raise ValueError(f"{name} must be finite, > 0 for betas and >= 0 for KL coefficients; got {values!r}")
 
 
-METHODS = ("dpo", "preferred_ft", "unlikelihood", "rloo")
+METHODS = ("dpo", "preferred_ft", "unlikelihood", "rloo", "ppo")
 
 
 def resolve(path: str) -> Path:
@@ -341,6 +359,20 @@ def train_rloo(setup: Setup, kl_coef: float | None = None, on_step=None):
     return policy.eval(), history
 
 
+def train_ppo(setup: Setup, kl_coef: float | None = None, on_step=None):
+    """PPO (dpolab.ppo) from a copy of π_ref. Returns ``(policy, history)``."""
+    from dpolab.ppo import ppo_train
+
+    c = setup.config
+    policy = copy.deepcopy(setup.reference)
+    history = ppo_train(policy, setup.reference, setup.tokenizer, setup.train_prefixes, setup.reward_fn,
+                        steps=c.ppo_steps, prompts_per_step=c.ppo_prompts_per_step, k=c.ppo_k,
+                        kl_coef=c.ppo_kl_coefs[0] if kl_coef is None else kl_coef, lr=c.ppo_lr,
+                        num_ppo_epochs=c.num_ppo_epochs, max_new_tokens=c.max_new_tokens, seed=c.seed,
+                        progress=c.progress, on_step=_with_policy(policy, on_step))
+    return policy.eval(), history
+
+
 def heldout_samples(setup: Setup) -> dict:
     """max(best_of_n) samples of π_ref per held-out prefix, their VADER rewards and π_ref's log-probs (cached).
 
@@ -396,6 +428,7 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
     stages += [name for key, name in (("preferred_ft", "Preferred-FT"), ("unlikelihood", "Unlikelihood"))
                if key in config.methods]
     stages += [f"RLOO KL coef {k:g}" for k in config.rloo_kl_coefs] if "rloo" in config.methods else []
+    stages += [f"PPO KL coef {k:g}" for k in config.ppo_kl_coefs] if "ppo" in config.methods else []
     say = _stage_printer(stages, config.progress)
     t0 = time.perf_counter()
 
@@ -475,6 +508,10 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
             traced("RLOO", coef, f"RLOO KL coef {coef:g}",
                    lambda cb, coef=coef: train_rloo(setup, coef, on_step=cb),
                    config.rloo_eval_every or config.eval_every, config.rloo_steps)
+    if "ppo" in config.methods:
+        for coef in config.ppo_kl_coefs:
+            traced("PPO", coef, f"PPO KL coef {coef:g}", lambda cb, coef=coef: train_ppo(setup, coef, on_step=cb),
+                   config.ppo_eval_every or config.eval_every, config.ppo_steps)
     total = time.perf_counter() - t0
     timings["other (model copies, bookkeeping)"] = total - sum(timings.values())
     timings["total"] = total

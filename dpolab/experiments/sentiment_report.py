@@ -21,7 +21,7 @@ from pathlib import Path
 
 from dpolab.experiments.sentiment_curves import COMPARISON_FIELDS, POLICY_FIELDS, RESULTS_FORMAT
 
-METHOD_ORDER = ("DPO", "RLOO", "Preferred-FT", "Unlikelihood", "Best of N")
+METHOD_ORDER = ("DPO", "RLOO", "PPO", "Preferred-FT", "Unlikelihood", "Best of N")
 
 
 def assemble(config, rows: list[dict], learning_curves: dict, timings: dict, pair_stats) -> dict:
@@ -73,7 +73,7 @@ def draw_figures(results: dict, figure: Path) -> Path:
     fig = frontier_curves_figure(results["policies"])
     written = save_figure(fig, figure)
     plt.close(fig)
-    if any(name.startswith("rloo_") for name in results.get("learning_curves", {})):
+    if any(name.startswith(("rloo_", "ppo_")) for name in results.get("learning_curves", {})):
         fig = rl_learning_curves_figure(results["learning_curves"])
         save_figure(fig, figure.with_name(figure.stem + "_rl_training.png"))
         plt.close(fig)
@@ -102,11 +102,8 @@ def validate(results, source: str) -> dict:
     return results
 
 
-def from_results(path: str | Path, figure: str | Path | None = None) -> dict:
-    """Re-render the tables (and the figure, when ``figure`` is a path) from a results file, no recompute.
-
-    Returns ``{"results", "table_md", "figure"}``.
-    """
+def load_results(path: str | Path) -> dict:
+    """Read and validate one results file."""
     from dpolab.experiments.sentiment import resolve
 
     path = resolve(str(path))
@@ -114,7 +111,64 @@ def from_results(path: str | Path, figure: str | Path | None = None) -> dict:
         results = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not a results.json written by dpolab reproduce ({err!r})") from err
-    validate(results, str(path))
+    return validate(results, str(path))
+
+
+def merge_results(parts: list[dict], names: list[str]) -> dict:
+    """One results dict from runs of the same setup that trained different methods (e.g. the full run and a PPO
+    run added later): their π_ref rows must agree exactly (same held-out prefixes, same per-prefix rewards), so
+    the curves are comparable; π_ref and Best-of-N come from the first file, every trained curve from the file
+    that has it, and the matched-KL comparisons are recomputed over all methods. Timings keep each run's own
+    stages, prefixed by its file name.
+    """
+    from dpolab.frontier import compare_all
+
+    def reference(results, name):
+        rows = [r for r in results["policies"] if r["method"] == "Reference"]
+        if len(rows) != 1:
+            raise ValueError(f"{name}: policies has {len(rows)} Reference rows, 1 expected")
+        return rows[0]
+
+    first = reference(parts[0], names[0])
+    rows = [r for r in parts[0]["policies"] if r["method"] in ("Reference", "Best of N")]
+    seen, curves, timings = {}, {}, {}
+    for results, name in zip(parts, names):
+        ref = reference(results, name)
+        if ref.get("prompts") != first.get("prompts") or ref["prompt_rewards"] != first["prompt_rewards"]:
+            raise ValueError(f"{name}: its π_ref row (held-out prefixes and per-prefix rewards) differs from "
+                             f"{names[0]}'s, so the runs do not share a setup and their curves cannot be compared")
+        for row in results["policies"]:
+            if row["method"] in ("Reference", "Best of N"):
+                continue
+            key = (row["method"], row["knob"], row["step"])
+            if key in seen:
+                raise ValueError(f"{name}: the {row['method']} row (knob {row['knob']:g}, step {row['step']}) is "
+                                 f"also in {seen[key]}; merge runs that trained different curves")
+            seen[key] = name
+            rows.append(row)
+        curves.update(results.get("learning_curves", {}))
+        timings.update({f"{Path(name).stem}: {stage}": s for stage, s in results["timings"].items()
+                        if stage != "total"})
+        timings["total"] = timings.get("total", 0.0) + results["timings"].get("total", 0.0)
+    timings["total"] = timings.pop("total")  # the last row
+    methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
+    comparisons = compare_all([r for r in rows if r["method"] != "Reference"], methods,
+                              seed=parts[0]["config"].get("seed", 0))
+    return {**parts[0], "config": [p["config"] for p in parts], "policies": rows, "comparisons": comparisons,
+            "learning_curves": curves, "timings": timings, "merged_from": list(names)}
+
+
+def from_results(paths, figure: str | Path | None = None) -> dict:
+    """Re-render the tables (and the figure, when ``figure`` is a path) from one results file, no recompute; or
+    from several runs of one setup, merged by :func:`merge_results`.
+
+    Returns ``{"results", "table_md", "figure"}``.
+    """
+    from dpolab.experiments.sentiment import resolve
+
+    paths = [paths] if isinstance(paths, str | Path) else list(paths)
+    parts = [load_results(p) for p in paths]
+    results = parts[0] if len(parts) == 1 else merge_results(parts, [str(p) for p in paths])
     written = draw_figures(results, resolve(str(figure))) if figure else None
     return {"results": results, "table_md": report_markdown(results), "figure": written}
 
