@@ -442,6 +442,10 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
     setup.heldout_samples()
     timings["reference_samples"] = time.perf_counter() - t
     setup.reference_row = curves.reference_curve_row(setup)
+    if config.progress:
+        r = setup.reference_row
+        print(f"    π_ref: reward {r['reward']:.6f} ± {r['reward_se']:.6f} over {len(r['prompt_rewards'])} prefixes",
+              file=sys.stderr, flush=True)
     rows = [setup.reference_row, *curves.best_of_n_curve_rows(setup, config.best_of_n)]
     learning_curves = {}
 
