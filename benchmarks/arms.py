@@ -7,7 +7,7 @@ arm is meant to run alone in a fresh process (see ``dpo_throughput.py``), so tha
 
 Arms:
 
-- ``dpolab``: :func:`dpolab.trainer.train` with its default configuration (micro-batches of 8 pairs,
+- ``dpolab``: :func:`dpolab.train.trainer.train` with its default configuration (micro-batches of 8 pairs,
   one per optimizer step, length-bucketed batches, reference="copy" computed online).
 - ``dpolab-pre``: the same with reference="precomputed" (log π_ref of all pairs computed once before training).
 - ``trl-shipped``: trl's ``DPOTrainer`` with ``DPOConfig`` defaults (bf16=True, gradient checkpointing on,
@@ -43,10 +43,10 @@ def dpolab_plan(workload: Workload, steps: int, config_fields: dict | None = Non
                 layout: str = "tree") -> list[list[int]]:
     """The dataset rows of each of dpolab's optimizer steps (its length-bucketed, seeded batch plan; bucketed by
     the pair-tree length, as the trainer does for the GPT-2 and Llama policies of the workloads)."""
-    from dpolab.batch import pair_length
-    from dpolab.config import TrainConfig
-    from dpolab.tokenize import TokenizedPair
-    from dpolab.trainer import BatchPlan
+    from dpolab.data.batch import pair_length
+    from dpolab.train.config import TrainConfig
+    from dpolab.data.tokenize import TokenizedPair
+    from dpolab.train.trainer import BatchPlan
 
     config = TrainConfig.load(None, {**dpolab_fields(steps, "/tmp/unused"), **(config_fields or {})})
     lengths = [pair_length(TokenizedPair(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], [], []), layout)
@@ -68,8 +68,8 @@ def run_dpolab(workload: Workload, steps: int, *, reference: str = "copy", patch
     from patches import config_fields as patch_fields
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dpolab.tokenize import TokenizedPair
-    from dpolab.trainer import train
+    from dpolab.data.tokenize import TokenizedPair
+    from dpolab.train.trainer import train
 
     config_fields = patch_fields(list(patches))
 

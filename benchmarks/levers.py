@@ -1,7 +1,7 @@
 """Issue 9 item 2: which levers pay for dpolab's training step, each measured against the current step.
 
 A *step* here is exactly the trainer's optimizer step without its bookkeeping:
-:func:`dpolab.trainer.accumulate_gradients` over the step's micro-batches, gradient clipping, AdamW. Each
+:func:`dpolab.train.trainer.accumulate_gradients` over the step's micro-batches, gradient clipping, AdamW. Each
 lever is a variant of that step (a different batch plan, a patched log-prob path, a swapped module, an
 optimizer flag, a thread count, …). Variants and the baseline run in the same process, alternating
 (baseline, lever, baseline, lever, …) on the same batches, each from the same initial weights, so load from
@@ -13,7 +13,7 @@ than 1e-5 is not kept whatever its speed. Run from the repository root::
 
 where DIR is a prepared workload (``dpo_throughput.py --workdir DIR`` leaves ``DIR/tiny``). The baseline uses the
 trainer's optimizer (fused AdamW; lever ``foreach-adamw`` is torch's multi-pass default) but not the trainer's
-allocator setting (:mod:`dpolab.allocator`), which is process-wide: ``--malloc`` runs the baseline in fresh
+allocator setting (:mod:`dpolab.fast.allocator`), which is process-wide: ``--malloc`` runs the baseline in fresh
 processes under the settings of ``dpo_throughput.MALLOC_ENV``, and ``dpo_throughput.py`` measures the trainer
 with and without it (patch ``system-malloc``).
 """
@@ -39,14 +39,14 @@ from workloads import load_workload  # noqa: E402
 
 
 def _config(micro: int = 8, accum: int = 1):
-    from dpolab.config import TrainConfig
+    from dpolab.train.config import TrainConfig
 
     return TrainConfig.load(None, {"beta": 0.1, "lr": 5e-5, "warmup_steps": 0, "micro_batch_size": micro,
                                    "grad_accum_steps": accum, "max_grad_norm": 10.0, "kl_samples": 0})
 
 
 def _pairs(workload):
-    from dpolab.tokenize import TokenizedPair
+    from dpolab.data.tokenize import TokenizedPair
 
     return [TokenizedPair(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], [1] * len(r["chosen_ids"]),
                           [1] * len(r["rejected_ids"])) for r in workload.pairs()]
@@ -56,8 +56,8 @@ def plan_batches(pairs, steps: int, *, micro: int = 8, accum: int = 1, bucketed:
                  layout: str = "tree"):
     """The first ``steps`` optimizer steps as lists of collated micro-batches (dpolab's plan, bucketed by
     ``layout``'s pair length as the trainer does for a GPT-2 or Llama policy, or random order)."""
-    from dpolab.batch import collate_pairs, pair_length
-    from dpolab.trainer import BatchPlan
+    from dpolab.data.batch import collate_pairs, pair_length
+    from dpolab.train.trainer import BatchPlan
 
     config = _config(micro, accum)
     if bucketed:
@@ -75,7 +75,7 @@ class Setup:
 
     def __init__(self, policy, reference, steps_batches, *, foreach_adam: bool = False, micro: int = 8,
                  accum: int = 1):
-        from dpolab.trainer import build_optimizer
+        from dpolab.train.trainer import build_optimizer
 
         self.policy, self.reference, self.batches = policy, reference, steps_batches
         self.config = _config(micro, accum)
@@ -83,8 +83,8 @@ class Setup:
         self.optimizer = build_optimizer(self.params, self.config, fused=not foreach_adam)  # the trainer's optimizer
 
     def step(self, i: int) -> tuple[float, float, int, float]:
-        from dpolab.objective import STATS
-        from dpolab.trainer import accumulate_gradients
+        from dpolab.train.objective import STATS
+        from dpolab.train.trainer import accumulate_gradients
 
         batches = self.batches[i % len(self.batches)]
         start, cpu = time.perf_counter(), time.process_time()
@@ -113,17 +113,17 @@ def _models(workload):
 @contextlib.contextmanager
 def _full_logits():
     """dpolab's slow reference path: logits at every position, then the shifted label gather."""
-    import dpolab.objective
-    import dpolab.reference
+    import dpolab.train.objective
+    import dpolab.train.reference
     from dpolab.logprobs import concatenated_forward
 
     slow = functools.partial(concatenated_forward, full_logits=True)
-    saved = dpolab.objective.concatenated_forward, dpolab.reference.concatenated_forward
-    dpolab.objective.concatenated_forward = dpolab.reference.concatenated_forward = slow
+    saved = dpolab.train.objective.concatenated_forward, dpolab.train.reference.concatenated_forward
+    dpolab.train.objective.concatenated_forward = dpolab.train.reference.concatenated_forward = slow
     try:
         yield
     finally:
-        dpolab.objective.concatenated_forward, dpolab.reference.concatenated_forward = saved
+        dpolab.train.objective.concatenated_forward, dpolab.train.reference.concatenated_forward = saved
 
 
 class _CrossEntropyLogProb:
@@ -174,7 +174,7 @@ def _lever_parts(lever: str) -> set[str]:
 
 def build(lever: str, workload, pairs, steps: int):
     """A :class:`Setup` for ``lever`` (several joined by ``+`` combine) and the context it steps in."""
-    from dpolab.reference import FrozenReference, precompute_reference
+    from dpolab.train.reference import FrozenReference, precompute_reference
 
     parts = _lever_parts(lever)
     policy, ref_model = _models(workload)
@@ -204,7 +204,7 @@ def build(lever: str, workload, pairs, steps: int):
         import dpolab.logprobs
 
         contexts.append(functools.partial(_patched, dpolab.logprobs, "SPARSE_TIED_EMBEDDING", False))
-    if "two-rows" in parts:  # the layout before dpolab.pairtree: prompt + chosen and prompt + rejected rows
+    if "two-rows" in parts:  # the layout before dpolab.fast.pairtree: prompt + chosen and prompt + rejected rows
         import dpolab.logprobs
 
         contexts.append(functools.partial(_patched, dpolab.logprobs, "supports_shared_prompt", lambda model: False))

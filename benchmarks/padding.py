@@ -22,10 +22,10 @@ from workloads import load_workload  # noqa: E402
 def count(records: list[dict], bucket_by: str, micro: int | None = None, accum: int | None = None) -> dict[str, int]:
     """Real tokens and padded positions of one epoch, for both layouts, with batches bucketed by ``bucket_by``
     (micro-batch size and accumulation: the trainer's defaults unless given)."""
-    from dpolab.batch import pair_length
-    from dpolab.config import TrainConfig
-    from dpolab.tokenize import TokenizedPair
-    from dpolab.trainer import BatchPlan
+    from dpolab.data.batch import pair_length
+    from dpolab.train.config import TrainConfig
+    from dpolab.data.tokenize import TokenizedPair
+    from dpolab.train.trainer import BatchPlan
 
     pairs = [TokenizedPair(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], [], []) for r in records]
     default = TrainConfig()
@@ -47,7 +47,7 @@ def count(records: list[dict], bucket_by: str, micro: int | None = None, accum: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from dpolab.config import TrainConfig
+    from dpolab.train.config import TrainConfig
 
     default = TrainConfig()
     parser.add_argument("--workload-dir", required=True)

@@ -1,10 +1,10 @@
 """Proposed dpolab changes, applied from outside so that the benchmark can measure them before they land.
 
 Each patch is what a library change would do, done by monkeypatching or by swapping modules in the models
-handed to :func:`dpolab.trainer.train`; an arm named ``dpolab+PATCH[+PATCH…]`` runs with them. None changes
+handed to :func:`dpolab.train.trainer.train`; an arm named ``dpolab+PATCH[+PATCH…]`` runs with them. None changes
 the mathematics: each keeps the first-step loss within float32 rounding of the unpatched trainer.
 
-- ``two-rows``: the layout before :mod:`dpolab.pairtree` (prompt + chosen and prompt + rejected as two padded
+- ``two-rows``: the layout before :mod:`dpolab.fast.pairtree` (prompt + chosen and prompt + rejected as two padded
   rows), to measure the pair-tree layout that the library now uses by default.
 - ``dense-embedding``: the model's own lookup of a tied input embedding (a dense vocabulary-sized gradient per
   micro-batch) instead of dpolab's sparse-gradient lookup.

@@ -61,7 +61,7 @@ def plain_generate(model, tokenizer, texts, n, max_new_tokens, seed) -> int:
 
 def dpolab_sample(engine):
     def arm(model, tokenizer, texts, n, max_new_tokens, seed) -> int:
-        from dpolab.generate import sample
+        from dpolab.sample.generate import sample
 
         s = sample(model, tokenizer, texts, n, max_new_tokens=max_new_tokens, top_k=len(tokenizer), seed=seed,
                    progress=False, engine=engine)

@@ -35,9 +35,9 @@ def sweep_worker(mode: str, workload_dir: Path, betas: list[float], steps: int) 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from workloads import load_workload
 
-    from dpolab.config import TrainConfig
-    from dpolab.inputs import prepare_pairs, tokenize_config
-    from dpolab.trainer import train
+    from dpolab.train.config import TrainConfig
+    from dpolab.train.inputs import prepare_pairs, tokenize_config
+    from dpolab.train.trainer import train
 
     workload = load_workload(workload_dir)
     records = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in workload.pairs()]

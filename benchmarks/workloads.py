@@ -133,7 +133,7 @@ def prepare_smollm(folder: Path, *, num_pairs: int = 256, max_response_tokens: i
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dpolab.models import default_model_dir
-    from dpolab.sentiment import review_snippets
+    from dpolab.sample.sentiment import review_snippets
 
     folder.mkdir(parents=True, exist_ok=True)
     policy_dir = default_model_dir()

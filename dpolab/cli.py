@@ -75,7 +75,7 @@ def use_headless_backend() -> None:
 
 def add_train(subparsers) -> None:
     """Register ``dpolab train``."""
-    from dpolab.config import field_help
+    from dpolab.train.config import field_help
 
     lines = ["config fields (set in the YAML file or as key=value; loss_params.NAME=VALUE sets one loss parameter):"]
     for name, (type_name, default, comment) in field_help().items():
@@ -95,7 +95,7 @@ def add_train(subparsers) -> None:
 
 
 def _train(args) -> int:
-    from dpolab.config import ConfigError, TrainConfig
+    from dpolab.train.config import ConfigError, TrainConfig
 
     path, overrides = None, list(args.settings)
     if overrides and "=" not in overrides[0]:
@@ -110,7 +110,7 @@ def _train(args) -> int:
     if not config.train_data:
         args.parser.error("the config field train_data is empty: name a JSONL file or a saved datasets folder")
 
-    from dpolab.trainer import train
+    from dpolab.train.trainer import train
 
     result = train(config)
     if result.history and _is_main():

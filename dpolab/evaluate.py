@@ -147,8 +147,8 @@ def judge_win_rate(judge: Callable, prompts: Sequence, responses_a: Sequence, re
     """Win rate of A over B as decided by a judge function.
 
     A pointwise judge (a reward function, classifier or reward model: ``vader_reward``, a
-    ``dpolab.judges.RewardFunction``) is called as ``judge(texts) -> scores`` (shape (n,)) once per model,
-    on the responses alone or, with ``prepend_prompt``, on prompt + response (as ``dpolab.judges``
+    ``dpolab.sample.judges.RewardFunction``) is called as ``judge(texts) -> scores`` (shape (n,)) once per model,
+    on the responses alone or, with ``prepend_prompt``, on prompt + response (as ``dpolab.sample.judges``
     scores completions). A pairwise judge ``judge(prompt, first, second) -> preference for first in
     [0, 1]`` may favour a position, so each prompt's order is drawn at random (from ``seed``) and the
     preference mapped back to A.

@@ -9,7 +9,7 @@ the backward pass recomputes the softmax chunk by chunk instead of storing it.
 asks the model for logits only at the scored positions (transformers' ``logits_to_keep`` with a boolean
 mask), which skips the output layer on prompt and padding tokens; ``full_logits=True`` is the plain,
 slow reference path, and the tests hold the two equal. For GPT-2 and Llama-family models it also runs each
-pair as one row, the prompt once and the two responses as tree-masked branches (:mod:`dpolab.pairtree`),
+pair as one row, the prompt once and the two responses as tree-masked branches (:mod:`dpolab.fast.pairtree`),
 which removes the second copy of every prompt and most of the padding.
 """
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from dpolab.pairtree import PairTree, pair_tree
+from dpolab.fast.pairtree import PairTree, pair_tree
 
 IGNORE_INDEX = -100
 # elements of one float32 (positions x vocabulary) chunk: 4M floats = 16 MiB of temporaries at a time
@@ -278,7 +278,7 @@ def sequence_forward(model, batch, average: bool = False, *, full_logits: bool =
     Args:
         model: a causal LM (transformers, optionally wrapped by PEFT or DDP).
         batch: anything with ``input_ids``, ``attention_mask`` and ``labels`` (N, T), e.g. a
-            :class:`dpolab.batch.SequenceBatch`.
+            :class:`dpolab.data.batch.SequenceBatch`.
         average: return the per-token mean instead of the sum.
         full_logits: compute logits at every position (the slow reference path) instead of only at
             the positions whose next token is scored.
@@ -316,11 +316,11 @@ def sequence_forward(model, batch, average: bool = False, *, full_logits: bool =
 
 def concatenated_forward(model, batch, average: bool = False, *, full_logits: bool = False,
                          share_prompt: bool = True) -> PairLogps:
-    """Log-probs of the chosen and the rejected responses of a :class:`dpolab.batch.PairBatch`, in one call.
+    """Log-probs of the chosen and the rejected responses of a :class:`dpolab.data.batch.PairBatch`, in one call.
 
     Rows 0..B-1 of the batch are prompt + chosen, rows B..2B-1 prompt + rejected. By default (``share_prompt``)
     a model that :func:`supports_shared_prompt` runs each pair as one row, prompt once and the two responses as
-    tree-masked branches (:mod:`dpolab.pairtree`): the same log-probs with fewer positions to compute. Otherwise,
+    tree-masked branches (:mod:`dpolab.fast.pairtree`): the same log-probs with fewer positions to compute. Otherwise,
     and always with ``full_logits=True`` (the slow reference path), the 2B rows run as one padded batch.
 
     Shape: batch fields (2B, T) -> PairLogps of (B,) tensors.
@@ -365,7 +365,7 @@ def supports_shared_prompt(model) -> bool:
 
 def pair_layout(model, stage: str = "dpo") -> str:
     """How ``model``'s pair batches run in ``stage``: ``"tree"`` (DPO through :func:`concatenated_forward` on a
-    supported model) or ``"rows"`` (SFT scores prompt + chosen rows); for :func:`dpolab.batch.pair_length`, so
+    supported model) or ``"rows"`` (SFT scores prompt + chosen rows); for :func:`dpolab.data.batch.pair_length`, so
     that batches are bucketed by the width they will have."""
     return "tree" if stage == "dpo" and supports_shared_prompt(model) else "rows"
 

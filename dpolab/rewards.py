@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from dpolab.logprobs import sequence_forward
-from dpolab.tokenize import pad_token_id
+from dpolab.data.tokenize import pad_token_id
 
 
 def implicit_rewards(policy_logps: Tensor, ref_logps: Tensor, beta: float) -> Tensor:
@@ -59,7 +59,7 @@ def batch_logps(model, batch) -> tuple[Tensor, Tensor]:
 
 
 def batch_implicit_rewards(policy, reference, batch, beta: float) -> Tensor:
-    """r̂ for every row of a :class:`dpolab.batch.SequenceBatch`. Shape: batch (N, T) -> (N,).
+    """r̂ for every row of a :class:`dpolab.data.batch.SequenceBatch`. Shape: batch (N, T) -> (N,).
 
     Args:
         policy: the trained causal LM π_θ.
@@ -101,7 +101,7 @@ def response_logps(
 ) -> tuple[Tensor, Tensor]:
     """log π(y|x) summed over each response's scored tokens, and their counts, for paired lists.
 
-    Responses are tokenized with :func:`dpolab.tokenize.tokenize_response` (chat prompts use the chat
+    Responses are tokenized with :func:`dpolab.data.tokenize.tokenize_response` (chat prompts use the chat
     template), batched by length and returned in the input order. Shape: N prompts, N responses -> (N,), (N,).
     """
     batches = _batches(tokenizer, prompts, responses, batch_size, config)
@@ -114,8 +114,8 @@ def response_logps(
 
 def _batches(tokenizer, prompts, responses, batch_size, config):
     """Tokenize (prompt, response) pairs; yield (row indices, SequenceBatch) with rows of similar length."""
-    from dpolab.batch import collate_sequences
-    from dpolab.tokenize import tokenize_response
+    from dpolab.data.batch import collate_sequences
+    from dpolab.data.tokenize import tokenize_response
 
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -159,7 +159,7 @@ def implicit_reward(
         responses: N responses (text, or assistant messages).
         beta: β of the training run.
         batch_size: sequences per forward pass.
-        config: a :class:`dpolab.tokenize.TokenizeConfig` (lengths, masking policy); the default if None.
+        config: a :class:`dpolab.data.tokenize.TokenizeConfig` (lengths, masking policy); the default if None.
 
     Returns:
         (N,) float32 rewards, in the order given.

@@ -1,12 +1,12 @@
-"""dpolab.allocator: freed memory stays in the process inside the block, and only there."""
+"""dpolab.fast.allocator: freed memory stays in the process inside the block, and only there."""
 
 import resource
 
 import pytest
 import torch
 
-from dpolab import allocator
-from dpolab.allocator import keep_freed_memory
+from dpolab.fast import allocator
+from dpolab.fast.allocator import keep_freed_memory
 
 needs_glibc = pytest.mark.skipif(allocator._glibc() is None, reason="the setting exists for glibc's malloc only")
 

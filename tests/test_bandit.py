@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dpolab.bandit import (
+from dpolab.experiments.bandit import (
     Bandit,
     empirical_dpo_loss,
     expected_dpo_loss,

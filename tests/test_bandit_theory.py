@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from dpolab.bandit import Bandit, log_partition, optimal_policy
-from dpolab.bandit_theory import (
+from dpolab.experiments.bandit import Bandit, log_partition, optimal_policy
+from dpolab.experiments.bandit_theory import (
     dpo_gradient,
     expected_reward,
     kl_divergence,

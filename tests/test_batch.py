@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from dpolab.batch import (
+from dpolab.data.batch import (
     IGNORE_INDEX,
     PairBatch,
     collate_pairs,
@@ -14,7 +14,7 @@ from dpolab.batch import (
     padding_fraction,
     pair_length,
 )
-from dpolab.tokenize import TokenizedPair
+from dpolab.data.tokenize import TokenizedPair
 
 PAD = 2  # deliberately also used as a real token (SmolLM2: pad == eos == <|im_end|>)
 

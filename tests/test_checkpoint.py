@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpolab import checkpoint as ckpt
+from dpolab.train import checkpoint as ckpt
 from dpolab.tiny import tiny_causal_lm
 
 

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from dpolab.cli import main
-from dpolab.config import ConfigError, TrainConfig, field_help
+from dpolab.train.config import ConfigError, TrainConfig, field_help
 
 
 def test_defaults_are_a_small_cpu_dpo_run():

@@ -5,7 +5,7 @@ import json
 import pytest
 from datasets import Dataset, IterableDataset
 
-from dpolab.data import DataError, PreferenceExample, example_from_record, iter_dataset, load_jsonl, split_hh
+from dpolab.data.records import DataError, PreferenceExample, example_from_record, iter_dataset, load_jsonl, split_hh
 
 
 def user(text):

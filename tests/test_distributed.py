@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpolab import checkpoint as ckpt
-from dpolab import distributed as dist
+from dpolab.train import checkpoint as ckpt
+from dpolab.train import distributed as dist
 from dpolab import logprobs
-from dpolab.metrics import read_metrics
-from dpolab.trainer import train
+from dpolab.train.metrics import read_metrics
+from dpolab.train.trainer import train
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
@@ -30,15 +30,15 @@ torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
 from test_distributed import RUN
 from test_trainer import make_examples
-import dpolab.checkpoint
-from dpolab.trainer import train
+import dpolab.train.checkpoint
+from dpolab.train.trainer import train
 
-save = dpolab.checkpoint.save_checkpoint
+save = dpolab.train.checkpoint.save_checkpoint
 def counted_save(*args, **kwargs):  # record which process writes checkpoints
     with open(os.path.join({out!r}, "saved-by-rank-" + os.environ["RANK"]), "a") as f:
         f.write("x")
     return save(*args, **kwargs)
-dpolab.checkpoint.save_checkpoint = counted_save
+dpolab.train.checkpoint.save_checkpoint = counted_save
 
 result = train({{**RUN, "grad_accum_steps": 1, "output_dir": {out!r}{extra}}}, train_pairs=make_examples(16),
                eval_pairs=make_examples(6, offset=50))

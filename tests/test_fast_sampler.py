@@ -1,4 +1,4 @@
-"""The fast sampling engine (dpolab.decode) against the slow reference built on ``model.generate``.
+"""The fast sampling engine (dpolab.sample.decode) against the slow reference built on ``model.generate``.
 
 Both engines draw row (p, i)'s t-th token from the t-th uniform of the stream seeded by (seed, p, i), by the same
 inverse-CDF rule, from logits of the same model; so on the same request they must return the same token ids, and
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpolab.decode import inverse_cdf
-from dpolab.generate import sample
-from dpolab.rloo import score_completions
+from dpolab.sample.decode import inverse_cdf
+from dpolab.sample.generate import sample
+from dpolab.baselines.rloo import score_completions
 from dpolab.tiny import tiny_causal_lm
 
 PROMPTS = ["The movie was", "A dull, plodding film that never", "Hello!", "My name is Ada and my favourite colour"]

@@ -14,18 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 
-import dpolab.reference as reference_module
-from dpolab import checkpoint as ckpt
-from dpolab import metrics
-from dpolab import tokenize as tokenize_module
-from dpolab.config import ConfigError, TrainConfig
-from dpolab.data import DataError, PreferenceExample, example_from_record, load_jsonl
-from dpolab.inputs import add_lora, load_policy, prepare_pairs
-from dpolab.metrics import MetricsWriter, read_metrics
-from dpolab.reference import precompute_reference, reference_key
+import dpolab.train.reference as reference_module
+from dpolab.train import checkpoint as ckpt
+from dpolab.train import metrics
+from dpolab.data import tokenize as tokenize_module
+from dpolab.train.config import ConfigError, TrainConfig
+from dpolab.data.records import DataError, PreferenceExample, example_from_record, load_jsonl
+from dpolab.train.inputs import add_lora, load_policy, prepare_pairs
+from dpolab.train.metrics import MetricsWriter, read_metrics
+from dpolab.train.reference import precompute_reference, reference_key
 from dpolab.tiny import tiny_causal_lm, tiny_tokenizer
-from dpolab.tokenize import TokenizationError, TokenizeConfig, tokenize_pair
-from dpolab.trainer import BatchPlan, train
+from dpolab.data.tokenize import TokenizationError, TokenizeConfig, tokenize_pair
+from dpolab.train.trainer import BatchPlan, train
 
 # names introduced with the fixes are looked up inside the tests, so that on the old code each case fails alone
 
@@ -84,9 +84,9 @@ def test_bad_config_values_are_refused_at_load(overrides, message):
 
 
 def test_bad_loss_params_fail_before_the_model_is_loaded(tmp_path, monkeypatch):
-    import dpolab.trainer
+    import dpolab.train.trainer
 
-    monkeypatch.setattr(dpolab.trainer, "load_policy", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(dpolab.train.trainer, "load_policy", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(ConfigError, match="label_smothing"):
         train({**FAST, "output_dir": str(tmp_path), "loss_params": {"label_smothing": 0.1}}, train_pairs=records())
 
@@ -337,9 +337,9 @@ def test_non_finite_weights_are_never_written(tmp_path):
 
 
 def test_non_finite_weights_stop_the_trainer_before_a_save(tmp_path, monkeypatch):
-    import dpolab.trainer
+    import dpolab.train.trainer
 
-    real = dpolab.trainer.build_optimizer
+    real = dpolab.train.trainer.build_optimizer
 
     def poisoned(params, config, **k):
         optimizer = real(params, config, **k)
@@ -354,7 +354,7 @@ def test_non_finite_weights_stop_the_trainer_before_a_save(tmp_path, monkeypatch
         optimizer.step = step_then_poison
         return optimizer
 
-    monkeypatch.setattr(dpolab.trainer, "build_optimizer", poisoned)
+    monkeypatch.setattr(dpolab.train.trainer, "build_optimizer", poisoned)
     with pytest.raises(metrics.NonFiniteWeightsError, match="no checkpoint written"):
         train({**FAST, "max_steps": 1, "output_dir": str(tmp_path)}, train_pairs=records())
     assert ckpt.list_checkpoints(tmp_path) == []
@@ -471,9 +471,9 @@ def test_precomputed_reference_says_in_the_metrics_why_kl_is_absent(tmp_path, mo
 
 def test_starting_adapter_reference_follows_tr_dpo_updates():
     """mix_in(α=1) moves π_ref to the policy's current adapter: the log-ratios vanish again."""
-    from dpolab.batch import collate_pairs
+    from dpolab.data.batch import collate_pairs
     from dpolab.logprobs import concatenated_forward
-    from dpolab.reference import StartingAdapterReference
+    from dpolab.train.reference import StartingAdapterReference
 
     model, tok = tiny_causal_lm("gpt2", seed=0)
     policy = add_lora(model, 4, 16.0).eval()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dpolab.cache import atomic_write_text, build_artifact, is_complete
-from dpolab.sentiment import parse_snippets
+from dpolab.sample.sentiment import parse_snippets
 from dpolab.tiny import tiny_causal_lm, tiny_tokenizer
 
 
@@ -95,7 +95,7 @@ def test_load_model_unknown_id_is_one_clear_message(monkeypatch):
 @pytest.mark.slow
 def test_embedded_default_model_and_data_load():
     from dpolab.models import load_model
-    from dpolab.sentiment import N_SNIPPETS, review_snippets, vader_reward
+    from dpolab.sample.sentiment import N_SNIPPETS, review_snippets, vader_reward
 
     model, tok = load_model()
     assert sum(p.numel() for p in model.parameters()) == 134_515_008

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from dpolab.judges import RewardFunction, RewardFunctionError, classifier_judge, get_judge, score_completions
-from dpolab.sentiment import textblob_reward, vader_reward
+from dpolab.sample.judges import RewardFunction, RewardFunctionError, classifier_judge, get_judge, score_completions
+from dpolab.sample.sentiment import textblob_reward, vader_reward
 from dpolab.tiny import tiny_tokenizer
 
 TEXTS = ["a fine film", "a dull film", "bad movie", "great fun"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dpolab.logprobs as logprobs
-from dpolab.batch import PairBatch, SequenceBatch, collate_pairs, collate_sequences
+from dpolab.data.batch import PairBatch, SequenceBatch, collate_pairs, collate_sequences
 from dpolab.logprobs import (
     concatenated_forward,
     sequence_forward,
@@ -15,7 +15,7 @@ from dpolab.logprobs import (
     token_logprobs,
 )
 from dpolab.tiny import tiny_causal_lm
-from dpolab.tokenize import TokenizedPair
+from dpolab.data.tokenize import TokenizedPair
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])

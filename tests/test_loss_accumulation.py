@@ -4,7 +4,7 @@ Eight pairs of unequal lengths on a tiny GPT-2 whose policy has moved away from 
 of 8 (one optimizer step's global batch) against 4 micro-batches of 2 accumulated. The loss sums and every
 parameter gradient must agree. Losses that are not sums of per-pair terms — trl's ``sft`` (a token mean over the
 batch), ``aot``/``aot_unpaired`` (they sort the batch), and ``sft`` under WPO (scaled by the mean weight) — get the
-global batch's numbers from :func:`dpolab.objective.global_contexts`; the last test shows that without them
+global batch's numbers from :func:`dpolab.train.objective.global_contexts`; the last test shows that without them
 accumulation would not be exact.
 """
 
@@ -13,15 +13,15 @@ import math
 import pytest
 import torch
 
-from dpolab.batch import collate_pairs
-from dpolab.config import TrainConfig
-from dpolab.data import PreferenceExample
-from dpolab.inputs import prepare_pairs, tokenize_config
+from dpolab.data.batch import collate_pairs
+from dpolab.train.config import TrainConfig
+from dpolab.data.records import PreferenceExample
+from dpolab.train.inputs import prepare_pairs, tokenize_config
 from dpolab.losses import LOSSES
-from dpolab.objective import batch_objective
-from dpolab.reference import make_reference
+from dpolab.train.objective import batch_objective
+from dpolab.train.reference import make_reference
 from dpolab.tiny import tiny_causal_lm
-from dpolab.trainer import accumulate_gradients, train
+from dpolab.train.trainer import accumulate_gradients, train
 
 POSITIVE = ["good", "great", "wonderful", "fine", "superb", "warm", "funny", "wise"]
 NEGATIVE = ["bad", "terrible", "awful", "dull", "mess", "loud", "long", "plodding"]
@@ -148,7 +148,7 @@ def test_default_objective_is_unchanged(setup):
 
 def test_tr_dpo_mix_in_hand_value():
     """θ_ref ← α θ + (1 − α) θ_ref with α = 0.25: 0.25 · 4 + 0.75 · 0 = 1."""
-    from dpolab.reference import FrozenReference
+    from dpolab.train.reference import FrozenReference
 
     policy, ref_model = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
     with torch.no_grad():

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from dpolab.config import ConfigError, TrainConfig, field_help
+from dpolab.train.config import ConfigError, TrainConfig, field_help
 from dpolab.losses import LOSSES
-from dpolab.unlikelihood import unlikelihood_loss
+from dpolab.baselines.unlikelihood import unlikelihood_loss
 
 TRL_FIELDS = {"loss_type": [], "loss_weights": [], "use_weighting": False, "ld_alpha": None,
               "f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5, "sync_ref_model": False,
@@ -58,7 +58,7 @@ def test_bad_values_and_combinations_are_named(overrides, message):
 
 
 def test_unlikelihood_registered_equals_the_baseline_module():
-    """The registered ``unlikelihood`` loss on sums + rejected-token log-probs equals dpolab.unlikelihood's."""
+    """The registered ``unlikelihood`` loss on sums + rejected-token log-probs equals dpolab.baselines.unlikelihood's."""
     g = torch.Generator().manual_seed(0)
     chosen = -torch.rand(3, 5, generator=g, dtype=torch.float64) * 2
     rejected = -torch.rand(3, 4, generator=g, dtype=torch.float64) * 2 - 0.01

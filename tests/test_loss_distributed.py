@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpolab.trainer import train
+from dpolab.train.trainer import train
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
@@ -31,7 +31,7 @@ torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
 from test_loss_distributed import CASES, RUN
 from test_trainer import make_examples
-from dpolab.trainer import train
+from dpolab.train.trainer import train
 
 result = train({{**RUN, **CASES[{case!r}], "micro_batch_size": 2, "grad_accum_steps": 2, "output_dir": {out!r}}},
                train_pairs=make_examples(16))

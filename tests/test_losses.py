@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpolab.bandit import TabularPolicy
+from dpolab.experiments.bandit import TabularPolicy
 from dpolab.losses import (
     LOSSES,
     SORTED_LOSSES,

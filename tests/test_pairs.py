@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from dpolab.pairs import (
+from dpolab.sample.pairs import (
     build_pairs,
     check_pair_request,
     load_pairs,

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import dpolab.logprobs as logprobs
-from dpolab.batch import collate_pairs
+from dpolab.data.batch import collate_pairs
 from dpolab.logprobs import concatenated_forward, supports_shared_prompt
-from dpolab.pairtree import pair_tree
+from dpolab.fast.pairtree import pair_tree
 from dpolab.tiny import tiny_causal_lm
-from dpolab.tokenize import TokenizedPair
+from dpolab.data.tokenize import TokenizedPair
 
 
 def _two_pairs():

@@ -1,4 +1,4 @@
-"""PPO (dpolab.ppo): per-token rewards, GAE, the clipped losses against hand-derived values; training on tiny models."""
+"""PPO (dpolab.baselines.ppo): per-token rewards, GAE, the clipped losses against hand-derived values; training on tiny models."""
 
 import math
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from dpolab.generate import sample
-from dpolab.ppo import ValueHead, gae, policy_and_values, ppo_loss, ppo_train, token_rewards, whiten
-from dpolab.rloo import completion_batch, score_completions, score_completions_per_token
+from dpolab.sample.generate import sample
+from dpolab.baselines.ppo import ValueHead, gae, policy_and_values, ppo_loss, ppo_train, token_rewards, whiten
+from dpolab.baselines.rloo import completion_batch, score_completions, score_completions_per_token
 from dpolab.tiny import tiny_causal_lm
 
 

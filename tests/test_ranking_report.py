@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from dpolab.evaluate import length_controlled_win_rate, win_rate
-from dpolab.generate import Samples
+from dpolab.sample.generate import Samples
 from dpolab.rank import bradley_terry
-from dpolab.ranking_report import (
+from dpolab.experiments.ranking_report import (
     align_rows,
     construction_keys,
     dominance_pairs,

@@ -4,14 +4,14 @@ import pytest
 import torch
 from test_trainer import FAST, make_examples, weights
 
-from dpolab.batch import collate_pairs
-from dpolab.config import TrainConfig
-from dpolab.inputs import add_lora, load_policy, prepare_pairs, tokenize_config
+from dpolab.data.batch import collate_pairs
+from dpolab.train.config import TrainConfig
+from dpolab.train.inputs import add_lora, load_policy, prepare_pairs, tokenize_config
 from dpolab.models import load_model
-from dpolab.recompute import checkpointed_layers, enable_gradient_checkpointing, recomputing
-from dpolab.reference import make_reference
+from dpolab.train.recompute import checkpointed_layers, enable_gradient_checkpointing, recomputing
+from dpolab.train.reference import make_reference
 from dpolab.tiny import tiny_causal_lm
-from dpolab.trainer import accumulate_gradients, train
+from dpolab.train.trainer import accumulate_gradients, train
 
 
 @pytest.fixture(autouse=True)

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import dpolab.reference as reference_module
-from dpolab.batch import collate_pairs, pair_length
-from dpolab.inputs import add_lora, prepare_pairs
+import dpolab.train.reference as reference_module
+from dpolab.data.batch import collate_pairs, pair_length
+from dpolab.train.inputs import add_lora, prepare_pairs
 from dpolab.logprobs import concatenated_forward, pair_layout
-from dpolab.reference import AdapterReference, make_reference, precompute_reference, reference_key
+from dpolab.train.reference import AdapterReference, make_reference, precompute_reference, reference_key
 from dpolab.tiny import tiny_causal_lm
-from dpolab.tokenize import TokenizeConfig
-from dpolab.trainer import train
+from dpolab.data.tokenize import TokenizeConfig
+from dpolab.train.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_trainer import FAST, make_examples  # noqa: E402
@@ -164,9 +164,9 @@ def test_lora_training_against_the_adapter_reference_leaves_the_base_weights(tmp
 def test_sampled_kl_is_zero_when_the_policy_is_its_reference(tiny):
     """y ~ π at temperature 1: log π(y|x) from the sampler (KV cache, left padding) and log π_ref(y|x) from a
     right-padded forward of an identical copy must agree per sample, so KL = 0 up to float rounding."""
-    from dpolab.config import TrainConfig
-    from dpolab.distributed import DistributedContext
-    from dpolab.heldout import sample_kl
+    from dpolab.train.config import TrainConfig
+    from dpolab.train.distributed import DistributedContext
+    from dpolab.train.heldout import sample_kl
 
     model, tok, _ = tiny
     config = TrainConfig.load(None, {"kl_max_new_tokens": 6, "eval_batch_size": 3})

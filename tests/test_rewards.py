@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dpolab.batch import collate_sequences
+from dpolab.data.batch import collate_sequences
 from dpolab.rewards import (
     batch_implicit_rewards,
     implicit_reward,
@@ -20,7 +20,7 @@ from dpolab.rewards import (
     sequence_kl,
 )
 from dpolab.tiny import tiny_causal_lm
-from dpolab.tokenize import tokenize_response
+from dpolab.data.tokenize import tokenize_response
 
 PROMPTS = ["The movie was", "Hello! How are you", "The movie was", "It is a mess", "My name is"]
 RESPONSES = [" a delight.", " today? I am fine.", " dull", " too long, too loud, and too pleased.", " Ada"]

@@ -12,8 +12,8 @@ from dpolab.experiments.sentiment_eval import (
     mean_and_se,
     slow_heldout_pair_accuracy,
 )
-from dpolab.generate import sample
-from dpolab.rloo import leave_one_out_advantages, rloo_train, score_completions
+from dpolab.sample.generate import sample
+from dpolab.baselines.rloo import leave_one_out_advantages, rloo_train, score_completions
 from dpolab.tiny import tiny_causal_lm
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from test_trainer import FAST, make_examples
 
-from dpolab.config import ConfigError, TrainConfig
-from dpolab.schedule import learning_rate, lr_factor, warmup_steps
-from dpolab.trainer import train
+from dpolab.train.config import ConfigError, TrainConfig
+from dpolab.train.schedule import learning_rate, lr_factor, warmup_steps
+from dpolab.train.trainer import train
 
 
 @pytest.fixture(autouse=True)

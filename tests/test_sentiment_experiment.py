@@ -68,7 +68,7 @@ def tiny_run(tmp_path_factory):
     The ground truth is :func:`letter_e_reward` in place of VADER (the second judge stays TextBlob).
     """
     import dpolab.experiments.sentiment as experiment
-    from dpolab.judges import get_judge
+    from dpolab.sample.judges import get_judge
     from dpolab.tiny import tiny_causal_lm
 
     folder = tmp_path_factory.mktemp("tiny_model")
@@ -233,7 +233,7 @@ def test_a_stopped_run_keeps_its_curves_and_the_rerun_reuses_them(tmp_path):
     settings does not train DPO again (train_dpo would raise), returns the saved DPO rows unchanged, finishes the RL
     stage, and removes the partial file once the whole run is in results.json."""
     import dpolab.experiments.sentiment as experiment
-    from dpolab.judges import get_judge
+    from dpolab.sample.judges import get_judge
     from dpolab.tiny import tiny_causal_lm
 
     folder = tmp_path / "model"

@@ -12,12 +12,12 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from dpolab.batch import collate_pairs
-from dpolab.data import PreferenceExample, example_from_record, iter_dataset
-from dpolab.inspector import inspect_pair, token_table
+from dpolab.data.batch import collate_pairs
+from dpolab.data.records import PreferenceExample, example_from_record, iter_dataset
+from dpolab.data.inspector import inspect_pair, token_table
 from dpolab.models import default_model_dir
 from dpolab.tiny import tiny_causal_lm, tiny_tokenizer
-from dpolab.tokenize import (
+from dpolab.data.tokenize import (
     IDENTICAL,
     NO_SCORED,
     BoundaryError,
@@ -304,7 +304,7 @@ def test_tokenize_examples_raise_names_the_row():
     assert len(pairs) == 1 and report.errors[0].startswith("x:row 1: field 'chosen'")
 
 
-# ---- which losses the mask policy leaves unchanged (claims in the dpolab.tokenize docstring) ----
+# ---- which losses the mask policy leaves unchanged (claims in the dpolab.data.tokenize docstring) ----
 
 
 def summed_logps(model, pair, pad_token_id):

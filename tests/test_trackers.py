@@ -7,11 +7,11 @@ import pytest
 import torch
 from test_trainer import FAST, make_examples
 
-from dpolab import checkpoint as ckpt
-from dpolab.config import ConfigError, TrainConfig
-from dpolab.metrics import current_names, read_metrics
-from dpolab.trackers import TENSORBOARD_DIR, Trackers, scalars
-from dpolab.trainer import train
+from dpolab.train import checkpoint as ckpt
+from dpolab.train.config import ConfigError, TrainConfig
+from dpolab.train.metrics import current_names, read_metrics
+from dpolab.train.trackers import TENSORBOARD_DIR, Trackers, scalars
+from dpolab.train.trainer import train
 
 RUN = {**FAST, "micro_batch_size": 4, "grad_accum_steps": 1}
 

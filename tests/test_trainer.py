@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpolab import checkpoint as ckpt
-from dpolab.batch import collate_pairs
-from dpolab.config import TrainConfig
-from dpolab.data import PreferenceExample
-from dpolab.inputs import prepare_pairs, tokenize_config
-from dpolab.metrics import NonFiniteLossError, read_metrics
-from dpolab.reference import make_reference
+from dpolab.train import checkpoint as ckpt
+from dpolab.data.batch import collate_pairs
+from dpolab.train.config import TrainConfig
+from dpolab.data.records import PreferenceExample
+from dpolab.train.inputs import prepare_pairs, tokenize_config
+from dpolab.train.metrics import NonFiniteLossError, read_metrics
+from dpolab.train.reference import make_reference
 from dpolab.tiny import tiny_causal_lm
-from dpolab.trainer import accumulate_gradients, train
+from dpolab.train.trainer import accumulate_gradients, train
 
 POSITIVE = ["good", "great", "wonderful", "fine", "superb", "warm", "funny", "wise"]
 NEGATIVE = ["bad", "terrible", "awful", "dull", "mess", "loud", "long", "plodding"]
@@ -169,9 +169,9 @@ def test_nan_stops_with_step_and_batch_and_keeps_good_checkpoints(tmp_path):
 
 
 def test_unwritable_output_folder_fails_before_any_work(tmp_path, monkeypatch):
-    import dpolab.trainer
+    import dpolab.train.trainer
 
-    monkeypatch.setattr(dpolab.trainer, "load_policy", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(dpolab.train.trainer, "load_policy", lambda *a, **k: pytest.fail("loaded a model"))
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     with pytest.raises(OSError, match=rf"output folder {blocker}/run is not writable"):
@@ -198,7 +198,7 @@ import torch
 torch.set_num_threads(1)  # as in this process: a different thread count may sum in a different order
 sys.path.insert(0, {tests!r})
 from test_trainer import RESUME, make_examples
-from dpolab.trainer import train
+from dpolab.train.trainer import train
 
 def die(step, record):
     if step == 3:  # step 3 is done but not checkpointed: the resumed run must redo it
@@ -272,7 +272,7 @@ def test_command_line_trains_from_yaml_and_jsonl(tmp_path, capsys):
 def test_falling_logps_detector_fires_once_when_both_sides_fall():
     """Window 5, tolerance 1 nat: steps 1-5 at (-10, -20), steps 6-10 at (-12, -23): both means fell by more
     than 1 (by 2 and 3), so step 10 warns; nothing earlier (fewer than 2 windows) and nothing after (once)."""
-    from dpolab.metrics import FallingLogpsDetector
+    from dpolab.train.metrics import FallingLogpsDetector
 
     detector = FallingLogpsDetector(window=5, tolerance=1.0)
     fired = [detector.update(s, -10.0, -20.0) for s in range(1, 6)] + [detector.update(s, -12.0, -23.0)
@@ -284,7 +284,7 @@ def test_falling_logps_detector_fires_once_when_both_sides_fall():
 
 
 def test_length_creep_detector_needs_a_sustained_rise():
-    from dpolab.metrics import LengthCreepDetector
+    from dpolab.train.metrics import LengthCreepDetector
 
     detector = LengthCreepDetector(rises=2, relative=0.2)
     assert [detector.update(s, n) for s, n in [(1, 10.0), (2, 13.0), (3, 11.0), (4, 11.5)]] == [None] * 4
@@ -294,7 +294,7 @@ def test_length_creep_detector_needs_a_sustained_rise():
 
 
 def test_metrics_writer_resume_drops_later_steps_and_a_torn_line(tmp_path):
-    from dpolab.metrics import MetricsWriter
+    from dpolab.train.metrics import MetricsWriter
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 0.7}\n{"step": 2, "loss": 0.6}\n{"step": 3, "loss": 0.5}\n{"step": 4, "lo')
@@ -309,8 +309,8 @@ def test_metrics_writer_resume_drops_later_steps_and_a_torn_line(tmp_path):
 def test_batches_are_bucketed_by_the_width_of_the_layout_that_runs(tmp_path, monkeypatch, stage, layout):
     """A GPT-2 policy runs DPO on pair-tree rows, so its batches are bucketed by prompt + chosen + rejected;
     SFT runs prompt + chosen rows and keeps the two-row width."""
-    import dpolab.trainer as trainer_module
-    from dpolab.batch import pair_length
+    import dpolab.train.trainer as trainer_module
+    from dpolab.data.batch import pair_length
 
     seen = []
     original = trainer_module.BatchPlan.__init__
@@ -323,7 +323,7 @@ def test_batches_are_bucketed_by_the_width_of_the_layout_that_runs(tmp_path, mon
 
 
 def test_keeping_freed_memory_changes_no_number(tmp_path):
-    """The allocator setting (dpolab.allocator) only decides which pages hold tensors: same run, bit for bit."""
+    """The allocator setting (dpolab.fast.allocator) only decides which pages hold tensors: same run, bit for bit."""
     runs = {}
     for keep in (True, False):
         result = train({**FAST, "max_steps": 3, "micro_batch_size": 2, "grad_accum_steps": 2, "keep_freed_memory": keep,
@@ -337,7 +337,7 @@ def test_keeping_freed_memory_changes_no_number(tmp_path):
 @pytest.mark.parametrize("fused", [True, False])
 def test_optimizer_takes_lr_and_weight_decay_from_the_config_and_its_first_adamw_step_is_the_hand_derived_one(fused):
     """One AdamW step from zero moments: m̂ = g and v̂ = g², so p ← p·(1 − lr·wd) − lr·g / (|g| + eps), fused or not."""
-    from dpolab.trainer import build_optimizer
+    from dpolab.train.trainer import build_optimizer
 
     config = TrainConfig.load(None, {"lr": 1e-2, "weight_decay": 0.1})
     p = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0, 0.0]))
@@ -354,7 +354,7 @@ def test_optimizer_takes_lr_and_weight_decay_from_the_config_and_its_first_adamw
 
 
 def test_rmsprop_is_built_when_the_config_asks_for_it():
-    from dpolab.trainer import build_optimizer
+    from dpolab.train.trainer import build_optimizer
 
     config = TrainConfig.load(None, {"optimizer": "rmsprop", "lr": 1e-3, "weight_decay": 0.05})
     optimizer = build_optimizer([torch.nn.Parameter(torch.ones(3))], config)

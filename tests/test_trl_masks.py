@@ -19,11 +19,11 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from dpolab.batch import IGNORE_INDEX, collate_pairs
-from dpolab.data import example_from_record
+from dpolab.data.batch import IGNORE_INDEX, collate_pairs
+from dpolab.data.records import example_from_record
 from dpolab.models import default_model_dir
 from dpolab.tiny import tiny_tokenizer
-from dpolab.tokenize import BoundaryError, bos_prefix, tokenize_pair
+from dpolab.data.tokenize import BoundaryError, bos_prefix, tokenize_pair
 
 trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
 

@@ -9,7 +9,7 @@ random models, so the loss is not the trivial log 2.
 import pytest
 import torch
 
-from dpolab.batch import PairBatch
+from dpolab.data.batch import PairBatch
 from dpolab.logprobs import concatenated_forward
 from dpolab.losses import TRL_LOSS_TYPES, combined_loss
 from dpolab.rewards import pair_metrics
@@ -125,8 +125,8 @@ def test_wpo_and_ld_dpo_match_trl_end_to_end(tmp_path, fields, loss_type):
     (trl 1.16 cannot run WPO with its ``sft`` term: it multiplies the expanded batch scalar in place, which torch
     refuses; the kit computes what that code states, the token-mean NLL times the mean weight, tested against the
     restatement in tests/test_losses_trl.py.)"""
-    from dpolab.objective import batch_objective
-    from dpolab.reference import FrozenReference
+    from dpolab.train.objective import batch_objective
+    from dpolab.train.reference import FrozenReference
 
     policy, tokenizer = tiny_causal_lm("gpt2", seed=0)
     reference, _ = tiny_causal_lm("gpt2", seed=1)

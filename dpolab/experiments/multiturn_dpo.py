@@ -1,7 +1,7 @@
 """DPO on conversational pairs under a masking policy, and the check of which losses the policy leaves unchanged.
 
 With a multi-turn response side [assistant, user, …, assistant], ``mask_policy="final_turn"`` scores the last
-assistant turn and ``"all_assistant"`` every assistant turn (:mod:`dpolab.tokenize`). Sigmoid DPO (paper Eq. 7)
+assistant turn and ``"all_assistant"`` every assistant turn (:mod:`dpolab.data.tokenize`). Sigmoid DPO (paper Eq. 7)
 sees the responses only through h = β[(log π_θ − log π_ref)(y_w) − (log π_θ − log π_ref)(y_l)]: turns that are the
 same tokens in the same context on both sides add the same log-ratio to both terms and cancel, in value and
 gradient. A length-normalised loss (SimPO) divides each side's sum by its own number of scored tokens, which the
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dpolab.batch import collate_pairs
-from dpolab.data import PreferenceExample
+from dpolab.data.batch import collate_pairs
+from dpolab.data.records import PreferenceExample
 
 
 @dataclass
@@ -35,17 +35,17 @@ class PolicyRun:
 
 def train_with_mask_policy(reference, tokenizer, examples: list[PreferenceExample], mask_policy: str,
                            **train_fields) -> PolicyRun:
-    """Tokenize with ``mask_policy`` and train a copy of π_ref with DPO (:func:`dpolab.trainer.train`).
+    """Tokenize with ``mask_policy`` and train a copy of π_ref with DPO (:func:`dpolab.train.trainer.train`).
 
-    ``train_fields`` are :class:`dpolab.config.TrainConfig` fields (beta, lr, max_steps, ...). The reference
+    ``train_fields`` are :class:`dpolab.train.config.TrainConfig` fields (beta, lr, max_steps, ...). The reference
     log-probs are precomputed once; checkpoints go to a temporary folder that is removed afterwards.
     """
-    from dpolab.config import TrainConfig
-    from dpolab.inputs import tokenize_config
-    from dpolab.reference import precompute_reference
+    from dpolab.train.config import TrainConfig
+    from dpolab.train.inputs import tokenize_config
+    from dpolab.train.reference import precompute_reference
     from dpolab.rewards import batch_logps, reward_accuracy
-    from dpolab.tokenize import tokenize_examples
-    from dpolab.trainer import train
+    from dpolab.data.tokenize import tokenize_examples
+    from dpolab.train.trainer import train
 
     folder = tempfile.mkdtemp(prefix=f"dpolab-{mask_policy}-")
     config = TrainConfig.load(None, {"max_length": 192, "max_prompt_length": 64, "reference": "precomputed",
@@ -76,13 +76,13 @@ def masking_invariance(policy, reference, tokenizer, examples: list[PreferenceEx
 
     Returns one row per loss: the mean loss under ``final_turn`` and ``all_assistant``, their absolute
     difference, and ‖g_all − g_final‖ / ‖g_final‖ over every parameter gradient. The reference is wrapped in
-    :class:`dpolab.reference.FrozenReference`, which switches off its ``requires_grad``; the policy's gradients
+    :class:`dpolab.train.reference.FrozenReference`, which switches off its ``requires_grad``; the policy's gradients
     are cleared afterwards.
     """
     from dpolab.losses import LOSSES
-    from dpolab.objective import batch_objective
-    from dpolab.reference import FrozenReference
-    from dpolab.tokenize import TokenizeConfig, tokenize_examples
+    from dpolab.train.objective import batch_objective
+    from dpolab.train.reference import FrozenReference
+    from dpolab.data.tokenize import TokenizeConfig, tokenize_examples
 
     frozen, rows = FrozenReference(reference), []
     params = [p for p in policy.parameters() if p.requires_grad]

@@ -14,7 +14,7 @@ Preference pairs are labelled by this rule (DPO paper §6.1 labels samples with 
 each training conversation is rolled out ``n`` times by π_ref, turn by turn, and two rollouts of the same
 conversation become a pair when their rewards differ. The prompt is the opening user turn and the response
 side holds every later turn, [assistant, (user, assistant)*, user question, assistant answer], so the masking
-policy of :mod:`dpolab.tokenize` matters: ``final_turn`` scores the answer, ``all_assistant`` every assistant
+policy of :mod:`dpolab.data.tokenize` matters: ``final_turn`` scores the answer, ``all_assistant`` every assistant
 turn. :func:`constructed_pairs` adds pairs built directly (the canonical correct answer against a wrong value)
 that share every turn but the last, where sigmoid DPO is invariant to the masking policy and a
 length-normalised loss is not (:func:`dpolab.experiments.multiturn_dpo.masking_invariance`).
@@ -29,11 +29,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from dpolab.cache import atomic_write_text
-from dpolab.data import Message, PreferenceExample
+from dpolab.data.records import Message, PreferenceExample
 from dpolab.experiments.sentiment import resolve
 from dpolab.experiments.sentiment_eval import mean_and_se
-from dpolab.generate import sample
-from dpolab.pairs import build_pairs
+from dpolab.sample.generate import sample
+from dpolab.sample.pairs import build_pairs
 
 SPLITS = ("train", "eval")
 
@@ -157,7 +157,7 @@ def rollout(model, tokenizer, conversations: list[Conversation], n: int, *, max_
 
     The first assistant turn is sampled ``n`` times per conversation; each later turn once per rollout, given
     that rollout's history. Turn k draws with seed ``seed * 100 + k`` (rows seeded by conversation and rollout,
-    see :func:`dpolab.generate.sample`), so two models rolled out with the same seed share random numbers.
+    see :func:`dpolab.sample.generate.sample`), so two models rolled out with the same seed share random numbers.
     """
     turns = {len(c.later_user_turns) for c in conversations}
     if len(turns) != 1:
@@ -182,7 +182,7 @@ def rollout(model, tokenizer, conversations: list[Conversation], n: int, *, max_
 
 
 def sampled_pairs(rollouts: Rollouts, strategy: str = "all_pairs", seed: int = 0):
-    """Pairs of rollouts of the same conversation whose rewards differ, via :func:`dpolab.pairs.build_pairs`.
+    """Pairs of rollouts of the same conversation whose rewards differ, via :func:`dpolab.sample.pairs.build_pairs`.
 
     The pair builder treats a completion as opaque text, so it is handed each rollout's response side as JSON
     and the chosen one is decoded again. Returns ``(examples, stats)``.

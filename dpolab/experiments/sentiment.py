@@ -39,12 +39,12 @@ from dpolab.experiments.sentiment_eval import (
     heldout_pair_accuracy,
     save_model_row,
 )
-from dpolab.generate import sample
-from dpolab.judges import get_judge
+from dpolab.sample.generate import sample
+from dpolab.sample.judges import get_judge
 from dpolab.models import DEFAULT_MODEL, load_model
-from dpolab.pairs import build_pairs, check_pair_request, pair_settings, save_pairs
-from dpolab.sentiment import review_snippets
-from dpolab.tokenize import TokenizedPair, pad_token_id
+from dpolab.sample.pairs import build_pairs, check_pair_request, pair_settings, save_pairs
+from dpolab.sample.sentiment import review_snippets
+from dpolab.data.tokenize import TokenizedPair, pad_token_id
 
 
 @dataclass
@@ -252,7 +252,7 @@ def make_pairs(setup: Setup):
     seed, prompts) and token ids; a later run with the same settings (another β of a sweep) loads them
     instead of sampling again. Returns ``(dataset, tokenized_pairs, metadata)``.
     """
-    from dpolab.pairs import load_pairs, pairs_match
+    from dpolab.sample.pairs import load_pairs, pairs_match
 
     config, t = setup.config, time.perf_counter()
     kw = _sampling(setup, config.samples_per_prompt, config.seed)
@@ -295,7 +295,7 @@ def _with_token_ids(dataset, samples):
 
 
 def train_config(setup: Setup, name: str, **fields) -> dict:
-    """The trainer settings shared by every policy of the experiment (a dict for dpolab.trainer.train)."""
+    """The trainer settings shared by every policy of the experiment (a dict for dpolab.train.trainer.train)."""
     c = setup.config
     micro = min(8, c.batch_size)
     return dict(max_steps=c.steps, lr=c.lr, micro_batch_size=micro, grad_accum_steps=max(1, c.batch_size // micro),
@@ -314,7 +314,7 @@ def train_dpo(setup: Setup, pairs: list[TokenizedPair], beta: float, loss: str |
     ``on_step(policy, step, record)`` runs after every optimizer step (e.g. to evaluate checkpoints).
     Returns ``(policy, TrainResult)``.
     """
-    from dpolab.trainer import train
+    from dpolab.train.trainer import train
 
     policy = copy.deepcopy(setup.reference)
     result = train(train_config(setup, f"dpo_beta{beta:g}", stage="dpo", beta=beta, loss=loss or setup.config.loss,
@@ -325,7 +325,7 @@ def train_dpo(setup: Setup, pairs: list[TokenizedPair], beta: float, loss: str |
 
 def train_preferred_ft(setup: Setup, pairs: list[TokenizedPair], on_step=None):
     """Preferred-FT: a copy of π_ref trained with SFT on the chosen responses. Returns ``(policy, TrainResult)``."""
-    from dpolab.trainer import train
+    from dpolab.train.trainer import train
 
     policy = copy.deepcopy(setup.reference)
     result = train(train_config(setup, "preferred_ft", stage="sft"), model=policy, tokenizer=setup.tokenizer,
@@ -334,8 +334,8 @@ def train_preferred_ft(setup: Setup, pairs: list[TokenizedPair], on_step=None):
 
 
 def train_unlikelihood(setup: Setup, pairs: list[TokenizedPair], on_step=None):
-    """Unlikelihood (:mod:`dpolab.unlikelihood`) from a copy of π_ref. Returns ``(policy, history)``."""
-    from dpolab.unlikelihood import unlikelihood_train
+    """Unlikelihood (:mod:`dpolab.baselines.unlikelihood`) from a copy of π_ref. Returns ``(policy, history)``."""
+    from dpolab.baselines.unlikelihood import unlikelihood_train
 
     c = setup.config
     policy = copy.deepcopy(setup.reference)
@@ -346,8 +346,8 @@ def train_unlikelihood(setup: Setup, pairs: list[TokenizedPair], on_step=None):
 
 
 def train_rloo(setup: Setup, kl_coef: float | None = None, on_step=None):
-    """The RL baseline (dpolab.rloo) from a copy of π_ref. Returns ``(policy, history)``."""
-    from dpolab.rloo import rloo_train
+    """The RL baseline (dpolab.baselines.rloo) from a copy of π_ref. Returns ``(policy, history)``."""
+    from dpolab.baselines.rloo import rloo_train
 
     c = setup.config
     policy = copy.deepcopy(setup.reference)
@@ -360,8 +360,8 @@ def train_rloo(setup: Setup, kl_coef: float | None = None, on_step=None):
 
 
 def train_ppo(setup: Setup, kl_coef: float | None = None, on_step=None):
-    """PPO (dpolab.ppo) from a copy of π_ref. Returns ``(policy, history)``."""
-    from dpolab.ppo import ppo_train
+    """PPO (dpolab.baselines.ppo) from a copy of π_ref. Returns ``(policy, history)``."""
+    from dpolab.baselines.ppo import ppo_train
 
     c = setup.config
     policy = copy.deepcopy(setup.reference)
@@ -380,7 +380,7 @@ def heldout_samples(setup: Setup) -> dict:
     trained policy's implicit-reward accuracy is measured (pairs from π_ref's samples, like the training pairs).
     """
     if setup.heldout is None:
-        from dpolab.rloo import score_completions
+        from dpolab.baselines.rloo import score_completions
 
         c = setup.config
         kw = _sampling(setup, max(*c.best_of_n, c.heldout_pair_samples, 2), c.seed + 1)
@@ -393,7 +393,7 @@ def heldout_samples(setup: Setup) -> dict:
 
 def evaluate(setup: Setup, name: str, method: str, policy, **extra) -> dict:
     """One results row: ``policy`` sampled on the held-out prefixes, scored, KL to π_ref, held-out pair accuracy."""
-    from dpolab.rloo import score_completions
+    from dpolab.baselines.rloo import score_completions
 
     c = setup.config
     held = heldout_samples(setup)
@@ -576,7 +576,7 @@ def _last(result) -> dict:
 
 def sft_on_reviews(model, tokenizer, config: SentimentConfig, out: Path):
     """Short SFT on review snippets (prefix → rest of the snippet), so π_ref writes reviews; returns the model."""
-    from dpolab.trainer import train
+    from dpolab.train.trainer import train
 
     texts = review_snippets()["text"]
     rng = np.random.default_rng(config.seed + 7)

@@ -7,7 +7,7 @@ per-prefix means (``prompt_rewards``, ``prompt_kls``) that the matched-KL bootst
 resamples. Every curve starts at step 0, which is π_ref itself (reward of π_ref's held-out samples, KL 0).
 
 Evaluating a checkpoint samples ``eval_samples_per_prompt`` continuations of every held-out prefix with the
-batched sampler (:func:`dpolab.generate.sample`, which returns log π of each sample), scores the same token ids
+batched sampler (:func:`dpolab.sample.generate.sample`, which returns log π of each sample), scores the same token ids
 under π_ref in one teacher-forced pass (nothing is re-tokenized), and asks the judges. Every checkpoint uses the
 same sampling seed, so the curves of one run share their random numbers and differences between checkpoints are
 less noisy than independent draws would make them.
@@ -22,9 +22,9 @@ import time
 import numpy as np
 
 from dpolab.experiments.sentiment_eval import full_texts, heldout_pair_accuracy
-from dpolab.generate import Samples, sample
-from dpolab.rloo import score_completions
-from dpolab.tokenize import pad_token_id
+from dpolab.sample.generate import Samples, sample
+from dpolab.baselines.rloo import score_completions
+from dpolab.data.tokenize import pad_token_id
 
 RESULTS_FORMAT = "dpolab.sentiment/2"
 POLICY_FIELDS = ("method", "knob", "step", "reward", "reward_se", "kl", "kl_se", "gain", "gain_se")

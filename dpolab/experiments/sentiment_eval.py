@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpolab.generate import Samples, sample
-from dpolab.rloo import score_completions
-from dpolab.tokenize import pad_token_id
+from dpolab.sample.generate import Samples, sample
+from dpolab.baselines.rloo import score_completions
+from dpolab.data.tokenize import pad_token_id
 
 
 def mean_and_se(values) -> tuple[float, float]:
@@ -125,7 +125,7 @@ def load_model_rows(folder: str | Path = "runs/models") -> list[dict]:
 
 def pair_implicit_rewards(policy, reference, pairs, beta: float, pad_token_id: int, batch_size: int = 16):
     """Implicit rewards r̂ = β log π/π_ref of the chosen and rejected side of tokenized pairs. Shape: (P,), (P,)."""
-    from dpolab.batch import collate_pairs
+    from dpolab.data.batch import collate_pairs
     from dpolab.rewards import batch_implicit_rewards
 
     chosen, rejected = [], []

@@ -96,7 +96,7 @@ class TrainConfig:
     """HF's name: warm-up as a share of all steps (ceil(warmup_ratio × steps)); when > 0 it replaces warmup_steps."""
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant"
     """HF's name: after the warm-up keep lr "constant", or decay it towards 0 at the end of the run ("linear",
-    "cosine"); dpolab.schedule. Unlike HF's "constant", the warm-up applies to every type (warmup_steps=0 for none)."""
+    "cosine"); dpolab.train.schedule. Unlike HF's "constant", the warm-up applies to every type (warmup_steps=0 for none)."""
     max_steps: int = 24
     """Optimizer steps to train for (each consumes one global batch); ignored when num_train_epochs > 0."""
     num_train_epochs: float = 0.0
@@ -116,7 +116,7 @@ class TrainConfig:
     max_prompt_length: int = 64
     """When prompt + response is too long, the prompt keeps its end and is never cut below this many tokens."""
     boundary: Literal["error", "repair"] = "error"
-    """When tokens(prompt) is not a prefix of tokens(prompt + response): "error", or "repair" (see dpolab.tokenize)."""
+    """When tokens(prompt) is not a prefix of tokens(prompt + response): "error", or "repair" (see dpolab.data.tokenize)."""
     mask_policy: Literal["final_turn", "all_assistant"] = "final_turn"
     """Multi-turn scoring: only the final assistant turn, or every assistant turn of the response side."""
     on_truncation: Literal["drop", "error"] = "drop"
@@ -134,7 +134,7 @@ class TrainConfig:
     from the autocast `precision`. bf16/fp16 halve the memory; fp16 has no loss scaling here (bf16 is safer)."""
     gradient_checkpointing: bool = False
     """HF's name: recompute each decoder layer's activations in the backward pass instead of keeping them (less
-    memory, about one more forward of time); same loss and gradients to float rounding (dpolab.recompute)."""
+    memory, about one more forward of time); same loss and gradients to float rounding (dpolab.train.recompute)."""
     device: str = "auto"
     """"auto" (CUDA if available, else CPU), "cpu", or "cuda"; under torchrun each process uses its local GPU."""
     fsdp: bool = False
@@ -160,7 +160,7 @@ class TrainConfig:
     earlier run's files without overwrite=true), or "" for a fresh run."""
     keep_freed_memory: bool = True
     """CPU runs with glibc: keep freed memory in the process during training instead of paying page faults for it
-    again every step (dpolab.allocator; same numbers, faster); ignored when MALLOC_* variables are set."""
+    again every step (dpolab.fast.allocator; same numbers, faster); ignored when MALLOC_* variables are set."""
     report_to: list = field(default_factory=lambda: ["jsonl"])
     """HF's name: where step and eval metrics go: "jsonl" (output_dir/metrics.jsonl, always written: resume reads
     it), "tensorboard" (output_dir/runs, extra dpolab[tensorboard]), "wandb" (extra dpolab[wandb]; WANDB_MODE=offline
@@ -229,7 +229,7 @@ class TrainConfig:
                               "LoRA adapter to switch off (set lora_r > 0)")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"config field 'device' must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
-        from dpolab.loss_config import check_loss_fields
+        from dpolab.train.loss_config import check_loss_fields
 
         check_loss_fields(self)  # loss_type, loss_weights and the other trl fields
         if self.stage == "dpo" and not self.loss_type:
@@ -244,7 +244,7 @@ class TrainConfig:
             check_loss_params(self.loss, self.loss_params, self.beta)
 
 
-# Where report_to can send metrics (dpolab.trackers).
+# Where report_to can send metrics (dpolab.train.trackers).
 TRACKERS = ("jsonl", "tensorboard", "wandb")
 
 # Arguments the trainer passes to every loss itself; loss_params cannot set them.

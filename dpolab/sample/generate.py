@@ -1,6 +1,6 @@
 """Sampling N completions per prompt, with the log-probs that the KL estimate needs.
 
-Two engines give the same completions: ``"fast"`` (the default), the decoding loop of :mod:`dpolab.decode`, and
+Two engines give the same completions: ``"fast"`` (the default), the decoding loop of :mod:`dpolab.sample.decode`, and
 ``"generate"``, the slow reference described here. In it ``model.generate`` runs the loop (KV cache, left padding,
 stopping at EOS), but the token choice is made here, by :class:`_RecordingSampler`, a logits processor that sees the model's raw next-token
 logits, applies temperature, top-k and top-p itself (:func:`warp_logits`), draws the token from a
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from dpolab.decode import decode_rows
+from dpolab.sample.decode import decode_rows
 
 
 @dataclass
@@ -226,7 +226,7 @@ def sample(
             fast engine, 16 for ``"generate"``.
         chat: render prompts with the tokenizer's chat template and generation prompt.
         progress: show a progress bar over completions.
-        engine: ``"fast"``, the decoding loop of :mod:`dpolab.decode`, or ``"generate"``, the slow reference
+        engine: ``"fast"``, the decoding loop of :mod:`dpolab.sample.decode`, or ``"generate"``, the slow reference
             built on ``model.generate``; both give the same completions and log-probs.
 
     Returns:

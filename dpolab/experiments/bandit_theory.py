@@ -1,6 +1,6 @@
 """The derivation's quantities on the tabular bandit: the objective (eq. 3), the DPO gradient (§4), error bars.
 
-:mod:`dpolab.bandit` holds the bandit, π* (eq. 4) and the DPO fit; this module holds what the derivation
+:mod:`dpolab.experiments.bandit` holds the bandit, π* (eq. 4) and the DPO fit; this module holds what the derivation
 notebook checks them with. The tabular policy is π_θ(y|x) = softmax(θ[x])_y, so
 
     ∇_θ log π_θ(y|x) = e_(x, y) − π_θ(·|x) on row x, 0 on the other rows,
@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from dpolab.bandit import Bandit, expected_dpo_loss, optimal_policy
+from dpolab.experiments.bandit import Bandit, expected_dpo_loss, optimal_policy
 
 
 def expected_reward(policy_logprobs: Tensor, rewards: Tensor) -> Tensor:
@@ -108,8 +108,8 @@ def minimiser_distance_bound(loss_fn: Callable[[Tensor], Tensor], logits: Tensor
 def logprob_standard_errors(bandit: Bandit, beta: float, num_pairs: int) -> Tensor:
     """Asymptotic standard errors of log π̂(y|x) for DPO fitted on ``num_pairs`` sampled preferences.
 
-    The expected DPO loss (:func:`dpolab.bandit.expected_dpo_loss`) is the negative log-likelihood of one
-    preference drawn as :func:`dpolab.bandit.sample_preferences` draws it, and the model is well specified
+    The expected DPO loss (:func:`dpolab.experiments.bandit.expected_dpo_loss`) is the negative log-likelihood of one
+    preference drawn as :func:`dpolab.experiments.bandit.sample_preferences` draws it, and the model is well specified
     (labels follow Bradley–Terry with the true reward, which the implicit reward of π* reproduces). So its
     Hessian H at θ* = log π* is the Fisher information per pair, the maximum-likelihood logits have covariance
     ≈ H⁺ / N, and log π̂ = log_softmax(θ̂) has covariance J H⁺ Jᵀ / N with J the Jacobian of log_softmax.

@@ -1,6 +1,6 @@
 """One row per pair: the shared prompt once, then the chosen and the rejected response as two branches.
 
-:func:`dpolab.logprobs.concatenated_forward` scores a :class:`dpolab.batch.PairBatch` of 2B rows (B prompt +
+:func:`dpolab.logprobs.concatenated_forward` scores a :class:`dpolab.data.batch.PairBatch` of 2B rows (B prompt +
 chosen, B prompt + rejected). Every prompt token then runs through the network twice, and each row is padded
 to the longest of the 2B. :func:`pair_tree` lays the same batch out as B rows::
 
@@ -56,7 +56,7 @@ class PairTree:
 
 
 def pair_tree(input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> PairTree | None:
-    """The tree layout of a 2B-row pair batch (fields as in :class:`dpolab.batch.PairBatch`), or None when the
+    """The tree layout of a 2B-row pair batch (fields as in :class:`dpolab.data.batch.PairBatch`), or None when the
     batch is not right-padded (the layout assumes each row's real tokens come first).
 
     Shape: (2B, T) each -> PairTree with rows of width W = max_k (Lc_k + Lr_k - s_k).

@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dpolab.cache import build_artifact, is_complete, sha256_file
-from dpolab.metrics import NonFiniteWeightsError
+from dpolab.train.metrics import NonFiniteWeightsError
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS = "model.safetensors"
@@ -219,7 +219,7 @@ def resume_point(config, *, is_main: bool = True, world_size: int = 1) -> Checkp
     ``config`` in a field that changes the run (all such fields are named) or in the global batch size.
 
     Args:
-        config: the run's :class:`dpolab.config.TrainConfig`.
+        config: the run's :class:`dpolab.train.config.TrainConfig`.
         is_main: only the main process creates, probes and cleans the folder.
         world_size: number of processes of this run (part of the global batch size).
     """
@@ -294,7 +294,7 @@ def earlier_run(out: Path) -> list[str]:
 
 def read_metrics_quiet(path: Path) -> list:
     """The records of a metrics file, or [] if it is damaged (only counted for a message)."""
-    from dpolab.metrics import read_metrics
+    from dpolab.train.metrics import read_metrics
 
     try:
         return read_metrics(path)

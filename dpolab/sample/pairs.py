@@ -94,7 +94,7 @@ def build_pairs(
 
     Args:
         prompts: ``P`` prompts: texts, or message lists (then chosen/rejected become ``[{"role": "assistant",
-            "content": text}]``, the conversational format of :class:`dpolab.data.PreferenceExample`).
+            "content": text}]``, the conversational format of :class:`dpolab.data.records.PreferenceExample`).
         completions: ``completions[p]``, the samples of prompt ``p`` (at least 2 each).
         scores: ``scores[p][i]``, the reward of ``completions[p][i]`` (array (P, N) or nested lists).
         strategy: ``"best_vs_worst"``, ``"all_pairs"`` or ``"bradley_terry"``.

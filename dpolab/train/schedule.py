@@ -41,6 +41,6 @@ def lr_factor(step: int, *, total_steps: int, warmup: int, kind: str = "constant
 
 
 def learning_rate(step: int, config, total_steps: int) -> float:
-    """The learning rate of 0-based optimizer ``step`` under a :class:`dpolab.config.TrainConfig`."""
+    """The learning rate of 0-based optimizer ``step`` under a :class:`dpolab.train.config.TrainConfig`."""
     warmup = warmup_steps(total_steps, config.warmup_steps, config.warmup_ratio)
     return config.lr * lr_factor(step, total_steps=total_steps, warmup=warmup, kind=config.lr_scheduler_type)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dpolab.batch import PairBatch, SequenceBatch
+from dpolab.data.batch import PairBatch, SequenceBatch
 from dpolab.logprobs import IGNORE_INDEX, concatenated_forward, sequence_forward, shift_labels
 from dpolab.losses import (
     LOSSES,
@@ -34,7 +34,7 @@ from dpolab.losses import (
     sft_loss,
     wpo_weights,
 )
-from dpolab.token_scores import token_scores
+from dpolab.train.token_scores import token_scores
 
 # Sums over pairs (plus counts) that one batch contributes to a step's metrics.
 STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -110,7 +110,7 @@ def batch_objective(model, reference, batch: PairBatch, *, stage: str, loss: str
 
     Args:
         model: the policy (possibly wrapped in DDP).
-        reference: an object with ``pair_logps(batch)`` (see :mod:`dpolab.reference`), or None for a
+        reference: an object with ``pair_logps(batch)`` (see :mod:`dpolab.train.reference`), or None for a
             reference-free loss (and for SFT).
         batch: B pairs.
         stage: ``"sft"`` or ``"dpo"``.

@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dpolab.batch import PairBatch, SequenceBatch, collate_pairs, pair_length
+from dpolab.data.batch import PairBatch, SequenceBatch, collate_pairs, pair_length
 from dpolab.cache import build_artifact, cache_dir, sha256_file
 from dpolab.logprobs import PairLogps, concatenated_forward, pair_layout, sequence_forward, shift_labels
-from dpolab.token_scores import token_scores
-from dpolab.tokenize import TokenizedPair, pad_token_id
+from dpolab.train.token_scores import token_scores
+from dpolab.data.tokenize import TokenizedPair, pad_token_id
 
 TABLE = "reference_logps.safetensors"
 TABLE_DIGEST = "reference_logps.sha256"
@@ -59,7 +59,7 @@ class FrozenReference:
             return sequence_forward(self.model, batch)[0]
 
     def token_logps(self, batch) -> torch.Tensor:
-        """log π_ref of every scored token (LD-DPO), 0 elsewhere (:mod:`dpolab.token_scores`). Shape: (N, T)."""
+        """log π_ref of every scored token (LD-DPO), 0 elsewhere (:mod:`dpolab.train.token_scores`). Shape: (N, T)."""
         with torch.no_grad():
             return token_scores(self.model, batch).logps
 

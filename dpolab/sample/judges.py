@@ -4,7 +4,7 @@ Any callable ``texts -> scores`` becomes a :class:`RewardFunction`, which calls 
 what comes back. A judge that raises, returns the wrong number of scores, or returns NaN, infinity or a
 non-number fails with :class:`RewardFunctionError` naming the judge and quoting the offending text, so
 a bad judge never slips a silent NaN into a preference dataset. Built in: VADER (the ground-truth reward
-of the sentiment experiment) and TextBlob (the second judge), from :mod:`dpolab.sentiment`; and an
+of the sentiment experiment) and TextBlob (the second judge), from :mod:`dpolab.sample.sentiment`; and an
 adapter for any ``transformers`` sequence classifier or reward model.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dpolab.sentiment import textblob_reward, vader_reward
+from dpolab.sample.sentiment import textblob_reward, vader_reward
 
 
 class RewardFunctionError(ValueError):
@@ -112,7 +112,7 @@ def get_judge(judge: str | Callable | RewardFunction, name: str | None = None,
 def score_completions(judge, completions: Sequence[Sequence[str]], prompts: Sequence[str] | None = None) -> np.ndarray:
     """Score ``completions[p][i]`` (alone, or appended to its text prompt ``prompts[p]``). Shape: (P, N).
 
-    Every prompt must have the same number of completions (as :func:`dpolab.generate.sample` returns).
+    Every prompt must have the same number of completions (as :func:`dpolab.sample.generate.sample` returns).
     """
     judge = get_judge(judge)
     counts = {len(row) for row in completions}

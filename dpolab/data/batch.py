@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dpolab.tokenize import TokenizedPair
+from dpolab.data.tokenize import TokenizedPair
 
 IGNORE_INDEX = -100
 
@@ -110,7 +110,7 @@ def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, index: list[int
 
 def pair_length(pair: TokenizedPair, layout: str = "rows") -> int:
     """Padded width a pair needs: prompt plus its longer response on two rows (``"rows"``), or prompt plus both
-    responses on one pair-tree row (``"tree"``, :mod:`dpolab.pairtree`). The length to bucket batches by."""
+    responses on one pair-tree row (``"tree"``, :mod:`dpolab.fast.pairtree`). The length to bucket batches by."""
     if layout not in ("rows", "tree"):
         raise ValueError(f"pair_length: layout {layout!r} is neither 'rows' nor 'tree'")
     if layout == "tree":

@@ -21,7 +21,7 @@ with ρ_t = π(y_t|…)/π_old(y_t|…) and V_clip = V_old + clip(V − V_old, �
 response tokens of the batch. Names and defaults follow trl's PPOConfig where it has them (``kl_coef``,
 ``cliprange``, ``cliprange_value``, ``vf_coef``, ``gamma``, ``lam``, ``num_ppo_epochs``).
 
-Rollouts are drawn exactly as :func:`dpolab.rloo.rloo_train` draws them (the same prompts per step, ``k``
+Rollouts are drawn exactly as :func:`dpolab.baselines.rloo.rloo_train` draws them (the same prompts per step, ``k``
 samples each, the same sampling seeds), so the two RL baselines see the same number of reward queries.
 """
 
@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dpolab.generate import sample
+from dpolab.sample.generate import sample
 from dpolab.logprobs import IGNORE_INDEX, shift_labels, token_logprobs
-from dpolab.rloo import completion_batch, score_completions_per_token
-from dpolab.tokenize import pad_token_id
+from dpolab.baselines.rloo import completion_batch, score_completions_per_token
+from dpolab.data.tokenize import pad_token_id
 
 
 class ValueHead(torch.nn.Module):

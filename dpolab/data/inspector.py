@@ -8,14 +8,14 @@ Every token of prompt+chosen and prompt+rejected is labelled with its part:
 - ``cut``: response tokens removed by truncation.
 
 The header flags what the tokenizer would otherwise hide: boundary merges (the prompt's last token fuses with
-the response's first, see :mod:`dpolab.tokenize`), chat template instability, a duplicated BOS, a missing EOS,
+the response's first, see :mod:`dpolab.data.tokenize`), chat template instability, a duplicated BOS, a missing EOS,
 truncation, and the reason a row would be dropped. The inspector never raises on these; it shows them.
 """
 
 from __future__ import annotations
 
-from dpolab.data import PreferenceExample
-from dpolab.tokenize import (
+from dpolab.data.records import PreferenceExample
+from dpolab.data.tokenize import (
     TokenizationError,
     TokenizeConfig,
     TruncationError,

@@ -5,7 +5,7 @@ gradients on pairs the policy never trained on; ``eval_rewards/accuracies`` is t
 response gets the higher implicit reward β log π_θ/π_ref (ties ½).
 
 The KL estimate samples one completion per held-out prompt from the policy at temperature 1 over the
-full vocabulary (so y ~ π_θ, as the estimator requires; :func:`dpolab.generate.sample`) and averages
+full vocabulary (so y ~ π_θ, as the estimator requires; :func:`dpolab.sample.generate.sample`) and averages
 log π_θ(y|x) − log π_ref(y|x) (:func:`dpolab.rewards.sequence_kl`). It needs a reference *model*: a precomputed
 reference has one only with a LoRA policy (the adapter switched off is π_ref), else the KL is skipped, as under
 FSDP (sharded generation would need every process in step); ``eval_kl_note`` then says why.
@@ -17,13 +17,13 @@ from collections.abc import Sequence
 
 import torch
 
-from dpolab.batch import collate_pairs, collate_sequences, length_bucketed_batches, pair_length
-from dpolab.distributed import DistributedContext, all_gather_objects, all_reduce_sum, unwrap
+from dpolab.data.batch import collate_pairs, collate_sequences, length_bucketed_batches, pair_length
+from dpolab.train.distributed import DistributedContext, all_gather_objects, all_reduce_sum, unwrap
 from dpolab.logprobs import pair_layout
-from dpolab.metrics import EVAL_PREFIX
-from dpolab.objective import STATS, batch_objective, mean_metrics, objective_settings
+from dpolab.train.metrics import EVAL_PREFIX
+from dpolab.train.objective import STATS, batch_objective, mean_metrics, objective_settings
 from dpolab.rewards import sequence_kl
-from dpolab.tokenize import TokenizedPair, pad_token_id
+from dpolab.data.tokenize import TokenizedPair, pad_token_id
 
 
 def heldout_metrics(model, reference, pairs: list[TokenizedPair], *, config, pad_id: int,
@@ -52,7 +52,7 @@ def sample_kl(model, reference, tokenizer, prompts: Sequence, *, config, ctx: Di
     """``eval_kl`` (± ``eval_kl_se``) and ``eval_sample_length`` from one policy sample per prompt.
 
     When the estimate is unavailable, returns only ``eval_kl_note`` saying why (no prompts, no reference
-    model, FSDP, or no :mod:`dpolab.generate`).
+    model, FSDP, or no :mod:`dpolab.sample.generate`).
     """
     why = ("no held-out prompts" if not prompts else
            "no reference model to score samples (reference 'none', or 'precomputed' without LoRA; use reference "
@@ -60,9 +60,9 @@ def sample_kl(model, reference, tokenizer, prompts: Sequence, *, config, ctx: Di
            if reference is None or getattr(reference, "sequence_logps", None) is None else
            "not estimated under FSDP" if config.fsdp else None)
     try:
-        from dpolab.generate import sample
+        from dpolab.sample.generate import sample
     except ImportError:
-        why = why or "dpolab.generate is not available"
+        why = why or "dpolab.sample.generate is not available"
     if why:
         return {"eval_kl_note": f"KL skipped: {why}"}
     policy = unwrap(model)

@@ -1,6 +1,6 @@
 """Checks of the objective's config fields that trl names (``loss_type``, ``loss_weights``, ``use_weighting``,
 ``ld_alpha``, ``f_divergence_type``, ``f_alpha_divergence_coef``, ``sync_ref_model``, ``ref_model_mixup_alpha``,
-``ref_model_sync_steps``), run by :meth:`dpolab.config.TrainConfig.validate` after the types are checked.
+``ref_model_sync_steps``), run by :meth:`dpolab.train.config.TrainConfig.validate` after the types are checked.
 
 Each error names the field and what would fix it. Where trl refuses a combination, so does the kit (an
 f-divergence with a loss that is not a function of the reward margin, WPO with AOT, TR-DPO without a reference
@@ -15,8 +15,8 @@ import math
 
 
 def check_loss_fields(config) -> None:
-    """Raise :class:`dpolab.config.ConfigError` for a bad value or combination of the loss fields of ``config``."""
-    from dpolab.config import ConfigError, check_loss_params
+    """Raise :class:`dpolab.train.config.ConfigError` for a bad value or combination of the loss fields of ``config``."""
+    from dpolab.train.config import ConfigError, check_loss_params
     from dpolab.losses import F_DIVERGENCE_LOSSES, LOSSES, SORTED_LOSSES, loss_parameters
 
     for item in config.loss_type:

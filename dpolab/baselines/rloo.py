@@ -18,14 +18,14 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from dpolab.batch import collate_sequences
-from dpolab.generate import Samples, sample
+from dpolab.data.batch import collate_sequences
+from dpolab.sample.generate import Samples, sample
 from dpolab.logprobs import sequence_forward, shift_labels, token_logprobs
-from dpolab.tokenize import pad_token_id
+from dpolab.data.tokenize import pad_token_id
 
 
 def completion_batch(samples: Samples, pad_token_id: int):
-    """All completions of ``samples`` as one :class:`dpolab.batch.SequenceBatch`, prompt by prompt."""
+    """All completions of ``samples`` as one :class:`dpolab.data.batch.SequenceBatch`, prompt by prompt."""
     prompt_ids, response_ids = [], []
     for p, rows in enumerate(samples.token_ids):
         for ids in rows:
@@ -48,7 +48,7 @@ def score_completions(model, samples: Samples, pad_token_id: int, batch_size: in
 
 def score_completions_per_token(model, samples: Samples, pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
     """Per-token log-probs of every completion under ``model`` (teacher-forced), laid out as
-    :func:`dpolab.ppo.policy_and_values` lays them out: row i of :func:`completion_batch`, position t scoring the
+    :func:`dpolab.baselines.ppo.policy_and_values` lays them out: row i of :func:`completion_batch`, position t scoring the
     label at t+1, 0 off the response. Summing a row gives :func:`score_completions`'s entry. Shape: (P·N, T)."""
     batch = completion_batch(samples, pad_token_id)
     targets = shift_labels(batch.labels)

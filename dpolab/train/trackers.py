@@ -35,7 +35,7 @@ class Trackers:
     """The trackers named in ``report_to`` (``"jsonl"`` is the metrics file itself, written elsewhere).
 
     Args:
-        report_to: tracker names (:data:`dpolab.config.TRACKERS`).
+        report_to: tracker names (:data:`dpolab.train.config.TRACKERS`).
         output_dir: the run's folder.
         config: the run's config as a dict (W&B stores it).
         resume_step: the checkpoint's step when resuming, else None.

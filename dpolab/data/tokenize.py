@@ -47,7 +47,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from dpolab.data import DataError, Message, PreferenceExample
+from dpolab.data.records import DataError, Message, PreferenceExample
 
 PROMPT_FILLS = "the prompt fills the length budget, no response token fits"
 NO_SCORED = "no scored response token survives truncation"

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dpolab.batch import IGNORE_INDEX, collate_sequences
+from dpolab.data.batch import IGNORE_INDEX, collate_sequences
 from dpolab.logprobs import shift_labels, token_logprobs
 
 
@@ -53,10 +53,10 @@ def response_token_logps(model, prompt_ids: list[list[int]], response_ids: list[
 def unlikelihood_train(policy, pairs, pad_token_id: int, *, steps: int, batch_size: int = 8, lr: float = 5e-5,
                        alpha: float = 1.0, seed: int = 0, progress: bool = True,
                        on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
-    """Train ``policy`` in place on tokenized pairs (``dpolab.tokenize.TokenizedPair``); one record per step.
+    """Train ``policy`` in place on tokenized pairs (``dpolab.data.tokenize.TokenizedPair``); one record per step.
 
     Pairs are drawn in a seeded order (reshuffled each epoch), ``batch_size`` per AdamW step, gradient norm
-    clipped at 10 as in :func:`dpolab.rloo.rloo_train`. ``on_step(step, record)`` runs after each step.
+    clipped at 10 as in :func:`dpolab.baselines.rloo.rloo_train`. ``on_step(step, record)`` runs after each step.
     """
     from tqdm.auto import tqdm
 

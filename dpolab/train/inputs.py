@@ -2,8 +2,8 @@
 data in any accepted form turned into tokenized pairs plus the prompts that the KL estimate samples from.
 
 Accepted data: a path (``.jsonl`` file, or a folder saved with ``datasets.save_to_disk``), a ``datasets``
-dataset, a list of record dicts, of :class:`dpolab.data.PreferenceExample`, or of already tokenized
-:class:`dpolab.tokenize.TokenizedPair`. Bad rows stop the run before training, naming file, row and field.
+dataset, a list of record dicts, of :class:`dpolab.data.records.PreferenceExample`, or of already tokenized
+:class:`dpolab.data.tokenize.TokenizedPair`. Bad rows stop the run before training, naming file, row and field.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dpolab.data import PreferenceExample, example_from_record, iter_dataset, load_jsonl
-from dpolab.tokenize import TokenizationReport, TokenizeConfig, TokenizedPair, tokenize_examples
+from dpolab.data.records import PreferenceExample, example_from_record, iter_dataset, load_jsonl
+from dpolab.data.tokenize import TokenizationReport, TokenizeConfig, TokenizedPair, tokenize_examples
 
 TINY_MODELS = {"tiny-gpt2": "gpt2", "tiny-llama": "llama"}
 
@@ -69,7 +69,7 @@ def add_lora(model, rank: int, alpha: float):
 
 
 def tokenize_config(config) -> TokenizeConfig:
-    """The tokenization settings of a :class:`dpolab.config.TrainConfig`."""
+    """The tokenization settings of a :class:`dpolab.train.config.TrainConfig`."""
     return TokenizeConfig(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
                           boundary=config.boundary, mask_policy=config.mask_policy,
                           special_tokens=getattr(config, "special_tokens", "error"))
