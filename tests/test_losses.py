@@ -285,3 +285,20 @@ def test_bad_parameters_are_named():
         dpo_loss(POLICY_CHOSEN, POLICY_REJECTED, REF, REF[:1])
     with pytest.raises(ValueError, match="ref_chosen_logps is None"):
         dpo_loss(POLICY_CHOSEN, POLICY_REJECTED, None, REF)
+
+
+def test_registry_marks_the_losses_without_a_reference():
+    """The five losses that read no reference log-probs are registered as such (and accept None for them)."""
+    from dpolab.losses import LOSS_SPECS, needs_reference
+
+    free = {name for name in LOSSES if not needs_reference(name)}
+    assert free == {"sft", "sft_per_sequence", "unlikelihood", "simpo", "reference_free"}
+    assert all(LOSS_SPECS[name].fn is LOSSES[name] for name in LOSSES)
+    for name in free:
+        kwargs = {"rejected_token_logps": torch.full((2, 1), -1.0, dtype=torch.float64),
+                  "rejected_token_mask": torch.ones(2, 1)} if name == "unlikelihood" else {}
+        losses, _, _ = get_loss(name)(POLICY_CHOSEN, POLICY_REJECTED, None, None, 0.5, chosen_lengths=LENGTHS_CHOSEN,
+                                      rejected_lengths=LENGTHS_REJECTED, **kwargs)
+        assert torch.isfinite(losses).all()
+    with pytest.raises(ValueError, match="unknown loss 'dpo'"):
+        needs_reference("dpo")

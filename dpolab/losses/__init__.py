@@ -20,8 +20,8 @@ Modules, by concept: :mod:`~dpolab.losses.margin` (functions of the reward margi
 """
 
 from dpolab.losses.registry import (  # noqa: I001 (the registry first; the modules below fill it)
-    F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSSES, TRL_LOSS_TYPES, LossOutput, f_divergence_scores, get_loss, loss_parameters,
-    register)
+    F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_SPECS, LOSSES, TRL_LOSS_TYPES, LossOutput, LossSpec, f_divergence_scores,
+    get_loss, loss_parameters, needs_reference, register)
 from dpolab.losses.margin import (dpo_loss, discopop_loss, exo_pair_loss, hinge_loss, ipo_loss, ipo_sum_loss,
                                   robust_dpo_loss, sigmoid_norm_loss)
 from dpolab.losses.per_response import apo_down_loss, apo_zero_loss, bco_pair_loss, nca_pair_loss, sppo_hard_loss
@@ -34,10 +34,11 @@ SORTED_LOSSES = ("aot", "aot_unpaired")
 """Losses that couple the pairs of a batch (they sort); exact accumulation passes them global partners."""
 
 __all__ = [
-    "F_DIVERGENCES", "F_DIVERGENCE_LOSSES", "LOSSES", "SORTED_LOSSES", "TRL_LOSS_TYPES", "LossOutput", "aot_loss",
-    "aot_partners", "aot_sorted_values", "aot_unpaired_loss", "apo_down_loss", "apo_zero_loss", "bco_pair_loss",
-    "combined_loss", "discopop_loss", "dpo_loss", "exo_pair_loss", "f_divergence_scores", "get_loss", "hinge_loss",
-    "ipo_loss", "ipo_sum_loss", "length_desensitised_logps", "loss_parameters", "nca_pair_loss", "reference_free_loss", "register",
-    "robust_dpo_loss", "sft_loss", "sft_per_sequence_loss", "sft_token_loss", "sigmoid_norm_loss", "simpo_loss",
-    "sppo_hard_loss", "unlikelihood_pair_loss", "weighted_loss", "wpo_weights",
+    "F_DIVERGENCES", "F_DIVERGENCE_LOSSES", "LOSSES", "LOSS_SPECS", "LossOutput", "LossSpec", "SORTED_LOSSES",
+    "TRL_LOSS_TYPES", "aot_loss", "aot_partners", "aot_sorted_values", "aot_unpaired_loss", "apo_down_loss",
+    "apo_zero_loss", "bco_pair_loss", "combined_loss", "discopop_loss", "dpo_loss", "exo_pair_loss",
+    "f_divergence_scores", "get_loss", "hinge_loss", "ipo_loss", "ipo_sum_loss", "length_desensitised_logps",
+    "loss_parameters", "nca_pair_loss", "needs_reference", "reference_free_loss", "register", "robust_dpo_loss",
+    "sft_loss", "sft_per_sequence_loss", "sft_token_loss", "sigmoid_norm_loss", "simpo_loss", "sppo_hard_loss",
+    "unlikelihood_pair_loss", "weighted_loss", "wpo_weights",
 ]

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dpolab.losses.registry import F_DIVERGENCE_LOSSES, LossOutput, get_loss, implicit_rewards, loss_parameters
+from dpolab.losses.registry import F_DIVERGENCE_LOSSES, LOSS_SPECS, LossOutput, get_loss, loss_parameters
 
 
 def combined_loss(
@@ -73,7 +73,7 @@ def combined_loss(
             policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
             chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **kwargs)
         if pair_weights is not None:
-            if getattr(get_loss(name), "batch_mean", False):
+            if LOSS_SPECS[name].batch_mean:
                 losses = losses * (pair_weights.detach().mean() if mean_pair_weight is None else mean_pair_weight)
             else:
                 losses = losses * pair_weights.detach()
@@ -169,4 +169,4 @@ def length_desensitised_logps(token_logps: Tensor, mask: Tensor, other_lengths: 
     return (token_logps * weight).sum(-1)
 
 
-__all__ = ["combined_loss", "weighted_loss", "wpo_weights", "length_desensitised_logps", "implicit_rewards"]
+__all__ = ["combined_loss", "weighted_loss", "wpo_weights", "length_desensitised_logps"]

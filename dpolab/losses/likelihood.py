@@ -31,7 +31,7 @@ def sft_loss(policy_chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
     return -policy_chosen_logps / chosen_lengths.clamp(min=1)
 
 
-@register("sft", f_divergence=True)
+@register("sft", needs_reference=False, f_divergence=True, batch_mean=True)
 def sft_token_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -71,7 +71,7 @@ def sft_token_loss(
                                  ref_rejected_logps))
 
 
-@register("sft_per_sequence")
+@register("sft_per_sequence", needs_reference=False)
 def sft_per_sequence_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -94,7 +94,8 @@ def sft_per_sequence_loss(
                                  ref_rejected_logps))
 
 
-@register("unlikelihood")
+@register("unlikelihood", needs_reference=False,
+          token_inputs=("rejected_token_logps", "rejected_token_mask"))
 def unlikelihood_pair_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -114,7 +115,8 @@ def unlikelihood_pair_loss(
         L = −log π_θ(y_w|x)/|y_w| − α · (1/|y_l|) Σ_t log(1 − π_θ(y_l,t | x, y_l,<t))
 
     The second term needs per-token probabilities, not a sum: pass ``rejected_token_logps`` and
-    ``rejected_token_mask`` (the trainer does for this loss, see ``TOKEN_INPUTS``). No reference is used.
+    ``rejected_token_mask`` (the trainer does: they are this loss's ``token_inputs`` in
+    :data:`~dpolab.losses.registry.LOSS_SPECS`). No reference is used.
 
     Args:
         rejected_token_logps: (B, T) log π_θ of each rejected-response token, any value where the mask is 0.
@@ -135,6 +137,3 @@ def unlikelihood_pair_loss(
     return (losses, *_rewards_of(beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                  ref_rejected_logps))
 
-
-sft_token_loss.batch_mean = True  # one number for the batch (spread over the pairs), see combine.combined_loss
-unlikelihood_pair_loss.token_inputs = ("rejected_token_logps", "rejected_token_mask")

@@ -8,7 +8,7 @@ from torch import Tensor
 from dpolab.losses.registry import LossOutput, implicit_rewards, need_lengths, register
 
 
-@register("simpo")
+@register("simpo", needs_reference=False)
 def simpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -40,7 +40,7 @@ def simpo_loss(
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
-@register("reference_free")
+@register("reference_free", needs_reference=False)
 def reference_free_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,

@@ -6,13 +6,33 @@ import functools
 import inspect
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 LossOutput = tuple[Tensor, Tensor, Tensor]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered loss and what a trainer must know about it besides its formula."""
+
+    fn: Callable[..., LossOutput]
+    needs_reference: bool = True
+    """It reads ``ref_chosen_logps``/``ref_rejected_logps``; False: they may be None and no reference is needed."""
+    f_divergence: bool = False
+    """A loss of the reward margin alone, so it accepts ``f_divergence_type`` and ``f_alpha_divergence_coef``."""
+    batch_mean: bool = False
+    """One number for the whole batch, spread over the pairs (trl's ``sft``); WPO weighs it by the mean weight."""
+    token_inputs: tuple[str, ...] = ()
+    """Per-token keyword inputs the trainer must compute for it (e.g. ``rejected_token_logps``)."""
+
+
 LOSSES: dict[str, Callable[..., LossOutput]] = {}
+"""Name -> loss function; :data:`LOSS_SPECS` holds the same losses with their properties."""
+LOSS_SPECS: dict[str, LossSpec] = {}
 TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 """trl 1.16's ``DPOConfig.loss_type`` values; each is registered here under that name with trl's formula."""
@@ -22,19 +42,26 @@ F_DIVERGENCE_LOSSES: set[str] = set()
 """Losses of the reward margin alone, where the f-DPO substitution is valid (filled in by :func:`register`)."""
 
 
-def register(name: str, *, f_divergence: bool = False):
-    """Add a loss function to :data:`LOSSES` under ``name``; ``f_divergence`` marks it as accepting
-    ``f_divergence_type`` and ``f_alpha_divergence_coef``."""
+def register(name: str, *, needs_reference: bool = True, f_divergence: bool = False, batch_mean: bool = False,
+             token_inputs: tuple[str, ...] = ()):
+    """Add a loss function to :data:`LOSSES` and its :class:`LossSpec` to :data:`LOSS_SPECS` under ``name``."""
 
     def add(fn):
         if name in LOSSES:
             raise ValueError(f"loss {name!r} is already registered")
         LOSSES[name] = fn
+        LOSS_SPECS[name] = LossSpec(fn, needs_reference, f_divergence, batch_mean, tuple(token_inputs))
         if f_divergence:
             F_DIVERGENCE_LOSSES.add(name)
         return fn
 
     return add
+
+
+def needs_reference(name: str) -> bool:
+    """True when the registered loss ``name`` reads reference log-probs (a reference must be built for it)."""
+    get_loss(name)
+    return LOSS_SPECS[name].needs_reference
 
 
 def get_loss(name: str) -> Callable[..., LossOutput]:

@@ -24,7 +24,7 @@ from torch import Tensor
 from dpolab.data.batch import PairBatch, SequenceBatch
 from dpolab.logprobs import IGNORE_INDEX, concatenated_forward, sequence_forward, shift_labels
 from dpolab.losses import (
-    LOSSES,
+    LOSS_SPECS,
     SORTED_LOSSES,
     aot_partners,
     aot_sorted_values,
@@ -62,7 +62,7 @@ def _loss_names(loss: str, loss_type) -> list[str]:
 
 
 def _needs_tokens(names, use_weighting, ld_alpha) -> bool:
-    return use_weighting or ld_alpha is not None or any(getattr(LOSSES[n], "token_inputs", ()) for n in names)
+    return use_weighting or ld_alpha is not None or any(LOSS_SPECS[n].token_inputs for n in names)
 
 
 def _pair_inputs(model, reference, batch: PairBatch, names, *, use_weighting=False, ld_alpha=None):
@@ -192,7 +192,7 @@ def global_contexts(model, reference, batches: list[PairBatch], *, stage: str, l
     sorted_names = [n for n in names if n in SORTED_LOSSES]
     if len(sorted_names) > 1:
         raise ValueError(f"at most one sorted loss per objective, got {sorted_names}")
-    mean_weight = use_weighting and any(getattr(LOSSES[n], "batch_mean", False) for n in names)
+    mean_weight = use_weighting and any(LOSS_SPECS[n].batch_mean for n in names)
     if not (sorted_names or mean_weight):
         return contexts
     firsts, seconds, weights = [], [], []
