@@ -18,12 +18,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dpolab.data.batch import collate_sequences, to_device
+from dpolab.data.tokenize import pad_token_id, tokenize_response
 from dpolab.logprobs import sequence_forward
-from dpolab.data.tokenize import pad_token_id
 
 
-def implicit_rewards(policy_logps: Tensor, ref_logps: Tensor, beta: float) -> Tensor:
-    """r̂ = β (log π_θ(y|x) − log π_ref(y|x)), detached. Shape: (N,), (N,) -> (N,)."""
+def implicit_rewards(policy_logps: Tensor, ref_logps: Tensor | None, beta: float) -> Tensor:
+    """r̂ = β (log π_θ(y|x) − log π_ref(y|x)) (paper eq. 5 up to β log Z(x)), detached.
+
+    ``ref_logps=None`` means no reference (a reference-free loss; a uniform π_ref whose terms cancel between
+    responses of equal length): r̂ = β log π_θ(y|x).
+
+    Shape: any, the same for both -> the same (a bandit's (X, K) table as well as (N,) responses).
+    """
+    if ref_logps is None:
+        return beta * policy_logps.detach()
     if policy_logps.shape != ref_logps.shape:
         raise ValueError(f"policy_logps {tuple(policy_logps.shape)} and ref_logps {tuple(ref_logps.shape)} differ")
     return beta * (policy_logps.detach() - ref_logps.detach())
@@ -45,16 +54,10 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _on(batch, device):
-    if batch.input_ids.device == device:
-        return batch
-    return type(batch)(**{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in vars(batch).items()})
-
-
 def batch_logps(model, batch) -> tuple[Tensor, Tensor]:
     """Summed response log-probs and scored-token counts of a batch, without grad. Shape: -> (N,), (N,)."""
     with _scoring(model):
-        logps, lengths = sequence_forward(model, _on(batch, _model_device(model)))
+        logps, lengths = sequence_forward(model, to_device(batch, _model_device(model)))
     return logps.cpu(), lengths.cpu()
 
 
@@ -114,9 +117,6 @@ def response_logps(
 
 def _batches(tokenizer, prompts, responses, batch_size, config):
     """Tokenize (prompt, response) pairs; yield (row indices, SequenceBatch) with rows of similar length."""
-    from dpolab.data.batch import collate_sequences
-    from dpolab.data.tokenize import tokenize_response
-
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if batch_size < 1:
@@ -180,16 +180,23 @@ def reward_margins(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
     return chosen_rewards - rejected_rewards
 
 
-def reward_accuracy(chosen_rewards: Tensor, rejected_rewards: Tensor, *, ties: float = 0.5) -> float:
-    """Share of pairs whose chosen response has the higher implicit reward; an exact tie counts ``ties``.
+def pair_accuracies(chosen_rewards: Tensor, rejected_rewards: Tensor, *, ties: float = 0.5) -> Tensor:
+    """1 where the chosen response has the higher implicit reward, ``ties`` where the two are equal, else 0.
 
     Ties count ½ by default, so a policy equal to its reference (every reward 0) scores chance, 0.5.
-    (trl's ``rewards/accuracies`` counts ties as 0.)
+    (trl's ``rewards/accuracies`` counts ties as 0.) Shape: (B,), (B,) -> (B,) float64.
     """
     margins = reward_margins(chosen_rewards, rejected_rewards)
-    if margins.numel() == 0:
+    return (margins > 0).double() + ties * (margins == 0).double()
+
+
+def reward_accuracy(chosen_rewards: Tensor, rejected_rewards: Tensor, *, ties: float = 0.5) -> float:
+    """Share of pairs whose chosen response has the higher implicit reward, ties counted ``ties`` (½):
+    the mean of :func:`pair_accuracies`."""
+    accuracies = pair_accuracies(chosen_rewards, rejected_rewards, ties=ties)
+    if accuracies.numel() == 0:
         raise ValueError("reward_accuracy of zero pairs")
-    return float(((margins > 0).double() + ties * (margins == 0).double()).mean())
+    return float(accuracies.mean())
 
 
 def pair_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict[str, float]:

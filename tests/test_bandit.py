@@ -9,13 +9,13 @@ from dpolab.experiments.bandit import (
     Bandit,
     empirical_dpo_loss,
     expected_dpo_loss,
-    implicit_rewards,
     log_partition,
     optimal_policy,
     preference_probability,
     sample_preferences,
     train_tabular_policy,
 )
+from dpolab.rewards import implicit_rewards
 
 
 def test_optimal_policy_hand_value():

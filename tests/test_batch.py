@@ -13,6 +13,7 @@ from dpolab.data.batch import (
     length_bucketed_batches,
     padding_fraction,
     pair_length,
+    to_device,
 )
 from dpolab.data.tokenize import TokenizedPair
 
@@ -100,3 +101,13 @@ def test_bucketing_wastes_less_padding_than_random_batches():
     random_batches = [order[i:i + 8] for i in range(0, 2000, 8)]
     assert padding_fraction(lengths, random_batches) == pytest.approx(0.44, abs=0.03)
     assert padding_fraction(lengths, length_bucketed_batches(lengths, 8, seed=0)) < 0.05
+
+
+def test_to_device_keeps_the_kind_of_batch_and_its_values():
+    """A PairBatch stays a PairBatch with equal tensors (its index too) on the device asked for."""
+    pair = TokenizedPair([1, 5], [3, 4], [6], [1, 1], [1])
+    batch = collate_pairs([pair, pair], PAD, index=[7, 9])
+    moved = to_device(batch, torch.device("meta"))
+    assert type(moved) is PairBatch and moved.input_ids.device.type == "meta" and moved.index.device.type == "meta"
+    back = to_device(batch, "cpu")
+    assert all(torch.equal(getattr(back, k), getattr(batch, k)) for k in vars(batch))

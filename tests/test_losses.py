@@ -17,11 +17,11 @@ from dpolab.losses import (
     LOSSES,
     SORTED_LOSSES,
     TRL_LOSS_TYPES,
+    combined_loss,
     dpo_loss,
     get_loss,
     robust_dpo_loss,
     sft_loss,
-    weighted_loss,
 )
 
 L1 = math.log1p(math.exp(-1))  # ℓ(1) = 0.31326168751822286
@@ -147,30 +147,31 @@ def test_reference_free():
 def test_sft_and_weighted_mix():
     """Per-sequence SFT: −log π(y_w)/|y_w| = 1/2 and 3/4. trl's per-token sft: −log π(y_w)/n̄ with n̄ = (2 + 4)/2 = 3,
     i.e. 1/3 and 1 (mean 2/3 = 4 nats / 6 tokens). sigmoid + 0.1 sft_per_sequence = (ℓ(1) + 0.05, ℓ(−1) + 0.075);
-    adding 2 × hinge(β = 0.5) adds (0, 4). Rewards come from the first loss in the mapping (β × log-ratio here)."""
+    adding 2 × hinge(β = 0.5) adds (0, 4). Rewards come from the first loss in the list (β × log-ratio here)."""
     assert sft_loss(POLICY_CHOSEN, LENGTHS_CHOSEN).tolist() == [0.5, 0.75]
     assert _call("sft_per_sequence", 0.5)[0].tolist() == [0.5, 0.75]
     assert _call("sft", 0.5)[0].tolist() == pytest.approx([1 / 3, 1.0], abs=1e-12)
-    mixed, chosen, _ = weighted_loss(
+    mixed, chosen, _ = combined_loss(
         POLICY_CHOSEN,
         POLICY_REJECTED,
         REF,
         REF,
         0.5,
-        weights={"sft_per_sequence": 0.1, "sigmoid": 1.0, "hinge": 2.0},
+        loss_type=["sft_per_sequence", "sigmoid", "hinge"],
+        loss_weights=[0.1, 1.0, 2.0],
         chosen_lengths=LENGTHS_CHOSEN,
         rejected_lengths=LENGTHS_REJECTED,
     )
     assert mixed.tolist() == pytest.approx([L1 + 0.05, L1 + 1 + 0.075 + 4.0], abs=1e-12)
     assert chosen.tolist() == [0.5, -0.5]
-    simpo, chosen, _ = weighted_loss(
+    simpo, chosen, _ = combined_loss(
         POLICY_CHOSEN,
         POLICY_REJECTED,
         None,
         None,
         2.0,
-        weights={"simpo": 1.0},
-        params={"simpo": {"gamma": 0.5}},
+        loss_type=["simpo"],
+        gamma=0.5,
         chosen_lengths=LENGTHS_CHOSEN,
         rejected_lengths=LENGTHS_REJECTED,
     )

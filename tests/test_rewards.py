@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from dpolab.data.batch import collate_sequences
+from dpolab.data.tokenize import tokenize_response
 from dpolab.rewards import (
     batch_implicit_rewards,
     implicit_reward,
     implicit_rewards,
+    pair_accuracies,
     pair_metrics,
     response_logps,
     reward_accuracy,
@@ -20,7 +22,6 @@ from dpolab.rewards import (
     sequence_kl,
 )
 from dpolab.tiny import tiny_causal_lm
-from dpolab.data.tokenize import tokenize_response
 
 PROMPTS = ["The movie was", "Hello! How are you", "The movie was", "It is a mess", "My name is"]
 RESPONSES = [" a delight.", " today? I am fine.", " dull", " too long, too loud, and too pleased.", " Ada"]
@@ -47,6 +48,12 @@ def test_implicit_rewards_formula():
     """β (log π_θ − log π_ref): 0.5 × ((−3) − (−5)) = 1 and 0.5 × ((−4) − (−2)) = −1."""
     rewards = implicit_rewards(torch.tensor([-3.0, -4.0]), torch.tensor([-5.0, -2.0]), 0.5)
     assert rewards.tolist() == [1.0, -1.0]
+    # without a reference r̂ = β log π_θ; a (X, K) table works like (N,); the result carries no gradient
+    assert implicit_rewards(torch.tensor([-3.0, -4.0]), None, 0.5).tolist() == [-1.5, -2.0]
+    table = implicit_rewards(torch.zeros(2, 3, requires_grad=True), torch.full((2, 3), -1.0), 2.0)
+    assert table.tolist() == [[2.0] * 3] * 2 and not table.requires_grad
+    with pytest.raises(ValueError, match="differ"):
+        implicit_rewards(torch.zeros(2), torch.zeros(3), 0.5)
 
 
 def test_implicit_reward_over_lists_equals_one_sequence_at_a_time(models):
@@ -101,6 +108,8 @@ def test_accuracy_margins_and_metrics():
     assert reward_margins(chosen, rejected).tolist() == [1.0, 0.0, -1.0, 1.0]
     assert reward_accuracy(chosen, rejected) == 0.625
     assert reward_accuracy(chosen, rejected, ties=0.0) == 0.5
+    assert pair_accuracies(chosen, rejected).tolist() == [1.0, 0.5, 0.0, 1.0]
+    assert pair_accuracies(chosen, rejected).dtype == torch.float64
     assert pair_metrics(chosen, rejected) == {
         "rewards/chosen": 1.5,
         "rewards/rejected": 1.25,

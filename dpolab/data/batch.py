@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from dpolab.data.tokenize import TokenizedPair
 
 IGNORE_INDEX = -100
+"""The label of a position that is not scored (prompt, padding, masked turns); PyTorch's cross-entropy default."""
 
 
 @dataclass
@@ -93,6 +95,14 @@ class PairBatch(SequenceBatch):
     def num_pairs(self) -> int:
         """B, the number of preference pairs."""
         return self.input_ids.shape[0] // 2
+
+
+BatchT = TypeVar("BatchT", bound=SequenceBatch)
+
+
+def to_device(batch: BatchT, device: torch.device | str) -> BatchT:
+    """The same kind of batch with every tensor field on ``device`` (other fields as they are)."""
+    return type(batch)(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(batch).items()})
 
 
 def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, index: list[int] | None = None,

@@ -8,7 +8,8 @@ The KL-constrained reward maximisation problem (paper eq. 3) has the solution (e
 so r(x, y) = β log π*(y|x)/π_ref(y|x) + β log Z(x) (eq. 5). Preferences follow Bradley–Terry (eq. 1),
 P(y_1 ≻ y_2 | x) = σ(r(x, y_1) − r(x, y_2)), over pairs drawn from π_ref as in the paper. A tabular policy
 (one logit per (x, y)) trained with the DPO loss on those preferences must reach π*, and its implicit
-reward β log π_θ/π_ref must equal r up to the per-prompt constant −β log Z(x).
+reward β log π_θ/π_ref (:func:`dpolab.rewards.implicit_rewards`, which takes the (X, K) tables as they are)
+must equal r up to the per-prompt constant −β log Z(x).
 """
 
 from __future__ import annotations
@@ -204,8 +205,3 @@ def train_tabular_policy(
 
     optimiser.step(closure)
     return policy
-
-
-def implicit_rewards(policy_logprobs: Tensor, ref_logprobs: Tensor, beta: float) -> Tensor:
-    """r̂(x, y) = β log π_θ(y|x)/π_ref(y|x), for every (x, y). Shape: (X, K) -> (X, K)."""
-    return beta * (policy_logprobs - ref_logprobs)

@@ -28,7 +28,7 @@ from dpolab.losses.per_response import apo_down_loss, apo_zero_loss, bco_pair_lo
 from dpolab.losses.sorted_pairs import aot_loss, aot_partners, aot_sorted_values, aot_unpaired_loss
 from dpolab.losses.likelihood import sft_loss, sft_per_sequence_loss, sft_token_loss, unlikelihood_pair_loss
 from dpolab.losses.reference_free import reference_free_loss, simpo_loss
-from dpolab.losses.combine import combined_loss, length_desensitised_logps, weighted_loss, wpo_weights
+from dpolab.losses.combine import combined_loss, length_desensitised_logps, wpo_weights
 
 SORTED_LOSSES = ("aot", "aot_unpaired")
 """Losses that couple the pairs of a batch (they sort); exact accumulation passes them global partners."""
@@ -40,5 +40,5 @@ __all__ = [
     "f_divergence_scores", "get_loss", "hinge_loss", "ipo_loss", "ipo_sum_loss", "length_desensitised_logps",
     "loss_parameters", "nca_pair_loss", "needs_reference", "reference_free_loss", "register", "robust_dpo_loss",
     "sft_loss", "sft_per_sequence_loss", "sft_token_loss", "sigmoid_norm_loss", "simpo_loss", "sppo_hard_loss",
-    "unlikelihood_pair_loss", "weighted_loss", "wpo_weights",
+    "unlikelihood_pair_loss", "wpo_weights",
 ]

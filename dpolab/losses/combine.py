@@ -4,7 +4,7 @@ reweightings of trl: WPO's weights (``use_weighting``) and LD-DPO's length-desen
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -83,43 +83,6 @@ def combined_loss(
     return (total, *rewards)
 
 
-def weighted_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor | None,
-    ref_rejected_logps: Tensor | None,
-    beta: float = 0.1,
-    *,
-    weights: Mapping[str, float],
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-    params: Mapping[str, Mapping[str, Any]] | None = None,
-) -> LossOutput:
-    """A weighted sum of registered losses with per-loss parameters, per example: Σ_k w_k L_k.
-
-    Args:
-        weights: loss name -> weight, e.g. ``{"sigmoid": 1.0, "sft": 0.1}`` (RPO-style DPO + NLL).
-        params: loss name -> its own keyword parameters, e.g. ``{"simpo": {"gamma": 0.5}}``.
-
-    Returns:
-        ``(losses, chosen_rewards, rejected_rewards)``; rewards of the first loss in ``weights``.
-
-    Shape: all (B,) -> three (B,) tensors.
-    """
-    if not weights:
-        raise ValueError("weights is empty: name at least one loss")
-    params = params or {}
-    total, rewards = torch.zeros_like(policy_chosen_logps), None
-    for name, weight in weights.items():
-        losses, chosen_rewards, rejected_rewards = get_loss(name)(
-            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
-            chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **params.get(name, {}))
-        total = total + weight * losses
-        if rewards is None:
-            rewards = (chosen_rewards, rejected_rewards)
-    return (total, *rewards)
-
-
 def wpo_weights(chosen_token_logps: Tensor, chosen_log_sum_sq: Tensor, chosen_mask: Tensor,
                 rejected_token_logps: Tensor, rejected_log_sum_sq: Tensor, rejected_mask: Tensor) -> Tensor:
     """WPO's per-pair weight (Zhou et al. 2024, arXiv 2406.11827, eq. 2 with trl's aligned normalisation):
@@ -167,6 +130,3 @@ def length_desensitised_logps(token_logps: Tensor, mask: Tensor, other_lengths: 
     shared = torch.minimum(mask.sum(-1), other_lengths.to(position.device))
     weight = torch.where(position <= shared[:, None], 1.0, ld_alpha).to(token_logps.dtype) * mask
     return (token_logps * weight).sum(-1)
-
-
-__all__ = ["combined_loss", "weighted_loss", "wpo_weights", "length_desensitised_logps"]

@@ -11,13 +11,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dpolab.losses.registry import LossOutput, implicit_rewards, need_lengths, register
+from dpolab.losses.registry import LossOutput, need_lengths, register
+from dpolab.rewards import implicit_rewards
 
 
-def _rewards_of(beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps):
+def likelihood_rewards(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor | None,
+                       ref_rejected_logps: Tensor | None, beta: float) -> tuple[Tensor, Tensor]:
+    """The implicit rewards the losses without a reference log: β log π_θ/π_ref when both reference log-probs are
+    given, else β log π_θ (:func:`dpolab.rewards.implicit_rewards`). Shape: four (B,) or None -> two (B,)."""
     if ref_chosen_logps is None or ref_rejected_logps is None:
-        return implicit_rewards(beta, policy_chosen_logps, policy_rejected_logps)
-    return implicit_rewards(beta, policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps)
+        ref_chosen_logps = ref_rejected_logps = None
+    return (implicit_rewards(policy_chosen_logps, ref_chosen_logps, beta),
+            implicit_rewards(policy_rejected_logps, ref_rejected_logps, beta))
 
 
 def sft_loss(policy_chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
@@ -32,20 +37,11 @@ def sft_loss(policy_chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
 
 
 @register("sft", needs_reference=False, f_divergence=True, batch_mean=True)
-def sft_token_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor | None = None,
-    ref_rejected_logps: Tensor | None = None,
-    beta: float = 0.1,
-    *,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-    mean_chosen_length: float | Tensor | None = None,
-    unweighted_chosen_logps: Tensor | None = None,
-    f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 0.5,
-) -> LossOutput:
+def sft_token_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor | None = None,
+                   ref_rejected_logps: Tensor | None = None, beta: float = 0.1, *,
+                   chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
+                   mean_chosen_length: float | Tensor | None = None, unweighted_chosen_logps: Tensor | None = None,
+                   f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5) -> LossOutput:
     """trl's ``sft``: the NLL of the chosen responses averaged over all their tokens in the batch (the RPO term,
     Pang et al. 2024, arXiv 2404.19733, eq. 3; the SFT term of MPO),
 
@@ -67,21 +63,15 @@ def sft_token_loss(
         mean_chosen_length = chosen_lengths.to(policy_chosen_logps.dtype).sum().clamp(min=1) / chosen_lengths.numel()
     nll_logps = policy_chosen_logps if unweighted_chosen_logps is None else unweighted_chosen_logps
     losses = -nll_logps / mean_chosen_length
-    return (losses, *_rewards_of(beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                                 ref_rejected_logps))
+    return (losses, *likelihood_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                        ref_rejected_logps, beta))
 
 
 @register("sft_per_sequence", needs_reference=False)
-def sft_per_sequence_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor | None = None,
-    ref_rejected_logps: Tensor | None = None,
-    beta: float = 0.1,
-    *,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-) -> LossOutput:
+def sft_per_sequence_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
+                          ref_chosen_logps: Tensor | None = None, ref_rejected_logps: Tensor | None = None,
+                          beta: float = 0.1, *, chosen_lengths: Tensor | None = None,
+                          rejected_lengths: Tensor | None = None) -> LossOutput:
     """The kit's SFT term (and its SFT stage): each chosen response's per-token NLL, L_i = −log π_θ(y_w,i|x_i)/|y_w,i|.
 
     Every sequence counts once whatever its length (see :func:`sft_loss`); trl's ``sft`` weighs tokens instead.
@@ -90,25 +80,17 @@ def sft_per_sequence_loss(
     """
     n_chosen, _ = need_lengths("sft_per_sequence", chosen_lengths, chosen_lengths)
     losses = sft_loss(policy_chosen_logps, n_chosen)
-    return (losses, *_rewards_of(beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                                 ref_rejected_logps))
+    return (losses, *likelihood_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                        ref_rejected_logps, beta))
 
 
 @register("unlikelihood", needs_reference=False,
           token_inputs=("rejected_token_logps", "rejected_token_mask"))
-def unlikelihood_pair_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor | None = None,
-    ref_rejected_logps: Tensor | None = None,
-    beta: float = 0.1,
-    *,
-    rejected_token_logps: Tensor | None = None,
-    rejected_token_mask: Tensor | None = None,
-    unlikelihood_alpha: float = 1.0,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-) -> LossOutput:
+def unlikelihood_pair_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
+                           ref_chosen_logps: Tensor | None = None, ref_rejected_logps: Tensor | None = None,
+                           beta: float = 0.1, *, rejected_token_logps: Tensor | None = None,
+                           rejected_token_mask: Tensor | None = None, unlikelihood_alpha: float = 1.0,
+                           chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None) -> LossOutput:
     """Unlikelihood training (Welleck et al. 2019, arXiv 1908.04319), the DPO paper's baseline (§6.1): likelihood on
     the chosen response, *unlikelihood* on every token of the rejected one,
 
@@ -134,6 +116,6 @@ def unlikelihood_pair_loss(
     log_one_minus = torch.log(-torch.expm1(rejected_token_logps.clamp(max=-1e-6)))
     unlikely = -(log_one_minus * mask).sum(-1) / mask.sum(-1).clamp(min=1)
     losses = sft_loss(policy_chosen_logps, n_chosen) + unlikelihood_alpha * unlikely
-    return (losses, *_rewards_of(beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                                 ref_rejected_logps))
+    return (losses, *likelihood_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                        ref_rejected_logps, beta))
 

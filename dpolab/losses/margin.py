@@ -17,31 +17,49 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dpolab.losses.registry import LossOutput, f_divergence_scores, implicit_rewards, logratios, need_lengths, register
+from dpolab.losses.registry import (
+    LossOutput,
+    check_label_smoothing,
+    f_divergence_scores,
+    logratios_and_rewards,
+    need_lengths,
+    register,
+)
 
 
-def _scores(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence_type,
-            f_alpha_divergence_coef):
-    """(chosen scores, rejected scores, chosen log-ratios, rejected log-ratios), all (B,)."""
-    chosen, rejected = logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    return (f_divergence_scores(chosen, f_divergence_type, f_alpha_divergence_coef),
-            f_divergence_scores(rejected, f_divergence_type, f_alpha_divergence_coef), chosen, rejected)
+def reward_margin(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+                  ref_rejected_logps: Tensor, beta: float, f_divergence_type: str = "reverse_kl",
+                  f_alpha_divergence_coef: float = 0.5, *,
+                  lengths: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The margin every loss of this module is a function of, and the implicit rewards it logs:
+
+        Δ = s(y_w) − s(y_l),   or with ``lengths`` the per-token  Δ̄ = s(y_w)/|y_w| − s(y_l)/|y_l|,
+
+    with s = f'(π_θ/π_ref) of :func:`~dpolab.losses.registry.f_divergence_scores` (the log-ratio for the reverse KL).
+    The rewards are β · log-ratio, detached, whatever the divergence
+    (:func:`~dpolab.losses.registry.logratios_and_rewards`).
+
+    Shape: all (B,) -> (margin, chosen_rewards, rejected_rewards), each (B,).
+    """
+    chosen, rejected, *rewards = logratios_and_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                                       ref_rejected_logps, beta)
+    score_w = f_divergence_scores(chosen, f_divergence_type, f_alpha_divergence_coef)
+    score_l = f_divergence_scores(rejected, f_divergence_type, f_alpha_divergence_coef)
+    margin = score_w - score_l if lengths is None else score_w / lengths[0] - score_l / lengths[1]
+    return (margin, *rewards)
+
+
+def smoothed_sigmoid_loss(h: Tensor, label_smoothing: float) -> Tensor:
+    """ℓ_ε(h) = −(1 − ε) log σ(h) − ε log σ(−h): the Bradley–Terry NLL of a label flipped with probability ε
+    (cDPO); ε = 0 is −log σ(h). Shape: any -> the same."""
+    return -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
 
 
 @register("sigmoid", f_divergence=True)
-def dpo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-    *,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-    f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 0.5,
-) -> LossOutput:
+def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+             ref_rejected_logps: Tensor, beta: float = 0.1, label_smoothing: float = 0.0, *,
+             chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
+             f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5) -> LossOutput:
     """Sigmoid DPO (Rafailov et al. 2023, arXiv 2305.18290, eq. 7), and conservative DPO when ``label_smoothing`` > 0.
 
         L = −(1 − ε) log σ(βΔ) − ε log σ(−βΔ)
@@ -58,29 +76,17 @@ def dpo_loss(
 
     Shape: all (B,) -> three (B,) tensors.
     """
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    sw, sl, chosen, rejected = _scores(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                                       ref_rejected_logps, f_divergence_type, f_alpha_divergence_coef)
-    h = beta * (sw - sl)
-    losses = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
-    return (losses, *implicit_rewards(beta, chosen, rejected))
+    check_label_smoothing(label_smoothing)
+    margin, *rewards = reward_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                     beta, f_divergence_type, f_alpha_divergence_coef)
+    return (smoothed_sigmoid_loss(beta * margin, label_smoothing), *rewards)
 
 
 @register("robust", f_divergence=True)
-def robust_dpo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float = 0.1,
-    *,
-    label_smoothing: float = 0.0,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-    f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 0.5,
-) -> LossOutput:
+def robust_dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+                    ref_rejected_logps: Tensor, beta: float = 0.1, *, label_smoothing: float = 0.0,
+                    chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
+                    f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5) -> LossOutput:
     """Robust DPO (rDPO, Chowdhury et al. 2024, arXiv 2403.00409, eq. 8): unbiased under labels flipped w.p. ε.
 
         L = [−(1 − ε) log σ(βΔ) + ε log σ(−βΔ)] / (1 − 2ε)
@@ -93,29 +99,18 @@ def robust_dpo_loss(
 
     Shape: all (B,) -> three (B,) tensors.
     """
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing (flip rate) must be in [0, 0.5), got {label_smoothing}")
-    sw, sl, chosen, rejected = _scores(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                                       ref_rejected_logps, f_divergence_type, f_alpha_divergence_coef)
-    h = beta * (sw - sl)
-    eps = label_smoothing
-    losses = (-(1 - eps) * F.logsigmoid(h) + eps * F.logsigmoid(-h)) / (1 - 2 * eps)
-    return (losses, *implicit_rewards(beta, chosen, rejected))
+    check_label_smoothing(label_smoothing, "label_smoothing (flip rate)")
+    margin, *rewards = reward_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                     beta, f_divergence_type, f_alpha_divergence_coef)
+    h, eps = beta * margin, label_smoothing
+    return ((-(1 - eps) * F.logsigmoid(h) + eps * F.logsigmoid(-h)) / (1 - 2 * eps), *rewards)
 
 
 @register("hinge", f_divergence=True)
-def hinge_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float = 0.1,
-    *,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-    f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 0.5,
-) -> LossOutput:
+def hinge_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+               ref_rejected_logps: Tensor, beta: float = 0.1, *, chosen_lengths: Tensor | None = None,
+               rejected_lengths: Tensor | None = None, f_divergence_type: str = "reverse_kl",
+               f_alpha_divergence_coef: float = 0.5) -> LossOutput:
     """Hinge (calibration) loss of SLiC-HF (Zhao et al. 2023, arXiv 2305.10425, eq. 1) on the reference-corrected
     margin: L = max(0, 1 − βΔ).
 
@@ -124,25 +119,16 @@ def hinge_loss(
 
     Shape: all (B,) -> three (B,) tensors.
     """
-    sw, sl, chosen, rejected = _scores(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                                       ref_rejected_logps, f_divergence_type, f_alpha_divergence_coef)
-    losses = torch.relu(1 - beta * (sw - sl))
-    return (losses, *implicit_rewards(beta, chosen, rejected))
+    margin, *rewards = reward_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                     beta, f_divergence_type, f_alpha_divergence_coef)
+    return (torch.relu(1 - beta * margin), *rewards)
 
 
 @register("ipo", f_divergence=True)
-def ipo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float = 0.1,
-    *,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-    f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 0.5,
-) -> LossOutput:
+def ipo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+             ref_rejected_logps: Tensor, beta: float = 0.1, *, chosen_lengths: Tensor | None = None,
+             rejected_lengths: Tensor | None = None, f_divergence_type: str = "reverse_kl",
+             f_alpha_divergence_coef: float = 0.5) -> LossOutput:
     """IPO (Azar et al. 2023, arXiv 2310.12036, eq. 17) on per-token-mean log-ratios, as trl's ``ipo``:
 
         Δ̄ = s(y_w)/|y_w| − s(y_l)/|y_l|,   L = (Δ̄ − 1/(2β))²
@@ -153,24 +139,16 @@ def ipo_loss(
 
     Shape: all (B,) -> three (B,) tensors.
     """
-    n_chosen, n_rejected = need_lengths("ipo", chosen_lengths, rejected_lengths)
-    sw, sl, chosen, rejected = _scores(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                                       ref_rejected_logps, f_divergence_type, f_alpha_divergence_coef)
-    losses = (sw / n_chosen - sl / n_rejected - 1 / (2 * beta)) ** 2
-    return (losses, *implicit_rewards(beta, chosen, rejected))
+    margin, *rewards = reward_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                     beta, f_divergence_type, f_alpha_divergence_coef,
+                                     lengths=need_lengths("ipo", chosen_lengths, rejected_lengths))
+    return ((margin - 1 / (2 * beta)) ** 2, *rewards)
 
 
 @register("ipo_sum")
-def ipo_sum_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float = 0.1,
-    *,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-) -> LossOutput:
+def ipo_sum_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+                 ref_rejected_logps: Tensor, beta: float = 0.1, *, chosen_lengths: Tensor | None = None,
+                 rejected_lengths: Tensor | None = None) -> LossOutput:
     """IPO (Azar et al. 2023, eq. 17) on *summed* log-ratios, the kit's own variant: L = (Δ − 1/(2β))².
 
     The target margin 1/(2β) is then per response, not per token, so the loss depends on length. A difference
@@ -178,24 +156,16 @@ def ipo_sum_loss(
 
     Shape: all (B,) -> three (B,) tensors.
     """
-    chosen, rejected = logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    losses = (chosen - rejected - 1 / (2 * beta)) ** 2
-    return (losses, *implicit_rewards(beta, chosen, rejected))
+    margin, *rewards = reward_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                     beta)
+    return ((margin - 1 / (2 * beta)) ** 2, *rewards)
 
 
 @register("sigmoid_norm", f_divergence=True)
-def sigmoid_norm_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float = 0.1,
-    *,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-    f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 0.5,
-) -> LossOutput:
+def sigmoid_norm_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+                      ref_rejected_logps: Tensor, beta: float = 0.1, *, chosen_lengths: Tensor | None = None,
+                      rejected_lengths: Tensor | None = None, f_divergence_type: str = "reverse_kl",
+                      f_alpha_divergence_coef: float = 0.5) -> LossOutput:
     """Length-normalised sigmoid DPO (trl's ``sigmoid_norm``; the length-normalised DPO of Tülu 3, Lambert et al.
     2024, arXiv 2411.15124, §5): L = −log σ(β Δ̄),  Δ̄ = s(y_w)/|y_w| − s(y_l)/|y_l|.
 
@@ -203,27 +173,17 @@ def sigmoid_norm_loss(
 
     Shape: all (B,) -> three (B,) tensors.
     """
-    n_chosen, n_rejected = need_lengths("sigmoid_norm", chosen_lengths, rejected_lengths)
-    sw, sl, chosen, rejected = _scores(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                                       ref_rejected_logps, f_divergence_type, f_alpha_divergence_coef)
-    losses = -F.logsigmoid(beta * (sw / n_chosen - sl / n_rejected))
-    return (losses, *implicit_rewards(beta, chosen, rejected))
+    margin, *rewards = reward_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                     beta, f_divergence_type, f_alpha_divergence_coef,
+                                     lengths=need_lengths("sigmoid_norm", chosen_lengths, rejected_lengths))
+    return (-F.logsigmoid(beta * margin), *rewards)
 
 
 @register("exo_pair", f_divergence=True)
-def exo_pair_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float = 0.1,
-    *,
-    label_smoothing: float = 1e-3,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-    f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 0.5,
-) -> LossOutput:
+def exo_pair_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+                  ref_rejected_logps: Tensor, beta: float = 0.1, *, label_smoothing: float = 1e-3,
+                  chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
+                  f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5) -> LossOutput:
     """EXO, pairwise (Ji et al. 2024, arXiv 2402.00856, eq. 16): the reverse KL from the policy's preference
     distribution to the smoothed label distribution (1 − ε, ε) over {y_w, y_l}:
 
@@ -238,29 +198,19 @@ def exo_pair_loss(
     """
     if not 0.0 < label_smoothing < 0.5:
         raise ValueError(f"exo_pair needs label_smoothing in (0, 0.5) (the paper uses 1e-3), got {label_smoothing}")
-    sw, sl, chosen, rejected = _scores(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                                       ref_rejected_logps, f_divergence_type, f_alpha_divergence_coef)
-    h = beta * (sw - sl)
-    eps = label_smoothing
+    margin, *rewards = reward_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                     beta, f_divergence_type, f_alpha_divergence_coef)
+    h, eps = beta * margin, label_smoothing
     losses = (torch.sigmoid(h) * (F.logsigmoid(h) - math.log1p(-eps))
               + torch.sigmoid(-h) * (F.logsigmoid(-h) - math.log(eps)))
-    return (losses, *implicit_rewards(beta, chosen, rejected))
+    return (losses, *rewards)
 
 
 @register("discopop", f_divergence=True)
-def discopop_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float = 0.1,
-    *,
-    discopop_tau: float = 0.05,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-    f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 0.5,
-) -> LossOutput:
+def discopop_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+                  ref_rejected_logps: Tensor, beta: float = 0.1, *, discopop_tau: float = 0.05,
+                  chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
+                  f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5) -> LossOutput:
     """DiscoPOP, the log-ratio modulated loss found by LLM-driven search (Lu et al. 2024, arXiv 2406.08414,
     eq. 5): a blend of the logistic and the exponential loss, weighted by the margin itself,
 
@@ -273,9 +223,8 @@ def discopop_loss(
     """
     if discopop_tau <= 0:
         raise ValueError(f"discopop_tau must be > 0, got {discopop_tau}")
-    sw, sl, chosen, rejected = _scores(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                                       ref_rejected_logps, f_divergence_type, f_alpha_divergence_coef)
-    h = beta * (sw - sl)
+    margin, *rewards = reward_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                     beta, f_divergence_type, f_alpha_divergence_coef)
+    h = beta * margin
     m = torch.sigmoid(h / discopop_tau)
-    losses = (1 - m) * -F.logsigmoid(h) + m * torch.exp(-h)
-    return (losses, *implicit_rewards(beta, chosen, rejected))
+    return ((1 - m) * -F.logsigmoid(h) + m * torch.exp(-h), *rewards)

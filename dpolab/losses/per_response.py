@@ -11,20 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dpolab.losses.registry import LossOutput, implicit_rewards, logratios, register
+from dpolab.losses.registry import LossOutput, logratios_and_rewards, register
 
 
 @register("nca_pair")
-def nca_pair_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float = 0.1,
-    *,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-) -> LossOutput:
+def nca_pair_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+                  ref_rejected_logps: Tensor, beta: float = 0.1, *, chosen_lengths: Tensor | None = None,
+                  rejected_lengths: Tensor | None = None) -> LossOutput:
     """NCA, pairwise (Chen et al. 2024, arXiv 2402.05369, eq. 11): noise-contrastive alignment on absolute rewards,
 
         L = −log σ(r̂_w) − ½ log σ(−r̂_w) − ½ log σ(−r̂_l)
@@ -34,23 +27,17 @@ def nca_pair_loss(
 
     Shape: all (B,) -> three (B,) tensors.
     """
-    chosen, rejected = logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    chosen, rejected, *rewards = logratios_and_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                                       ref_rejected_logps, beta)
     rw, rl = beta * chosen, beta * rejected
     losses = -F.logsigmoid(rw) - 0.5 * F.logsigmoid(-rw) - 0.5 * F.logsigmoid(-rl)
-    return (losses, *implicit_rewards(beta, chosen, rejected))
+    return (losses, *rewards)
 
 
 @register("bco_pair")
-def bco_pair_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float = 0.1,
-    *,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-) -> LossOutput:
+def bco_pair_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+                  ref_rejected_logps: Tensor, beta: float = 0.1, *, chosen_lengths: Tensor | None = None,
+                  rejected_lengths: Tensor | None = None) -> LossOutput:
     """BCO on pairs (Jung et al. 2024, arXiv 2404.04656, eq. 4 without the reward shift δ): a binary classifier
     with logit r̂ that labels chosen responses 1 and rejected ones 0,
 
@@ -60,22 +47,16 @@ def bco_pair_loss(
 
     Shape: all (B,) -> three (B,) tensors.
     """
-    chosen, rejected = logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    chosen, rejected, *rewards = logratios_and_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                                       ref_rejected_logps, beta)
     losses = -F.logsigmoid(beta * chosen) - F.logsigmoid(-beta * rejected)
-    return (losses, *implicit_rewards(beta, chosen, rejected))
+    return (losses, *rewards)
 
 
 @register("sppo_hard")
-def sppo_hard_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float = 0.1,
-    *,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-) -> LossOutput:
+def sppo_hard_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+                   ref_rejected_logps: Tensor, beta: float = 0.1, *, chosen_lengths: Tensor | None = None,
+                   rejected_lengths: Tensor | None = None) -> LossOutput:
     """SPPO with hard probabilities (Wu et al. 2024, arXiv 2405.00675, eq. 4.7 with P(y_w ≻ π) = 1, P(y_l ≻ π) = 0):
     squared errors pulling each log-ratio to ±1/(2β),
 
@@ -85,22 +66,16 @@ def sppo_hard_loss(
 
     Shape: all (B,) -> three (B,) tensors.
     """
-    chosen, rejected = logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    chosen, rejected, *rewards = logratios_and_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                                       ref_rejected_logps, beta)
     losses = (chosen - 0.5 / beta) ** 2 + (rejected + 0.5 / beta) ** 2
-    return (losses, *implicit_rewards(beta, chosen, rejected))
+    return (losses, *rewards)
 
 
 @register("apo_zero")
-def apo_zero_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float = 0.1,
-    *,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-) -> LossOutput:
+def apo_zero_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+                  ref_rejected_logps: Tensor, beta: float = 0.1, *, chosen_lengths: Tensor | None = None,
+                  rejected_lengths: Tensor | None = None) -> LossOutput:
     """APO-zero (D'Oosterlinck et al. 2024, arXiv 2408.06266, eq. 7): anchored to reward 0, raise the chosen
     likelihood and lower the rejected one, for chosen outputs better than the model's own,
 
@@ -108,22 +83,16 @@ def apo_zero_loss(
 
     Shape: all (B,) -> three (B,) tensors.
     """
-    chosen, rejected = logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    chosen, rejected, *rewards = logratios_and_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                                       ref_rejected_logps, beta)
     losses = (1 - torch.sigmoid(beta * chosen)) + torch.sigmoid(beta * rejected)
-    return (losses, *implicit_rewards(beta, chosen, rejected))
+    return (losses, *rewards)
 
 
 @register("apo_down")
-def apo_down_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float = 0.1,
-    *,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-) -> LossOutput:
+def apo_down_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+                  ref_rejected_logps: Tensor, beta: float = 0.1, *, chosen_lengths: Tensor | None = None,
+                  rejected_lengths: Tensor | None = None) -> LossOutput:
     """APO-down (D'Oosterlinck et al. 2024, arXiv 2408.06266, eq. 8): lower both likelihoods, the rejected more,
     for chosen outputs worse than the model's own,
 
@@ -131,6 +100,7 @@ def apo_down_loss(
 
     Shape: all (B,) -> three (B,) tensors.
     """
-    chosen, rejected = logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    chosen, rejected, *rewards = logratios_and_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                                       ref_rejected_logps, beta)
     losses = torch.sigmoid(beta * chosen) + (1 - torch.sigmoid(beta * (chosen - rejected)))
-    return (losses, *implicit_rewards(beta, chosen, rejected))
+    return (losses, *rewards)

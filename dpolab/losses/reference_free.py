@@ -5,21 +5,14 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from dpolab.losses.registry import LossOutput, implicit_rewards, need_lengths, register
+from dpolab.losses.registry import LossOutput, need_lengths, register
+from dpolab.rewards import implicit_rewards
 
 
 @register("simpo", needs_reference=False)
-def simpo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor | None = None,
-    ref_rejected_logps: Tensor | None = None,
-    beta: float = 0.1,
-    *,
-    gamma: float = 0.0,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-) -> LossOutput:
+def simpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor | None = None,
+               ref_rejected_logps: Tensor | None = None, beta: float = 0.1, *, gamma: float = 0.0,
+               chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None) -> LossOutput:
     """Length-normalised sigmoid loss without a reference (SimPO, Meng et al. 2024, arXiv 2405.14734, eq. 6).
 
         r̃(y) = β/|y| · log π_θ(y|x),   L = −log σ(r̃(y_w) − r̃(y_l) − γ)
@@ -41,16 +34,10 @@ def simpo_loss(
 
 
 @register("reference_free", needs_reference=False)
-def reference_free_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor | None = None,
-    ref_rejected_logps: Tensor | None = None,
-    beta: float = 0.1,
-    *,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-) -> LossOutput:
+def reference_free_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
+                        ref_chosen_logps: Tensor | None = None, ref_rejected_logps: Tensor | None = None,
+                        beta: float = 0.1, *, chosen_lengths: Tensor | None = None,
+                        rejected_lengths: Tensor | None = None) -> LossOutput:
     """Sigmoid DPO against a uniform reference: L = −log σ(β (log π_θ(y_w) − log π_θ(y_l))).
 
     A uniform π_ref assigns every response of a given length the same probability, so its terms cancel
@@ -60,4 +47,5 @@ def reference_free_loss(
     Shape: all (B,) -> three (B,) tensors.
     """
     losses = -F.logsigmoid(beta * (policy_chosen_logps - policy_rejected_logps))
-    return (losses, *implicit_rewards(beta, policy_chosen_logps, policy_rejected_logps))
+    return (losses, implicit_rewards(policy_chosen_logps, None, beta),
+            implicit_rewards(policy_rejected_logps, None, beta))

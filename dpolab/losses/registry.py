@@ -1,4 +1,5 @@
-"""The loss registry and the pieces every loss shares: log-ratios, implicit rewards, f-divergence scores."""
+"""The loss registry and the pieces every loss shares: argument checks, log-ratios with their implicit rewards,
+f-divergence scores."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from dpolab.rewards import implicit_rewards
 
 LossOutput = tuple[Tensor, Tensor, Tensor]
 
@@ -100,9 +103,20 @@ def need_lengths(loss: str, chosen_lengths, rejected_lengths) -> tuple[Tensor, T
     return chosen_lengths.clamp(min=1), rejected_lengths.clamp(min=1)
 
 
-def implicit_rewards(beta: float, chosen_logratios: Tensor, rejected_logratios: Tensor) -> tuple[Tensor, Tensor]:
-    """β · log-ratio of each side, detached (paper eq. 5 up to β log Z(x); trl logs the same)."""
-    return beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+def check_label_smoothing(label_smoothing: float, name: str = "label_smoothing") -> None:
+    """Raise unless ε is in [0, 0.5): a label flipped with probability ½ or more carries no preference."""
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"{name} must be in [0, 0.5), got {label_smoothing}")
+
+
+def logratios_and_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                          beta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """What the losses of each response's own reward start from: the log-ratios s(y_w), s(y_l) of
+    :func:`logratios` (with gradient) and the implicit rewards β s(y) that every loss returns (detached,
+    :func:`dpolab.rewards.implicit_rewards`). Shape: all (B,) -> four (B,)."""
+    chosen, rejected = logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return (chosen, rejected, implicit_rewards(policy_chosen_logps, ref_chosen_logps, beta),
+            implicit_rewards(policy_rejected_logps, ref_rejected_logps, beta))
 
 
 def f_divergence_scores(logratio: Tensor, f_divergence_type: str = "reverse_kl",

@@ -13,10 +13,10 @@ as trl does).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from dpolab.losses.registry import LossOutput, implicit_rewards, logratios, register
+from dpolab.losses.margin import smoothed_sigmoid_loss
+from dpolab.losses.registry import LossOutput, check_label_smoothing, logratios_and_rewards, register
 
 
 def aot_partners(first: Tensor, second: Tensor) -> tuple[Tensor, Tensor]:
@@ -39,34 +39,22 @@ def _sorted_smoothed_sigmoid(first: Tensor, second: Tensor, beta: float, label_s
                              partners: tuple[Tensor, Tensor] | None) -> Tensor:
     """Σ_k ℓ(β(first_(k) − second_(k))) spread over the pairs: pair i holds the term of first_i's rank, plus a term of
     value zero that carries the gradient of second_i. ℓ(h) = −(1 − ε) log σ(h) − ε log σ(−h)."""
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    check_label_smoothing(label_smoothing)
     facing_first, facing_second = partners if partners is not None else aot_partners(first, second)
     if facing_first.shape != first.shape or facing_second.shape != second.shape:
         raise ValueError(f"aot partners of shapes {tuple(facing_first.shape)}, {tuple(facing_second.shape)} do not "
                          f"match the batch's {tuple(first.shape)}")
 
-    def ell(h):
-        return -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
-
-    own = ell(beta * (first - facing_first))
-    carried = ell(beta * (facing_second - second))
+    own = smoothed_sigmoid_loss(beta * (first - facing_first), label_smoothing)
+    carried = smoothed_sigmoid_loss(beta * (facing_second - second), label_smoothing)
     return own + (carried - carried.detach())
 
 
 @register("aot")
-def aot_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float = 0.1,
-    *,
-    label_smoothing: float = 0.0,
-    partners: tuple[Tensor, Tensor] | None = None,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-) -> LossOutput:
+def aot_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+             ref_rejected_logps: Tensor, beta: float = 0.1, *, label_smoothing: float = 0.0,
+             partners: tuple[Tensor, Tensor] | None = None, chosen_lengths: Tensor | None = None,
+             rejected_lengths: Tensor | None = None) -> LossOutput:
     """AOT, paired (Melnyk et al. 2024, arXiv 2406.05882, eq. 9 with the logistic loss): the sorted policy margins
     must dominate the sorted reference margins,
 
@@ -83,26 +71,18 @@ def aot_loss(
 
     Shape: all (B,) -> three (B,) tensors.
     """
-    chosen, rejected = logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    _, _, *rewards = logratios_and_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                           ref_rejected_logps, beta)
     u = policy_chosen_logps - policy_rejected_logps
     v = ref_chosen_logps - ref_rejected_logps
-    losses = _sorted_smoothed_sigmoid(u, v, beta, label_smoothing, partners)
-    return (losses, *implicit_rewards(beta, chosen, rejected))
+    return (_sorted_smoothed_sigmoid(u, v, beta, label_smoothing, partners), *rewards)
 
 
 @register("aot_unpaired")
-def aot_unpaired_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float = 0.1,
-    *,
-    label_smoothing: float = 0.0,
-    partners: tuple[Tensor, Tensor] | None = None,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-) -> LossOutput:
+def aot_unpaired_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+                      ref_rejected_logps: Tensor, beta: float = 0.1, *, label_smoothing: float = 0.0,
+                      partners: tuple[Tensor, Tensor] | None = None, chosen_lengths: Tensor | None = None,
+                      rejected_lengths: Tensor | None = None) -> LossOutput:
     """AOT, unpaired (Melnyk et al. 2024, eq. 8): the sorted chosen log-ratios must dominate the sorted rejected ones,
 
         L = (1/B) Σ_k [−(1 − ε) log σ(β(s_w,(k) − s_l,(k))) − ε log σ(−β(s_w,(k) − s_l,(k)))]
@@ -116,9 +96,9 @@ def aot_unpaired_loss(
 
     Shape: all (B,) -> three (B,) tensors.
     """
-    chosen, rejected = logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    losses = _sorted_smoothed_sigmoid(chosen, rejected, beta, label_smoothing, partners)
-    return (losses, *implicit_rewards(beta, chosen, rejected))
+    chosen, rejected, *rewards = logratios_and_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                                       ref_rejected_logps, beta)
+    return (_sorted_smoothed_sigmoid(chosen, rejected, beta, label_smoothing, partners), *rewards)
 
 
 def aot_sorted_values(loss: str, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
