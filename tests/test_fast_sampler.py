@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from dpolab.sample.completions import completion_logprobs
 from dpolab.sample.decode import inverse_cdf
 from dpolab.sample.generate import sample
-from dpolab.baselines.rloo import score_completions
 from dpolab.tiny import tiny_causal_lm
 
 PROMPTS = ["The movie was", "A dull, plodding film that never", "Hello!", "My name is Ada and my favourite colour"]
@@ -77,7 +77,7 @@ def test_fast_model_logps_equal_teacher_forced_scoring(biased):
     model, tok = biased
     s = sample(model, tok, PROMPTS, 4, max_new_tokens=12, seed=2, progress=False, top_k=30, temperature=0.9)
     assert s.finished.any()
-    scored = score_completions(model, s, tok.pad_token_id)
+    scored = completion_logprobs(model, s, tok.pad_token_id)
     torch.testing.assert_close(s.model_logps, scored, atol=1e-4, rtol=0)
 
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from dpolab.sample.generate import sample
 from dpolab.baselines.ppo import ValueHead, gae, policy_and_values, ppo_loss, ppo_train, token_rewards, whiten
-from dpolab.baselines.rloo import completion_batch, score_completions, score_completions_per_token
+from dpolab.sample.completions import completion_batch, completion_logprobs, completion_token_logprobs
+from dpolab.sample.generate import sample
 from dpolab.tiny import tiny_causal_lm
 
 
@@ -89,8 +89,8 @@ def test_per_token_scores_sum_to_the_sequence_scores():
     """The per-token reference log-probs PPO uses sum to the fast path's sequence log-probs, row by row."""
     model, tok = tiny_causal_lm("gpt2", seed=1)
     samples = sample(model, tok, ["The movie", "A dull"], 3, max_new_tokens=6, top_k=len(tok), seed=0, progress=False)
-    per_token = score_completions_per_token(model, samples, tok.pad_token_id, batch_size=4)
-    torch.testing.assert_close(per_token.sum(-1).view(2, 3), score_completions(model, samples, tok.pad_token_id),
+    per_token = completion_token_logprobs(model, samples, tok.pad_token_id, batch_size=4)
+    torch.testing.assert_close(per_token.sum(-1).view(2, 3), completion_logprobs(model, samples, tok.pad_token_id),
                                rtol=1e-5, atol=1e-4)
     head = ValueHead(model.config.hidden_size)
     with torch.no_grad():

@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import torch
 
+from dpolab.baselines.rloo import leave_one_out_advantages, rloo_train
 from dpolab.experiments.sentiment_eval import (
     best_of_n_rows,
     heldout_pair_accuracy,
     mean_and_se,
     slow_heldout_pair_accuracy,
 )
+from dpolab.sample.completions import completion_logprobs
 from dpolab.sample.generate import sample
-from dpolab.baselines.rloo import leave_one_out_advantages, rloo_train, score_completions
 from dpolab.tiny import tiny_causal_lm
 
 
@@ -29,11 +30,11 @@ def test_leave_one_out_advantages_by_hand():
         leave_one_out_advantages(torch.tensor([[1.0]]))
 
 
-def test_score_completions_matches_sampling_logps():
+def test_completion_logprobs_matches_sampling_logps():
     """Teacher-forced scoring of the samples under the sampling model equals the log-probs recorded while sampling."""
     model, tok = tiny_causal_lm("gpt2", seed=1)
     samples = sample(model, tok, ["The movie", "A dull"], 3, max_new_tokens=6, top_k=len(tok), seed=0, progress=False)
-    scored = score_completions(model, samples, tok.pad_token_id)
+    scored = completion_logprobs(model, samples, tok.pad_token_id)
     torch.testing.assert_close(scored, samples.model_logps, rtol=1e-5, atol=1e-4)
 
 

@@ -33,10 +33,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dpolab.sample.generate import sample
-from dpolab.logprobs import IGNORE_INDEX, shift_labels, token_logprobs
-from dpolab.baselines.rloo import completion_batch, score_completions_per_token
+from dpolab.data.batch import IGNORE_INDEX
 from dpolab.data.tokenize import pad_token_id
+from dpolab.logprobs import shift_labels, token_logprobs
+from dpolab.sample.completions import completion_batch, completion_token_logprobs
+from dpolab.sample.generate import sample
 
 
 class ValueHead(torch.nn.Module):
@@ -182,7 +183,7 @@ def ppo_train(
                          seed=seed * 100_003 + step, progress=False)
         texts = [t for row in samples.texts for t in row]
         scores = torch.tensor(np.asarray(reward_fn(texts), dtype=np.float64), dtype=torch.float32)
-        ref_logps = score_completions_per_token(reference, samples, pad)
+        ref_logps = completion_token_logprobs(reference, samples, pad)
         batch = completion_batch(samples, pad)
         policy.train()
         record = {"step": step + 1, "reward": scores.mean().item()}

@@ -18,48 +18,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from dpolab.data.batch import collate_sequences
-from dpolab.sample.generate import Samples, sample
-from dpolab.logprobs import sequence_forward, shift_labels, token_logprobs
 from dpolab.data.tokenize import pad_token_id
-
-
-def completion_batch(samples: Samples, pad_token_id: int):
-    """All completions of ``samples`` as one :class:`dpolab.data.batch.SequenceBatch`, prompt by prompt."""
-    prompt_ids, response_ids = [], []
-    for p, rows in enumerate(samples.token_ids):
-        for ids in rows:
-            prompt_ids.append(samples.prompt_ids[p])
-            response_ids.append(ids if ids else [pad_token_id])  # an empty completion still scores one token
-    return collate_sequences(prompt_ids, response_ids, None, pad_token_id)
-
-
-def score_completions(model, samples: Samples, pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
-    """Summed log-probs of every completion in ``samples`` under ``model`` (teacher-forced). Shape: (P, N)."""
-    batch = completion_batch(samples, pad_token_id)
-    out = []
-    with torch.no_grad():
-        for start in range(0, batch.input_ids.size(0), batch_size):
-            rows = slice(start, start + batch_size)
-            sub = type(batch)(batch.input_ids[rows], batch.attention_mask[rows], batch.labels[rows])
-            out.append(sequence_forward(model, sub)[0])
-    return torch.cat(out).view(len(samples.token_ids), -1)
-
-
-def score_completions_per_token(model, samples: Samples, pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
-    """Per-token log-probs of every completion under ``model`` (teacher-forced), laid out as
-    :func:`dpolab.baselines.ppo.policy_and_values` lays them out: row i of :func:`completion_batch`, position t scoring the
-    label at t+1, 0 off the response. Summing a row gives :func:`score_completions`'s entry. Shape: (P·N, T)."""
-    batch = completion_batch(samples, pad_token_id)
-    targets = shift_labels(batch.labels)
-    out = []
-    with torch.no_grad():
-        for start in range(0, batch.input_ids.size(0), batch_size):
-            rows = slice(start, start + batch_size)
-            logits = model(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows],
-                           use_cache=False).logits
-            out.append(token_logprobs(logits, targets[rows]))
-    return torch.cat(out)
+from dpolab.logprobs import sequence_forward
+from dpolab.sample.completions import completion_batch, completion_logprobs
+from dpolab.sample.generate import sample
 
 
 def leave_one_out_advantages(rewards: torch.Tensor) -> torch.Tensor:
@@ -106,7 +68,7 @@ def rloo_train(
                          seed=seed * 100_003 + step, progress=False)
         texts = [t for row in samples.texts for t in row]
         reward = torch.tensor(np.asarray(reward_fn(texts), dtype=np.float64), dtype=torch.float32).view(-1, k)
-        ref_logps = score_completions(reference, samples, pad)
+        ref_logps = completion_logprobs(reference, samples, pad)
         policy.train()
         batch = completion_batch(samples, pad)
         logps, _ = sequence_forward(policy, batch)

@@ -380,24 +380,24 @@ def heldout_samples(setup: Setup) -> dict:
     trained policy's implicit-reward accuracy is measured (pairs from π_ref's samples, like the training pairs).
     """
     if setup.heldout is None:
-        from dpolab.baselines.rloo import score_completions
+        from dpolab.sample.completions import completion_logprobs
 
         c = setup.config
         kw = _sampling(setup, max(*c.best_of_n, c.heldout_pair_samples, 2), c.seed + 1)
         samples = sample(setup.reference, setup.tokenizer, setup.eval_prefixes, kw.pop("n"), **kw)
         rewards = np.asarray(setup.reward_fn(full_texts(samples))).reshape(len(samples.prompts), -1)
         setup.heldout = {"samples": samples, "rewards": rewards,
-                         "ref_logps": score_completions(setup.reference, samples, pad_token_id(setup.tokenizer))}
+                         "ref_logps": completion_logprobs(setup.reference, samples, pad_token_id(setup.tokenizer))}
     return setup.heldout
 
 
 def evaluate(setup: Setup, name: str, method: str, policy, **extra) -> dict:
     """One results row: ``policy`` sampled on the held-out prefixes, scored, KL to π_ref, held-out pair accuracy."""
-    from dpolab.baselines.rloo import score_completions
+    from dpolab.sample.completions import completion_logprobs
 
     c = setup.config
     held = heldout_samples(setup)
-    ratios = score_completions(policy, held["samples"], pad_token_id(setup.tokenizer)) - held["ref_logps"]
+    ratios = completion_logprobs(policy, held["samples"], pad_token_id(setup.tokenizer)) - held["ref_logps"]
     return evaluate_policy(name, method, policy, setup.reference, setup.tokenizer, setup.eval_prefixes,
                            n=c.eval_samples_per_prompt, max_new_tokens=c.max_new_tokens, seed=c.seed + 1,
                            reward_fn=setup.reward_fn, judge_fn=setup.judge_fn,

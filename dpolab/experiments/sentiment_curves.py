@@ -23,7 +23,7 @@ import numpy as np
 
 from dpolab.experiments.sentiment_eval import full_texts, heldout_pair_accuracy
 from dpolab.sample.generate import Samples, sample
-from dpolab.baselines.rloo import score_completions
+from dpolab.sample.completions import completion_logprobs
 from dpolab.data.tokenize import pad_token_id
 
 RESULTS_FORMAT = "dpolab.sentiment/2"
@@ -87,7 +87,7 @@ def evaluate_checkpoint(setup, policy, method: str, knob: float, step: int, *, p
                      max_new_tokens=c.max_new_tokens, top_k=len(setup.tokenizer), seed=c.seed + 2, progress=False)
     seconds = {"sampling": time.perf_counter() - t}
     t = time.perf_counter()
-    kls = (samples.model_logps - score_completions(setup.reference, samples, pad)).numpy()
+    kls = (samples.model_logps - completion_logprobs(setup.reference, samples, pad)).numpy()
     seconds["π_ref log-probs"] = time.perf_counter() - t
     t = time.perf_counter()
     texts = full_texts(samples)
@@ -100,7 +100,7 @@ def evaluate_checkpoint(setup, policy, method: str, knob: float, step: int, *, p
         t = time.perf_counter()
         held = setup.heldout_samples()
         k = min(c.heldout_pair_samples, held["rewards"].shape[1])
-        ratios = score_completions(policy, first_samples(held["samples"], k), pad) - held["ref_logps"][:, :k]
+        ratios = completion_logprobs(policy, first_samples(held["samples"], k), pad) - held["ref_logps"][:, :k]
         extra = heldout_pair_accuracy(ratios.numpy(), held["rewards"][:, :k])
         seconds["held-out pair accuracy"] = time.perf_counter() - t
     lengths = [float(np.mean([len(ids) for ids in row])) for row in samples.token_ids]

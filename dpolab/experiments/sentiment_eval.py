@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dpolab.sample.generate import Samples, sample
-from dpolab.baselines.rloo import score_completions
+from dpolab.sample.completions import completion_logprobs
 from dpolab.data.tokenize import pad_token_id
 
 
@@ -62,7 +62,7 @@ def evaluate_policy(name: str, method: str, policy, reference, tokenizer, prompt
     samples = sample(policy, tokenizer, list(prompts), n, max_new_tokens=max_new_tokens, top_k=len(tokenizer),
                      seed=seed, progress=False)
     pad = pad_token_id(tokenizer)
-    ref_logps = score_completions(reference, samples, pad)
+    ref_logps = completion_logprobs(reference, samples, pad)
     return evaluate_samples(name, method, samples, reward_fn, judge_fn, samples.model_logps - ref_logps, **extra)
 
 
