@@ -12,7 +12,7 @@ import torch
 
 from dpolab.train import checkpoint as ckpt
 from dpolab.train import distributed as dist
-from dpolab import logprobs
+from dpolab.fast.paths import FastPaths
 from dpolab.train.metrics import read_metrics
 from dpolab.train.trainer import train
 
@@ -22,6 +22,9 @@ from test_trainer import FAST, make_examples  # noqa: E402
 
 RUN = {**FAST, "max_steps": 3, "micro_batch_size": 2, "save_every": 1, "keep_last": 5, "eval_every": 3,
        "eval_batch_size": 2, "kl_samples": 4, "kl_max_new_tokens": 4}
+# the single-process side of each comparison trains without the speed paths that only a single process takes
+# (the sparse tied lookup and the fused output layer), as the distributed processes do
+AS_DISTRIBUTED = FastPaths(sparse_embedding=False, fused_output_layer=False)
 
 WORKER = """
 import json, os, sys
@@ -73,22 +76,21 @@ def test_single_process_context_needs_no_process_group(monkeypatch):
 
 
 @pytest.mark.distributed
-def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path, monkeypatch):
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     """2 processes × 2 pairs × 1 accumulation step vs 1 process × 2 pairs × 2 accumulation steps: the same
     4-pair global batches (the plan is a function of seed and step), the same micro-batches, only the order
     of the gradient sums differs, so weights agree to float rounding; metrics are reduced over both
     processes and files are written by rank 0 only.
 
-    The single process uses the model's own embedding lookup and output layer, as distributed processes do (the
-    sparse tied lookup and the fused output layer of dpolab.logprobs are single-process only): GPT-2's attention-key biases get a gradient that is
-    zero up to rounding, which Adam scales up to lr-sized steps, so any other summation order shows there."""
-    monkeypatch.setattr(logprobs, "SPARSE_TIED_EMBEDDING", False)
-    monkeypatch.setattr(logprobs, "FUSED_OUTPUT_LAYER", False)  # likewise single-process only
+    The single process trains with the model's own embedding lookup and output layer, as distributed processes do
+    (the sparse tied lookup and the fused output layer of dpolab.fast are single-process only): GPT-2's
+    attention-key biases get a gradient that is zero up to rounding, which Adam scales up to lr-sized steps, so any
+    other summation order shows there."""
     out = tmp_path / "ddp"
     proc = _torchrun(out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = train({**RUN, "grad_accum_steps": 2, "output_dir": str(tmp_path / "single")},
-                   train_pairs=make_examples(16), eval_pairs=make_examples(6, offset=50))
+                   train_pairs=make_examples(16), eval_pairs=make_examples(6, offset=50), fast=AS_DISTRIBUTED)
 
     ddp_weights = torch.load(out / "weights-rank-0.pt")
     other_rank = torch.load(out / "weights-rank-1.pt")
@@ -115,15 +117,13 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
 
 
 @pytest.mark.distributed
-def test_gradient_checkpointing_under_ddp_trains_as_one_process_without_it(tmp_path, monkeypatch):
+def test_gradient_checkpointing_under_ddp_trains_as_one_process_without_it(tmp_path):
     """The same comparison with every decoder layer recomputed in the backward pass of both DDP processes."""
-    monkeypatch.setattr(logprobs, "SPARSE_TIED_EMBEDDING", False)
-    monkeypatch.setattr(logprobs, "FUSED_OUTPUT_LAYER", False)
     out = tmp_path / "ddp"
     proc = _torchrun(out, extra=', "gradient_checkpointing": True')
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = train({**RUN, "grad_accum_steps": 2, "output_dir": str(tmp_path / "single")},
-                   train_pairs=make_examples(16), eval_pairs=make_examples(6, offset=50))
+                   train_pairs=make_examples(16), eval_pairs=make_examples(6, offset=50), fast=AS_DISTRIBUTED)
     ddp_weights = torch.load(out / "weights-rank-0.pt")
     for name, tensor in single.model.state_dict().items():
         torch.testing.assert_close(ddp_weights[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
@@ -133,15 +133,13 @@ def test_gradient_checkpointing_under_ddp_trains_as_one_process_without_it(tmp_p
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_fsdp_two_processes_equal_one_process(tmp_path, monkeypatch):
+def test_fsdp_two_processes_equal_one_process(tmp_path):
     """The same comparison with the model sharded by FSDP (fully_shard) instead of replicated by DDP."""
-    monkeypatch.setattr(logprobs, "SPARSE_TIED_EMBEDDING", False)  # as in the DDP comparison above
-    monkeypatch.setattr(logprobs, "FUSED_OUTPUT_LAYER", False)
     out = tmp_path / "fsdp"
     proc = _torchrun(out, extra=', "fsdp": True, "kl_samples": 0')
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = train({**RUN, "grad_accum_steps": 2, "kl_samples": 0, "output_dir": str(tmp_path / "single")},
-                   train_pairs=make_examples(16), eval_pairs=make_examples(6, offset=50))
+                   train_pairs=make_examples(16), eval_pairs=make_examples(6, offset=50), fast=AS_DISTRIBUTED)
     sharded = ckpt.load_checkpoint(ckpt.latest_checkpoint(out)).model_state
     for name, tensor in single.model.state_dict().items():
         torch.testing.assert_close(sharded[name], tensor, rtol=1e-4, atol=1e-6, msg=name)

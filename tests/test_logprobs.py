@@ -5,17 +5,19 @@ import math
 import pytest
 import torch
 
-import dpolab.logprobs as logprobs
+import dpolab.fast.paths as paths
 from dpolab.data.batch import PairBatch, SequenceBatch, collate_pairs, collate_sequences
+from dpolab.data.tokenize import TokenizedPair
+from dpolab.fast import label_logprob, output_layer
+from dpolab.fast.paths import FastPaths, model_paths, supports_scored_logits
 from dpolab.logprobs import (
     concatenated_forward,
+    row_sums,
     sequence_forward,
     sequence_logprobs,
-    supports_scored_logits,
     token_logprobs,
 )
 from dpolab.tiny import tiny_causal_lm
-from dpolab.data.tokenize import TokenizedPair
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -80,7 +82,7 @@ def test_chunked_forward_and_backward_equal_unchunked(monkeypatch):
     labels = _random_labels(generator, 3, 8, 37)
     whole = sequence_logprobs(logits, labels)
     (grad_whole,) = torch.autograd.grad(whole.sum(), logits)
-    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 3 * 37)
+    monkeypatch.setattr(label_logprob, "CHUNK_ELEMENTS", 3 * 37)
     chunked = sequence_logprobs(logits, labels)
     (grad_chunked,) = torch.autograd.grad(chunked.sum(), logits)
     torch.testing.assert_close(chunked, whole, atol=1e-12, rtol=0)
@@ -89,7 +91,7 @@ def test_chunked_forward_and_backward_equal_unchunked(monkeypatch):
 
 def test_gradient_finite_differences_and_log_softmax_reference(monkeypatch):
     """The recomputing backward equals finite differences (gradcheck, float64) and autograd of log_softmax."""
-    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 2 * 11)
+    monkeypatch.setattr(label_logprob, "CHUNK_ELEMENTS", 2 * 11)
     generator = torch.Generator().manual_seed(2)
     logits = torch.randn(2, 6, 11, generator=generator, dtype=torch.float64, requires_grad=True)
     labels = _random_labels(generator, 2, 6, 11)
@@ -151,27 +153,28 @@ def test_scored_path_equals_full_logits_path_values_and_gradients(model, share_p
     """The default path computes logits only where a token is scored: Σ lengths rows on 2B rows, and one row
     fewer per pair on the pair-tree layout (the last prompt position predicts the first token of both
     responses). Unfused, the model's own output layer does it (``logits_to_keep``); fused, the model never runs
-    its output layer and dpolab.logprobs._OutputLayerLogProb applies the same weight to the hidden states."""
-    monkeypatch.setattr(logprobs, "FUSED_OUTPUT_LAYER", fused)
+    its output layer and dpolab.fast.output_layer.OutputLayerLogProb applies the same weight to the hidden states.
+    The reference (``FastPaths.off()``) computes logits at all 2B·T positions."""
     batch = collate_pairs(_pairs(), pad_token_id=0)
     assert supports_scored_logits(model)
     seen, fused_rows = [], []
     hook = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: seen.append(out.shape))
-    apply = logprobs._OutputLayerLogProb.apply
-    monkeypatch.setattr(logprobs._OutputLayerLogProb, "apply",
+    apply = output_layer.OutputLayerLogProb.apply
+    monkeypatch.setattr(output_layer.OutputLayerLogProb, "apply",
                         lambda hidden, *rest: fused_rows.append(hidden.shape) or apply(hidden, *rest))
     try:
-        fast = concatenated_forward(model, batch, share_prompt=share_prompt)
+        fast = concatenated_forward(model, batch, fast=FastPaths(pair_tree=share_prompt, fused_output_layer=fused))
+        slow = concatenated_forward(model, batch, fast=FastPaths.off())
     finally:
         hook.remove()
     shared_predictors = batch.num_pairs if share_prompt else 0
     scored_rows = int(fast.chosen_lengths.sum() + fast.rejected_lengths.sum()) - shared_predictors
+    everywhere = torch.Size([*batch.input_ids.shape, model.config.vocab_size])
     if fused:
-        assert seen == [] and fused_rows == [torch.Size([scored_rows, model.config.hidden_size])]
+        assert seen == [everywhere] and fused_rows == [torch.Size([scored_rows, model.config.hidden_size])]
     else:
-        assert seen == [torch.Size([scored_rows, model.config.vocab_size])] and fused_rows == []
+        assert seen == [torch.Size([scored_rows, model.config.vocab_size]), everywhere] and fused_rows == []
     grads_fast = torch.autograd.grad((fast.chosen - 2 * fast.rejected).sum(), list(model.parameters()))
-    slow = concatenated_forward(model, batch, full_logits=True)
     grads_slow = torch.autograd.grad((slow.chosen - 2 * slow.rejected).sum(), list(model.parameters()))
     torch.testing.assert_close(fast.chosen, slow.chosen, atol=1e-5, rtol=0)
     torch.testing.assert_close(fast.rejected, slow.rejected, atol=1e-5, rtol=0)
@@ -181,20 +184,19 @@ def test_scored_path_equals_full_logits_path_values_and_gradients(model, share_p
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "tied-llama"])
 def test_output_gradient_added_into_the_weight_equals_autograds(kind, monkeypatch):
-    """Inside output_grad_into_weight the fused output layer adds its weight gradient into .grad itself (empty
-    at the first micro-batch, accumulating at the next), with softmax chunks smaller than the batch: every .grad equals
+    """With ``grad_into_weight`` the fused output layer adds its weight gradient into .grad itself (empty at the
+    first micro-batch, accumulating at the next), with softmax chunks smaller than the batch: every .grad equals
     that of the model's own output layer run through autograd, to float rounding."""
     model = tiny_causal_lm(kind, seed=0)[0] if kind != "tied-llama" else _tied_llama()
     batches = [collate_pairs(_pairs(), pad_token_id=0), collate_pairs(_pairs()[::-1][:2], pad_token_id=0)]
-    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 3 * model.config.vocab_size)  # 3 rows per chunk
+    monkeypatch.setattr(label_logprob, "CHUNK_ELEMENTS", 3 * model.config.vocab_size)  # 3 rows per chunk
     grads = {}
     for fused in (True, False):
-        monkeypatch.setattr(logprobs, "FUSED_OUTPUT_LAYER", fused)
+        fast = FastPaths(fused_output_layer=fused, grad_into_weight=True)
         model.zero_grad(set_to_none=True)
         for weight, batch in zip((1.0, -0.7), batches):
-            with logprobs.output_grad_into_weight():
-                out = concatenated_forward(model, batch)
-                (weight * (out.chosen - 0.3 * out.rejected)).sum().backward()
+            out = concatenated_forward(model, batch, fast=fast)
+            (weight * (out.chosen - 0.3 * out.rejected)).sum().backward()
         grads[fused] = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert grads[True].keys() == grads[False].keys()
     for name, reference in grads[False].items():
@@ -206,14 +208,26 @@ def test_output_gradient_added_into_the_weight_equals_autograds(kind, monkeypatc
 def test_fused_output_layer_only_where_it_is_the_same_function():
     """Wrapped models, output layers with a bias, and autocast keep the model's own output layer."""
     model, _ = tiny_causal_lm("gpt2", seed=0)
-    assert logprobs._output_weight(model) is model.get_output_embeddings().weight
+    assert model_paths(model, FastPaths()).output_weight is model.get_output_embeddings().weight
+    assert model_paths(model, FastPaths(fused_output_layer=False)).output_weight is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert logprobs._output_weight(model) is None
+        assert model_paths(model, FastPaths()).output_weight is None
     wrapper = torch.nn.Module()
     wrapper.module = model
-    assert logprobs._output_weight(wrapper) is None
+    assert model_paths(wrapper, FastPaths()).output_weight is None
     model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))
-    assert logprobs._output_weight(model) is None
+    assert model_paths(model, FastPaths()).output_weight is None
+
+
+def test_one_forward_looks_under_the_wrappers_once(model, monkeypatch):
+    """Every path of a forward is decided from one unwrapping of the model (dpolab.fast.paths.model_paths)."""
+    calls = []
+    unwrap = paths.unwrap
+    monkeypatch.setattr(paths, "unwrap", lambda m: calls.append(m) or unwrap(m))
+    for fast in (FastPaths(), FastPaths(pair_tree=False), FastPaths.off()):
+        calls.clear()
+        concatenated_forward(model, collate_pairs(_pairs(), pad_token_id=0), fast=fast)
+        assert calls == [model]
 
 
 def test_concatenated_forward_splits_chosen_then_rejected(model):
@@ -243,7 +257,7 @@ def test_lora_model_uses_scored_path_and_matches_full():
     model = peft.get_peft_model(base, config)
     batch = collate_pairs(_pairs(), pad_token_id=0)
     assert supports_scored_logits(model)
-    fast, slow = concatenated_forward(model, batch), concatenated_forward(model, batch, full_logits=True)
+    fast, slow = concatenated_forward(model, batch), concatenated_forward(model, batch, fast=FastPaths.off())
     torch.testing.assert_close(fast.chosen, slow.chosen, atol=1e-5, rtol=0)
     torch.testing.assert_close(fast.rejected, slow.rejected, atol=1e-5, rtol=0)
 
@@ -273,7 +287,7 @@ def _tied_llama():
 
 @pytest.mark.parametrize("kind", ["gpt2", "tied-llama"])
 @pytest.mark.parametrize("share_prompt", [False, True])
-def test_sparse_lookup_of_a_tied_embedding_gives_the_dense_gradient(kind, share_prompt, monkeypatch):
+def test_sparse_lookup_of_a_tied_embedding_gives_the_dense_gradient(kind, share_prompt):
     """A tied input embedding is looked up with a sparse gradient: the parameter's .grad is still dense and
     equals the model's own lookup's gradient (padding_idx rows included) to float rounding."""
     model = tiny_causal_lm("gpt2", seed=0)[0] if kind == "gpt2" else _tied_llama()
@@ -282,13 +296,13 @@ def test_sparse_lookup_of_a_tied_embedding_gives_the_dense_gradient(kind, share_
     pairs = _pairs() + [TokenizedPair([2, 5], [2, 9, 2], [7, 2], [1, 1, 1], [1, 1])]  # id 2: Llama's padding_idx
     batch = collate_pairs(pairs, pad_token_id=2)
     with torch.no_grad():
-        assert set(logprobs._token_inputs(model, batch.input_ids)) == {"input_ids"}
-    assert set(logprobs._token_inputs(model, batch.input_ids)) == {"inputs_embeds"}
+        assert model_paths(model, FastPaths()).sparse_embedding is None
+    assert model_paths(model, FastPaths()).sparse_embedding is embedding
+    assert model_paths(model, FastPaths(sparse_embedding=False)).sparse_embedding is None
     grads = {}
     for sparse in (True, False):
-        monkeypatch.setattr(logprobs, "SPARSE_TIED_EMBEDDING", sparse)
         model.zero_grad(set_to_none=True)
-        out = concatenated_forward(model, batch, share_prompt=share_prompt)
+        out = concatenated_forward(model, batch, fast=FastPaths(pair_tree=share_prompt, sparse_embedding=sparse))
         (out.chosen - 0.3 * out.rejected).sum().backward()
         assert not embedding.weight.grad.is_sparse
         grads[sparse] = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -300,11 +314,10 @@ def test_sparse_lookup_of_a_tied_embedding_gives_the_dense_gradient(kind, share_
 
 def test_untied_or_frozen_embeddings_keep_the_models_own_lookup():
     untied, _ = tiny_causal_lm("llama", seed=0)
-    ids = torch.tensor([[5, 6, 7]])
-    assert set(logprobs._token_inputs(untied, ids)) == {"input_ids"}
+    assert model_paths(untied, FastPaths()).sparse_embedding is None
     tied = _tied_llama()
     tied.get_input_embeddings().weight.requires_grad_(False)
-    assert set(logprobs._token_inputs(tied, ids)) == {"input_ids"}
+    assert model_paths(tied, FastPaths()).sparse_embedding is None
 
 
 def test_row_sums_are_correctly_rounded():
@@ -313,7 +326,7 @@ def test_row_sums_are_correctly_rounded():
     generator = torch.Generator().manual_seed(0)
     scored = -9 * torch.rand(4 * 300, generator=generator)  # 4 rows of 300 tokens, |sum| ~ 1350
     row_of = torch.arange(4).repeat_interleave(300)
-    got = logprobs._row_sums(scored, row_of, 4)
+    got = row_sums(scored, row_of, 4)
     exact = torch.zeros(4, dtype=torch.float64).index_add(0, row_of, scored.double())
     half_ulp = torch.finfo(torch.float32).eps * exact.abs() / 2
     assert got.dtype == torch.float32
@@ -322,16 +335,16 @@ def test_row_sums_are_correctly_rounded():
 
 @pytest.mark.parametrize("direct", [False, True])
 def test_output_layer_log_prob_against_float64_log_softmax(direct, monkeypatch):
-    """_OutputLayerLogProb on random hidden states with a repeated row (one row scoring two targets) and
+    """OutputLayerLogProb on random hidden states with a repeated row (one row scoring two targets) and
     3-row softmax chunks: values and both gradients equal log_softmax(h W^T)[y] computed in float64."""
-    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 3 * 40)
+    monkeypatch.setattr(label_logprob, "CHUNK_ELEMENTS", 3 * 40)
     generator = torch.Generator().manual_seed(5)
     hidden = torch.randn(7, 16, generator=generator, requires_grad=True)
     weight = torch.nn.Parameter(torch.randn(40, 16, generator=generator) / 4)
     rows = torch.tensor([0, 1, 2, 2, 3, 4, 5, 6])
     targets = torch.randint(40, (8,), generator=generator)
     g = torch.randn(8, generator=generator)
-    out = logprobs._OutputLayerLogProb.apply(hidden, weight, rows, targets, direct)
+    out = output_layer.OutputLayerLogProb.apply(hidden, weight, rows, targets, direct)
     (out * g).sum().backward()
     h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     expected = torch.log_softmax(h64 @ w64.T, -1)[rows, targets]

@@ -5,12 +5,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import dpolab.logprobs as logprobs
 from dpolab.data.batch import collate_pairs
-from dpolab.logprobs import concatenated_forward, supports_shared_prompt
-from dpolab.fast.pairtree import pair_tree
-from dpolab.tiny import tiny_causal_lm
 from dpolab.data.tokenize import TokenizedPair
+from dpolab.fast.pairtree import pair_tree
+from dpolab.fast.paths import FastPaths, supports_shared_prompt
+from dpolab.logprobs import concatenated_forward
+from dpolab.tiny import tiny_causal_lm
 
 
 def _two_pairs():
@@ -92,10 +92,9 @@ def _random_pairs(generator, n, vocab):
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_tree_equals_two_row_slow_path_values_and_gradients(kind, attention, fused, monkeypatch):
+def test_tree_equals_two_row_slow_path_values_and_gradients(kind, attention, fused):
     """Same log-probs and parameter gradients as the full-logits 2B-row reference, to float32 rounding, with
     dpolab's fused output layer and with the model's own."""
-    monkeypatch.setattr(logprobs, "FUSED_OUTPUT_LAYER", fused)
     model, _ = tiny_causal_lm(kind, seed=0)
     model.config._attn_implementation = attention
     batch = collate_pairs(_random_pairs(torch.Generator().manual_seed(7), 6, model.config.vocab_size), 0)
@@ -103,11 +102,11 @@ def test_tree_equals_two_row_slow_path_values_and_gradients(kind, attention, fus
     hook = model.base_model.register_forward_pre_hook(  # the transformer blocks' input, with or without the head
         lambda mod, args, kwargs: calls.append(kwargs["attention_mask"].shape), with_kwargs=True)
     try:
-        fast = concatenated_forward(model, batch)
+        fast = concatenated_forward(model, batch, fast=FastPaths(fused_output_layer=fused))
     finally:
         hook.remove()
     assert calls[0][0] == batch.num_pairs  # one row per pair: the tree layout ran
-    slow = concatenated_forward(model, batch, full_logits=True)
+    slow = concatenated_forward(model, batch, fast=FastPaths.off())
     params = list(model.parameters())
     g_fast = torch.autograd.grad((fast.chosen - 0.5 * fast.rejected).sum(), params)
     g_slow = torch.autograd.grad((slow.chosen - 0.5 * slow.rejected).sum(), params)
@@ -119,16 +118,21 @@ def test_tree_equals_two_row_slow_path_values_and_gradients(kind, attention, fus
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_tree_without_scored_logits_support_and_errors(monkeypatch):
-    """Full logits on the tree rows give the same values; a response with nothing scored is named as before."""
+def test_tree_with_full_logits_and_errors():
+    """Full logits on the tree rows (the model's own output layer at every position) give the same values; a
+    response with nothing scored is named as before."""
     model, _ = tiny_causal_lm("llama", seed=0)
     batch = collate_pairs(_random_pairs(torch.Generator().manual_seed(3), 4, model.config.vocab_size), 0,
                           index=[10, 11, 12, 13])
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: seen.append(out.shape))
     with torch.no_grad():
         scored = concatenated_forward(model, batch)
-        monkeypatch.setattr(logprobs, "supports_scored_logits", lambda m: False)
-        full = concatenated_forward(model, batch)
-        reference = concatenated_forward(model, batch, full_logits=True)
+        full = concatenated_forward(model, batch, fast=FastPaths(scored_logits=False, fused_output_layer=False))
+        reference = concatenated_forward(model, batch, fast=FastPaths.off())
+    hook.remove()
+    tree = pair_tree(batch.input_ids, batch.attention_mask, batch.labels)
+    assert seen[0] == (*tree.input_ids.shape, model.config.vocab_size)  # fused: no head; full: every tree position
     torch.testing.assert_close(full.chosen, scored.chosen, atol=1e-5, rtol=0)
     torch.testing.assert_close(full.rejected, reference.rejected, atol=1e-5, rtol=0)
     batch.labels[5, :] = -100  # rejected response of pair 1

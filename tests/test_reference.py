@@ -11,7 +11,8 @@ import torch
 import dpolab.train.reference as reference_module
 from dpolab.data.batch import collate_pairs, pair_length
 from dpolab.train.inputs import add_lora, prepare_pairs
-from dpolab.logprobs import concatenated_forward, pair_layout
+from dpolab.fast.paths import pair_layout
+from dpolab.logprobs import concatenated_forward
 from dpolab.train.reference import AdapterReference, make_reference, precompute_reference, reference_key
 from dpolab.tiny import tiny_causal_lm
 from dpolab.data.tokenize import TokenizeConfig

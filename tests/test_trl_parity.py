@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dpolab.data.batch import PairBatch
+from dpolab.fast.paths import FastPaths
 from dpolab.logprobs import concatenated_forward
 from dpolab.losses import TRL_LOSS_TYPES, combined_loss
 from dpolab.rewards import pair_metrics
@@ -59,7 +60,7 @@ def test_per_sequence_logps_match_trl(trainer_and_batch):
         trl_chosen, trl_rejected = trainer.compute_ref_log_probs(model, inputs)
         with torch.no_grad():
             ours = concatenated_forward(model, batch)
-            slow = concatenated_forward(model, batch, full_logits=True)
+            slow = concatenated_forward(model, batch, fast=FastPaths.off())
         for got in (ours, slow):
             torch.testing.assert_close(got.chosen, trl_chosen, atol=1e-5, rtol=0)
             torch.testing.assert_close(got.rejected, trl_rejected, atol=1e-5, rtol=0)

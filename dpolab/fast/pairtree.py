@@ -15,7 +15,8 @@ matrix products have other shapes). The network runs on Σ (Lc + Lr - s) positio
 
 The shared prefix ``s`` of a pair is the longest common prefix of its two rows, cut before the first scored
 label of either, so no scored token lies in it. The last prefix position predicts the first token of both
-branches; its hidden state is used twice.
+branches; its hidden state is used twice. :func:`tree_forward` runs the model on the layout and scores every
+token; ``tests/test_pairtree.py`` holds it equal to the 2B-row full-logits path (values and gradients).
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from dpolab.data.batch import IGNORE_INDEX
+from dpolab.fast.embedding import token_inputs
+from dpolab.fast.output_layer import scored_logprobs
+from dpolab.fast.paths import ModelPaths
 
 
 @dataclass
@@ -104,3 +108,25 @@ def pair_tree(input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Pair
     tree_col = torch.where(on_rejected, before + len_c[pair] - shared[pair], before)
     return PairTree(tree_ids, positions, allowed, pair * tree_width + tree_col, labels[rows, label_cols], rows,
                     shared, tree_len)
+
+
+def tree_forward(model, tree: PairTree, paths: ModelPaths) -> Tensor:
+    """log π of every scored token of the 2B-row batch, from one forward of ``model`` on its tree layout, in the
+    order of ``tree.targets`` (sum them per ``tree.source_row``). ``paths`` says how the output layer runs.
+
+    Shape: PairTree of B rows -> (M,).
+    """
+    if paths.attention == "sdpa":
+        mask = tree.allowed[:, None]
+    else:  # eager attention adds the mask to the scores
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(tree.allowed.shape, dtype=dtype, device=tree.allowed.device)
+        mask = mask.masked_fill_(~tree.allowed, torch.finfo(dtype).min)[:, None]
+    inputs = {**token_inputs(tree.input_ids, paths.sparse_embedding), "attention_mask": mask,
+              "position_ids": tree.position_ids, "use_cache": False}
+    keep = torch.zeros(tree.input_ids.numel(), dtype=torch.bool, device=tree.input_ids.device)
+    keep[tree.predictor] = True
+    rows = (keep.cumsum(0) - 1)[tree.predictor]  # predictor position -> its row among the kept positions
+    return scored_logprobs(model, inputs, keep.view(tree.input_ids.shape), rows, tree.targets,
+                           weight=paths.output_weight, scored_logits=paths.scored_logits,
+                           grad_into_weight=paths.grad_into_weight)

@@ -19,7 +19,7 @@ import torch
 
 from dpolab.data.batch import collate_pairs, collate_sequences, length_bucketed_batches, pair_length
 from dpolab.train.distributed import DistributedContext, all_gather_objects, all_reduce_sum, unwrap
-from dpolab.logprobs import pair_layout
+from dpolab.fast.paths import pair_layout
 from dpolab.train.metrics import EVAL_PREFIX
 from dpolab.train.objective import STATS, batch_objective, mean_metrics, objective_settings
 from dpolab.rewards import sequence_kl

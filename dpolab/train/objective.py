@@ -21,8 +21,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dpolab.data.batch import PairBatch, SequenceBatch
-from dpolab.logprobs import IGNORE_INDEX, concatenated_forward, sequence_forward, shift_labels
+from dpolab.data.batch import IGNORE_INDEX, PairBatch, SequenceBatch
+from dpolab.fast.paths import DEFAULT_FAST_PATHS, FastPaths
+from dpolab.logprobs import concatenated_forward, sequence_forward, shift_labels
 from dpolab.losses import (
     LOSS_SPECS,
     SORTED_LOSSES,
@@ -65,13 +66,14 @@ def _needs_tokens(names, use_weighting, ld_alpha) -> bool:
     return use_weighting or ld_alpha is not None or any(LOSS_SPECS[n].token_inputs for n in names)
 
 
-def _pair_inputs(model, reference, batch: PairBatch, names, *, use_weighting=False, ld_alpha=None):
+def _pair_inputs(model, reference, batch: PairBatch, names, *, use_weighting=False, ld_alpha=None,
+                 fast: FastPaths = DEFAULT_FAST_PATHS):
     """Policy and reference log-probs (2B,) as the losses see them, response lengths (2B,), WPO pair weights (B,)
     or None, and the extra per-pair inputs some losses take (unweighted NLL log-probs, rejected-token log-probs)."""
     b = batch.num_pairs
     extra = {}
     if not _needs_tokens(names, use_weighting, ld_alpha):
-        policy = concatenated_forward(model, batch)
+        policy = concatenated_forward(model, batch, fast=fast)
         logps = torch.cat([policy.chosen, policy.rejected])
         lengths = torch.cat([policy.chosen_lengths, policy.rejected_lengths])
         ref = reference.pair_logps(batch) if reference is not None else None
@@ -105,7 +107,7 @@ def batch_objective(model, reference, batch: PairBatch, *, stage: str, loss: str
                     loss_params: dict | None = None, sft_weight: float = 0.0, loss_type=None, loss_weights=None,
                     use_weighting: bool = False, ld_alpha: float | None = None,
                     f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
-                    context: dict | None = None) -> tuple[Tensor, Tensor]:
+                    context: dict | None = None, fast: FastPaths = DEFAULT_FAST_PATHS) -> tuple[Tensor, Tensor]:
     """Per-pair losses (with grad) and the batch's metric sums.
 
     Args:
@@ -120,6 +122,8 @@ def batch_objective(model, reference, batch: PairBatch, *, stage: str, loss: str
         use_weighting, ld_alpha, f_divergence_type, f_alpha_divergence_coef: trl's WPO, LD-DPO and f-DPO.
         context: this micro-batch's share of the global batch (:func:`global_contexts`); None treats the batch
             as the whole global batch.
+        fast: the speed paths of the policy's forward (:class:`dpolab.fast.paths.FastPaths`); the reference
+            object has its own.
 
     Returns:
         ``(losses, sums)``: losses (B,) and a float64 vector aligned with :data:`STATS`.
@@ -128,7 +132,7 @@ def batch_objective(model, reference, batch: PairBatch, *, stage: str, loss: str
     sums["pairs"] = float(batch.num_pairs)
     if stage == "sft":
         seq = chosen_rows(batch)
-        logps, lengths = sequence_forward(model, seq)
+        logps, lengths = sequence_forward(model, seq, fast=fast)
         losses = sft_loss(logps, lengths)
         sums["tokens"] = float(seq.num_tokens)
         for name, value in zip(_SFT_STATS, (losses, logps, lengths)):
@@ -137,7 +141,8 @@ def batch_objective(model, reference, batch: PairBatch, *, stage: str, loss: str
         names = _loss_names(loss, loss_type)
         b = batch.num_pairs
         logps, ref_logps, lengths, weights, extra = _pair_inputs(model, reference, batch, names,
-                                                                 use_weighting=use_weighting, ld_alpha=ld_alpha)
+                                                                 use_weighting=use_weighting, ld_alpha=ld_alpha,
+                                                                 fast=fast)
         params = {**(loss_params or {}), **(context or {})}
         params.update({k: v for k, v in extra.items()
                        if any(k in loss_parameters(n) for n in names)})
@@ -166,7 +171,7 @@ def batch_objective(model, reference, batch: PairBatch, *, stage: str, loss: str
 
 def global_contexts(model, reference, batches: list[PairBatch], *, stage: str, loss: str = "sigmoid",
                     loss_type=None, use_weighting: bool = False, ld_alpha: float | None = None,
-                    **_settings) -> list[dict]:
+                    fast: FastPaths = DEFAULT_FAST_PATHS, **_settings) -> list[dict]:
     """Each micro-batch's share of the global batch's numbers, for the losses that are not per-pair sums.
 
     - ``sft`` (trl's): ``mean_chosen_length``, chosen tokens / pairs of the global batch (from the labels);
@@ -199,7 +204,8 @@ def global_contexts(model, reference, batches: list[PairBatch], *, stage: str, l
     with torch.no_grad():
         for batch in batches:
             logps, ref_logps, _, pair_weights, _ = _pair_inputs(model, reference, batch, names,
-                                                                 use_weighting=use_weighting, ld_alpha=ld_alpha)
+                                                                 use_weighting=use_weighting, ld_alpha=ld_alpha,
+                                                                 fast=fast)
             b = batch.num_pairs
             if sorted_names:
                 first, second = aot_sorted_values(sorted_names[0], logps[:b], logps[b:], ref_logps[:b], ref_logps[b:])

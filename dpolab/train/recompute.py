@@ -3,7 +3,7 @@
 transformers' own mechanism does the work (``activation_checkpointing_enable``, non-reentrant
 ``torch.utils.checkpoint`` around each decoder layer). It checkpoints only the repeated layers, so dpolab's fast
 paths compose with it unchanged: the pair tree's mask and position ids go into the layers as before, and the fused
-output layer (:mod:`dpolab.logprobs`) runs on the final hidden states outside any checkpoint.
+output layer (:mod:`dpolab.fast.output_layer`) runs on the final hidden states outside any checkpoint.
 
 transformers checkpoints a layer only while the layer is in training mode, and dpolab keeps the policy in eval
 mode (dropout off, so that log-prob ratios are deterministic). :func:`recomputing` therefore marks only the
@@ -18,17 +18,12 @@ from collections.abc import Iterator
 
 import torch
 
-
-def _base(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under DDP/FSDP (``.module``) and PEFT (``.get_base_model()``) wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+from dpolab.fast.paths import unwrap
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """Switch on transformers' checkpointing of every decoder layer of ``model`` (non-reentrant)."""
-    net = _base(model)
+    net = unwrap(model)
     if not getattr(net, "supports_gradient_checkpointing", False):
         raise ValueError(f"gradient_checkpointing: {type(net).__name__} does not support gradient checkpointing; "
                          "set gradient_checkpointing=false")

@@ -13,7 +13,8 @@
   read. The table's SHA-256 is stored beside it and checked on every read; a damaged or altered table is
   rebuilt. It has no model, so it cannot score new samples (no KL estimate).
 
-Every strategy returns :class:`dpolab.logprobs.PairLogps` without autograd history.
+Every strategy returns :class:`dpolab.logprobs.PairLogps` without autograd history. The model-based ones take the
+speed paths of their forwards as a :class:`dpolab.fast.paths.FastPaths` (default: all that the model allows).
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dpolab.data.batch import PairBatch, SequenceBatch, collate_pairs, pair_length
 from dpolab.cache import build_artifact, cache_dir, sha256_file
-from dpolab.logprobs import PairLogps, concatenated_forward, pair_layout, sequence_forward, shift_labels
-from dpolab.train.token_scores import token_scores
+from dpolab.data.batch import IGNORE_INDEX, PairBatch, SequenceBatch, collate_pairs, pair_length
 from dpolab.data.tokenize import TokenizedPair, pad_token_id
+from dpolab.fast.paths import DEFAULT_FAST_PATHS, FastPaths, pair_layout
+from dpolab.logprobs import PairLogps, concatenated_forward, sequence_forward, shift_labels
+from dpolab.train.token_scores import token_scores
 
 TABLE = "reference_logps.safetensors"
 TABLE_DIGEST = "reference_logps.sha256"
@@ -45,18 +47,18 @@ KEY_VERSION = 2  # bump when the way reference log-probs are computed changes (2
 class FrozenReference:
     """π_ref as its own model: eval mode (dropout off), no gradients."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = model.eval().requires_grad_(False)
+    def __init__(self, model: torch.nn.Module, *, fast: FastPaths = DEFAULT_FAST_PATHS):
+        self.model, self.fast = model.eval().requires_grad_(False), fast
 
     def pair_logps(self, batch: PairBatch) -> PairLogps:
         """Summed log π_ref of the chosen and rejected responses of a batch. Shape: -> (B,) each."""
         with torch.no_grad():
-            return concatenated_forward(self.model, batch).detach()
+            return concatenated_forward(self.model, batch, fast=self.fast).detach()
 
     def sequence_logps(self, batch: SequenceBatch) -> torch.Tensor:
         """Summed log π_ref of each row's response (e.g. policy samples). Shape: (N, T) -> (N,)."""
         with torch.no_grad():
-            return sequence_forward(self.model, batch)[0]
+            return sequence_forward(self.model, batch, fast=self.fast)[0]
 
     def token_logps(self, batch) -> torch.Tensor:
         """log π_ref of every scored token (LD-DPO), 0 elsewhere (:mod:`dpolab.train.token_scores`). Shape: (N, T)."""
@@ -73,10 +75,10 @@ class FrozenReference:
 class AdapterReference(FrozenReference):
     """π_ref as the peft policy with its LoRA adapter disabled (the base weights are never trained)."""
 
-    def __init__(self, policy: torch.nn.Module):
+    def __init__(self, policy: torch.nn.Module, *, fast: FastPaths = DEFAULT_FAST_PATHS):
         if not hasattr(policy, "disable_adapter"):
             raise ValueError("reference='adapter' needs a peft model with a LoRA adapter (set lora_r > 0)")
-        self.model = policy
+        self.model, self.fast = policy, fast
 
     def pair_logps(self, batch: PairBatch) -> PairLogps:
         with self._base():
@@ -123,11 +125,11 @@ class StartingAdapterReference(FrozenReference):
     tensors are copied.
     """
 
-    def __init__(self, policy: torch.nn.Module):
+    def __init__(self, policy: torch.nn.Module, *, fast: FastPaths = DEFAULT_FAST_PATHS):
         if not hasattr(policy, "disable_adapter"):
             raise ValueError("StartingAdapterReference needs a peft model with a LoRA adapter")
         start = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
-        self.model = _WithParams(policy, start)
+        self.model, self.fast = _WithParams(policy, start), fast
 
     def pair_logps(self, batch: PairBatch) -> PairLogps:
         was_training = self.model.inner.training
@@ -164,7 +166,7 @@ class PrecomputedReference:
         if int(index.max()) >= len(self.chosen):
             raise IndexError(f"pair index {int(index.max())} is outside the precomputed table of {len(self.chosen)} "
                              f"pairs ({self.folder}); the batch comes from another dataset")
-        lengths = (shift_labels(batch.labels) != -100).sum(-1)
+        lengths = (shift_labels(batch.labels) != IGNORE_INDEX).sum(-1)
         b = batch.num_pairs
         device = batch.input_ids.device
         return PairLogps(self.chosen[index].to(device), self.rejected[index].to(device), lengths[:b], lengths[b:])
@@ -173,14 +175,17 @@ class PrecomputedReference:
 
 
 def reference_key(model: torch.nn.Module, tokenizer, pairs: list[TokenizedPair], tokenize_config=None, *,
-                  precision: str = "fp32", batch_size: int | None = None) -> str:
+                  precision: str = "fp32", batch_size: int | None = None, fast: FastPaths = DEFAULT_FAST_PATHS) -> str:
     """SHA-256 of everything reference log-probs depend on: weights, tokenizer, tokenized data, settings, and
-    what changes their rounding: the precision and batch size of the passes, the torch and transformers versions."""
+    what changes their rounding: the precision and batch size of the passes, the speed paths (when not the
+    default, so that default keys stay as they were), the torch and transformers versions."""
     import transformers
 
     h = hashlib.sha256(f"dpolab-reference-v{KEY_VERSION}".encode())
     numerics = {"precision": precision, "batch_size": batch_size, "torch": torch.__version__,
                 "transformers": transformers.__version__}
+    if fast != DEFAULT_FAST_PATHS:
+        numerics["fast_paths"] = dataclasses.asdict(fast)
     h.update(json.dumps(numerics, sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
@@ -204,6 +209,7 @@ def precompute_reference(
     batch_size: int = 8,
     root: Path | None = None,
     precision: str = "fp32",
+    fast: FastPaths = DEFAULT_FAST_PATHS,
 ) -> PrecomputedReference:
     """Compute log π_ref of every pair once (or reuse the artifact computed before) and return the table.
 
@@ -219,10 +225,12 @@ def precompute_reference(
         root: cache folder for the artifacts (default ``cache_dir() / "reference_logps"``).
         precision: ``"fp32"``, or ``"bf16"`` to run the passes under the same bf16 autocast as the policy's
             (so that at θ = θ_ref the margins are 0, as with a model reference).
+        fast: the speed paths of the passes (:class:`dpolab.fast.paths.FastPaths`).
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-    key = reference_key(model, tokenizer, pairs, tokenize_config, precision=precision, batch_size=batch_size)
+    key = reference_key(model, tokenizer, pairs, tokenize_config, precision=precision, batch_size=batch_size,
+                        fast=fast)
     folder = Path(root or cache_dir() / "reference_logps") / key
     pad = pad_token_id(tokenizer)
 
@@ -233,7 +241,7 @@ def precompute_reference(
         autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                     else contextlib.nullcontext())
         chosen, rejected = torch.empty(len(pairs)), torch.empty(len(pairs))
-        layout = pair_layout(model)
+        layout = pair_layout(model, fast=fast)
         order = sorted(range(len(pairs)), key=lambda i: pair_length(pairs[i], layout))
         try:
             for start in range(0, len(pairs), batch_size):
@@ -241,7 +249,7 @@ def precompute_reference(
                 batch = collate_pairs([pairs[i] for i in rows], pad, index=rows)
                 batch = PairBatch(**{k: v.to(device) for k, v in vars(batch).items()})
                 with torch.no_grad(), autocast:
-                    logps = concatenated_forward(model, batch)
+                    logps = concatenated_forward(model, batch, fast=fast)
                 chosen[rows], rejected[rows] = logps.chosen.float().cpu(), logps.rejected.float().cpu()
         finally:
             model.train(was_training)
@@ -281,15 +289,15 @@ def _table_problem(folder: Path, n_pairs: int) -> str | None:
 
 
 def make_reference(kind: str, policy: torch.nn.Module, reference_model: torch.nn.Module | None = None, *,
-                   adapter_start: bool = False):
+                   adapter_start: bool = False, fast: FastPaths = DEFAULT_FAST_PATHS):
     """A model-based reference: ``"copy"`` (of ``reference_model`` if given, else of the policy now) or
     ``"adapter"`` (the adapter switched off, or with ``adapter_start`` at its current weights: for a policy that
-    arrived with a trained adapter); None for ``"none"``. ``"precomputed"`` is built with
-    :func:`precompute_reference`."""
+    arrived with a trained adapter), its forwards on the speed paths ``fast``; None for ``"none"``.
+    ``"precomputed"`` is built with :func:`precompute_reference`."""
     if kind == "copy":
-        return FrozenReference(reference_model if reference_model is not None else copy.deepcopy(policy))
+        return FrozenReference(reference_model if reference_model is not None else copy.deepcopy(policy), fast=fast)
     if kind == "adapter":
-        return StartingAdapterReference(policy) if adapter_start else AdapterReference(policy)
+        return (StartingAdapterReference if adapter_start else AdapterReference)(policy, fast=fast)
     if kind == "none":
         return None
     raise ValueError(f"make_reference: unknown kind {kind!r} (expected 'copy', 'adapter' or 'none')")

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dpolab.logprobs import IGNORE_INDEX, shift_labels
+from dpolab.data.batch import IGNORE_INDEX
+from dpolab.logprobs import shift_labels
 
 
 @dataclass

@@ -26,6 +26,7 @@ dropped and counted (``TrainResult.data``, the first step's record, one line on 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -40,20 +41,20 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from dpolab.data.batch import collate_pairs, length_bucketed_batches, pair_length
+from dpolab.data.tokenize import pad_token_id
+from dpolab.fast.allocator import keep_freed_memory
+from dpolab.fast.paths import DEFAULT_FAST_PATHS, FastPaths, pair_layout
 from dpolab.train import checkpoint as ckpt
 from dpolab.train import distributed as dist
-from dpolab.fast.allocator import keep_freed_memory
-from dpolab.data.batch import collate_pairs, length_bucketed_batches, pair_length
 from dpolab.train.config import TrainConfig
 from dpolab.train.heldout import heldout_metrics, sample_kl, to_device
 from dpolab.train.inputs import add_lora, load_policy, prepare_pairs, tokenize_config
-from dpolab.logprobs import output_grad_into_weight, pair_layout
 from dpolab.train.metrics import MetricsWriter, Monitor, NonFiniteLossError, logged_record, read_metrics
 from dpolab.train.objective import STATS, batch_objective, global_contexts, mean_metrics, objective_settings
 from dpolab.train.recompute import enable_gradient_checkpointing, recomputing
 from dpolab.train.reference import make_reference, precompute_reference
 from dpolab.train.schedule import learning_rate
-from dpolab.data.tokenize import pad_token_id
 from dpolab.train.trackers import Trackers
 
 METRICS = ckpt.METRICS
@@ -152,6 +153,7 @@ def train(
     train_pairs=None,
     eval_pairs=None,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    fast: FastPaths = DEFAULT_FAST_PATHS,
     **overrides: Any,
 ) -> TrainResult:
     """Train a policy with SFT or DPO and return its metrics and weights.
@@ -163,6 +165,8 @@ def train(
         train_pairs, eval_pairs: preference data in any form :func:`dpolab.train.inputs.prepare_pairs` accepts;
             None reads ``config.train_data`` / ``config.eval_data``.
         on_step: called as ``on_step(step, record)`` after each optimizer step (and its checkpoint).
+        fast: the speed paths of the policy's and the reference's log-prob forwards
+            (:class:`dpolab.fast.paths.FastPaths`; default: all that the model allows).
         **overrides: config fields, type-checked like command-line overrides.
     """
     if isinstance(config, (str, Path)):
@@ -174,12 +178,12 @@ def train(
     ctx = dist.setup(config.device)
     try:
         with keep_freed_memory(config.keep_freed_memory and ctx.device.type == "cpu"):
-            return _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs, on_step)
+            return _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs, on_step, fast)
     finally:
         dist.teardown(ctx)
 
 
-def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs, on_step) -> TrainResult:
+def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs, on_step, fast) -> TrainResult:
     out = Path(config.output_dir)
     # before any work: an unwritable folder, an earlier run in the way, or a disagreeing checkpoint fail here
     resume = ckpt.resume_point(config, is_main=ctx.is_main, world_size=ctx.world_size)
@@ -209,7 +213,7 @@ def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs
     touched = any(r["truncated"] or r["dropped"] for r in data_report.values())
     if ctx.is_main and (touched or config.progress):  # quiet runs (notebooks under test) hear only of changed data
         print(f"dpolab: data: {_data_line(data_report)}", file=sys.stderr)
-    layout = pair_layout(model, config.stage)
+    layout = pair_layout(model, config.stage, fast)
     plan = BatchPlan([pair_length(p, layout) for p in train_data.pairs], config, ctx.world_size)
     pad = pad_token_id(tokenizer)
 
@@ -218,7 +222,7 @@ def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs
                          f"{plan.total_steps(config)} steps (num_train_epochs={config.num_train_epochs})")
 
     model, train_ref, eval_ref = _policy_and_references(config, ctx, model, tokenizer, reference_model, train_data,
-                                                        eval_data)
+                                                        eval_data, fast)
     if config.gradient_checkpointing:  # after the reference copy: it never runs a backward pass
         enable_gradient_checkpointing(model)
     step = 0
@@ -235,7 +239,7 @@ def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs
     try:
         return _train_loop(config, ctx, model, wrapped, params, optimizer, tokenizer, train_data, eval_data, train_ref,
                            eval_ref, plan, pad, resume, step, on_step, data_report,
-                           {"model": provenance, "data": fingerprint})
+                           {"model": provenance, "data": fingerprint}, fast)
     except BaseException as err:
         if ctx.is_main:
             _after_failure(out, resume, err)
@@ -263,7 +267,7 @@ def _after_failure(out: Path, resume, err: BaseException) -> None:
 
 
 def _train_loop(config, ctx, model, wrapped, params, optimizer, tokenizer, train_data, eval_data, train_ref, eval_ref,
-                plan, pad, resume, step, on_step, data_report, state_extra) -> TrainResult:
+                plan, pad, resume, step, on_step, data_report, state_extra, fast) -> TrainResult:
     """The optimizer steps, evaluations and checkpoints of :func:`train` (after everything is set up)."""
     out = Path(config.output_dir)
     writer = MetricsWriter(out / METRICS, enabled=ctx.is_main, resume_step=step if resume is not None else None)
@@ -286,7 +290,7 @@ def _train_loop(config, ctx, model, wrapped, params, optimizer, tokenizer, train
     try:
         while step < total:
             step, record = _train_step(config, ctx, wrapped, params, optimizer, train_data, train_ref, plan, pad,
-                                       step, total, scale, autocast, num_tokens, data_report, monitor)
+                                       step, total, scale, autocast, num_tokens, data_report, monitor, fast)
             num_tokens = record["num_tokens"]
             history.append(record)
             window.append(record)
@@ -322,7 +326,7 @@ def _train_loop(config, ctx, model, wrapped, params, optimizer, tokenizer, train
 
 
 def _train_step(config, ctx, wrapped, params, optimizer, train_data, train_ref, plan, pad, step, total, scale,
-                autocast, num_tokens, data_report, monitor) -> tuple[int, dict[str, Any]]:
+                autocast, num_tokens, data_report, monitor, fast) -> tuple[int, dict[str, Any]]:
     """One optimizer step (0-based ``step`` in, 1-based step and its metrics record out)."""
     started = time.perf_counter()
     lr = learning_rate(step, config, total)  # a function of the step: a resumed run continues it exactly
@@ -331,20 +335,8 @@ def _train_step(config, ctx, wrapped, params, optimizer, train_data, train_ref, 
     epoch, micro_batches = plan.micro_batches(step, ctx.rank)
     batches = [to_device(collate_pairs([train_data.pairs[j] for j in rows], pad, index=rows), ctx.device)
                for rows in micro_batches]
-    with recomputing(wrapped):  # gradient checkpointing, when it is on
-        totals, first_bad = accumulate_gradients(wrapped, train_ref, batches, config=config, scale=scale,
-                                                 autocast=autocast)
-    totals = dist.all_reduce_sum(totals, ctx)
-    if totals[STATS.index("nonfinite")]:
-        where = first_bad or "a micro-batch of another process"
-        raise NonFiniteLossError(f"non-finite loss at step {step + 1} (epoch {epoch}), {where}; training "
-                                 f"stopped before the optimizer step, no checkpoint written for this step")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")))
-    if not math.isfinite(grad_norm):
-        raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {step + 1} (epoch {epoch}) although "
-                                 f"the loss is finite; stopped before the optimizer step")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    totals, grad_norm = optimizer_step(wrapped, train_ref, batches, optimizer, params, config=config, scale=scale,
+                                       ctx=ctx, autocast=autocast, fast=fast, where=f"step {step + 1} (epoch {epoch})")
     step += 1
     if config.sync_ref_model and step % config.ref_model_sync_steps == 0:  # TR-DPO
         train_ref.mix_in(dist.unwrap(wrapped), config.ref_model_mixup_alpha)
@@ -390,7 +382,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _policy_and_references(config, ctx, model, tokenizer, reference_model, train_data, eval_data):
+def _policy_and_references(config, ctx, model, tokenizer, reference_model, train_data, eval_data, fast):
     """The policy on its device (in eval mode: dropout off; a LoRA adapter added if asked), and π_ref for
     training and for evaluation, taken from the initial weights (before a resumed run loads its own)."""
     model = model.to(ctx.device).eval()
@@ -398,35 +390,67 @@ def _policy_and_references(config, ctx, model, tokenizer, reference_model, train
         reference_model = reference_model.to(ctx.device).eval()
     train_ref = eval_ref = None
     if config.reference == "copy":
-        train_ref = eval_ref = make_reference("copy", model, reference_model)
+        train_ref = eval_ref = make_reference("copy", model, reference_model, fast=fast)
     elif config.reference == "precomputed":
         source = model if reference_model is None else reference_model
         settings = tokenize_config(config)
         # same precision as the policy's forward passes, so that at θ = θ_ref every margin is 0
         train_ref, eval_ref = (precompute_reference(source, tokenizer, data.pairs, tokenize_config=settings,
-                                                    batch_size=config.eval_batch_size, precision=config.precision)
+                                                    batch_size=config.eval_batch_size, precision=config.precision,
+                                                    fast=fast)
                                if data.pairs else None for data in (train_data, eval_data))
     had_adapter = hasattr(model, "disable_adapter")  # e.g. LoRA SFT, then LoRA DPO: π_ref is the SFT adapter
     if config.lora_r:
         model = add_lora(model, config.lora_r, config.lora_alpha).to(ctx.device).eval()
     if config.reference == "adapter":
-        train_ref = eval_ref = make_reference("adapter", model, adapter_start=had_adapter)
+        train_ref = eval_ref = make_reference("adapter", model, adapter_start=had_adapter, fast=fast)
     if (config.reference == "precomputed" and config.lora_r and not had_adapter and reference_model is None
             and eval_ref is not None):
         # the table came from the base weights, which the adapter switched off gives back: KL samples cost nothing
-        eval_ref.sequence_logps = make_reference("adapter", model).sequence_logps
+        eval_ref.sequence_logps = make_reference("adapter", model, fast=fast).sequence_logps
     if config.stage == "sft":
         train_ref = None  # the NLL needs no reference; evaluation still reports rewards and KL against it
     return model, train_ref, eval_ref
 
 
+def optimizer_step(model, reference, batches: list, optimizer, params, *, config: TrainConfig, scale: float,
+                   ctx: dist.DistributedContext, autocast=contextlib.nullcontext, fast: FastPaths = DEFAULT_FAST_PATHS,
+                   where: str = "this step") -> tuple[torch.Tensor, float]:
+    """One optimizer step on this process's micro-batches: gradients (:func:`accumulate_gradients`, with the
+    checkpointed layers recomputing), the metric sums reduced over processes, a stop before the update if the
+    loss or the gradient norm is not finite (``where`` names the step in the error), clipping at
+    ``config.max_grad_norm``, the update, and the gradients cleared.
+
+    Returns:
+        ``(sums, grad_norm)``: the metric sums of all processes (aligned with ``objective.STATS``) and the
+        gradient norm before clipping.
+    """
+    with recomputing(model):  # gradient checkpointing, when it is on
+        totals, first_bad = accumulate_gradients(model, reference, batches, config=config, scale=scale,
+                                                 autocast=autocast, fast=fast)
+    totals = dist.all_reduce_sum(totals, ctx)
+    if totals[STATS.index("nonfinite")]:
+        raise NonFiniteLossError(f"non-finite loss at {where}, {first_bad or 'a micro-batch of another process'}; "
+                                 "training stopped before the optimizer step, no checkpoint written for this step")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")))
+    if not math.isfinite(grad_norm):
+        raise NonFiniteLossError(f"gradient norm is {grad_norm} at {where} although the loss is finite; stopped "
+                                 "before the optimizer step")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return totals, grad_norm
+
+
 def accumulate_gradients(model, reference, batches: list, *, config: TrainConfig, scale: float,
-                         autocast=contextlib.nullcontext) -> tuple[torch.Tensor, str | None]:
+                         autocast=contextlib.nullcontext,
+                         fast: FastPaths = DEFAULT_FAST_PATHS) -> tuple[torch.Tensor, str | None]:
     """Backward pass of every micro-batch of one optimizer step; gradients add up in ``.grad``.
 
     Each micro-batch contributes ``scale · Σ_pairs loss``; with ``scale`` = processes / global pairs the
     accumulated (and DDP-averaged) gradient is that of the mean loss over the global batch. Gradients
-    are all-reduced across processes only on the last micro-batch.
+    are all-reduced across processes only on the last micro-batch. The policy's forwards take the speed paths
+    ``fast``, with the fused output layer's weight gradient added straight into ``.grad`` (this loop runs
+    ``backward()``; see :class:`dpolab.fast.paths.FastPaths`).
 
     Returns:
         ``(sums, first_bad)``: the metric sums of this process (aligned with ``objective.STATS``) and a
@@ -435,11 +459,12 @@ def accumulate_gradients(model, reference, batches: list, *, config: TrainConfig
     totals, first_bad = torch.zeros(len(STATS), dtype=torch.float64), None
     settings = objective_settings(config)
     with autocast():  # the global batch's numbers for losses that are not per-pair sums (trl's sft, AOT, WPO)
-        contexts = global_contexts(model, reference, batches, stage=config.stage, **settings)
+        contexts = global_contexts(model, reference, batches, stage=config.stage, fast=fast, **settings)
+    policy_paths = dataclasses.replace(fast, grad_into_weight=True)
     for i, batch in enumerate(batches):
-        with dist.gradient_sync(model, sync=i == len(batches) - 1), autocast(), output_grad_into_weight():
+        with dist.gradient_sync(model, sync=i == len(batches) - 1), autocast():
             losses, sums = batch_objective(model, reference, batch, stage=config.stage, context=contexts[i],
-                                           **settings)
+                                           fast=policy_paths, **settings)
             (losses.sum() * scale).backward()
         totals += sums
         if first_bad is None and sums[STATS.index("nonfinite")]:
