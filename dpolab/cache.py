@@ -21,6 +21,14 @@ from filelock import FileLock
 
 COMPLETE_MARKER = "COMPLETE"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+"""The repository root: relative paths of notebooks, configs and results resolve from here, because nbval runs a
+notebook in its own folder and papermill in the caller's."""
+
+
+def from_repo_root(path: str | Path) -> Path:
+    """``path`` itself when absolute, else the same path under :data:`REPO_ROOT`."""
+    path = Path(path)
+    return path if path.is_absolute() else REPO_ROOT / path
 
 
 def cache_dir() -> Path:

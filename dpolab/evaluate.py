@@ -112,7 +112,9 @@ def summarise_preferences(preferences, *, n_bootstrap: int = 2000, confidence: f
             "n_ties": int((pref == 0.5).sum()), "n": n}
 
 
-def _outcomes(scores_a: np.ndarray, scores_b: np.ndarray, tie_tolerance: float) -> np.ndarray:
+def outcomes(scores_a: np.ndarray, scores_b: np.ndarray, tie_tolerance: float = 0.0) -> np.ndarray:
+    """1 where A's score beats B's by more than ``tie_tolerance``, 0 where B's beats A's, ½ otherwise (a tie).
+    Shape: (n,), (n,) -> (n,)."""
     difference = scores_a - scores_b
     return np.where(difference > tie_tolerance, 1.0, np.where(difference < -tie_tolerance, 0.0, 0.5))
 
@@ -137,7 +139,7 @@ def win_rate(scores_a, scores_b, *, tie_tolerance: float = 0.0, n_bootstrap: int
     scores_a, scores_b = _aligned(source, scores_a=scores_a, scores_b=scores_b)
     a, b = _as_array(scores_a, "scores_a", source), _as_array(scores_b, "scores_b", source)
     _same_length(source, scores_a=a, scores_b=b)
-    return summarise_preferences(_outcomes(a, b, tie_tolerance), n_bootstrap=n_bootstrap, confidence=confidence,
+    return summarise_preferences(outcomes(a, b, tie_tolerance), n_bootstrap=n_bootstrap, confidence=confidence,
                                  seed=seed, source=source)
 
 
@@ -244,7 +246,7 @@ def length_controlled_win_rate(scores_a, scores_b, lengths_a, lengths_b, *, tie_
                   "length_coefficient": 0.0}
         return {**raw, **lc, "length_difference_sd": 0.0}
     design = np.stack([np.ones(n), delta / sd], 1)
-    y = _outcomes(a, b, tie_tolerance)
+    y = outcomes(a, b, tie_tolerance)
     rng = np.random.default_rng(seed)
     thetas = [fit_logistic(design, y, np.ones((1, n)), l2 * np.eye(2))]
     chunk = max(1, 2_000_000 // n)  # bound the (resamples × prompts) weight matrix

@@ -12,6 +12,7 @@ from dpolab.evaluate import (
     implicit_reward_win_rate,
     judge_win_rate,
     length_controlled_win_rate,
+    outcomes,
     preference_accuracy,
     summarise_preferences,
     wilson_interval,
@@ -162,3 +163,11 @@ def test_bad_input_messages():
 def test_bradley_terry_is_exported_here():
     table = bradley_terry([{"model_a": "x", "model_b": "y", "outcome": o} for o in (1, 1, 1, 0)], n_bootstrap=100)
     assert list(table.columns[:5]) == ["model", "rating", "ci_low", "ci_high", "n"]
+
+
+def test_outcomes_win_tie_loss():
+    """Differences 1, 0.05, 0, −0.05, −1 with tolerance 0.1: win, tie, tie, tie, loss; with tolerance 0 the small
+    differences decide."""
+    a, b = np.array([1.0, 0.05, 0.0, -0.05, -1.0]), np.zeros(5)
+    assert outcomes(a, b, 0.1).tolist() == [1.0, 0.5, 0.5, 0.5, 0.0]
+    assert outcomes(a, b).tolist() == [1.0, 1.0, 0.5, 0.0, 0.0]

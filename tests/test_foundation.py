@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from dpolab.cache import atomic_write_text, build_artifact, is_complete
+from dpolab.cache import REPO_ROOT, atomic_write_text, build_artifact, from_repo_root, is_complete
 from dpolab.sample.sentiment import parse_snippets
 from dpolab.tiny import tiny_causal_lm, tiny_tokenizer
 
@@ -103,3 +103,10 @@ def test_embedded_default_model_and_data_load():
     ds = review_snippets()
     assert len(ds) == N_SNIPPETS and set(ds.column_names) == {"id", "text", "human_rating"}
     assert vader_reward(["a wonderful, moving film"])[0] > 0.5
+
+
+def test_from_repo_root(tmp_path):
+    """A relative path resolves under the repository root whatever the working folder; an absolute one stays."""
+    assert (REPO_ROOT / "dpolab" / "cache.py").is_file()
+    assert from_repo_root("results/x.json") == REPO_ROOT / "results" / "x.json"
+    assert from_repo_root(tmp_path) == tmp_path and from_repo_root(str(tmp_path)) == tmp_path
