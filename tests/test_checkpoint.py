@@ -11,12 +11,7 @@ from dpolab.train import checkpoint as ckpt
 from dpolab.tiny import tiny_causal_lm
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _save(tmp_path, model, optimizer, step, keep_last=2, metrics=None):

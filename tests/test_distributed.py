@@ -18,7 +18,7 @@ from dpolab.train.trainer import train
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
-from test_trainer import FAST, make_examples  # noqa: E402
+from tiny_runs import FAST, make_examples  # noqa: E402
 
 RUN = {**FAST, "max_steps": 3, "micro_batch_size": 2, "save_every": 1, "keep_last": 5, "eval_every": 3,
        "eval_batch_size": 2, "kl_samples": 4, "kl_max_new_tokens": 4}
@@ -32,7 +32,7 @@ import torch
 torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
 from test_distributed import RUN
-from test_trainer import make_examples
+from tiny_runs import make_examples
 import dpolab.train.checkpoint
 from dpolab.train.trainer import train
 
@@ -49,12 +49,7 @@ torch.save(result.model.state_dict(), os.path.join({out!r}, "weights-rank-" + os
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _torchrun(out: Path, extra: str = "") -> subprocess.CompletedProcess:

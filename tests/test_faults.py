@@ -26,31 +26,20 @@ from dpolab.train.reference import precompute_reference, reference_key
 from dpolab.tiny import tiny_causal_lm, tiny_tokenizer
 from dpolab.data.tokenize import TokenizationError, TokenizeConfig, tokenize_pair
 from dpolab.train.trainer import BatchPlan, train
+from tiny_runs import PROMPTS, make_examples
 
 # names introduced with the fixes are looked up inside the tests, so that on the old code each case fails alone
 
 FAST = {"model": "tiny-gpt2", "progress": False, "kl_samples": 0, "lr": 1e-3, "warmup_steps": 1,
         "micro_batch_size": 4, "grad_accum_steps": 1, "max_steps": 2}
-POSITIVE = ["good", "great", "wonderful", "fine", "superb", "warm", "funny", "wise"]
-NEGATIVE = ["bad", "terrible", "awful", "dull", "mess", "loud", "long", "plodding"]
-PROMPTS = ["The movie was", "The acting is", "It is a", "The script was"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def examples(n: int = 8, offset: int = 0) -> list[PreferenceExample]:
-    out = []
-    for i in range(offset, offset + n):
-        chosen = " " + " ".join(POSITIVE[(i + k) % 8] for k in range(1 + i % 3))
-        rejected = " " + " ".join(NEGATIVE[(i + k) % 8] for k in range(2 + i % 4))
-        out.append(PreferenceExample(PROMPTS[i % len(PROMPTS)], chosen, rejected, source=f"synthetic:row {i}"))
-    return out
+    """``n`` synthetic pairs over the first four prompts (the rows these cases were written with)."""
+    return make_examples(n, offset, prompts=PROMPTS[:4])
 
 
 def records(n: int = 8) -> list[dict]:

@@ -22,30 +22,18 @@ from dpolab.train.objective import batch_objective
 from dpolab.train.reference import make_reference
 from dpolab.tiny import tiny_causal_lm
 from dpolab.train.trainer import accumulate_gradients, train
+from tiny_runs import FAST, PROMPTS, make_examples
 
-POSITIVE = ["good", "great", "wonderful", "fine", "superb", "warm", "funny", "wise"]
-NEGATIVE = ["bad", "terrible", "awful", "dull", "mess", "loud", "long", "plodding"]
-PROMPTS = ["The movie was", "The acting is", "It is a", "The script was"]
-FAST = {"model": "tiny-gpt2", "progress": False, "kl_samples": 0, "lr": 1e-3, "warmup_steps": 1}
 PARAMS = {"exo_pair": {"label_smoothing": 1e-3}, "robust": {"label_smoothing": 0.1},
           "aot": {"label_smoothing": 0.1}, "simpo": {"gamma": 0.3}, "discopop": {"discopop_tau": 0.5}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def examples(n=8, offset=0):
-    out = []
-    for i in range(offset, offset + n):
-        chosen = " " + " ".join(POSITIVE[(i + k) % 8] for k in range(1 + i % 3))
-        rejected = " " + " ".join(NEGATIVE[(i + k) % 8] for k in range(2 + i % 4))
-        out.append(PreferenceExample(PROMPTS[i % len(PROMPTS)], chosen, rejected, source=f"synthetic:row {i}"))
-    return out
+def examples(n: int = 8, offset: int = 0) -> list[PreferenceExample]:
+    """``n`` synthetic pairs over the first four prompts (the rows these cases were written with)."""
+    return make_examples(n, offset, prompts=PROMPTS[:4])
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from dpolab.train.trainer import train
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
-from test_trainer import FAST, make_examples  # noqa: E402
+from tiny_runs import FAST, make_examples  # noqa: E402
 
 RUN = {**FAST, "max_steps": 2, "beta": 0.5}
 CASES = {"aot+sft": {"loss_type": ["aot", "sft"], "loss_weights": [1.0, 0.5], "loss_params": {"label_smoothing": 0.1}},
@@ -30,7 +30,7 @@ import torch
 torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
 from test_loss_distributed import CASES, RUN
-from test_trainer import make_examples
+from tiny_runs import make_examples
 from dpolab.train.trainer import train
 
 result = train({{**RUN, **CASES[{case!r}], "micro_batch_size": 2, "grad_accum_steps": 2, "output_dir": {out!r}}},

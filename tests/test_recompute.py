@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from test_trainer import FAST, make_examples, weights
+from test_trainer import weights
+from tiny_runs import FAST, make_examples
 
 from dpolab.data.batch import collate_pairs
 from dpolab.train.config import TrainConfig
@@ -14,12 +15,7 @@ from dpolab.tiny import tiny_causal_lm
 from dpolab.train.trainer import accumulate_gradients, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _step_grads(kind: str, stage: str, checkpointing: bool, lora: bool = False):

@@ -19,15 +19,10 @@ from dpolab.data.tokenize import TokenizeConfig
 from dpolab.train.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_trainer import FAST, make_examples  # noqa: E402
+from tiny_runs import FAST, make_examples  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -4,19 +4,14 @@ import math
 
 import pytest
 import torch
-from test_trainer import FAST, make_examples
+from tiny_runs import FAST, make_examples
 
 from dpolab.train.config import ConfigError, TrainConfig
 from dpolab.train.schedule import learning_rate, lr_factor, warmup_steps
 from dpolab.train.trainer import train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_hand_derived_factors_for_ten_steps_with_two_of_warm_up():

@@ -10,12 +10,10 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer
 
 from dpolab.data.batch import collate_pairs
 from dpolab.data.records import PreferenceExample, example_from_record, iter_dataset
 from dpolab.data.inspector import inspect_pair, token_table
-from dpolab.models import default_model_dir
 from dpolab.tiny import tiny_causal_lm, tiny_tokenizer
 from dpolab.data.tokenize import (
     IDENTICAL,
@@ -29,21 +27,6 @@ from dpolab.data.tokenize import (
     tokenize_pair,
     tokenize_response,
 )
-
-
-@pytest.fixture(scope="module")
-def smol():
-    return AutoTokenizer.from_pretrained(default_model_dir())
-
-
-@pytest.fixture(scope="module", params=["gpt2", "llama", "smol"])
-def tok(request, smol):
-    return smol if request.param == "smol" else tiny_tokenizer(request.param)
-
-
-@pytest.fixture(scope="module", params=["llama", "smol"])
-def chat_tok(request, smol):
-    return smol if request.param == "smol" else tiny_tokenizer("llama")
 
 
 def user(text):

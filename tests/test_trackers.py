@@ -4,8 +4,7 @@ import json
 import sys
 
 import pytest
-import torch
-from test_trainer import FAST, make_examples
+from tiny_runs import FAST, make_examples
 
 from dpolab.train import checkpoint as ckpt
 from dpolab.train.config import ConfigError, TrainConfig
@@ -16,12 +15,7 @@ from dpolab.train.trainer import train
 RUN = {**FAST, "micro_batch_size": 4, "grad_accum_steps": 1}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _event_scalars(folder) -> dict[str, list[tuple[int, float]]]:

@@ -15,36 +15,16 @@ import torch
 from dpolab.train import checkpoint as ckpt
 from dpolab.data.batch import collate_pairs
 from dpolab.train.config import TrainConfig
-from dpolab.data.records import PreferenceExample
 from dpolab.train.inputs import prepare_pairs, tokenize_config
 from dpolab.train.metrics import NonFiniteLossError, read_metrics
 from dpolab.train.reference import make_reference
 from dpolab.tiny import tiny_causal_lm
 from dpolab.train.trainer import accumulate_gradients, train
-
-POSITIVE = ["good", "great", "wonderful", "fine", "superb", "warm", "funny", "wise"]
-NEGATIVE = ["bad", "terrible", "awful", "dull", "mess", "loud", "long", "plodding"]
-PROMPTS = ["The movie was", "The acting is", "It is a", "The script was", "The ending", "Hello! How are"]
-FAST = {"model": "tiny-gpt2", "progress": False, "kl_samples": 0, "lr": 1e-3, "warmup_steps": 1}
+from tiny_runs import FAST, make_examples
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread: on a shared two-core machine more threads mostly wait for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
-
-def make_examples(n: int = 24, offset: int = 0) -> list[PreferenceExample]:
-    """Pairs of unequal lengths (1-3 positive words vs 2-5 negative words) after six prompts."""
-    out = []
-    for i in range(offset, offset + n):
-        chosen = " " + " ".join(POSITIVE[(i + k) % 8] for k in range(1 + i % 3))
-        rejected = " " + " ".join(NEGATIVE[(i + k) % 8] for k in range(2 + i % 4))
-        out.append(PreferenceExample(PROMPTS[i % len(PROMPTS)], chosen, rejected, source=f"synthetic:row {i}"))
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def weights(model) -> dict[str, torch.Tensor]:
@@ -197,7 +177,8 @@ import os, signal, sys
 import torch
 torch.set_num_threads(1)  # as in this process: a different thread count may sum in a different order
 sys.path.insert(0, {tests!r})
-from test_trainer import RESUME, make_examples
+from test_trainer import RESUME
+from tiny_runs import make_examples
 from dpolab.train.trainer import train
 
 def die(step, record):

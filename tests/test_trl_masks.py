@@ -17,30 +17,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer
 
 from dpolab.data.batch import IGNORE_INDEX, collate_pairs
 from dpolab.data.records import example_from_record
-from dpolab.models import default_model_dir
-from dpolab.tiny import tiny_tokenizer
 from dpolab.data.tokenize import BoundaryError, bos_prefix, tokenize_pair
 
 trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
-
-
-@pytest.fixture(scope="module")
-def smol():
-    return AutoTokenizer.from_pretrained(default_model_dir())
-
-
-@pytest.fixture(scope="module", params=["gpt2", "llama", "smol"])
-def tok(request, smol):
-    return smol if request.param == "smol" else tiny_tokenizer(request.param)
-
-
-@pytest.fixture(scope="module", params=["llama", "smol"])
-def chat_tok(request, smol):
-    return smol if request.param == "smol" else tiny_tokenizer("llama")
 
 
 def trl_tokenize(rows, tokenizer):
