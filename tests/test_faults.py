@@ -20,7 +20,8 @@ from dpolab.train import metrics
 from dpolab.data import tokenize as tokenize_module
 from dpolab.train.config import ConfigError, TrainConfig
 from dpolab.data.records import DataError, PreferenceExample, example_from_record, load_jsonl
-from dpolab.train.inputs import add_lora, load_policy, prepare_pairs
+from dpolab.data.prepare import prepare_pairs
+from dpolab.models import add_lora, load_policy
 from dpolab.train.metrics import MetricsWriter, read_metrics
 from dpolab.train.reference import precompute_reference, reference_key
 from dpolab.tiny import tiny_causal_lm, tiny_tokenizer

@@ -16,7 +16,7 @@ import torch
 from dpolab.data.batch import collate_pairs
 from dpolab.train.config import TrainConfig
 from dpolab.data.records import PreferenceExample
-from dpolab.train.inputs import prepare_pairs, tokenize_config
+from dpolab.data.prepare import prepare_pairs, tokenize_config
 from dpolab.losses import LOSSES
 from dpolab.train.objective import batch_objective
 from dpolab.train.reference import make_reference

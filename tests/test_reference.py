@@ -10,7 +10,8 @@ import torch
 
 import dpolab.train.reference as reference_module
 from dpolab.data.batch import collate_pairs, pair_length
-from dpolab.train.inputs import add_lora, prepare_pairs
+from dpolab.data.prepare import prepare_pairs
+from dpolab.models import add_lora
 from dpolab.fast.paths import pair_layout
 from dpolab.logprobs import concatenated_forward
 from dpolab.train.reference import AdapterReference, make_reference, precompute_reference, reference_key

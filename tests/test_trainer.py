@@ -15,7 +15,7 @@ import torch
 from dpolab.train import checkpoint as ckpt
 from dpolab.data.batch import collate_pairs
 from dpolab.train.config import TrainConfig
-from dpolab.train.inputs import prepare_pairs, tokenize_config
+from dpolab.data.prepare import prepare_pairs, tokenize_config
 from dpolab.train.metrics import NonFiniteLossError, read_metrics
 from dpolab.train.reference import make_reference
 from dpolab.tiny import tiny_causal_lm

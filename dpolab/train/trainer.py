@@ -49,7 +49,8 @@ from dpolab.train import checkpoint as ckpt
 from dpolab.train import distributed as dist
 from dpolab.train.config import TrainConfig
 from dpolab.train.heldout import heldout_metrics, sample_kl, to_device
-from dpolab.train.inputs import add_lora, load_policy, prepare_pairs, tokenize_config
+from dpolab.data.prepare import prepare_pairs, tokenize_config
+from dpolab.models import add_lora, load_policy
 from dpolab.train.metrics import MetricsWriter, Monitor, NonFiniteLossError, logged_record, read_metrics
 from dpolab.train.objective import STATS, batch_objective, global_contexts, mean_metrics, objective_settings
 from dpolab.train.recompute import enable_gradient_checkpointing, recomputing
@@ -162,7 +163,7 @@ def train(
         config: a :class:`TrainConfig`, a dict of fields, a YAML path, or None (defaults).
         model, tokenizer: the initial policy; None loads ``config.model``.
         reference_model: π_ref when it is not the initial policy (e.g. the SFT model); else a copy of it.
-        train_pairs, eval_pairs: preference data in any form :func:`dpolab.train.inputs.prepare_pairs` accepts;
+        train_pairs, eval_pairs: preference data in any form :func:`dpolab.data.prepare.prepare_pairs` accepts;
             None reads ``config.train_data`` / ``config.eval_data``.
         on_step: called as ``on_step(step, record)`` after each optimizer step (and its checkpoint).
         fast: the speed paths of the policy's and the reference's log-prob forwards

@@ -1,5 +1,5 @@
-"""A training run's inputs: the policy named by the config (optionally with a LoRA adapter), and preference
-data in any accepted form turned into tokenized pairs plus the prompts that the KL estimate samples from.
+"""Preference data in any accepted form, turned into tokenized pairs plus the prompts they came from (the
+prompts a KL estimate samples from).
 
 Accepted data: a path (``.jsonl`` file, or a folder saved with ``datasets.save_to_disk``), a ``datasets``
 dataset, a list of record dicts, of :class:`dpolab.data.records.PreferenceExample`, or of already tokenized
@@ -8,14 +8,11 @@ dataset, a list of record dicts, of :class:`dpolab.data.records.PreferenceExampl
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpolab.data.records import PreferenceExample, example_from_record, iter_dataset, load_jsonl
 from dpolab.data.tokenize import TokenizationReport, TokenizeConfig, TokenizedPair, tokenize_examples
-
-TINY_MODELS = {"tiny-gpt2": "gpt2", "tiny-llama": "llama"}
 
 
 @dataclass
@@ -35,41 +32,8 @@ class PairData:
                 "dropped_by_reason": dict(r.dropped)}
 
 
-def load_policy(name: str, *, seed: int = 0, dtype: str = "fp32"):
-    """``(model, tokenizer)`` for a config's ``model`` field: ``tiny-gpt2``/``tiny-llama`` or anything
-    :func:`dpolab.models.load_model` accepts, with its weights in ``dtype`` (a name of ``dpolab.models.DTYPES``)."""
-    from dpolab.models import load_model, torch_dtype
-
-    if name in TINY_MODELS:
-        from dpolab.tiny import tiny_causal_lm
-
-        model, tokenizer = tiny_causal_lm(TINY_MODELS[name], seed=seed)  # initialised in fp32, then cast
-        return model.to(torch_dtype(dtype)), tokenizer
-    if looks_local(name) and not Path(name).expanduser().exists():
-        raise FileNotFoundError(f"model {name!r}: no such folder or file (a local path is never looked up on a hub); "
-                                "check the path, or give a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'")
-    return load_model(name, dtype=dtype)
-
-
-def looks_local(name: str) -> bool:
-    """True for a name that can only be a local path: absolute, ``./``/``../``/``~``, Windows-style, more than one
-    ``/`` (a hub id is ``owner/name``), or a model file's extension."""
-    return (os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name or name.count("/") > 1
-            or name.endswith((".gguf", ".safetensors", ".bin", ".json")))
-
-
-def add_lora(model, rank: int, alpha: float):
-    """Wrap ``model`` with a fresh peft LoRA adapter on every linear layer (the base weights frozen)."""
-    from peft import LoraConfig, get_peft_model
-
-    if hasattr(model, "disable_adapter"):
-        return model  # already a peft model: train the adapter it has
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
-
-
 def tokenize_config(config) -> TokenizeConfig:
-    """The tokenization settings of a :class:`dpolab.train.config.TrainConfig`."""
+    """The tokenization settings of a :class:`dpolab.train.config.TrainConfig` (or any config with these fields)."""
     return TokenizeConfig(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
                           boundary=config.boundary, mask_policy=config.mask_policy,
                           special_tokens=getattr(config, "special_tokens", "error"))
