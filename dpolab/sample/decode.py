@@ -9,10 +9,11 @@ One batch of rows (prompt × sample) is decoded as follows:
 3. Rows that reached EOS leave the batch (their rows of the KV cache are dropped), so a batch costs what its
    live rows cost.
 
-The draw is the same rule as :class:`dpolab.sample.generate._RecordingSampler` (the slow reference): for a uniform ``u``
-from the row's own stream, the first token whose cumulative probability (float64) exceeds ``u·total``. It is
-computed in two levels, :func:`inverse_cdf`: float64 block sums locate the block of 256 tokens where ``u·total``
-falls, and the cumulative sum is taken token by token only inside that block, instead of over the whole vocabulary.
+The draw is the same rule as :class:`dpolab.sample.reference_engine.RecordingSampler` (the slow reference): for a
+uniform ``u`` from the row's own stream, the first token whose cumulative probability (float64) exceeds ``u·total``.
+It is computed in two levels, :func:`inverse_cdf`: float64 block sums locate the block of 256 tokens where
+``u·total`` falls, and the cumulative sum is taken token by token only inside that block, instead of over the whole
+vocabulary.
 """
 
 from __future__ import annotations

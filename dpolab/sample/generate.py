@@ -1,21 +1,19 @@
 """Sampling N completions per prompt, with the log-probs that the KL estimate needs.
 
-Two engines give the same completions: ``"fast"`` (the default), the decoding loop of :mod:`dpolab.sample.decode`, and
-``"generate"``, the slow reference described here. In it ``model.generate`` runs the loop (KV cache, left padding,
-stopping at EOS), but the token choice is made here, by :class:`_RecordingSampler`, a logits processor that sees the model's raw next-token
-logits, applies temperature, top-k and top-p itself (:func:`warp_logits`), draws the token from a
-random stream of its own for every (prompt, sample) row, and records two log-probs of the drawn
-token; ``generate`` then only takes the one token left standing. So each completion comes with
+Two engines give the same completions: ``"fast"`` (the default), the decoding loop of :mod:`dpolab.sample.decode`,
+and ``"generate"``, the slow reference of :mod:`dpolab.sample.reference_engine` built on ``model.generate``. Both
+draw each token themselves from the warped distribution (:func:`dpolab.sample.warp.warp_logits`) and record two
+log-probs of it, so each completion comes with
 
 - ``model_logps``: log π(y|x) summed over its tokens under the raw model (temperature 1, no top-k or
   top-p), which is what the sample-based KL(π‖π_ref) estimate needs, and
 - ``sampling_logps``: log q(y|x) under the distribution actually sampled from (temperature, top-k,
   top-p applied), for importance weights or a sampler's own entropy.
 
-Each row draws from a generator seeded by ``(seed, prompt index, sample index)``, so a completion does
-not depend on the batch size, the order of the prompts, or the global torch RNG. The model's own
-``generation_config`` sampling settings are ignored: the arguments of :func:`sample` are the whole
-sampling recipe.
+Each row draws from a generator seeded by ``(seed, prompt index, sample index)``
+(:func:`dpolab.sample.warp.row_generator`), so a completion does not depend on the batch size, the order of the
+prompts, or the global torch RNG. The model's own ``generation_config`` sampling settings are ignored: the
+arguments of :func:`sample` are the whole sampling recipe.
 """
 
 from __future__ import annotations
@@ -24,11 +22,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
-import numpy as np
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig
 
 from dpolab.sample.decode import decode_rows
+from dpolab.sample.reference_engine import generate_batch
+from dpolab.sample.warp import row_generator, warp_logits
 
 
 @dataclass
@@ -118,61 +117,8 @@ def _check_conversation(messages, i: int) -> None:
                          "sample() adds the generation prompt for a new assistant turn")
 
 
-def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float = 1.0) -> torch.Tensor:
-    """Next-token logits of the sampling distribution: temperature, then top-k, then top-p (nucleus).
-
-    Removed tokens get ``-inf``. Top-p keeps the smallest set of most likely tokens whose probability
-    reaches ``top_p`` (a token is removed when the tokens ranked above it already hold ``top_p``).
-    Same order and rule as the transformers warpers. Shape: (..., V) -> (..., V), float32.
-    """
-    scores = logits.float() / temperature
-    if top_k is not None and top_k < scores.shape[-1]:
-        kth_best = torch.topk(scores, top_k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth_best, float("-inf"))
-    if top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
-        probs = sorted_scores.softmax(dim=-1)
-        mass_above = probs.cumsum(dim=-1) - probs
-        remove = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, order, mass_above >= top_p)
-        scores = scores.masked_fill(remove, float("-inf"))
-    return scores
-
-
-def row_generator(seed: int, prompt_index: int, sample_index: int) -> torch.Generator:
-    """The random stream of one (prompt, sample) row: independent of batching and prompt order."""
-    state = np.random.SeedSequence([seed, prompt_index, sample_index]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-class _RecordingSampler(LogitsProcessor):
-    """Draws each row's next token (inverse CDF, one uniform per row and step) and records its log-probs.
-
-    Returns scores that are ``-inf`` except at the drawn token, so greedy ``generate`` takes it.
-    """
-
-    def __init__(self, generators: list[torch.Generator], temperature: float, top_k: int | None, top_p: float):
-        self.generators, self.temperature, self.top_k, self.top_p = generators, temperature, top_k, top_p
-        self.tokens, self.model_logps, self.sampling_logps = [], [], []
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        model_logp = torch.log_softmax(scores.float(), dim=-1)
-        untruncated = self.top_k is None or self.top_k >= scores.shape[-1]
-        plain = self.temperature == 1.0 and untruncated and self.top_p == 1.0
-        sampling_logp = model_logp if plain else torch.log_softmax(
-            warp_logits(scores, self.temperature, self.top_k, self.top_p), dim=-1)
-        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators]).to(scores.device)
-        cdf = sampling_logp.double().exp().cumsum(dim=-1)
-        # right=True picks the first token whose cdf exceeds u·total: never a token of probability 0
-        tokens = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
-        tokens = tokens.clamp_max(scores.shape[-1] - 1)
-        self.tokens.append(tokens)
-        self.model_logps.append(model_logp.gather(-1, tokens[:, None]).squeeze(-1))
-        self.sampling_logps.append(sampling_logp.gather(-1, tokens[:, None]).squeeze(-1))
-        return torch.full_like(scores, float("-inf")).scatter(-1, tokens[:, None], 0.0)
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_ids_of(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the model's ``generation_config`` EOS ids."""
     ids = []
     for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
         for i in source if isinstance(source, list | tuple) else [source]:
@@ -241,7 +187,7 @@ def sample(
     prompts = check_sampling_request(prompts, n, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                      batch_size=batch_size, chat=chat)
     prompt_ids = [render_prompt(tokenizer, p, chat) for p in prompts]
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_ids_of(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     # rows sorted by prompt length so a batch carries little padding; row seeds make the order irrelevant
     rows = sorted(((p, i) for p in range(len(prompts)) for i in range(n)), key=lambda r: len(prompt_ids[r[0]]))
@@ -249,7 +195,7 @@ def sample(
     model_logps, sampling_logps = torch.zeros(len(prompts), n), torch.zeros(len(prompts), n)
     finished = torch.zeros(len(prompts), n, dtype=torch.bool)
 
-    untruncated = top_k is None or top_k >= model.config.get_text_config().vocab_size  # as _RecordingSampler
+    untruncated = top_k is None or top_k >= model.config.get_text_config().vocab_size  # as RecordingSampler
     plain = temperature == 1.0 and untruncated and top_p == 1.0
     warp = None if plain else partial(warp_logits, temperature=temperature, top_k=top_k, top_p=top_p)
     was_training, saved_config = model.training, model.generation_config
@@ -266,18 +212,8 @@ def sample(
                                   model_logps, sampling_logps, finished)
                     bar.update(len(batch))
                     continue
-                width = max(len(prompt_ids[p]) for p, _ in batch)
-                input_ids = torch.tensor([[pad_id] * (width - len(prompt_ids[p])) + prompt_ids[p] for p, _ in batch])
-                attention_mask = torch.tensor([[0] * (width - len(prompt_ids[p])) + [1] * len(prompt_ids[p])
-                                               for p, _ in batch])
-                sampler = _RecordingSampler([row_generator(seed, p, i) for p, i in batch], temperature, top_k, top_p)
-                with torch.no_grad():
-                    out = model.generate(input_ids=input_ids.to(model.device),
-                                         attention_mask=attention_mask.to(model.device),
-                                         do_sample=False, max_new_tokens=max_new_tokens,
-                                         logits_processor=LogitsProcessorList([sampler]))
-                _collect(out[:, width:].cpu(), sampler, batch, eos_ids, token_ids, model_logps, sampling_logps,
-                         finished)
+                generate_batch(model, prompt_ids, batch, seed, max_new_tokens, eos_ids, pad_id,
+                               (temperature, top_k, top_p), token_ids, model_logps, sampling_logps, finished)
                 bar.update(len(batch))
     finally:
         model.generation_config = saved_config
@@ -292,29 +228,11 @@ def sample(
 
 def _decode_batch(model, prompt_ids, batch, seed, max_new_tokens, eos_ids, pad_id, warp, token_ids, model_logps,
                   sampling_logps, finished) -> None:
-    """The fast engine on one batch of rows; fills the result tables like :func:`_collect`."""
+    """The fast engine on one batch of rows; fills the result tables like
+    :func:`dpolab.sample.reference_engine.generate_batch`."""
     done = decode_rows(model, [prompt_ids[p] for p, _ in batch], [row_generator(seed, p, i) for p, i in batch],
                        max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, warp=warp)
     for r, (p, i) in enumerate(batch):
         token_ids[p][i] = done.tokens[r, :done.lengths[r]].tolist()
         model_logps[p, i], sampling_logps[p, i], finished[p, i] = (done.model_logps[r], done.sampling_logps[r],
                                                                    done.finished[r])
-
-
-def _collect(generated, sampler, batch, eos_ids, token_ids, model_logps, sampling_logps, finished) -> None:
-    """Cut each generated row at its first EOS (kept) and sum the recorded log-probs over its tokens."""
-    steps = generated.shape[1]
-    drawn = torch.stack(sampler.tokens[:steps], dim=1).cpu()
-    step_model = torch.stack(sampler.model_logps[:steps], dim=1).cpu()
-    step_sampling = torch.stack(sampler.sampling_logps[:steps], dim=1).cpu()
-    is_eos = torch.isin(generated, torch.tensor(eos_ids))
-    for r, (p, i) in enumerate(batch):
-        hits = is_eos[r].nonzero()
-        length = int(hits[0]) + 1 if len(hits) else steps
-        ids = generated[r, :length]
-        if not torch.equal(ids, drawn[r, :length]):  # would mean generate() altered the token we drew
-            raise RuntimeError("generate() did not keep the sampled tokens; a logits processor runs after ours")
-        token_ids[p][i] = ids.tolist()
-        model_logps[p, i] = step_model[r, :length].sum()
-        sampling_logps[p, i] = step_sampling[r, :length].sum()
-        finished[p, i] = bool(len(hits))
