@@ -17,57 +17,9 @@ import numpy as np
 from scipy.special import expit
 from scipy.stats import norm
 
-from dpolab.rank import bradley_terry, fit_logistic, kendall_tau, online_elo, select_best  # noqa: F401 (re-export)
-
-
-def _as_array(values, field: str, source: str) -> np.ndarray:
-    """A 1-D float64 copy of a list, array or tensor; NaN or infinity is an error naming its row."""
-    if hasattr(values, "detach"):  # a torch tensor (possibly bf16, on a GPU, with grad)
-        values = values.detach().float().cpu().numpy()
-    try:
-        array = np.asarray(values, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError):  # a non-numeric entry: name the first one
-        items = list(values.tolist() if hasattr(values, "tolist") else values)
-        for row, item in enumerate(items):
-            try:
-                float(item)
-            except (TypeError, ValueError):
-                raise ValueError(f"{source}, row {row}, field '{field}': {item!r} is not a number") from None
-        raise
-    bad = ~np.isfinite(array)
-    if bad.any():
-        row = np.flatnonzero(bad)[0]
-        raise ValueError(f"{source}, row {row}, field '{field}': {array[row]} is not a finite number ({bad.sum()} of "
-                         f"{len(array)} rows); a judge that returned NaN must be fixed or the prompt dropped for both")
-    return array
-
-
-def _aligned(source: str, **values) -> list:
-    """The values in one order: pandas Series are matched by index label (the first Series' order), never by
-    position; Series whose labels differ are refused, naming labels that one of them lacks."""
-    series = {name: v for name, v in values.items() if hasattr(v, "index") and hasattr(v, "reindex")}
-    if len(series) < 2:
-        return list(values.values())
-    first_name, first = next(iter(series.items()))
-    for name, other in series.items():
-        if not other.index.is_unique:
-            raise ValueError(f"{source}, field '{name}': its index has duplicate labels; cannot align by label")
-        if set(other.index) != set(first.index):
-            missing = sorted(set(first.index) ^ set(other.index), key=str)[:5]
-            raise ValueError(f"{source}: the indexes of '{first_name}' and '{name}' differ (e.g. labels {missing}); "
-                             "the comparison is prompt by prompt, so both need the same prompts")
-    return [v.reindex(first.index) if name in series else v for name, v in values.items()]
-
-
-def _same_length(source: str, **arrays: np.ndarray) -> int:
-    lengths = {name: len(a) for name, a in arrays.items()}
-    if len(set(lengths.values())) != 1:
-        raise ValueError(f"{source}: mismatched lengths {lengths}; the comparison is prompt by prompt, so each needs "
-                         "one value per prompt, in the same prompt order")
-    n = next(iter(lengths.values()))
-    if n == 0:
-        raise ValueError(f"{source}: no prompts")
-    return n
+from dpolab.logistic import fit_logistic
+from dpolab.rank import bradley_terry, kendall_tau, online_elo, select_best  # noqa: F401 (re-export)
+from dpolab.scores import align_by_label, common_length, score_array
 
 
 def _bootstrap_means(values: np.ndarray, n_bootstrap: int, rng: np.random.Generator) -> np.ndarray:
@@ -99,8 +51,8 @@ def summarise_preferences(preferences, *, n_bootstrap: int = 2000, confidence: f
         ``ci_high`` (paired percentile bootstrap over prompts), ``n_wins``, ``n_losses``, ``n_ties``
         (preference above, below, exactly at ½), ``n``.
     """
-    pref = _as_array(preferences, "preference", source)
-    n = _same_length(source, preferences=pref)
+    pref = score_array(preferences, "preference", source)
+    n = common_length(source, preferences=pref)
     if ((pref < 0) | (pref > 1)).any():
         row = np.flatnonzero((pref < 0) | (pref > 1))[0]
         raise ValueError(f"{source}, row {row}, field 'preference': {pref[row]} is outside [0, 1]")
@@ -136,9 +88,9 @@ def win_rate(scores_a, scores_b, *, tie_tolerance: float = 0.0, n_bootstrap: int
         See :func:`summarise_preferences`: ``win_rate``, ``standard_error``, ``ci_low``, ``ci_high``,
         ``n_wins``, ``n_losses``, ``n_ties``, ``n``.
     """
-    scores_a, scores_b = _aligned(source, scores_a=scores_a, scores_b=scores_b)
-    a, b = _as_array(scores_a, "scores_a", source), _as_array(scores_b, "scores_b", source)
-    _same_length(source, scores_a=a, scores_b=b)
+    scores_a, scores_b = align_by_label(source, scores_a=scores_a, scores_b=scores_b)
+    a, b = score_array(scores_a, "scores_a", source), score_array(scores_b, "scores_b", source)
+    common_length(source, scores_a=a, scores_b=b)
     return summarise_preferences(outcomes(a, b, tie_tolerance), n_bootstrap=n_bootstrap, confidence=confidence,
                                  seed=seed, source=source)
 
@@ -168,20 +120,20 @@ def judge_win_rate(judge: Callable, prompts: Sequence, responses_a: Sequence, re
         and ``first_position_rate`` (how often the judge preferred whichever response came first).
     """
     source = win_rate_kwargs.pop("source", "judge")
-    n = _same_length(source, prompts=prompts, responses_a=responses_a, responses_b=responses_b)
+    n = common_length(source, prompts=prompts, responses_a=responses_a, responses_b=responses_b)
     if not pairwise:
         def texts(responses):
             return [p + r for p, r in zip(prompts, responses)] if prepend_prompt else list(responses)
 
-        a = _as_array(judge(texts(responses_a)), "scores_a", source)
-        b = _as_array(judge(texts(responses_b)), "scores_b", source)
-        _same_length(source, prompts=prompts, scores_a=a, scores_b=b)
+        a = score_array(judge(texts(responses_a)), "scores_a", source)
+        b = score_array(judge(texts(responses_b)), "scores_b", source)
+        common_length(source, prompts=prompts, scores_a=a, scores_b=b)
         return win_rate(a, b, seed=seed, source=source, **win_rate_kwargs)
     win_rate_kwargs.pop("tie_tolerance", None)  # a pairwise judge states ties itself (preference ½)
     a_first = np.random.default_rng((seed, 1)).random(n) < 0.5  # a stream apart from the bootstrap's
     first_pref = np.array([judge(p, ra, rb) if f else judge(p, rb, ra)
                            for p, ra, rb, f in zip(prompts, responses_a, responses_b, a_first)], dtype=float)
-    first_pref = _as_array(first_pref, "preference", source)
+    first_pref = score_array(first_pref, "preference", source)
     result = summarise_preferences(np.where(a_first, first_pref, 1.0 - first_pref), seed=seed, source=source,
                                    **win_rate_kwargs)
     return {**result, "n_a_first": int(a_first.sum()), "first_position_rate": float(first_pref.mean())}
@@ -227,11 +179,11 @@ def length_controlled_win_rate(scores_a, scores_b, lengths_a, lengths_b, *, tie_
         The :func:`win_rate` dictionary plus ``lc_win_rate``, ``lc_ci_low``, ``lc_ci_high``,
         ``length_coefficient`` (θ₁, logits per sd of length difference), ``length_difference_sd``.
     """
-    scores_a, scores_b, lengths_a, lengths_b = _aligned(source, scores_a=scores_a, scores_b=scores_b,
+    scores_a, scores_b, lengths_a, lengths_b = align_by_label(source, scores_a=scores_a, scores_b=scores_b,
                                                         lengths_a=lengths_a, lengths_b=lengths_b)
-    a, b = _as_array(scores_a, "scores_a", source), _as_array(scores_b, "scores_b", source)
-    len_a, len_b = _as_array(lengths_a, "lengths_a", source), _as_array(lengths_b, "lengths_b", source)
-    n = _same_length(source, scores_a=a, scores_b=b, lengths_a=len_a, lengths_b=len_b)
+    a, b = score_array(scores_a, "scores_a", source), score_array(scores_b, "scores_b", source)
+    len_a, len_b = score_array(lengths_a, "lengths_a", source), score_array(lengths_b, "lengths_b", source)
+    n = common_length(source, scores_a=a, scores_b=b, lengths_a=len_a, lengths_b=len_b)
     raw = win_rate(a, b, tie_tolerance=tie_tolerance, n_bootstrap=n_bootstrap, confidence=confidence, seed=seed,
                    source=source)
     delta = len_a - len_b
@@ -284,10 +236,10 @@ def preference_accuracy(chosen_rewards, rejected_rewards, *, confidence: float =
         ``accuracy``, ``standard_error`` (√(p(1−p)/n)), ``ci_low``, ``ci_high`` (Wilson score interval on
         n_correct + ½·n_ties successes), ``n_correct`` (strictly preferred), ``n_ties``, ``n``.
     """
-    chosen_rewards, rejected_rewards = _aligned(source, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
-    chosen = _as_array(chosen_rewards, "chosen_rewards", source)
-    rejected = _as_array(rejected_rewards, "rejected_rewards", source)
-    n = _same_length(source, chosen_rewards=chosen, rejected_rewards=rejected)
+    chosen_rewards, rejected_rewards = align_by_label(source, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
+    chosen = score_array(chosen_rewards, "chosen_rewards", source)
+    rejected = score_array(rejected_rewards, "rejected_rewards", source)
+    n = common_length(source, chosen_rewards=chosen, rejected_rewards=rejected)
     n_correct, n_ties = int((chosen > rejected).sum()), int((chosen == rejected).sum())
     accuracy = (n_correct + 0.5 * n_ties) / n
     low, high = wilson_interval(n_correct + 0.5 * n_ties, n, confidence)
@@ -308,16 +260,16 @@ def implicit_preference_accuracy(policy_chosen_logps, policy_rejected_logps, ref
         ``{"without_reference": ..., "with_reference": ...}``, each a :func:`preference_accuracy`
         dictionary; ``with_reference`` only when both reference log-probs are given.
     """
-    policy_chosen = _as_array(policy_chosen_logps, "policy_chosen_logps", source)
-    policy_rejected = _as_array(policy_rejected_logps, "policy_rejected_logps", source)
+    policy_chosen = score_array(policy_chosen_logps, "policy_chosen_logps", source)
+    policy_rejected = score_array(policy_rejected_logps, "policy_rejected_logps", source)
     result = {"without_reference": preference_accuracy(policy_chosen, policy_rejected, confidence=confidence,
                                                        source=source)}
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
         raise ValueError(f"{source}: give both ref_chosen_logps and ref_rejected_logps, or neither")
     if ref_chosen_logps is not None:
-        ref_chosen = _as_array(ref_chosen_logps, "ref_chosen_logps", source)
-        ref_rejected = _as_array(ref_rejected_logps, "ref_rejected_logps", source)
-        _same_length(source, policy_chosen_logps=policy_chosen, ref_chosen_logps=ref_chosen,
+        ref_chosen = score_array(ref_chosen_logps, "ref_chosen_logps", source)
+        ref_rejected = score_array(ref_rejected_logps, "ref_rejected_logps", source)
+        common_length(source, policy_chosen_logps=policy_chosen, ref_chosen_logps=ref_chosen,
                      ref_rejected_logps=ref_rejected)
         result["with_reference"] = preference_accuracy(policy_chosen - ref_chosen, policy_rejected - ref_rejected,
                                                        confidence=confidence, source=source)

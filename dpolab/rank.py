@@ -13,7 +13,7 @@ Ratings are only defined up to a common shift, so they are anchored: the anchor 
 half a win to each side (target ½ in the likelihood).
 
 The fit is one penalised logistic regression solved by Newton's method, batched over bootstrap
-resamples (:func:`fit_logistic`); resampling comparisons with replacement is a multinomial draw of
+resamples (:func:`dpolab.logistic.fit_logistic`); resampling comparisons with replacement is a multinomial draw of
 counts over the distinct (pair, outcome) rows, which makes the whole result, intervals included,
 independent of the order (and orientation) in which the comparisons arrive.
 """
@@ -26,133 +26,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
-from scipy.special import expit
 from scipy.stats import kendalltau
+
+from dpolab.comparisons import as_python, braced, comparison_components, comparison_table, rated_models
+from dpolab.logistic import fit_logistic
 
 ELO_SCALE = 400.0  # rating points per factor of ten in odds
 ELO_BASE = 1000.0
-
-
-def fit_logistic(X: np.ndarray, y: np.ndarray, weights: np.ndarray, penalty: np.ndarray | None = None, *,
-                 max_iter: int = 100, tol: float = 1e-10) -> np.ndarray:
-    """Maximise a penalised weighted logistic log-likelihood by damped Newton steps, for many weightings at once.
-
-    Maximises, separately for every row ``w`` of ``weights`` (e.g. one bootstrap resample per row),
-
-        Σ_r w_r [y_r log σ(x_r·θ) + (1 − y_r) log σ(−x_r·θ)] − ½ θᵀ Q θ,
-
-    a concave objective; soft targets (a tie is y = ½) are allowed. Each Newton step is shortened by
-    backtracking until it increases the objective enough (Armijo), so the iteration cannot diverge.
-
-    Args:
-        X: design matrix. Shape: (R, p).
-        y: targets in [0, 1]. Shape: (R,).
-        weights: non-negative row weights, one set per fit. Shape: (B, R).
-        penalty: Q, symmetric positive semi-definite (a ridge is ``l2 * I``). Shape: (p, p). Default 0.
-        max_iter: most Newton steps.
-        tol: stop when no coordinate moves more than this.
-
-    Returns:
-        The maximisers θ. Shape: (B, p).
-    """
-    X, y, weights = np.asarray(X, float), np.asarray(y, float), np.atleast_2d(np.asarray(weights, float))
-    p = X.shape[1]
-    block = max(1, 4_000_000 // (X.size + 1))  # fits at a time: bounds the (fits × rows) temporaries
-    if len(weights) > block:
-        return np.concatenate([fit_logistic(X, y, weights[start:start + block], penalty, max_iter=max_iter, tol=tol)
-                               for start in range(0, len(weights), block)])
-    Q = np.zeros((p, p)) if penalty is None else np.asarray(penalty, float)
-
-    def objective(theta):  # theta (..., B, p) -> (..., B)
-        z = theta @ X.T
-        loglik = -(y * np.logaddexp(0.0, -z) + (1.0 - y) * np.logaddexp(0.0, z))
-        return (weights * loglik).sum(-1) - 0.5 * np.einsum("...i,ij,...j->...", theta, Q, theta)
-
-    outer = (X[:, :, None] * X[:, None, :]).reshape(len(X), p * p)  # x_r x_rᵀ, flattened: one matmul per Hessian
-    theta = np.zeros((weights.shape[0], p))
-    for _ in range(max_iter):
-        s = expit(theta @ X.T)  # (B, R)
-        grad = (weights * (y - s)) @ X - theta @ Q
-        neg_hess = ((weights * s * (1.0 - s)) @ outer).reshape(-1, p, p) + Q  # Σ_r w_r s_r(1 − s_r) x_r x_rᵀ
-        try:
-            direction = np.linalg.solve(neg_hess, grad[..., None])[..., 0]
-        except np.linalg.LinAlgError:  # a resample whose design leaves a direction unpenalised and unseen
-            direction = (np.linalg.pinv(neg_hess) @ grad[..., None])[..., 0]
-        # backtracking (Armijo): halve the step of each fit whose objective did not rise enough; a fit whose
-        # predicted rise (half the Newton decrement, `slope`) is below rounding is at its optimum: full step
-        slope, base, step = (grad * direction).sum(-1), objective(theta), np.ones(len(theta))
-        for _ in range(40):
-            gain = objective(theta + step[:, None] * direction) - base
-            ok = (gain >= 1e-4 * step * slope) | (slope < 1e-12 * np.maximum(1.0, np.abs(base)))
-            if ok.all():
-                break
-            step = np.where(ok, step, step / 2)
-        step = np.where(ok, step, 0.0)  # no ascent left at machine precision: that fit has converged
-        theta = theta + step[:, None] * direction
-        if np.max(np.abs(step[:, None] * direction), initial=0.0) < tol:
-            break
-    return theta
-
-
-def _plain(value):
-    """A numpy scalar as the Python value it holds, so messages read ``nan``, not ``np.float64(nan)``."""
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _comparison_table(comparisons, source: str) -> pd.DataFrame:
-    """Validate ``comparisons`` (DataFrame or records with model_a, model_b, outcome) and return it as a DataFrame."""
-    table = comparisons if isinstance(comparisons, pd.DataFrame) else pd.DataFrame.from_records(list(comparisons))
-    missing = [c for c in ("model_a", "model_b", "outcome") if c not in table.columns]
-    if missing:
-        raise ValueError(f"{source}: missing column(s) {missing}; expected model_a, model_b, outcome "
-                         f"(1 = model_a wins, 0 = model_b wins, 0.5 = tie), found {list(table.columns)}")
-    if len(table) == 0:
-        raise ValueError(f"{source}: no comparisons")
-    for field in ("model_a", "model_b"):
-        bad = table[field].isna() | (table[field].astype(str).str.strip() == "")
-        if bad.any():
-            raise ValueError(f"{source}, row {table.index[bad.to_numpy()][0]}, field '{field}': missing model name")
-    outcome = pd.to_numeric(table["outcome"], errors="coerce").to_numpy(float)
-    bad = ~((outcome >= 0) & (outcome <= 1))  # also catches NaN and non-numbers
-    if bad.any():
-        row = np.flatnonzero(bad)[0]
-        raise ValueError(f"{source}, row {table.index[row]}, field 'outcome': {_plain(table['outcome'].iloc[row])!r} "
-                         "is not a number in [0, 1] (1 = model_a wins, 0 = model_b wins, 0.5 = tie)")
-    a, b = table["model_a"].astype(str).to_numpy(), table["model_b"].astype(str).to_numpy()
-    if (a == b).any():
-        row = np.flatnonzero(a == b)[0]
-        raise ValueError(f"{source}, row {table.index[row]}, field 'model_b': model {a[row]!r} compared with itself")
-    return pd.DataFrame({"model_a": a, "model_b": b, "outcome": outcome}, index=table.index)
-
-
-def _model_list(table: pd.DataFrame, models: Sequence[str] | None, source: str) -> list[str]:
-    seen = set(table["model_a"]) | set(table["model_b"])
-    if models is None:
-        return sorted(seen)
-    models = [str(m) for m in models]
-    unknown = {field: ~table[field].isin(models).to_numpy() for field in ("model_a", "model_b")}
-    if (unknown["model_a"] | unknown["model_b"]).any():
-        row = np.flatnonzero(unknown["model_a"] | unknown["model_b"])[0]
-        field = "model_a" if unknown["model_a"][row] else "model_b"
-        raise ValueError(f"{source}, row {table.index[row]}, field '{field}': model {table[field].iloc[row]!r} "
-                         f"is not among the expected models {models}")
-    absent = [m for m in models if m not in seen]
-    if absent:
-        raise ValueError(f"{source}: model(s) {absent} have no comparisons; a rating needs at least one comparison "
-                         "(drop them from `models` or add their comparisons)")
-    return sorted(models)
-
-
-def _braced(names: list[str], members: list[int]) -> str:
-    return "{" + ", ".join(names[m] for m in members) + "}"
-
-
-def _components(i: np.ndarray, j: np.ndarray, k: int, directed: bool) -> list[list[int]]:
-    graph = coo_matrix((np.ones(len(i)), (i, j)), shape=(k, k))
-    _, labels = connected_components(graph, directed=directed, connection="strong")
-    return sorted([np.flatnonzero(labels == c).tolist() for c in np.unique(labels)])
 
 
 def bradley_terry(comparisons, *, models: Sequence[str] | None = None, anchor: str | None = None,
@@ -179,17 +59,17 @@ def bradley_terry(comparisons, *, models: Sequence[str] | None = None, anchor: s
         is a point: intervals are for differences from it), ``n`` (comparisons it took part in), ``wins``
         (its summed outcomes, ties ½), ``rank``. ``attrs`` holds ``anchor`` and ``confidence``.
     """
-    table = _comparison_table(comparisons, source)
-    names = _model_list(table, models, source)
+    table = comparison_table(comparisons, source)
+    names = rated_models(table, models, source)
     anchor = names[0] if anchor is None else str(anchor)
     if anchor not in names:
         raise ValueError(f"{source}: anchor {anchor!r} is not among the rated models {names}")
     k = len(names)
     a, b = (np.searchsorted(names, table[field].to_numpy(str)) for field in ("model_a", "model_b"))  # names sorted
     y = table["outcome"].to_numpy()
-    parts = _components(np.r_[a, b], np.r_[b, a], k, directed=False)
+    parts = comparison_components(np.r_[a, b], np.r_[b, a], k, directed=False)
     if len(parts) > 1:
-        listed = " | ".join(_braced(names, part) for part in parts)
+        listed = " | ".join(braced(names, part) for part in parts)
         raise ValueError(f"{source}: the comparison graph is disconnected into {len(parts)} components: {listed}. "
                          "Bradley–Terry ratings are not identifiable across components (nothing links their "
                          "scales); add comparisons between them or rate each component separately")
@@ -200,14 +80,14 @@ def bradley_terry(comparisons, *, models: Sequence[str] | None = None, anchor: s
     ri, rj, ry = rows[:, 0].astype(int), rows[:, 1].astype(int), rows[:, 2]
     scored = (counts * ry > 0, counts * (1 - ry) > 0)  # directed edge winner -> loser where any credit flowed
     win_i, win_j = np.r_[ri[scored[0]], rj[scored[1]]], np.r_[rj[scored[0]], ri[scored[1]]]
-    groups = _components(win_i, win_j, k, directed=True)
+    groups = comparison_components(win_i, win_j, k, directed=True)
     if len(groups) > 1:  # Zermelo/Ford: the MLE exists iff every group of models beat someone outside it
         label = np.empty(k, int)
         for g, members in enumerate(groups):
             label[members] = g
         cross = label[win_i] != label[win_j]
         lost, beat = set(label[win_j[cross]]), set(label[win_i[cross]])
-        verdicts = [f"{_braced(names, members)} never {verdict} the other models" for g, members in enumerate(groups)
+        verdicts = [f"{braced(names, members)} never {verdict} the other models" for g, members in enumerate(groups)
                     for verdict, seen in (("lost to", lost), ("beat", beat)) if g not in seen]
         message = f"{source}: {'; '.join(verdicts)}, so the maximum-likelihood ratings are infinite"
         if l2 <= 0:
@@ -251,8 +131,8 @@ def online_elo(comparisons, *, k_factor: float = 32.0, initial: float = ELO_BASE
     Returns:
         ``model``, ``rating``, ``n``, best first.
     """
-    table = _comparison_table(comparisons, source)
-    names = _model_list(table, None, source)
+    table = comparison_table(comparisons, source)
+    names = rated_models(table, None, source)
     rating, n = dict.fromkeys(names, float(initial)), dict.fromkeys(names, 0)
     for a, b, y in table[["model_a", "model_b", "outcome"]].itertuples(index=False):
         expected = 1.0 / (1.0 + 10.0 ** ((rating[b] - rating[a]) / ELO_SCALE))
@@ -345,7 +225,7 @@ def select_best(runs, metric: str, *, mode: str = "max", n_bootstrap: int = 1000
     values = pd.to_numeric(table[metric], errors="coerce")
     if values.isna().any():
         row = np.flatnonzero(values.isna().to_numpy())[0]
-        raise ValueError(f"{source}, row {table.index[row]}, field '{metric}': {_plain(table[metric].iloc[row])!r} is "
+        raise ValueError(f"{source}, row {table.index[row]}, field '{metric}': {as_python(table[metric].iloc[row])!r} is "
                          f"not a number (run {table['run'].iloc[row]!r})")
     table = table.assign(**{metric: values.astype(float), "run": table["run"].astype(str)})
     names = sorted(table["run"].unique())
