@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dpolab.train import checkpoint as ckpt
+from dpolab.train.resume import config_differences
 from dpolab.tiny import tiny_causal_lm
 
 
@@ -101,4 +102,4 @@ def test_incomplete_or_missing_checkpoint_is_refused(tmp_path):
 def test_config_differences_name_fields_that_change_the_run():
     saved = {"beta": 0.1, "lr": 1e-3, "max_steps": 10, "progress": True}
     now = {"beta": 0.2, "lr": 1e-3, "max_steps": 20, "progress": False}
-    assert ckpt.config_differences(saved, now) == ["beta: checkpoint 0.1, now 0.2"]
+    assert config_differences(saved, now) == ["beta: checkpoint 0.1, now 0.2"]

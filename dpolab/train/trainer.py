@@ -55,6 +55,7 @@ from dpolab.train.metrics import MetricsWriter, Monitor, NonFiniteLossError, log
 from dpolab.train.objective import STATS, batch_objective, global_contexts, mean_metrics, objective_settings
 from dpolab.train.recompute import enable_gradient_checkpointing, recomputing
 from dpolab.train.reference import make_reference, precompute_reference
+from dpolab.train.resume import check_resume_state, resume_point
 from dpolab.train.schedule import learning_rate
 from dpolab.train.trackers import Trackers
 
@@ -187,7 +188,7 @@ def train(
 def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs, on_step, fast) -> TrainResult:
     out = Path(config.output_dir)
     # before any work: an unwritable folder, an earlier run in the way, or a disagreeing checkpoint fail here
-    resume = ckpt.resume_point(config, is_main=ctx.is_main, world_size=ctx.world_size)
+    resume = resume_point(config, is_main=ctx.is_main, world_size=ctx.world_size)
     dist.barrier(ctx)
     torch.manual_seed(config.seed)
     provenance = {"name": config.model}
@@ -210,7 +211,7 @@ def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs
     data_report = {"train": train_data.summary(), **({"eval": eval_data.summary()} if eval_data.pairs else {})}
     fingerprint = {"train_sha256": pairs_digest(train_data.pairs), "train_pairs": len(train_data.pairs)}
     if resume is not None:  # the config matched; the data and the starting model must match too
-        ckpt.check_resume_state(resume, {"data": fingerprint, "model": provenance})
+        check_resume_state(resume, {"data": fingerprint, "model": provenance})
     touched = any(r["truncated"] or r["dropped"] for r in data_report.values())
     if ctx.is_main and (touched or config.progress):  # quiet runs (notebooks under test) hear only of changed data
         print(f"dpolab: data: {_data_line(data_report)}", file=sys.stderr)
