@@ -1,8 +1,9 @@
 """The training configuration: one dataclass of commented, typed fields whose defaults are a small CPU run.
 
 A run is the defaults, then a YAML file, then ``key=value`` overrides (command line or keyword
-arguments), each checked against the field's type before any work starts. A key that is not a field,
-or a value of the wrong type, stops with an error that names the source and the key::
+arguments), each checked against the field's type before any work starts by the loader every config of the
+kit shares (:mod:`dpolab.overrides`). A key that is not a field, or a value of the wrong type, stops with an
+error that names the source and the key::
 
     config = TrainConfig.load("configs/sentiment.yaml", ["beta=0.5", "lr=1e-5"])
     config = TrainConfig.load(None, {"stage": "sft", "max_steps": 10})
@@ -13,23 +14,15 @@ prints them, so they are kept to one or two lines.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import difflib
-import inspect
 import math
-import types
-import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-
-class ConfigError(ValueError):
-    """A configuration key that does not exist, or a value of the wrong type or range."""
+from dpolab.overrides import ConfigError, field_docs, load_config
+from dpolab.train.loss_config import check_loss_fields
 
 
 @dataclass
@@ -174,18 +167,9 @@ class TrainConfig:
     # ------------------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: Mapping[str, Any] | Iterable[str] = ()) -> TrainConfig:
-        """Defaults, then the YAML file at ``path``, then ``overrides`` (a dict or ``"key=value"`` strings)."""
-        values: dict[str, Any] = {}
-        if path is not None:
-            values.update(_read_yaml(Path(path)))
-            values = {k: coerce(k, v, source=str(path)) for k, v in values.items()}
-        if isinstance(overrides, Mapping):
-            items = [(k, v, f"override {k}={v!r}") for k, v in overrides.items()]
-        else:
-            items = [(*parse_override(text), f"override {text!r}") for text in overrides]
-        for key, value, source in items:
-            _set(values, key, value, source)
-        config = cls(**values)
+        """Defaults, then the YAML file at ``path``, then ``overrides`` (a dict or ``"key=value"`` strings), each
+        type-checked (:func:`dpolab.overrides.load_config`); then :meth:`validate`."""
+        config = load_config(cls, path, overrides, help_command="dpolab train --help")
         config.validate()
         return config
 
@@ -229,187 +213,13 @@ class TrainConfig:
                               "LoRA adapter to switch off (set lora_r > 0)")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"config field 'device' must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
-        from dpolab.train.loss_config import check_loss_fields
-
-        check_loss_fields(self)  # loss_type, loss_weights and the other trl fields
-        if self.stage == "dpo" and not self.loss_type:
-            from dpolab.losses import LOSSES
-
-            if self.loss not in LOSSES:
-                raise ConfigError(f"config field 'loss': {self.loss!r} is not one of {sorted(LOSSES)}")
-            ref_default = inspect.signature(LOSSES[self.loss]).parameters["ref_chosen_logps"].default
-            if self.reference == "none" and ref_default is not None:
-                raise ConfigError(f"config field 'reference' is 'none' but loss {self.loss!r} needs reference "
-                                  "log-probs (use 'copy', 'adapter' or 'precomputed', or a reference-free loss)")
-            check_loss_params(self.loss, self.loss_params, self.beta)
+        check_loss_fields(self)  # loss, loss_type, loss_weights, loss_params and the other trl fields
 
 
 # Where report_to can send metrics (dpolab.train.trackers).
 TRACKERS = ("jsonl", "tensorboard", "wandb")
 
-# Arguments the trainer passes to every loss itself; loss_params cannot set them.
-_TRAINER_ARGS = frozenset({"policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
-                           "beta", "chosen_lengths", "rejected_lengths"})
-
-
-def check_loss_params(loss: str, params: Mapping[str, Any], beta: float = 0.1) -> None:
-    """Check ``loss_params`` against the loss's signature, then call the loss once on a one-pair batch so
-    that its own range checks (e.g. label_smoothing in [0, 0.5)) run at load time, not at step 1."""
-    import torch
-
-    from dpolab.losses import LOSSES
-
-    fn = LOSSES[loss]
-    accepted = inspect.signature(fn).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-    for name in params:
-        if name in _TRAINER_ARGS:
-            raise ConfigError(f"config field 'loss_params': {name!r} is set by the trainer, not by loss_params"
-                              + (" (use the config field 'beta')" if name == "beta" else ""))
-        if name not in accepted and not takes_any:
-            own = sorted(n for n in accepted if n not in _TRAINER_ARGS)
-            close = difflib.get_close_matches(name, own, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"config field 'loss_params': loss {loss!r} has no parameter {name!r}{hint}; its "
-                              f"parameters: {own or 'none'}")
-    if not params:
-        return
-    one = torch.ones(1)
-
-    def call(**kwargs):
-        fn(-one, -one, -one, -one, beta=beta, chosen_lengths=one, rejected_lengths=one, **kwargs)
-
-    try:
-        call(**params)
-    except (ValueError, TypeError) as err:
-        try:
-            call()  # a loss that cannot run on this stand-in batch at all: leave the values to step 1
-        except Exception:
-            return
-        raise ConfigError(f"config field 'loss_params' {dict(params)!r} of loss {loss!r}: {err}") from err
-
 
 def field_help() -> dict[str, tuple[str, str, str]]:
-    """``{name: (type, default, comment)}`` for every field, read from the comments under the fields."""
-    tree = ast.parse(inspect.getsource(TrainConfig))
-    body = tree.body[0].body
-    comments = {}
-    for node, after in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
-            comments[node.target.id] = " ".join(after.value.value.split())
-    defaults = TrainConfig().to_dict()
-    hints = typing.get_type_hints(TrainConfig)
-    return {f.name: (_type_name(hints[f.name]), repr(defaults[f.name]), comments.get(f.name, ""))
-            for f in dataclasses.fields(TrainConfig)}
-
-
-def parse_override(text: str) -> tuple[str, str]:
-    """Split ``"key=value"``; the value stays text and is parsed against the field's type later."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {text!r} is not of the form key=value")
-    return key.strip(), value.strip()
-
-
-def coerce(key: str, value: Any, source: str = "config") -> Any:
-    """Check ``value`` against the type of field ``key`` and return it as that type, or raise naming the key.
-
-    Text (from the command line) is parsed as YAML first, so ``beta=0.5`` gives a float and
-    ``output_dir=2024`` stays the string ``"2024"``; ``1e-5`` is accepted for a float (YAML 1.1 reads
-    it as text).
-    """
-    hints = typing.get_type_hints(TrainConfig)
-    if key not in hints:
-        close = difflib.get_close_matches(key, list(hints), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{source}: {key!r} is not a TrainConfig field{hint}; see `dpolab train --help`")
-    expected = hints[key]
-    if isinstance(expected, types.UnionType) and type(None) in typing.get_args(expected):  # X | None
-        if value is None or (isinstance(value, str) and value.strip() in ("null", "None", "~")):
-            return None
-        expected = next(a for a in typing.get_args(expected) if a is not type(None))
-    text = value if isinstance(value, str) else None
-    if text is not None and expected is not str:
-        value = yaml.safe_load(text) if text.strip() else text
-    if typing.get_origin(expected) is Literal:
-        if value in typing.get_args(expected):
-            return value
-    elif expected is str:
-        if text is not None or isinstance(value, (int, float)) and not isinstance(value, bool):
-            return text if text is not None else str(value)
-    elif expected is bool:
-        if isinstance(value, bool):
-            return value
-    elif expected is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif expected is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif expected is dict:
-        if isinstance(value, dict):
-            return dict(value)
-    elif expected is list:
-        if isinstance(value, (list, tuple)):
-            return list(value)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):  # one item, as trl's str loss_type
-            return [value]
-    raise ConfigError(f"{source}: field {key!r} expects {_type_name(expected)}, got {type(value).__name__} {value!r}")
-
-
-def _set(values: dict[str, Any], key: str, value: Any, source: str) -> None:
-    """Apply one override; ``loss_params.NAME`` sets one entry of the loss parameters."""
-    if key.startswith("loss_params."):
-        name = key.split(".", 1)[1]
-        parsed = yaml.safe_load(value) if isinstance(value, str) else value
-        if not isinstance(parsed, (int, float, bool, str)):
-            raise ConfigError(f"{source}: loss parameter {name!r} must be a number, bool or string, got {parsed!r}")
-        values["loss_params"] = {**values.get("loss_params", {}), name: parsed}
-        return
-    values[key] = coerce(key, value, source)
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load, except that a key given twice in one mapping is an error (YAML keeps the last silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (line {line}; first given on line {seen[key]})",
-                    key_node.start_mark)
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-def load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` that refuses a key given twice in one mapping (line numbers in the error)."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    try:
-        data = load_yaml(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from err
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of config fields at the top level, got {type(data).__name__}")
-    return data
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp))
+    """``{name: (type, default, comment)}`` for every TrainConfig field, read from the comments under the fields."""
+    return field_docs(TrainConfig)

@@ -1,5 +1,6 @@
-"""Checks of the objective's config fields that trl names (``loss_type``, ``loss_weights``, ``use_weighting``,
-``ld_alpha``, ``f_divergence_type``, ``f_alpha_divergence_coef``, ``sync_ref_model``, ``ref_model_mixup_alpha``,
+"""Checks of the objective's config fields: ``loss`` and ``loss_params`` (against the loss registry and the loss's
+own signature), and those that trl names (``loss_type``, ``loss_weights``, ``use_weighting``, ``ld_alpha``,
+``f_divergence_type``, ``f_alpha_divergence_coef``, ``sync_ref_model``, ``ref_model_mixup_alpha``,
 ``ref_model_sync_steps``), run by :meth:`dpolab.train.config.TrainConfig.validate` after the types are checked.
 
 Each error names the field and what would fix it. Where trl refuses a combination, so does the kit (an
@@ -10,14 +11,22 @@ cannot be resumed.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
+from collections.abc import Mapping
+from typing import Any
+
+from dpolab.overrides import ConfigError
+
+# Arguments the trainer passes to every loss itself; loss_params cannot set them.
+TRAINER_ARGS = frozenset({"policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
+                          "beta", "chosen_lengths", "rejected_lengths"})
 
 
 def check_loss_fields(config) -> None:
-    """Raise :class:`dpolab.train.config.ConfigError` for a bad value or combination of the loss fields of ``config``."""
-    from dpolab.train.config import ConfigError, check_loss_params
-    from dpolab.losses import F_DIVERGENCE_LOSSES, LOSSES, SORTED_LOSSES, loss_parameters
+    """Raise :class:`ConfigError` for a bad value or combination of the loss fields of ``config`` (a TrainConfig)."""
+    from dpolab.losses import F_DIVERGENCE_LOSSES, LOSSES, SORTED_LOSSES, loss_parameters, needs_reference
 
     for item in config.loss_type:
         if not isinstance(item, str) or item not in LOSSES:
@@ -65,11 +74,16 @@ def check_loss_fields(config) -> None:
         if config.resume_from:
             raise ConfigError("config field 'sync_ref_model' (TR-DPO): the synchronised reference is not saved in "
                               "checkpoints, so the run cannot be resumed (resume_from must be empty)")
-    if not config.loss_type:
-        return  # the single loss of 'loss' is checked by TrainConfig.validate
+    if not config.loss_type:  # the single loss of 'loss'
+        if config.loss not in LOSSES:
+            raise ConfigError(f"config field 'loss': {config.loss!r} is not one of {sorted(LOSSES)}")
+        if config.reference == "none" and needs_reference(config.loss):
+            raise ConfigError(f"config field 'reference' is 'none' but loss {config.loss!r} needs reference "
+                              "log-probs (use 'copy', 'adapter' or 'precomputed', or a reference-free loss)")
+        check_loss_params(config.loss, config.loss_params, config.beta)
+        return
     if config.reference == "none":
-        needing = [n for n in names
-                   if inspect.signature(LOSSES[n]).parameters["ref_chosen_logps"].default is not None]
+        needing = [n for n in names if needs_reference(n)]
         if needing:
             raise ConfigError(f"config field 'reference' is 'none' but the losses {needing} need reference log-probs")
     params = config.loss_params
@@ -78,3 +92,40 @@ def check_loss_fields(config) -> None:
         raise ConfigError(f"config field 'loss_params': no loss of 'loss_type' {names} takes {unused}")
     for name in dict.fromkeys(names):
         check_loss_params(name, {k: v for k, v in params.items() if k in loss_parameters(name)}, config.beta)
+
+
+def check_loss_params(loss: str, params: Mapping[str, Any], beta: float = 0.1) -> None:
+    """Check ``loss_params`` against the loss's signature, then call the loss once on a one-pair batch so
+    that its own range checks (e.g. label_smoothing in [0, 0.5)) run at load time, not at step 1."""
+    import torch
+
+    from dpolab.losses import LOSSES
+
+    fn = LOSSES[loss]
+    accepted = inspect.signature(fn).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    for name in params:
+        if name in TRAINER_ARGS:
+            raise ConfigError(f"config field 'loss_params': {name!r} is set by the trainer, not by loss_params"
+                              + (" (use the config field 'beta')" if name == "beta" else ""))
+        if name not in accepted and not takes_any:
+            own = sorted(n for n in accepted if n not in TRAINER_ARGS)
+            close = difflib.get_close_matches(name, own, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"config field 'loss_params': loss {loss!r} has no parameter {name!r}{hint}; its "
+                              f"parameters: {own or 'none'}")
+    if not params:
+        return
+    one = torch.ones(1)
+
+    def call(**kwargs):
+        fn(-one, -one, -one, -one, beta=beta, chosen_lengths=one, rejected_lengths=one, **kwargs)
+
+    try:
+        call(**params)
+    except (ValueError, TypeError) as err:
+        try:
+            call()  # a loss that cannot run on this stand-in batch at all: leave the values to step 1
+        except Exception:
+            return
+        raise ConfigError(f"config field 'loss_params' {dict(params)!r} of loss {loss!r}: {err}") from err
