@@ -5,27 +5,26 @@
     dpolab train config.yaml --print-config            # check and show the resolved config; no work
     torchrun --nproc_per_node=2 -m dpolab.cli train config.yaml   # data parallel (DDP; fsdp=true to shard)
     dpolab train --help                                # every config field with its type, default, meaning
+    dpolab reproduce betas=0.1,0.5 steps=48            # the controlled-sentiment experiment (SentimentConfig fields)
+    dpolab sweep notebooks/03_beta_sweep.ipynb --grid beta=0.05,0.1,0.5   # papermill per grid point
+    dpolab notebooks --html                            # the six notebooks executed into runs/notebooks/
 
-Subcommands are listed in :data:`SUBCOMMANDS` as ``name -> "module:function"``; the function receives
-the argparse sub-parsers object, adds its parser and sets ``func`` (a callable of the parsed args that
-returns an exit code). Modules are imported only when their subcommand is built, so adding one is a line
-here plus a function in its own module.
+Each subcommand is an ``add_*`` function in :data:`SUBCOMMANDS`: it receives the argparse sub-parsers object,
+adds its parser and sets ``func`` (a callable of the parsed args that returns an exit code). The library
+modules a subcommand needs are imported when it runs, so ``dpolab --help`` stays quick. Config files and
+``key=value`` overrides of ``train`` and ``reproduce`` go through one typed loader (:mod:`dpolab.overrides`).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 
-SUBCOMMANDS: dict[str, str] = {
-    "train": "dpolab.cli:add_train",
-    "reproduce": "dpolab.commands:add_reproduce",
-    "sweep": "dpolab.commands:add_sweep",
-    "notebooks": "dpolab.commands:add_notebooks",
-}
+NOTEBOOK_ORDER = ["01_derivation", "02_training", "03_beta_sweep", "04_multi_turn", "05_ranking", "06_loss_family"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,9 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpolab", description="dpolab: Direct Preference Optimization research kit")
     parser.add_argument("--debug", action="store_true", help="on an error, show the traceback (also after the command)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for target in SUBCOMMANDS.values():
-        module, function = target.split(":")
-        getattr(importlib.import_module(module), function)(subparsers)
+    for add in SUBCOMMANDS.values():
+        add(subparsers)
     return parser
 
 
@@ -91,19 +89,26 @@ def add_train(subparsers) -> None:
     parser.add_argument("settings", nargs="*", metavar="[config.yaml] key=value",
                         help="an optional YAML file first, then overrides of config fields")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-    parser.set_defaults(func=_train, parser=parser)
+    parser.set_defaults(func=cmd_train, parser=parser)
 
 
-def _train(args) -> int:
-    from dpolab.train.config import ConfigError, TrainConfig
+def load_or_exit(parser: argparse.ArgumentParser, cls, path: str | None, overrides: list[str]):
+    """``cls.load(path, overrides)``; a bad key, value or file ends the command as a usage error (exit code 2)."""
+    from dpolab.overrides import ConfigError
+
+    try:
+        return cls.load(path, overrides)
+    except (ConfigError, FileNotFoundError) as err:
+        parser.error(str(err))
+
+
+def cmd_train(args) -> int:
+    from dpolab.train.config import TrainConfig
 
     path, overrides = None, list(args.settings)
     if overrides and "=" not in overrides[0]:
         path = overrides.pop(0)
-    try:
-        config = TrainConfig.load(path, overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        args.parser.error(str(err))
+    config = load_or_exit(args.parser, TrainConfig, path, overrides)
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
@@ -113,7 +118,7 @@ def _train(args) -> int:
     from dpolab.train.trainer import train
 
     result = train(config)
-    if result.history and _is_main():
+    if result.history and os.environ.get("RANK", "0") == "0":  # under torchrun, the first process reports
         summary = {**result.history[-1], **(result.eval_history[-1] if result.eval_history else {})}
         summary.pop("warnings", None)
         print(json.dumps({"output_dir": str(result.output_dir), "checkpoint": str(result.checkpoint),
@@ -121,10 +126,115 @@ def _train(args) -> int:
     return 0
 
 
-def _is_main() -> bool:
-    import os
+def add_reproduce(sub) -> None:
+    """Register ``dpolab reproduce``."""
+    from dpolab.experiments.sentiment_config import SentimentConfig
 
-    return os.environ.get("RANK", "0") == "0"
+    p = sub.add_parser("reproduce", help="the controlled-sentiment experiment (paper §6.1, Fig. 2 left)",
+                       description="Run the controlled-sentiment reproduction on the embedded default and write the "
+                                   "reward–KL frontier figure and the results table. Overrides: key=value.")
+    p.add_argument("overrides", nargs="*", help="SentimentConfig fields, e.g. betas=0.1,0.5 steps=48; fields: " +
+                   ", ".join(f.name for f in fields(SentimentConfig)))
+    p.add_argument("--config", help="YAML file of SentimentConfig fields (e.g. configs/sentiment_full.yaml)")
+    p.add_argument("--from-results", metavar="RESULTS_JSON", nargs="+",
+                   help="print the tables of a finished run's results.json without rerunning; several files of runs "
+                        "with the same setup (e.g. the full run and the PPO run) are merged and compared together")
+    p.add_argument("--figure", metavar="PNG", help="with --from-results: also redraw the frontier figure to this path")
+    p.set_defaults(func=cmd_reproduce, parser=p)
+
+
+def cmd_reproduce(args) -> int:
+    from dpolab.experiments.sentiment import run
+    from dpolab.experiments.sentiment_report import from_results, report_markdown
+
+    if args.from_results:
+        try:
+            out = from_results(args.from_results, args.figure)
+        except ValueError as err:
+            raise SystemExit(f"dpolab reproduce --from-results: {err}") from None
+        print(out["table_md"])
+        if out["figure"]:
+            print(f"figure: {out['figure']}")
+        return 0
+    from dpolab.experiments.sentiment_config import SentimentConfig
+
+    config = load_or_exit(args.parser, SentimentConfig, args.config, args.overrides)
+    result = run(config)
+    print(report_markdown(result["results"]))
+    print(f"\npairs: {result['pair_stats']}")
+    print(f"table: {result['table']}\nfigure: {result['figure']}")
+    return 0
+
+
+def add_sweep(sub) -> None:
+    """Register ``dpolab sweep``."""
+    p = sub.add_parser("sweep", help="run a notebook over a parameter grid with papermill",
+                       description="Execute a notebook once per grid point (papermill), name each executed copy by "
+                                   "its parameters, and print the collected results table.")
+    p.add_argument("notebook")
+    p.add_argument("--grid", nargs="+", required=True, help="key=v1,v2 ... (Cartesian product)")
+    p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                   help="a fixed parameter for every run")
+    p.add_argument("-f", "--parameters-file", help="YAML of fixed parameters (e.g. the notebook's .full.yaml)")
+    p.add_argument("--out", default="runs/notebooks", help="folder of the executed copies")
+    p.add_argument("--models-dir", default="runs/03_beta_sweep/models", help="where the runs save evaluated models")
+    p.set_defaults(func=cmd_sweep)
+
+
+def cmd_sweep(args) -> int:
+    from dpolab.overrides import parse_value
+    from dpolab.sweep import collect, parse_grid, run_sweep
+
+    fixed = {k: parse_value(v) for k, v in args.parameter}
+    paths = run_sweep(args.notebook, parse_grid(args.grid), parameters=fixed, parameters_file=args.parameters_file,
+                      out_dir=args.out, first_only={"baselines": True} if "03_beta_sweep" in args.notebook else None)
+    print("\n".join(f"executed: {p}" for p in paths))
+    print(collect(args.models_dir).round(3).to_string())
+    return 0
+
+
+def add_notebooks(sub) -> None:
+    """Register ``dpolab notebooks``."""
+    p = sub.add_parser("notebooks", help="execute the six notebooks with papermill into runs/notebooks/")
+    p.add_argument("--only", nargs="*", default=NOTEBOOK_ORDER, help="notebook stems to run")
+    p.add_argument("--full", action="store_true", help="use each notebook's .full.yaml overrides")
+    p.add_argument("--out", default="runs/notebooks")
+    p.add_argument("--html", action="store_true",
+                   help="also write each executed notebook as one self-contained HTML file (figures and offline "
+                        "MathJax inlined) beside it, for a browser without Jupyter")
+    p.set_defaults(func=cmd_notebooks)
+
+
+def cmd_notebooks(args) -> int:
+    import nbformat
+    import papermill
+
+    from dpolab.cache import REPO_ROOT
+    from dpolab.notebook_output import missing_figures, write_html
+    from dpolab.overrides import read_yaml
+
+    out = REPO_ROOT / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    problems = []
+    for stem in args.only:
+        source = REPO_ROOT / "notebooks" / f"{stem}.ipynb"
+        params = {"save_figures": True}
+        if args.full:
+            params.update(read_yaml(source.with_suffix(".full.yaml")))
+        executed = out / source.name
+        print(f"running {source.name} → {executed}", file=sys.stderr)
+        papermill.execute_notebook(str(source), str(executed), parameters=params, kernel_name="python3",
+                                   cwd=str(source.parent))
+        problems += [f"{executed.name}: {p}" for p in missing_figures(nbformat.read(str(executed), as_version=4).cells)]
+        if args.html:
+            print(f"rendered {write_html(executed)}", file=sys.stderr)
+    if problems:  # a figure that never reached the notebook (see notebooks/conftest.py)
+        print("figures missing from the executed notebooks:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 1
+    return 0
+
+
+SUBCOMMANDS = {"train": add_train, "reproduce": add_reproduce, "sweep": add_sweep, "notebooks": add_notebooks}
 
 
 if __name__ == "__main__":

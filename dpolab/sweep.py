@@ -3,36 +3,30 @@
 ``dpolab sweep notebooks/03_beta_sweep.ipynb --grid beta=0.05,0.1,0.5`` executes the notebook once per point
 of the grid (the Cartesian product of the listed values), writes each executed copy to
 ``runs/notebooks/<notebook>__<key>=<value>….ipynb`` (never over the source), and prints one table of the
-results that the runs saved with :func:`dpolab.experiments.sentiment_eval.save_model_row`.
+results that the runs saved with :func:`dpolab.results.save_model_row`. Grid values read as override values do
+(:func:`dpolab.overrides.parse_value`): ``0.1`` is a number, ``true`` a bool, ``sigmoid`` a string.
 """
 
 from __future__ import annotations
 
-import ast
 import itertools
 from pathlib import Path
 
-import yaml
-
-from dpolab.cache import REPO_ROOT
+from dpolab.cache import from_repo_root
+from dpolab.overrides import parse_value, read_yaml
+from dpolab.results import load_model_rows
 
 
 def parse_grid(items: list[str]) -> dict[str, list]:
-    """``["beta=0.05,0.1", "seed=0,1"]`` → ``{"beta": [0.05, 0.1], "seed": [0, 1]}`` (values as Python literals)."""
+    """``["beta=0.05,0.1", "seed=0,1"]`` → ``{"beta": [0.05, 0.1], "seed": [0, 1]}`` (each value by
+    :func:`dpolab.overrides.parse_value`)."""
     grid = {}
     for item in items:
         key, sep, values = item.partition("=")
         if not sep or not key.strip() or not values.strip():
             raise ValueError(f"grid item {item!r}: expected key=value[,value...]")
-        grid[key.strip()] = [_literal(v.strip()) for v in values.split(",")]
+        grid[key.strip()] = [parse_value(v.strip()) for v in values.split(",")]
     return grid
-
-
-def _literal(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # a bare string
 
 
 def grid_points(grid: dict[str, list]) -> list[dict]:
@@ -70,14 +64,14 @@ def run_sweep(notebook: str | Path, grid: dict[str, list], *, parameters: dict |
     """
     import papermill
 
-    notebook = _from_root(notebook)
-    fixed = dict(yaml.safe_load(_from_root(parameters_file).read_text()) or {}) if parameters_file else {}
+    notebook = from_repo_root(notebook)
+    fixed = read_yaml(from_repo_root(parameters_file)) if parameters_file else {}
     fixed.update(parameters or {})
     known = notebook_parameters(notebook)
     unknown = sorted((set(grid) | set(fixed) | set(first_only or {})) - known)
     if unknown:  # papermill itself only warns, and the run would silently ignore them
         raise ValueError(f"{notebook.name} has no parameter(s) {unknown}; its parameters are {sorted(known)}")
-    out = _from_root(out_dir)
+    out = from_repo_root(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, point in enumerate(grid_points(grid)):
@@ -91,21 +85,14 @@ def run_sweep(notebook: str | Path, grid: dict[str, list], *, parameters: dict |
     return paths
 
 
-def _from_root(path: str | Path) -> Path:
-    path = Path(path)
-    return path if path.is_absolute() else REPO_ROOT / path
-
-
 def collect(models_dir: str | Path):
     """One table (pandas) of every evaluated policy saved under ``models_dir``, best reward first."""
     import pandas as pd
 
-    from dpolab.experiments.sentiment_eval import load_model_rows
-
-    rows = load_model_rows(_from_root(models_dir))
+    rows = load_model_rows(models_dir)
     if not rows:
         return pd.DataFrame(columns=["policy", "method", "reward", "reward_se", "kl", "kl_se", "judge", "source"])
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame([row.to_dict() for row in rows])
     keep = [c for c in ["policy", "method", "beta", "reward", "reward_se", "kl", "kl_se", "judge", "judge_se",
                         "n_samples", "source"] if c in table.columns]
     return table[keep].sort_values("reward", ascending=False).reset_index(drop=True)

@@ -54,3 +54,13 @@ def test_hub_offline_setting_counts_as_unreachable(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert not hub_reachable()
+
+
+def test_module_entry_point_runs_the_same_command(tmp_path):
+    """``python -m dpolab.cli`` (what torchrun starts) is the ``dpolab`` console script."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "dpolab.cli", "train", "max_steps=3", "--print-config"],
+                          capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout)["max_steps"] == 3

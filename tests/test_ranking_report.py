@@ -7,18 +7,18 @@ import pytest
 import torch
 
 from dpolab.evaluate import length_controlled_win_rate, win_rate
-from dpolab.sample.generate import Samples
-from dpolab.rank import bradley_terry
 from dpolab.experiments.ranking_report import (
     align_rows,
     construction_keys,
     dominance_pairs,
-    heldout_accuracy,
     model_name,
     pairwise_comparisons,
     win_rate_table,
     worst_of_n_rows,
 )
+from dpolab.rank import bradley_terry
+from dpolab.results import ModelRow
+from dpolab.sample.generate import Samples
 
 
 def row(policy, prompts, rewards, lengths=None, source="nb", **extra):
@@ -44,7 +44,7 @@ def test_align_rows_without_lengths_and_with_a_repeated_name():
     aligned = align_rows(rows)
     assert aligned.lengths is None  # one row has no lengths: nothing to length-control with
     assert aligned.models == ["nb/a", "nb/a#2"]
-    assert model_name({"policy": "x"}) == "x"
+    assert model_name(ModelRow("x", prompts=["p"], prompt_rewards=[0.0])) == "x"
 
 
 def test_align_rows_drops_the_model_on_other_prompts():
@@ -153,9 +153,15 @@ def test_worst_of_n_and_construction_keys():
     assert all((r[lo] <= r[hi]).all() for lo, hi in zip(order, order[1:]))
 
 
-def test_heldout_accuracy_looks_in_the_row_and_its_final_metrics():
-    assert heldout_accuracy({"implicit_accuracy": 0.75}) == 0.75
-    assert heldout_accuracy({"final_metrics": {"eval_rewards/accuracies": 0.6, "loss": 0.3}}) == 0.6
-    assert heldout_accuracy({"final_metrics": {"eval/rewards/accuracies": 0.7}}) == 0.7  # rows saved before the rename
-    assert heldout_accuracy({"final_metrics": {"rewards/accuracies": 0.9}}) is None  # training pairs, not held out
-    assert heldout_accuracy({}) is None
+def test_saved_rows_rank_as_their_dicts(tmp_path):
+    """Rows saved and loaded back (dpolab.results) align exactly as the dicts they were saved from."""
+    from dpolab.results import load_model_rows, save_model_row
+
+    rows = [row("a", ["p1", "p2", "p3"], [0.1, 0.2, 0.3], [5, 6, 7], method="DPO"),
+            row("b", ["p3", "p1"], [1.0, 3.0], [1, 3], method="Best of N", n=2)]
+    for r in rows:
+        save_model_row(r, tmp_path, source=r["source"])
+    saved, direct = align_rows(load_model_rows(tmp_path)), align_rows(rows)
+    assert saved.models == direct.models and saved.prompts == direct.prompts
+    assert saved.rewards.tolist() == direct.rewards.tolist() and saved.lengths.tolist() == direct.lengths.tolist()
+    assert [r.method for r in saved.rows] == ["DPO", "Best of N"] and saved.rows[1].n == 2

@@ -6,8 +6,10 @@ import math
 import numpy as np
 import pytest
 
-from dpolab.experiments.sentiment import SentimentConfig, from_results, make_pairs, prepare, run, table_markdown
+from dpolab.experiments.sentiment import SentimentConfig, make_pairs, prepare, run
 from dpolab.experiments.sentiment_eval import add_paired_gains
+from dpolab.experiments.sentiment_report import from_results, table_markdown
+from dpolab.overrides import ConfigError
 
 
 def test_paired_gain_by_hand():
@@ -43,16 +45,39 @@ def test_bad_settings_fail_before_any_model_load(field, value, message):
 
 
 def test_unknown_or_mistyped_cli_key_is_named():
-    from dpolab.commands import sentiment_config
-
-    with pytest.raises(SystemExit, match="unknown config key 'stepz'"):
-        sentiment_config(None, ["stepz=3"])
-    with pytest.raises(SystemExit, match="'steps' needs int"):
-        sentiment_config(None, ["steps=many"])
-    assert sentiment_config(None, ["betas=0.1,0.5", "lr=1"]).betas == (0.1, 0.5)
-    assert sentiment_config(None, ["methods=dpo,rloo"]).methods == ("dpo", "rloo")
+    """SentimentConfig goes through the loader of every config (dpolab.overrides): the same syntax, the same errors."""
+    with pytest.raises(ConfigError, match=r"override 'stepz=3': 'stepz' is not a SentimentConfig field \(did you mean "
+                                          r"'steps'\?\); see `dpolab reproduce --help`"):
+        SentimentConfig.load(None, ["stepz=3"])
+    with pytest.raises(ConfigError, match="field 'steps' expects int, got str 'many'"):
+        SentimentConfig.load(None, ["steps=many"])
+    with pytest.raises(ConfigError, match=r"field 'betas' expects tuple\[float, ...\]"):
+        SentimentConfig.load(None, ["betas=0.1,high"])
+    config = SentimentConfig.load(None, ["betas=0.1,0.5", "lr=1", "progress=false"])
+    assert config.betas == (0.1, 0.5) and config.lr == 1.0 and isinstance(config.lr, float) and config.progress is False
+    assert SentimentConfig.load(None, ["methods=dpo,rloo"]).methods == ("dpo", "rloo")
+    assert SentimentConfig.load(None, ["methods=[dpo, rloo]", "best_of_n=1,4"]).best_of_n == (1, 4)
     with pytest.raises(ValueError, match="methods: unknown"):
-        sentiment_config(None, ["methods=dpo,trpo"])
+        SentimentConfig.load(None, ["methods=dpo,trpo"])
+
+
+def test_config_files_load_as_before():
+    """The committed configs give the values their YAML holds (tuples of floats and ints, strings, numbers)."""
+    from dpolab.cache import REPO_ROOT
+
+    full = SentimentConfig.load(REPO_ROOT / "configs" / "sentiment_full.yaml")
+    assert full.methods == ("dpo", "preferred_ft", "unlikelihood", "rloo") and full.betas == (0.05, 0.1, 0.5)
+    assert full.best_of_n == (1, 2, 4, 8, 16, 32, 64) and full.lr == 5e-5 and full.results == "results/sentiment_full.json"
+    assert SentimentConfig.load(REPO_ROOT / "configs" / "sentiment_ppo.yaml", ["steps=8"]).steps == 8
+
+
+def test_reproduce_refuses_a_bad_key_before_any_work(capsys):
+    from dpolab.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["reproduce", "stepz=3", "model=/nonexistent/model/folder"])
+    assert exit_.value.code == 2
+    assert "dpolab reproduce: error: override 'stepz=3': 'stepz' is not a SentimentConfig field" in capsys.readouterr().err
 
 
 def letter_e_reward(texts):
@@ -129,6 +154,20 @@ def test_tiny_run_curves_and_invariants(tiny_run):
     assert result["figure"].with_name("frontier_rl_training.png").is_file()  # the RL baseline's learning curves
 
 
+def test_saved_model_rows_rank_on_the_heldout_prefixes(tiny_run):
+    """The run saves Best-of-N and the last checkpoint of every curve as model rows (dpolab.results), on π_ref's
+    held-out prefixes, so the ranking report aligns all of them."""
+    from dpolab.experiments.ranking_report import align_rows
+    from dpolab.results import load_model_rows
+
+    config, result = tiny_run
+    rows = load_model_rows(config_out(config) / "models")
+    finals = [r for r in result["results"]["policies"] if r["method"] == "Best of N" or r.get("final")]
+    assert sorted(r.policy for r in rows) == sorted(r["policy"] for r in finals)
+    aligned = align_rows(rows, min_prompts=3)
+    assert aligned.dropped == [] and len(aligned.prompts) == 3 and all(r.source == "sentiment" for r in rows)
+
+
 def test_tiny_run_comparisons_and_timings(tiny_run):
     """One matched-KL row per pair of methods, with the result fields (or a note where the curves do not share a
     KL range); the timings name the training and evaluation of every curve."""
@@ -152,9 +191,9 @@ def test_tiny_run_comparisons_and_timings(tiny_run):
 
 
 def config_out(config):
-    from dpolab.experiments.sentiment import resolve
+    from dpolab.cache import from_repo_root
 
-    return resolve(config.output_dir)
+    return from_repo_root(config.output_dir)
 
 
 def test_saved_results_rerender_the_same_tables(tiny_run):

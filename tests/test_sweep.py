@@ -37,3 +37,23 @@ def test_unknown_grid_parameter_fails_before_running(tmp_path):
     with pytest.raises(ValueError, match=r"no parameter\(s\) \['betta'\]"):
         run_sweep(path, {"betta": [0.1]}, out_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_grid_values_read_as_override_values():
+    """Grid values go through dpolab.overrides.parse_value, as the train and reproduce overrides do: YAML's reading,
+    plus 1e-5-style numbers (text in YAML 1.1) and Python's None."""
+    assert parse_grid(["lr=1e-5,5E-5", "baselines=true,False", "ld_alpha=None,null", "name='0.1',x"]) == {
+        "lr": [1e-5, 5e-5], "baselines": [True, False], "ld_alpha": [None, None], "name": ["0.1", "x"]}
+
+
+def test_collect_tabulates_saved_rows_best_reward_first(tmp_path):
+    from dpolab.results import save_model_row
+    from dpolab.sweep import collect
+
+    save_model_row({"policy": "a", "method": "DPO", "beta": 0.1, "reward": 0.1, "kl": 1.0, "prompts": ["x"],
+                    "prompt_rewards": [0.1]}, tmp_path, source="s")
+    save_model_row({"policy": "b", "method": "Best of N", "reward": 0.3, "kl": 0.2}, tmp_path)
+    table = collect(tmp_path)
+    assert table["policy"].tolist() == ["b", "a"] and table.columns.tolist() == ["policy", "method", "beta", "reward",
+                                                                                "kl", "source"]
+    assert collect(tmp_path / "none").empty

@@ -1,7 +1,7 @@
 """Ranking saved models on shared held-out prompts: alignment, per-prompt comparisons, win-rate tables.
 
-The rows that notebooks save with :func:`dpolab.experiments.sentiment_eval.save_model_row` hold each model's
-mean ground-truth reward per held-out prompt (``prompts``, ``prompt_rewards``, ``prompt_lengths``). Ranking
+The rows that notebooks save (:class:`dpolab.results.ModelRow`, :func:`dpolab.results.save_model_row`) hold each
+model's mean ground-truth reward per held-out prompt (``prompts``, ``prompt_rewards``, ``prompt_lengths``). Ranking
 them needs the prompts they have in common (:func:`align_rows`); then every pair of models is compared prompt
 by prompt — 1 when A's reward is higher, 0 when lower, ½ for a tie — which feeds the win rates
 (:func:`win_rate_table`, :func:`dpolab.evaluate.win_rate`) and the Bradley–Terry ratings
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 
@@ -27,6 +27,8 @@ import numpy as np
 import pandas as pd
 
 from dpolab.evaluate import length_controlled_win_rate, win_rate
+from dpolab.experiments.sentiment_eval import best_of_n_rows
+from dpolab.results import ModelRow
 
 CONSTRUCTED_METHODS = {"Best of N": 1.0, "Worst of N": -1.0}  # method -> sign of its by-construction key
 
@@ -48,7 +50,7 @@ class AlignedRewards:
     prompts: list[str]
     rewards: np.ndarray
     lengths: np.ndarray | None
-    rows: list[dict]
+    rows: list[ModelRow]
     dropped: list[str] = field(default_factory=list)
 
     def long(self) -> pd.DataFrame:
@@ -58,20 +60,20 @@ class AlignedRewards:
                              "reward": self.rewards.reshape(-1)})
 
 
-def model_name(row: dict) -> str:
+def model_name(row: ModelRow) -> str:
     """``source/policy`` (just ``policy`` when the row has no source)."""
-    return f"{row['source']}/{row['policy']}" if row.get("source") else str(row["policy"])
+    return f"{row.source}/{row.policy}" if row.source else str(row.policy)
 
 
-def _per_prompt(row: dict, index: int, source: str) -> dict[str, tuple[float, float]]:
+def _per_prompt(row: ModelRow, index: int, source: str) -> dict[str, tuple[float, float]]:
     """prompt -> (reward, length) of one row, validated; the first occurrence of a repeated prompt wins."""
-    name = row.get("policy", "?")
-    for key in ("policy", "prompts", "prompt_rewards"):
-        if key not in row:
+    name = row.policy
+    for key in ("prompts", "prompt_rewards"):
+        if getattr(row, key) is None:
             raise ValueError(f"{source}, row {index} ({name}), field '{key}': missing; save rows with "
-                             "dpolab.experiments.sentiment_eval.save_model_row")
-    prompts, rewards = list(row["prompts"]), np.asarray(row["prompt_rewards"], dtype=float)
-    lengths = np.asarray(row.get("prompt_lengths") or [math.nan] * len(prompts), dtype=float)
+                             "dpolab.results.save_model_row")
+    prompts, rewards = list(row.prompts), np.asarray(row.prompt_rewards, dtype=float)
+    lengths = np.asarray(row.prompt_lengths or [math.nan] * len(prompts), dtype=float)
     for key, values in (("prompt_rewards", rewards), ("prompt_lengths", lengths)):
         if len(values) != len(prompts):
             raise ValueError(f"{source}, row {index} ({name}), field '{key}': {len(values)} values for "
@@ -86,14 +88,15 @@ def _per_prompt(row: dict, index: int, source: str) -> dict[str, tuple[float, fl
     return table
 
 
-def align_rows(rows: Sequence[dict], *, min_prompts: int = 2, source: str = "rows") -> AlignedRewards:
+def align_rows(rows: Sequence[ModelRow | Mapping], *, min_prompts: int = 2, source: str = "rows") -> AlignedRewards:
     """Restrict saved model rows to the held-out prompts they all share.
 
     When the shared set is smaller than ``min_prompts`` (models evaluated on different prompt sets), models
     are dropped one at a time — each time the one whose removal leaves the most shared prompts — down to two.
 
     Args:
-        rows: results rows with ``policy``, ``prompts``, ``prompt_rewards`` (and ``source``, ``prompt_lengths``).
+        rows: saved rows (:func:`dpolab.results.load_model_rows`), or dicts with at least ``policy``, ``prompts``
+            and ``prompt_rewards`` (read by :meth:`dpolab.results.ModelRow.from_dict`).
         min_prompts: the fewest shared prompts to rank on.
         source: a name for error messages (e.g. the folder the rows came from).
 
@@ -101,7 +104,8 @@ def align_rows(rows: Sequence[dict], *, min_prompts: int = 2, source: str = "row
         ValueError: a malformed row (naming its index, policy and field), or fewer than two models that share
             ``min_prompts`` prompts.
     """
-    rows = list(rows)
+    rows = [row if isinstance(row, ModelRow) else ModelRow.from_dict(row, where=f"{source}, row {i}")
+            for i, row in enumerate(rows)]
     if len(rows) < 2:
         raise ValueError(f"{source}: ranking needs at least 2 models, got {len(rows)}")
     tables = [_per_prompt(row, i, source) for i, row in enumerate(rows)]
@@ -192,9 +196,9 @@ def construction_keys(aligned: AlignedRewards) -> dict[str, dict[str, float]]:
     """
     families: dict[str, dict[str, float]] = {}
     for name, row in zip(aligned.models, aligned.rows):
-        sign = CONSTRUCTED_METHODS.get(row.get("method"))
-        if sign is not None and row.get("n"):
-            families.setdefault(row.get("source", ""), {})[name] = sign * math.log2(int(row["n"]))
+        sign = CONSTRUCTED_METHODS.get(row.method)
+        if sign is not None and row.n:
+            families.setdefault(row.source, {})[name] = sign * math.log2(int(row.n))
     return {src: keys for src, keys in families.items() if len(keys) >= 2}
 
 
@@ -205,7 +209,6 @@ def worst_of_n_rows(reference_samples, reward_fn: Callable, judge_fn: Callable, 
     negated reward, so it reuses :func:`dpolab.experiments.sentiment_eval.best_of_n_rows`; its KL to the
     reference has the same bound, log N − (N − 1)/N.
     """
-    from dpolab.experiments.sentiment_eval import best_of_n_rows
 
     def negated(texts):
         return -np.asarray(reward_fn(texts), dtype=float)
@@ -215,17 +218,3 @@ def worst_of_n_rows(reference_samples, reward_fn: Callable, judge_fn: Callable, 
         row.update(policy=f"worst-of-{row['n']}", method="Worst of N", reward=-row["reward"],
                    prompt_rewards=[-v for v in row["prompt_rewards"]])
     return rows
-
-
-# eval/rewards/accuracies: the name in rows saved before dpolab took trl's eval_ prefix
-HELDOUT_ACCURACY_KEYS = ("heldout_acc", "implicit_accuracy", "eval_rewards/accuracies", "eval/rewards/accuracies")
-
-
-def heldout_accuracy(row: dict) -> float | None:
-    """Held-out implicit-reward accuracy recorded in a row (or in its ``final_metrics``), or None."""
-    for place in (row, row.get("final_metrics") or {}):
-        for key in HELDOUT_ACCURACY_KEYS:
-            value = place.get(key)
-            if isinstance(value, int | float) and math.isfinite(value):
-                return float(value)
-    return None

@@ -28,9 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dpolab.cache import atomic_write_text
+from dpolab.cache import atomic_write_text, from_repo_root
 from dpolab.data.records import Message, PreferenceExample
-from dpolab.experiments.sentiment import resolve
 from dpolab.experiments.sentiment_eval import mean_and_se
 from dpolab.sample.generate import sample
 from dpolab.sample.pairs import build_pairs
@@ -235,7 +234,7 @@ def recall_row(name: str, rollouts: Rollouts, reference: Rollouts | None = None)
 
 def save_results(results: dict, folder: str = "runs/models_multiturn", name: str = "04_multi_turn.json"):
     """Write the results (config, rows, invariance check) as JSON under ``folder`` (from the repository root)."""
-    path = resolve(folder) / name
+    path = from_repo_root(folder) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(results, indent=2, default=float) + "\n")
     return path

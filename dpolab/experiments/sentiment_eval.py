@@ -4,21 +4,22 @@ Each policy is sampled at temperature 1 over the full vocabulary (so the samples
 the KL estimate requires) on held-out prompts. The ground-truth reward and the second judge score the
 review text, prompt + continuation. KL(π‖π_ref) is the sample mean of log π(y|x) − log π_ref(y|x)
 (:func:`dpolab.rewards.sequence_kl`), with its standard error.
+
+A row of results is a dict of the fields of :class:`dpolab.results.ModelRow` (plus ``examples``), ready for
+:func:`dpolab.results.save_model_row`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from dpolab.sample.generate import Samples, sample
-from dpolab.sample.completions import completion_logprobs
 from dpolab.data.tokenize import pad_token_id
+from dpolab.sample.completions import completion_logprobs
+from dpolab.sample.generate import Samples, sample
 
 
 def mean_and_se(values) -> tuple[float, float]:
@@ -90,36 +91,6 @@ def best_of_n_rows(reference_samples: Samples, reward_fn: Callable, judge_fn: Ca
                      "n_samples": len(best), "n": n, "examples": picked[:3],
                      "prompts": list(reference_samples.prompts),
                      "prompt_rewards": rewards[np.arange(len(best)), best].tolist(), "prompt_lengths": lengths})
-    return rows
-
-
-def save_model_row(row: dict, folder: str | Path = "runs/models", source: str = "") -> Path:
-    """Write one evaluated policy (a results row with per-prompt rewards) for the ranking notebook to collect.
-
-    The file is named by the policy (and ``source``, e.g. the notebook and its parameters), written atomically.
-    """
-    from dpolab.cache import REPO_ROOT, atomic_write_text
-
-    folder = Path(folder)
-    folder = folder if folder.is_absolute() else REPO_ROOT / folder
-    name = f"{source}__{row['policy']}" if source else row["policy"]
-    path = folder / f"{name}.json"
-    atomic_write_text(path, json.dumps({**row, "source": source}, indent=1, default=float))
-    return path
-
-
-def load_model_rows(folder: str | Path = "runs/models") -> list[dict]:
-    """Every row saved with :func:`save_model_row` in ``folder`` (sorted by file name); [] when none."""
-    from dpolab.cache import REPO_ROOT
-
-    folder = Path(folder)
-    folder = folder if folder.is_absolute() else REPO_ROOT / folder
-    rows = []
-    for path in sorted(folder.glob("*.json")):
-        try:
-            rows.append(json.loads(path.read_text()))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not a valid results file ({err})") from err
     return rows
 
 

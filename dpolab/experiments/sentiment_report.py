@@ -104,9 +104,9 @@ def validate(results, source: str) -> dict:
 
 def load_results(path: str | Path) -> dict:
     """Read and validate one results file."""
-    from dpolab.experiments.sentiment import resolve
+    from dpolab.cache import from_repo_root
 
-    path = resolve(str(path))
+    path = from_repo_root(path)
     try:
         results = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -164,12 +164,12 @@ def from_results(paths, figure: str | Path | None = None) -> dict:
 
     Returns ``{"results", "table_md", "figure"}``.
     """
-    from dpolab.experiments.sentiment import resolve
+    from dpolab.cache import from_repo_root
 
     paths = [paths] if isinstance(paths, str | Path) else list(paths)
     parts = [load_results(p) for p in paths]
     results = parts[0] if len(parts) == 1 else merge_results(parts, [str(p) for p in paths])
-    written = draw_figures(results, resolve(str(figure))) if figure else None
+    written = draw_figures(results, from_repo_root(figure)) if figure else None
     return {"results": results, "table_md": report_markdown(results), "figure": written}
 
 

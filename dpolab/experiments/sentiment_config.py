@@ -1,0 +1,147 @@
+"""The settings of the controlled-sentiment experiment (:mod:`dpolab.experiments.sentiment`): one dataclass of
+commented, typed fields whose defaults are the small CPU run; ``configs/sentiment_full.yaml`` is the full one.
+
+Settings are checked when the dataclass is built, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dpolab.models import DEFAULT_MODEL
+from dpolab.overrides import load_config
+
+METHODS = ("dpo", "preferred_ft", "unlikelihood", "rloo", "ppo")
+"""The trained methods; Best-of-N and π_ref are always evaluated."""
+
+
+@dataclass
+class SentimentConfig:
+    """The controlled-sentiment reproduction. Defaults: the small CPU run behind the README's figure."""
+
+    model: str = DEFAULT_MODEL
+    """Initial model (the embedded SmolLM2-135M-Instruct, a local folder, or a hub id)."""
+    n_train_prompts: int = 64
+    """Training prefixes (each gets ``samples_per_prompt`` reference samples)."""
+    n_eval_prompts: int = 32
+    """Held-out prefixes (from snippets no training prefix comes from)."""
+    min_prefix_tokens: int = 2
+    """Shortest prefix, in tokens of the model's tokenizer (paper: 2)."""
+    max_prefix_tokens: int = 8
+    """Longest prefix (paper: 8)."""
+    samples_per_prompt: int = 4
+    """Reference samples per training prefix, turned into preference pairs."""
+    pair_strategy: str = "all_pairs"
+    """How samples become pairs: "all_pairs" (the paper's), "best_vs_worst" or "bradley_terry"."""
+    max_new_tokens: int = 24
+    """Length of every continuation, in tokens."""
+    sft_steps: int = 8
+    """SFT steps on review text before anything else, as the paper's §6.1 (0 = the initial model is π_ref)."""
+    methods: tuple[str, ...] = ("dpo",)
+    """Trained methods, each a curve: "dpo" (one per β), "preferred_ft", "unlikelihood", "rloo" and "ppo" (one per
+    KL coefficient). Best-of-N and π_ref are always evaluated."""
+    betas: tuple[float, ...] = (0.1,)
+    """The β grid of the DPO runs."""
+    loss: str = "sigmoid"
+    """DPO-family loss (a name in dpolab.losses.LOSSES)."""
+    steps: int = 32
+    """Optimizer steps of each DPO, Preferred-FT and Unlikelihood run."""
+    eval_every: int = 8
+    """Evaluate every trained policy on the held-out prefixes every this many steps (and at the last step)."""
+    batch_size: int = 8
+    """Pairs per optimizer step (micro-batches of at most 8 accumulated)."""
+    lr: float = 5e-5
+    """Learning rate of DPO, Preferred-FT and Unlikelihood (AdamW; small CPU runs need far more than the paper's
+    1e-6)."""
+    unlikelihood_alpha: float = 1.0
+    """Weight of the unlikelihood term −log(1 − π(y_l,t)) (Welleck et al.: 1)."""
+    rloo_steps: int = 8
+    """Steps of the RL baseline (each samples rloo_k continuations of rloo_prompts_per_step prefixes)."""
+    rloo_prompts_per_step: int = 4
+    """Prefixes per RLOO step."""
+    rloo_k: int = 4
+    """Samples per prefix in RLOO (the leave-one-out baseline needs ≥ 2)."""
+    rloo_kl_coefs: tuple[float, ...] = (0.1,)
+    """The KL-coefficient grid of the RL baseline (its reward is VADER − coef · log π/π_ref), one curve each."""
+    rloo_lr: float = 2e-5
+    """RLOO learning rate."""
+    rloo_eval_every: int = 0
+    """Evaluate the RL policy every this many steps (0 = ``eval_every``)."""
+    ppo_steps: int = 8
+    """Steps (rollouts) of PPO, the paper's RL baseline; each samples ppo_k continuations of ppo_prompts_per_step
+    prefixes, drawn exactly as RLOO draws them."""
+    ppo_prompts_per_step: int = 4
+    """Prefixes per PPO rollout."""
+    ppo_k: int = 4
+    """Samples per prefix in a PPO rollout."""
+    ppo_kl_coefs: tuple[float, ...] = (0.05,)
+    """The KL-coefficient grid of PPO (per-token penalty, trl's ``kl_coef``), one curve each."""
+    ppo_lr: float = 2e-5
+    """PPO learning rate (policy and value head)."""
+    num_ppo_epochs: int = 2
+    """AdamW steps on each rollout (trl's ``num_ppo_epochs``; its default is 4)."""
+    ppo_eval_every: int = 0
+    """Evaluate the PPO policy every this many steps (0 = ``eval_every``)."""
+    best_of_n: tuple[int, ...] = (1, 2, 4, 8, 16)
+    """N of the Best-of-N curve (π_ref is sampled max(best_of_n) times per held-out prefix)."""
+    eval_samples_per_prompt: int = 4
+    """Samples per held-out prefix for each evaluated checkpoint."""
+    heldout_pair_samples: int = 8
+    """π_ref samples per held-out prefix whose pairs measure the implicit-reward accuracy (at each run's end)."""
+    seed: int = 0
+    """Seed of prompt selection, sampling, pair labels and training."""
+    output_dir: str = "runs/sentiment"
+    """Where the pairs, metrics, results table and figure go (relative paths from the repository root)."""
+    figure: str = "figures/sentiment_frontier.png"
+    """Where the frontier figure is written ("" = not written)."""
+    results: str = ""
+    """Also copy the results JSON here (e.g. results/sentiment_default.json; "" = only output_dir/results.json)."""
+    progress: bool = True
+    """Show the stages and progress bars on stderr."""
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: Mapping[str, Any] | Iterable[str] = ()) -> SentimentConfig:
+        """Defaults, then the YAML file at ``path`` (e.g. ``configs/sentiment_full.yaml``), then ``overrides`` (a dict
+        or ``"key=value"`` strings; ``betas=0.1,0.5``, ``methods=dpo,rloo``), type-checked as
+        :func:`dpolab.overrides.load_config` does for every config."""
+        return load_config(cls, path, overrides, help_command="dpolab reproduce --help")
+
+    def __post_init__(self):
+        if self.n_train_prompts < 1 or self.n_eval_prompts < 1:
+            raise ValueError("n_train_prompts and n_eval_prompts must be >= 1 (an empty prompt set)")
+        if self.samples_per_prompt < 2:
+            raise ValueError(f"samples_per_prompt must be >= 2 to form a pair, got {self.samples_per_prompt}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 1 <= self.min_prefix_tokens <= self.max_prefix_tokens:
+            raise ValueError("need 1 <= min_prefix_tokens <= max_prefix_tokens")
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise ValueError(f"methods: unknown {unknown}; known: {', '.join(METHODS)}")
+        if self.steps < 1 or min(self.eval_every, self.rloo_eval_every, self.ppo_eval_every) < 0:
+            raise ValueError("steps must be >= 1, eval_every, rloo_eval_every and ppo_eval_every >= 0")
+        counts = {"batch_size": 1, "eval_samples_per_prompt": 1, "heldout_pair_samples": 2, "sft_steps": 0}
+        if "rloo" in self.methods:  # a method that is asked for must be able to run: no zero-step RL stage
+            counts.update(rloo_steps=1, rloo_prompts_per_step=1, rloo_k=2)
+        if "ppo" in self.methods:
+            counts.update(ppo_steps=1, ppo_prompts_per_step=1, ppo_k=1, num_ppo_epochs=1)
+        for name, least in counts.items():
+            if not getattr(self, name) >= least:
+                rl = next((m for m in ("rloo", "ppo") if m in name), None)
+                raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)!r}"
+                                 + (f" (leave '{rl}' out of methods to skip it)" if rl else ""))
+        for name in ("lr", "rloo_lr", "ppo_lr"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be finite and > 0, got {getattr(self, name)!r}")
+        if not self.best_of_n or min(self.best_of_n) < 1:
+            raise ValueError(f"best_of_n must list integers >= 1, got {self.best_of_n!r}")
+        for name in ("betas", "rloo_kl_coefs", "ppo_kl_coefs"):
+            values = getattr(self, name)
+            if any(not (math.isfinite(v) and v >= 0) for v in values) or (name == "betas" and 0 in values):
+                raise ValueError(f"{name} must be finite, > 0 for betas and >= 0 for KL coefficients; got {values!r}")
+
+

@@ -1,0 +1,108 @@
+"""The policies the controlled-sentiment experiment compares, each trained from a copy of π_ref, and the short SFT on
+review text that makes π_ref (the paper's §6.1 fine-tunes GPT-2-large on IMDb first).
+
+Every ``train_*`` takes the experiment's :class:`dpolab.experiments.sentiment.Setup` and returns ``(policy, record)``
+with the trained copy in eval mode; ``on_step(policy, step, record)`` runs after every optimizer step (e.g. to
+evaluate checkpoints).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+
+from dpolab.baselines.ppo import ppo_train
+from dpolab.baselines.rloo import rloo_train
+from dpolab.baselines.unlikelihood import unlikelihood_train
+from dpolab.data.tokenize import TokenizedPair, pad_token_id
+from dpolab.experiments.sentiment_config import SentimentConfig
+from dpolab.sample.sentiment import review_snippets
+from dpolab.train.trainer import train
+
+
+def train_config(setup, name: str, **fields) -> dict:
+    """The trainer settings shared by every policy of the experiment (a dict for dpolab.train.trainer.train)."""
+    c = setup.config
+    micro = min(8, c.batch_size)
+    return dict(max_steps=c.steps, lr=c.lr, micro_batch_size=micro, grad_accum_steps=max(1, c.batch_size // micro),
+                seed=c.seed, progress=c.progress, kl_samples=0, overwrite=True, output_dir=str(setup.out / name),
+                **fields)
+
+
+def with_policy(policy, on_step):
+    """``on_step(step, record)`` for the trainer, given a callback of ``(policy, step, record)``."""
+    return None if on_step is None else (lambda step, record: on_step(policy, step, record))
+
+
+def train_dpo(setup, pairs: list[TokenizedPair], beta: float, loss: str | None = None, on_step=None):
+    """A copy of π_ref trained with DPO at ``beta`` (reference log-probs precomputed once, cached by hash).
+
+    ``on_step(policy, step, record)`` runs after every optimizer step (e.g. to evaluate checkpoints).
+    Returns ``(policy, TrainResult)``.
+    """
+    policy = copy.deepcopy(setup.reference)
+    result = train(train_config(setup, f"dpo_beta{beta:g}", stage="dpo", beta=beta, loss=loss or setup.config.loss,
+                                reference="precomputed"), model=policy, tokenizer=setup.tokenizer, train_pairs=pairs,
+                   on_step=with_policy(policy, on_step))
+    return policy.eval(), result
+
+
+def train_preferred_ft(setup, pairs: list[TokenizedPair], on_step=None):
+    """Preferred-FT: a copy of π_ref trained with SFT on the chosen responses. Returns ``(policy, TrainResult)``."""
+    policy = copy.deepcopy(setup.reference)
+    result = train(train_config(setup, "preferred_ft", stage="sft"), model=policy, tokenizer=setup.tokenizer,
+                   train_pairs=pairs, on_step=with_policy(policy, on_step))
+    return policy.eval(), result
+
+
+def train_unlikelihood(setup, pairs: list[TokenizedPair], on_step=None):
+    """Unlikelihood (:mod:`dpolab.baselines.unlikelihood`) from a copy of π_ref. Returns ``(policy, history)``."""
+    c = setup.config
+    policy = copy.deepcopy(setup.reference)
+    history = unlikelihood_train(policy, pairs, pad_token_id(setup.tokenizer), steps=c.steps, batch_size=c.batch_size,
+                                 lr=c.lr, alpha=c.unlikelihood_alpha, seed=c.seed, progress=c.progress,
+                                 on_step=with_policy(policy, on_step))
+    return policy.eval(), history
+
+
+def train_rloo(setup, kl_coef: float | None = None, on_step=None):
+    """The RL baseline (dpolab.baselines.rloo) from a copy of π_ref. Returns ``(policy, history)``."""
+    c = setup.config
+    policy = copy.deepcopy(setup.reference)
+    history = rloo_train(policy, setup.reference, setup.tokenizer, setup.train_prefixes, setup.reward_fn,
+                         steps=c.rloo_steps, prompts_per_step=c.rloo_prompts_per_step, k=c.rloo_k,
+                         kl_coef=c.rloo_kl_coefs[0] if kl_coef is None else kl_coef, lr=c.rloo_lr,
+                         max_new_tokens=c.max_new_tokens, seed=c.seed, progress=c.progress,
+                         on_step=with_policy(policy, on_step))
+    return policy.eval(), history
+
+
+def train_ppo(setup, kl_coef: float | None = None, on_step=None):
+    """PPO (dpolab.baselines.ppo) from a copy of π_ref. Returns ``(policy, history)``."""
+    c = setup.config
+    policy = copy.deepcopy(setup.reference)
+    history = ppo_train(policy, setup.reference, setup.tokenizer, setup.train_prefixes, setup.reward_fn,
+                        steps=c.ppo_steps, prompts_per_step=c.ppo_prompts_per_step, k=c.ppo_k,
+                        kl_coef=c.ppo_kl_coefs[0] if kl_coef is None else kl_coef, lr=c.ppo_lr,
+                        num_ppo_epochs=c.num_ppo_epochs, max_new_tokens=c.max_new_tokens, seed=c.seed,
+                        progress=c.progress, on_step=with_policy(policy, on_step))
+    return policy.eval(), history
+
+
+def sft_on_reviews(model, tokenizer, config: SentimentConfig, out: Path):
+    """Short SFT on review snippets (prefix → rest of the snippet), so π_ref writes reviews; returns the model."""
+    texts = review_snippets()["text"]
+    rng = np.random.default_rng(config.seed + 7)
+    examples = []
+    for i in rng.permutation(len(texts))[: config.sft_steps * config.batch_size]:
+        ids = tokenizer(texts[int(i)], add_special_tokens=False).input_ids[: config.max_new_tokens + 8]
+        k = int(rng.integers(config.min_prefix_tokens, config.max_prefix_tokens + 1))
+        if len(ids) > k + 1:
+            rest = ids[k:] + [tokenizer.eos_token_id]
+            examples.append(TokenizedPair(ids[:k], rest, rest, [1] * len(rest), [1] * len(rest)))
+    train(dict(stage="sft", max_steps=config.sft_steps, lr=config.lr, seed=config.seed, progress=config.progress,
+               micro_batch_size=4, grad_accum_steps=max(1, config.batch_size // 4), kl_samples=0, overwrite=True,
+               output_dir=str(out / "sft")), model=model, tokenizer=tokenizer, train_pairs=examples)
+    return model.eval()
