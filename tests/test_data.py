@@ -5,7 +5,8 @@ import json
 import pytest
 from datasets import Dataset, IterableDataset
 
-from dpolab.data.records import DataError, PreferenceExample, example_from_record, iter_dataset, load_jsonl, split_hh
+from dpolab.data.readers import iter_dataset, load_jsonl
+from dpolab.data.records import DataError, PreferenceExample, example_from_record, split_hh
 
 
 def user(text):

@@ -19,7 +19,8 @@ from dpolab.train import checkpoint as ckpt
 from dpolab.train import metrics
 from dpolab.data import tokenize as tokenize_module
 from dpolab.train.config import ConfigError, TrainConfig
-from dpolab.data.records import DataError, PreferenceExample, example_from_record, load_jsonl
+from dpolab.data.records import DataError, PreferenceExample, example_from_record
+from dpolab.data.readers import load_jsonl
 from dpolab.data.prepare import prepare_pairs
 from dpolab.models import add_lora, load_policy
 from dpolab.train.metrics import MetricsWriter, read_metrics

@@ -12,9 +12,9 @@ import torch
 from datasets import Dataset
 
 from dpolab.data.batch import collate_pairs
-from dpolab.data.records import PreferenceExample, example_from_record, iter_dataset
 from dpolab.data.inspector import inspect_pair, token_table
-from dpolab.tiny import tiny_causal_lm, tiny_tokenizer
+from dpolab.data.readers import iter_dataset
+from dpolab.data.records import PreferenceExample, example_from_record
 from dpolab.data.tokenize import (
     IDENTICAL,
     NO_SCORED,
@@ -27,6 +27,7 @@ from dpolab.data.tokenize import (
     tokenize_pair,
     tokenize_response,
 )
+from dpolab.tiny import tiny_causal_lm, tiny_tokenizer
 
 
 def user(text):

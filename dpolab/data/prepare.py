@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dpolab.data.records import PreferenceExample, example_from_record, iter_dataset, load_jsonl
+from dpolab.data.readers import iter_dataset, load_jsonl
+from dpolab.data.records import PreferenceExample, example_from_record
 from dpolab.data.tokenize import TokenizationReport, TokenizeConfig, TokenizedPair, tokenize_examples
 
 

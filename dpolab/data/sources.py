@@ -2,7 +2,7 @@
 
 ``train_data`` / ``eval_data`` name one of:
 
-- a file: ``.jsonl`` (read by :func:`dpolab.data.records.load_jsonl`, whose errors name the line), ``.json``
+- a file: ``.jsonl`` (read by :func:`dpolab.data.readers.load_jsonl`, whose errors name the line), ``.json``
   (a JSON array of records, or JSON lines), ``.parquet``, ``.csv``, ``.tsv`` or ``.arrow``;
 - a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``; a ``DatasetDict`` needs a
   split: ``folder:test`` or the ``split`` argument (the config's ``train_split`` / ``eval_split``);
@@ -75,7 +75,7 @@ def open_dataset(spec: str | Path, *, split: str | None = None, num_proc: int | 
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
-            from dpolab.data.records import load_jsonl
+            from dpolab.data.readers import load_jsonl
 
             if split is not None:
                 raise ValueError(f"{path}: a .jsonl file has no splits (asked for {split!r})")
