@@ -16,9 +16,9 @@ Arms:
 - ``trl-fast``: bf16=False, no gradient checkpointing, reference online.
 - ``trl-fast-pre``: bf16=False, no gradient checkpointing, precompute_ref_log_probs=True.
 
-An arm *spec* adds ``+``-separated modifiers to an arm: ``+malloc`` (the glibc settings, applied by the
-parent process through the environment) and, on dpolab arms, the patches of ``patches.py`` (for example
-``dpolab+two-rows+fused-gelu``).
+An arm *spec* adds ``+``-separated modifiers to an arm: ``+malloc`` (the glibc settings of :data:`MALLOC_ENV`,
+applied by the parent process through the environment) and, on dpolab arms, the patches of ``patches.py`` (for
+example ``dpolab+two-rows+fused-gelu``).
 
 trl draws its batches at random (as shipped), except that its first batch is made to be dpolab's first batch,
 so the first-step losses of the two trainers are computed on the same 8 pairs and can be compared.
@@ -32,11 +32,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import patches as patching
 import torch
-from workloads import Workload, pair_tokens
+from workloads import Workload, pair_tokens, tokenized_pairs
 
 ARMS = ("dpolab", "dpolab-pre", "trl-shipped", "trl-fp32", "trl-fast", "trl-fast-pre")
 HYPER = {"beta": 0.1, "lr": 5e-5, "max_grad_norm": 10.0, "batch": 8, "seed": 0}
+# glibc: keep freed memory instead of returning it to the OS after every large temporary (DESIGN.md)
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 32),
+              "MALLOC_TOP_PAD_": str(1 << 30)}
 
 
 def dpolab_plan(workload: Workload, steps: int, config_fields: dict | None = None,
@@ -44,8 +48,8 @@ def dpolab_plan(workload: Workload, steps: int, config_fields: dict | None = Non
     """The dataset rows of each of dpolab's optimizer steps (its length-bucketed, seeded batch plan; bucketed by
     the pair-tree length, as the trainer does for the GPT-2 and Llama policies of the workloads)."""
     from dpolab.data.batch import pair_length
-    from dpolab.train.config import TrainConfig
     from dpolab.data.tokenize import TokenizedPair
+    from dpolab.train.config import TrainConfig
     from dpolab.train.trainer import BatchPlan
 
     config = TrainConfig.load(None, {**dpolab_fields(steps, "/tmp/unused"), **(config_fields or {})})
@@ -64,20 +68,16 @@ def dpolab_fields(steps: int, output_dir: str) -> dict:
 
 def run_dpolab(workload: Workload, steps: int, *, reference: str = "copy", patches: list[str] = ()) -> dict:
     """Train with dpolab (with ``patches`` applied, see ``patches.py``) and return the timing record."""
-    from patches import applied
-    from patches import config_fields as patch_fields
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dpolab.data.tokenize import TokenizedPair
     from dpolab.train.trainer import train
 
-    config_fields = patch_fields(list(patches))
-
+    config_fields = patching.config_fields(patches)
+    fast = patching.fast_paths(patches)
     records = workload.pairs()
     tokenizer = AutoTokenizer.from_pretrained(workload.tokenizer_dir)
-    pairs = [TokenizedPair(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], [1] * len(r["chosen_ids"]),
-                           [1] * len(r["rejected_ids"])) for r in records]
-    plan = dpolab_plan(workload, steps, config_fields, layout="rows" if "two-rows" in patches else "tree")
+    pairs = tokenized_pairs(workload)
+    plan = dpolab_plan(workload, steps, config_fields, layout="tree" if fast.pair_tree else "rows")
     started = time.perf_counter()
     policy = AutoModelForCausalLM.from_pretrained(workload.policy_dir, dtype=torch.float32)
     ref_model = AutoModelForCausalLM.from_pretrained(workload.reference_dir, dtype=torch.float32)
@@ -89,10 +89,11 @@ def run_dpolab(workload: Workload, steps: int, *, reference: str = "copy", patch
         cpu.append(time.process_time())
         losses.append(record["loss"])
 
-    with tempfile.TemporaryDirectory() as out, applied(list(patches), [policy, ref_model]):
+    patching.patch_models(patches, [policy, ref_model])
+    with tempfile.TemporaryDirectory() as out, patching.process_settings(patches):
         fields = {**dpolab_fields(steps, out), "reference": reference, **config_fields}
         train(fields, model=policy, tokenizer=tokenizer, reference_model=ref_model, train_pairs=pairs,
-              on_step=on_step)
+              on_step=on_step, fast=fast)
     tokens = [sum(pair_tokens(records[i]) for i in rows) for rows in plan]
     return _result(started, stamps, cpu, losses, tokens, plan[0], first_forward)
 
@@ -157,12 +158,12 @@ def run_trl(workload: Workload, steps: int, arm: str, *, first_rows: list[int], 
             **trl_config_fields(arm), **(extra or {}))
         trainer = Timed(model=policy, ref_model=ref_model, args=args, train_dataset=dataset,
                         processing_class=tokenizer, callbacks=[Clock()])
-        _check_trl_tokens(trainer.train_dataset, ordered)
+        check_trl_tokens(trainer.train_dataset, ordered)
         trainer.train()
     return _result(started, stamps, cpu, losses, tokens, list(first_rows), first_forward)
 
 
-def _check_trl_tokens(dataset, ordered: list[dict]) -> None:
+def check_trl_tokens(dataset, ordered: list[dict]) -> None:
     """trl tokenizes the text itself: stop if its ids are not the ids dpolab trains on."""
     for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
         got = dataset[name]
@@ -205,21 +206,21 @@ def parse_spec(spec: str) -> tuple[str, bool, list[str]]:
     base, *mods = spec.split("+")
     if base not in ARMS:
         raise ValueError(f"arm {spec!r}: {base!r} is not one of {', '.join(ARMS)}")
-    patches = [m for m in mods if m != "malloc"]
-    if patches and not base.startswith("dpolab"):
+    names = [m for m in mods if m != "malloc"]
+    if names and not base.startswith("dpolab"):
         raise ValueError(f"arm {spec!r}: patches apply to dpolab arms only")
-    return base, "malloc" in mods, patches
+    return base, "malloc" in mods, patching.check(names)
 
 
 def run_arm(spec: str, workload_dir: Path, steps: int, extra: dict | None = None) -> dict:
     """Run the arm ``spec`` (see :func:`parse_spec`) on the workload in ``workload_dir``."""
     from workloads import load_workload
 
-    base, _, patches = parse_spec(spec)
+    base, _, names = parse_spec(spec)
     workload = load_workload(workload_dir)
     extra = extra or {}
     if base.startswith("dpolab"):
         return run_dpolab(workload, steps, reference="precomputed" if base == "dpolab-pre" else "copy",
-                          patches=patches)
+                          patches=names)
     first = dpolab_plan(workload, 1)[0]
     return run_trl(workload, steps, base, first_rows=first, order=extra.get("trl_order"), extra=extra.get("trl"))

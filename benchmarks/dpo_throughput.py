@@ -30,9 +30,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-# glibc: keep freed memory instead of returning it to the OS after every large temporary (DESIGN.md).
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 32),
-              "MALLOC_TOP_PAD_": str(1 << 30)}
+from arms import MALLOC_ENV, parse_spec, run_arm  # noqa: E402
+from sweep_bench import run_sweep_benchmark  # noqa: E402
+from workloads import prepare  # noqa: E402
+
 LOSS_TOLERANCE = 1e-5
 # workload -> steps, warm-up steps, repeats, pairs; trl as shipped (bf16 autocast on a CPU without bf16 units is
 # several times slower) runs fewer steps unless --shipped-steps says otherwise
@@ -105,8 +106,6 @@ def matmul_peak(seconds: float = 3.0) -> dict[str, float]:
 
 def worker(args) -> None:
     """Run one arm and write its record (with load averages) to ``args.result``."""
-    from arms import run_arm
-
     if args.threads:
         import torch
 
@@ -119,8 +118,6 @@ def worker(args) -> None:
 
 def spawn(spec: str, workload_dir: Path, steps: int, *, threads: int, logs: Path, extra: dict | None = None) -> dict:
     """Run the arm ``spec`` (see ``arms.parse_spec``) in a fresh Python process and return its record."""
-    from arms import parse_spec
-
     _, malloc, _ = parse_spec(spec)
     stamp = time.time_ns()
     result = logs / f"{spec}-{stamp}.json"
@@ -206,8 +203,6 @@ def loss_check(rows: dict[str, dict]) -> dict[str, float]:
 def counterparts(spec: str, rows: dict) -> dict[str, str]:
     """The trl arms a dpolab arm is compared with: as shipped, fp32 defaults, fastest with the same reference
     strategy (each with the dpolab arm's malloc setting where that trl arm was run with it)."""
-    from arms import parse_spec
-
     base, malloc, _ = parse_spec(spec)
     suffix = "+malloc" if malloc else ""
     fastest = "trl-fast-pre" if base == "dpolab-pre" else "trl-fast"
@@ -272,14 +267,6 @@ def format_table(rows: dict[str, dict], *, title: str, warmup: int) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------
 # runs
-
-
-def prepare(workload: str, folder: Path, pairs: int):
-    from workloads import prepare_smollm, prepare_tiny
-
-    if workload == "tiny":
-        return prepare_tiny(folder, num_pairs=pairs)
-    return prepare_smollm(folder, num_pairs=pairs)
 
 
 def arm_list(args) -> list[str]:
@@ -347,21 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workload-dir", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--extra", help=argparse.SUPPRESS)
-    parser.add_argument("--sweep-worker", help=argparse.SUPPRESS)
-    parser.add_argument("--betas", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
         return 0
-    if args.sweep_worker:
-        from sweep_bench import sweep_worker
-
-        betas = [float(b) for b in args.betas.split(",")]
-        print(json.dumps(sweep_worker(args.sweep_worker, Path(args.workload_dir), betas, args.steps)))
-        return 0
     args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    from arms import parse_spec
-
     for spec in args.arms:
         try:
             parse_spec(spec)
@@ -385,8 +362,6 @@ def main(argv: list[str] | None = None) -> int:
         logs = Path(args.workdir or tmp)
         logs.mkdir(parents=True, exist_ok=True)
         if args.beta_sweep:
-            from sweep_bench import run_sweep_benchmark
-
             print(run_sweep_benchmark(args, logs))
             return 0
         names = ["tiny", "smollm"] if args.workload == "all" else [args.workload]

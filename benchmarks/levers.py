@@ -1,29 +1,28 @@
 """Issue 9 item 2: which levers pay for dpolab's training step, each measured against the current step.
 
-A *step* here is exactly the trainer's optimizer step without its bookkeeping:
-:func:`dpolab.train.trainer.accumulate_gradients` over the step's micro-batches, gradient clipping, AdamW. Each
-lever is a variant of that step (a different batch plan, a patched log-prob path, a swapped module, an
-optimizer flag, a thread count, …). Variants and the baseline run in the same process, alternating
-(baseline, lever, baseline, lever, …) on the same batches, each from the same initial weights, so load from
-other processes falls on both; the first step of each block is a warm-up. Each lever also reports the
-largest difference of its first-step loss from the baseline's: a lever that changes the mathematics by more
-than 1e-5 is not kept whatever its speed. Run from the repository root::
+A *step* here is the trainer's own optimizer step, :func:`dpolab.train.trainer.optimizer_step` (the gradients of
+the step's micro-batches, clipping, AdamW), without the trainer's bookkeeping around it (schedule, metrics,
+checkpoints). Each lever is a variant of that step: a patch of ``patches.py`` (a speed path switched off, a
+swapped module, a batch size, a thread count) or a different setup of its inputs (:data:`SETUP`: the batch plan,
+the reference, the optimizer). Variants and the baseline run in the same process, alternating (baseline, lever,
+baseline, lever, …) on the same batches, each from the same initial weights, so load from other processes falls on
+both; the first step of each block is a warm-up. Each lever also reports the largest difference of its first-step
+loss from the baseline's: a lever that changes the mathematics by more than 1e-5 is not kept whatever its speed.
+Run from the repository root::
 
     .venv/bin/python benchmarks/levers.py --workload-dir DIR [--levers a,b,c] [--rounds 3] [--steps 4]
 
 where DIR is a prepared workload (``dpo_throughput.py --workdir DIR`` leaves ``DIR/tiny``). The baseline uses the
 trainer's optimizer (fused AdamW; lever ``foreach-adamw`` is torch's multi-pass default) but not the trainer's
 allocator setting (:mod:`dpolab.fast.allocator`), which is process-wide: ``--malloc`` runs the baseline in fresh
-processes under the settings of ``dpo_throughput.MALLOC_ENV``, and ``dpo_throughput.py`` measures the trainer
-with and without it (patch ``system-malloc``).
+processes under the settings of ``arms.MALLOC_ENV``, and ``dpo_throughput.py`` measures the trainer with and
+without it (patch ``system-malloc``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import functools
 import json
 import os
 import statistics
@@ -35,7 +34,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from workloads import load_workload  # noqa: E402
+import patches as patching  # noqa: E402
+from workloads import load_workload, tokenized_pairs  # noqa: E402
+
+# levers that change how the step's inputs are set up, not the library
+SETUP = ("random-batches", "row-buckets", "precomputed", "foreach-adamw")
+LEVERS = tuple(p for p in patching.PATCHES if p != "system-malloc") + SETUP  # system-malloc: see --malloc
 
 
 def _config(micro: int = 8, accum: int = 1):
@@ -43,13 +47,6 @@ def _config(micro: int = 8, accum: int = 1):
 
     return TrainConfig.load(None, {"beta": 0.1, "lr": 5e-5, "warmup_steps": 0, "micro_batch_size": micro,
                                    "grad_accum_steps": accum, "max_grad_norm": 10.0, "kl_samples": 0})
-
-
-def _pairs(workload):
-    from dpolab.data.tokenize import TokenizedPair
-
-    return [TokenizedPair(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], [1] * len(r["chosen_ids"]),
-                          [1] * len(r["rejected_ids"])) for r in workload.pairs()]
 
 
 def plan_batches(pairs, steps: int, *, micro: int = 8, accum: int = 1, bucketed: bool = True, seed: int = 0,
@@ -71,35 +68,31 @@ def plan_batches(pairs, steps: int, *, micro: int = 8, accum: int = 1, bucketed:
 
 
 class Setup:
-    """Everything one variant's step needs; :meth:`step` runs one optimizer step and returns (seconds, loss)."""
+    """Everything one variant's step needs; :meth:`step` runs one optimizer step and returns (seconds, loss, …)."""
 
-    def __init__(self, policy, reference, steps_batches, *, foreach_adam: bool = False, micro: int = 8,
+    def __init__(self, policy, reference, steps_batches, *, fast, foreach_adam: bool = False, micro: int = 8,
                  accum: int = 1):
         from dpolab.train.trainer import build_optimizer
 
-        self.policy, self.reference, self.batches = policy, reference, steps_batches
+        self.policy, self.reference, self.batches, self.fast = policy, reference, steps_batches, fast
         self.config = _config(micro, accum)
         self.params = [p for p in policy.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, self.config, fused=not foreach_adam)  # the trainer's optimizer
 
     def step(self, i: int) -> tuple[float, float, int, float]:
+        """Optimizer step ``i`` (on the ``i``-th planned batches, cyclically): wall s, mean loss, tokens, CPU s."""
+        from dpolab.train.distributed import DistributedContext
         from dpolab.train.objective import STATS
-        from dpolab.train.trainer import accumulate_gradients
+        from dpolab.train.trainer import optimizer_step
 
         batches = self.batches[i % len(self.batches)]
         start, cpu = time.perf_counter(), time.process_time()
-        totals, _ = accumulate_gradients(self.policy, self.reference, batches, config=self.config,
-                                         scale=1.0 / (self.config.micro_batch_size * self.config.grad_accum_steps))
-        torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        totals, _ = optimizer_step(self.policy, self.reference, batches, self.optimizer, self.params,
+                                   config=self.config, ctx=DistributedContext(), fast=self.fast,
+                                   scale=1.0 / (self.config.micro_batch_size * self.config.grad_accum_steps))
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         loss = float(totals[STATS.index("loss")] / totals[STATS.index("pairs")])
         return seconds, loss, int(totals[STATS.index("tokens")]), cpu
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# levers: each returns (Setup, context manager factory that is active while it steps)
 
 
 def _models(workload):
@@ -110,60 +103,7 @@ def _models(workload):
     return policy, reference
 
 
-@contextlib.contextmanager
-def _full_logits():
-    """dpolab's slow reference path: logits at every position, then the shifted label gather."""
-    import dpolab.train.objective
-    import dpolab.train.reference
-    from dpolab.logprobs import concatenated_forward
-
-    slow = functools.partial(concatenated_forward, full_logits=True)
-    saved = dpolab.train.objective.concatenated_forward, dpolab.train.reference.concatenated_forward
-    dpolab.train.objective.concatenated_forward = dpolab.train.reference.concatenated_forward = slow
-    try:
-        yield
-    finally:
-        dpolab.train.objective.concatenated_forward, dpolab.train.reference.concatenated_forward = saved
-
-
-class _CrossEntropyLogProb:
-    """log softmax(z)[y] as −cross_entropy (one fused kernel; autograd keeps the log-softmax for backward)."""
-
-    @staticmethod
-    def apply(logits, rows, targets, chunk):
-        z = logits if rows is None else logits[rows]
-        return -torch.nn.functional.cross_entropy(z.float(), targets, reduction="none")
-
-
-@contextlib.contextmanager
-def _patched(module, name, value):
-    saved = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, saved)
-
-
-def _fused_gelu(model):
-    """Swap GPT-2's Python-level tanh-GELU (6 elementwise kernels) for torch's fused one (same function)."""
-    from transformers.activations import NewGELUActivation
-
-    for module in model.modules():
-        for name, child in module.named_children():
-            if isinstance(child, NewGELUActivation):
-                setattr(module, name, torch.nn.GELU(approximate="tanh"))
-    return model
-
-
-def _compiled(model):
-    blocks = getattr(getattr(model, "transformer", None), "h", None) or model.model.layers
-    for block in blocks:
-        block.compile(dynamic=True)
-    return model
-
-
-def _lever_parts(lever: str) -> set[str]:
+def lever_parts(lever: str) -> set[str]:
     """The levers joined by ``+`` in ``lever``; an unknown name is refused (it would time the baseline twice)."""
     parts = set(lever.split("+"))
     unknown = parts - set(LEVERS) - {"baseline"}
@@ -176,70 +116,31 @@ def build(lever: str, workload, pairs, steps: int):
     """A :class:`Setup` for ``lever`` (several joined by ``+`` combine) and the context it steps in."""
     from dpolab.train.reference import FrozenReference, precompute_reference
 
-    parts = _lever_parts(lever)
+    parts = lever_parts(lever)
+    patches = sorted(parts & set(patching.PATCHES))
+    fields, fast = patching.config_fields(patches), patching.fast_paths(patches)
+    micro, accum = fields.get("micro_batch_size", 8), fields.get("grad_accum_steps", 1)
     policy, ref_model = _models(workload)
-    micro, accum = (4, 2) if "micro4" in parts else (8, 1)
+    patching.patch_models(patches, [policy, ref_model])
     batches = plan_batches(pairs, steps, micro=micro, accum=accum, bucketed="random-batches" not in parts,
                            layout="rows" if "row-buckets" in parts else "tree")
-    contexts = []
-    reference = FrozenReference(ref_model)
+    reference = FrozenReference(ref_model, fast=fast)
     if "precomputed" in parts:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(workload.tokenizer_dir)
-        reference = precompute_reference(ref_model, tokenizer, pairs, batch_size=8)
-    if "full-logits" in parts:
-        contexts.append(_full_logits)
-    if "ce-logprob" in parts:
-        import dpolab.logprobs
-
-        contexts.append(functools.partial(_patched, dpolab.logprobs, "_LabelLogProb", _CrossEntropyLogProb))
-    if "fused-gelu" in parts:
-        _fused_gelu(policy), _fused_gelu(ref_model)
-    if "compile" in parts:
-        _compiled(policy), _compiled(ref_model)
-    if "threads1" in parts:
-        contexts.append(functools.partial(_threads, 1))
-    if "dense-embedding" in parts:  # the model's own lookup of a tied embedding (a dense gradient of its own)
-        import dpolab.logprobs
-
-        contexts.append(functools.partial(_patched, dpolab.logprobs, "SPARSE_TIED_EMBEDDING", False))
-    if "two-rows" in parts:  # the layout before dpolab.fast.pairtree: prompt + chosen and prompt + rejected rows
-        import dpolab.logprobs
-
-        contexts.append(functools.partial(_patched, dpolab.logprobs, "supports_shared_prompt", lambda model: False))
-
-    @contextlib.contextmanager
-    def context():
-        with contextlib.ExitStack() as stack:
-            for make in contexts:
-                stack.enter_context(make())
-            yield
-
-    setup = Setup(policy, reference, batches, foreach_adam="foreach-adamw" in parts, micro=micro, accum=accum)
-    return setup, context
-
-
-@contextlib.contextmanager
-def _threads(n: int):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
-LEVERS = ("full-logits", "random-batches", "micro4", "precomputed", "ce-logprob", "fused-gelu", "foreach-adamw",
-          "threads1", "compile", "two-rows", "row-buckets", "dense-embedding")
+        reference = precompute_reference(ref_model, tokenizer, pairs, batch_size=8, fast=fast)
+    setup = Setup(policy, reference, batches, fast=fast, foreach_adam="foreach-adamw" in parts, micro=micro,
+                  accum=accum)
+    return setup, lambda: patching.process_settings(patches)
 
 
 def measure(workload_dir: Path, levers: list[str], *, rounds: int, steps: int) -> list[dict]:
     """For each lever, ``rounds`` alternating blocks of ``steps`` steps (baseline, lever); per-step timings."""
     for lever in levers:
-        _lever_parts(lever)
+        lever_parts(lever)
     workload = load_workload(workload_dir)
-    pairs = _pairs(workload)
+    pairs = tokenized_pairs(workload)
     results = []
     for lever in levers:
         torch.manual_seed(0)
@@ -285,7 +186,7 @@ def single(workload_dir: Path, steps: int) -> dict:
     import resource
 
     workload = load_workload(workload_dir)
-    setup, _ = build("baseline", workload, _pairs(workload), steps)
+    setup, _ = build("baseline", workload, tokenized_pairs(workload), steps)
     times, faults = [], []
     for i in range(steps):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -324,7 +225,7 @@ def profile(workload_dir: Path, steps: int) -> str:
     from torch.profiler import profile as torch_profile
 
     workload = load_workload(workload_dir)
-    setup, _ = build("baseline", workload, _pairs(workload), steps + 1)
+    setup, _ = build("baseline", workload, tokenized_pairs(workload), steps + 1)
     vocab = setup.policy.get_output_embeddings().weight.shape[0]
     setup.step(0)
     with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -346,7 +247,7 @@ def malloc_compare(workload_dir: Path, *, rounds: int, steps: int) -> dict:
     """The baseline in fresh processes, alternately without and with the glibc malloc settings."""
     import subprocess
 
-    from dpo_throughput import MALLOC_ENV
+    from arms import MALLOC_ENV
 
     runs = {"default": [], "malloc": []}
     for _ in range(rounds):

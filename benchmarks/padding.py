@@ -23,8 +23,8 @@ def count(records: list[dict], bucket_by: str, micro: int | None = None, accum: 
     """Real tokens and padded positions of one epoch, for both layouts, with batches bucketed by ``bucket_by``
     (micro-batch size and accumulation: the trainer's defaults unless given)."""
     from dpolab.data.batch import pair_length
-    from dpolab.train.config import TrainConfig
     from dpolab.data.tokenize import TokenizedPair
+    from dpolab.train.config import TrainConfig
     from dpolab.train.trainer import BatchPlan
 
     pairs = [TokenizedPair(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], [], []) for r in records]

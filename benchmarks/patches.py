@@ -1,44 +1,44 @@
-"""Proposed dpolab changes, applied from outside so that the benchmark can measure them before they land.
+"""Variants of dpolab's training step that the benchmarks measure: the one place where a patch is defined.
 
-Each patch is what a library change would do, done by monkeypatching or by swapping modules in the models
-handed to :func:`dpolab.train.trainer.train`; an arm named ``dpolab+PATCH[+PATCH…]`` runs with them. None changes
-the mathematics: each keeps the first-step loss within float32 rounding of the unpatched trainer.
+A patch is what a library change does (or what undoing one does), applied from outside the library so that its
+effect can be measured before it lands or after. Both benchmarks use these: ``dpo_throughput.py`` runs an arm
+``dpolab+PATCH[+PATCH…]`` through :func:`dpolab.train.trainer.train`, and ``levers.py`` times a lever against the
+trainer's own step (:func:`dpolab.train.trainer.optimizer_step`). Each patch is one of:
 
-- ``two-rows``: the layout before :mod:`dpolab.fast.pairtree` (prompt + chosen and prompt + rejected as two padded
-  rows), to measure the pair-tree layout that the library now uses by default.
-- ``dense-embedding``: the model's own lookup of a tied input embedding (a dense vocabulary-sized gradient per
-  micro-batch) instead of dpolab's sparse-gradient lookup.
-- ``model-head``: the model's own output layer on the scored positions (``logits_to_keep``) instead of dpolab's
-  fused output layer (which holds neither the (positions, vocabulary) logits nor a second weight gradient).
-- ``fused-gelu``: GPT-2's Python-level tanh-GELU (``NewGELUActivation``, six elementwise kernels and as many
-  saved tensors) replaced by ``torch.nn.GELU(approximate="tanh")``, the same function in one kernel.
-- ``micro4``: ``micro_batch_size=4, grad_accum_steps=2`` instead of the default 8 × 1 (same global batch; the
-  default before 2026-11-28).
-- ``micro2``: ``micro_batch_size=2, grad_accum_steps=4`` (same global batch, a quarter of the activations at a time).
-- ``system-malloc``: ``keep_freed_memory=False``, glibc's own thresholds (freed blocks go back to the system).
-- ``compile``: ``torch.compile(dynamic=True)`` of every transformer block (policy and reference).
-- ``threads1``: one torch thread.
+- a speed path switched off, through the library's own setting (:class:`dpolab.fast.paths.FastPaths`):
+  ``two-rows`` (the two-row layout before :mod:`dpolab.fast.pairtree`: prompt + chosen and prompt + rejected as two
+  padded rows), ``dense-embedding`` (the model's own lookup of a tied input embedding, a dense vocabulary-sized
+  gradient per micro-batch), ``model-head`` (the model's own output layer on the scored positions,
+  ``logits_to_keep``, instead of the fused one), ``full-logits`` (no speed path: the slow reference, logits at
+  every position);
+- trainer config fields: ``micro4`` (``micro_batch_size=4, grad_accum_steps=2`` instead of the default 8 × 1, the
+  same global batch; the default before 2026-11-28), ``micro2`` (2 × 4), ``system-malloc``
+  (``keep_freed_memory=False``: glibc's own thresholds; the trainer's setting is process-wide);
+- a module swap in the models: ``fused-gelu`` (GPT-2's Python-level tanh-GELU, six elementwise kernels and as
+  many saved tensors, replaced by ``torch.nn.GELU(approximate="tanh")``, the same function in one kernel),
+  ``compile`` (``torch.compile(dynamic=True)`` of every transformer block, policy and reference);
+- a process setting: ``threads1`` (one torch thread).
+
+None changes the mathematics: each keeps the first-step loss within float32 rounding of the unpatched step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from collections.abc import Iterator
 
 import torch
 
-PATCHES = ("two-rows", "dense-embedding", "model-head", "fused-gelu", "micro4", "micro2", "system-malloc", "compile", "threads1")
-# trainer config fields that a patch changes
+from dpolab.fast.paths import FastPaths
+
+# the FastPaths fields each patch switches off
+FAST = {"two-rows": ("pair_tree",), "dense-embedding": ("sparse_embedding",), "model-head": ("fused_output_layer",),
+        "full-logits": tuple(f.name for f in dataclasses.fields(FastPaths))}
 FIELDS = {"micro4": {"micro_batch_size": 4, "grad_accum_steps": 2},
           "micro2": {"micro_batch_size": 2, "grad_accum_steps": 4},
           "system-malloc": {"keep_freed_memory": False}}
-
-
-def config_fields(patches: list[str]) -> dict:
-    """Trainer config fields a set of patches changes."""
-    fields: dict = {}
-    for patch in patches:
-        fields.update(FIELDS.get(patch, {}))
-    return fields
+THREADS = {"threads1": 1}
 
 
 def fuse_gelu(model: torch.nn.Module) -> torch.nn.Module:
@@ -61,40 +61,43 @@ def compile_blocks(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-@contextlib.contextmanager
-def applied(patches: list[str], models: list[torch.nn.Module]):
-    """Apply ``patches`` to the process and to ``models`` for the duration of the block."""
-    unknown = set(patches) - set(PATCHES)
+MODELS = {"fused-gelu": fuse_gelu, "compile": compile_blocks}
+PATCHES = (*FAST, *FIELDS, *MODELS, *THREADS)
+
+
+def check(patches) -> list[str]:
+    """``patches`` as a list, refusing a name that is not a patch (it would time the unpatched step twice)."""
+    unknown = sorted(set(patches) - set(PATCHES))
     if unknown:
-        raise ValueError(f"unknown patches {sorted(unknown)}; known: {', '.join(PATCHES)}")
-    for model in models:
-        if "fused-gelu" in patches:
-            fuse_gelu(model)
-        if "compile" in patches:
-            compile_blocks(model)
-    if "threads1" in patches:
-        torch.set_num_threads(1)
-    with contextlib.ExitStack() as stack:
-        if "two-rows" in patches:
-            import dpolab.logprobs
+        raise ValueError(f"unknown patches {unknown}; known: {', '.join(PATCHES)}")
+    return list(patches)
 
-            stack.enter_context(_attribute(dpolab.logprobs, "supports_shared_prompt", lambda model: False))
-        if "dense-embedding" in patches:
-            import dpolab.logprobs
 
-            stack.enter_context(_attribute(dpolab.logprobs, "SPARSE_TIED_EMBEDDING", False))
-        if "model-head" in patches:
-            import dpolab.logprobs
+def fast_paths(patches) -> FastPaths:
+    """The speed-path setting of the library with ``patches`` applied."""
+    return FastPaths(**{name: False for patch in check(patches) for name in FAST.get(patch, ())})
 
-            stack.enter_context(_attribute(dpolab.logprobs, "FUSED_OUTPUT_LAYER", False))
-        yield
+
+def config_fields(patches) -> dict:
+    """Trainer config fields ``patches`` change."""
+    return {k: v for patch in check(patches) for k, v in FIELDS.get(patch, {}).items()}
+
+
+def patch_models(patches, models: list[torch.nn.Module]) -> None:
+    """Apply the module swaps of ``patches`` to ``models`` in place."""
+    for patch in check(patches):
+        for model in models if patch in MODELS else ():
+            MODELS[patch](model)
 
 
 @contextlib.contextmanager
-def _attribute(owner, name: str, value):
-    saved = getattr(owner, name)
-    setattr(owner, name, value)
+def process_settings(patches) -> Iterator[None]:
+    """Within the block, the process settings of ``patches`` (the torch thread count) are in force."""
+    threads = [THREADS[p] for p in check(patches) if p in THREADS]
+    saved = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads[-1])
     try:
         yield
     finally:
-        setattr(owner, name, saved)
+        torch.set_num_threads(saved)

@@ -11,10 +11,12 @@ Three ways to train the same k policies (same workload, steps and hyperparameter
   after the first finds the table in the cache.
 
 Every mode reports its wall-clock total, including process start, imports, model loading and tokenization.
+``dpo_throughput.py --beta-sweep K`` runs it; each mode runs this file as its worker process.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -22,6 +24,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from workloads import prepare  # noqa: E402
 
 BETAS = (0.1, 0.05, 0.2, 0.5, 0.02, 1.0, 0.01, 2.0)
 SIZES = {"tiny": {"steps": 30, "pairs": 512}, "smollm": {"steps": 8, "pairs": 256}}
@@ -35,8 +41,8 @@ def sweep_worker(mode: str, workload_dir: Path, betas: list[float], steps: int) 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from workloads import load_workload
 
-    from dpolab.train.config import TrainConfig
     from dpolab.data.prepare import prepare_pairs, tokenize_config
+    from dpolab.train.config import TrainConfig
     from dpolab.train.trainer import train
 
     workload = load_workload(workload_dir)
@@ -63,8 +69,8 @@ def _spawn(mode: str, workload_dir: Path, betas: list[float], steps: int, cache:
     started = time.perf_counter()
     env = {**os.environ, "DPOLAB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, str(Path(__file__).resolve().parent / "dpo_throughput.py"), "--sweep-worker", mode,
-           "--workload-dir", str(workload_dir), "--steps", str(steps), "--betas", ",".join(map(str, betas))]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--mode", mode, "--workload-dir", str(workload_dir),
+           "--steps", str(steps), "--betas", ",".join(map(str, betas))]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"sweep worker {mode} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
@@ -75,8 +81,6 @@ def _spawn(mode: str, workload_dir: Path, betas: list[float], steps: int, cache:
 
 def run_sweep_benchmark(args, logs: Path) -> str:
     """Run the three modes (interleaved where they are several processes) and return a table."""
-    from dpo_throughput import prepare
-
     name = "tiny" if args.workload == "all" else args.workload
     sizes = (QUICK if args.quick else SIZES)[name]
     steps, k = args.steps or sizes["steps"], args.beta_sweep
@@ -105,3 +109,20 @@ def run_sweep_benchmark(args, logs: Path) -> str:
               f"final losses of the sweep equal the independent precomputed runs' to 1e-5: {same}",
               f"load average {load_start:.1f} → {os.getloadavg()[0]:.1f}"]
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One worker process: train one policy per β in ``--mode`` and print the per-run record as JSON."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=["independent", "independent-pre", "sweep"], required=True)
+    parser.add_argument("--workload-dir", required=True)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--betas", required=True, help="comma-separated β values")
+    args = parser.parse_args(argv)
+    betas = [float(b) for b in args.betas.split(",")]
+    print(json.dumps(sweep_worker(args.mode, Path(args.workload_dir), betas, args.steps)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -188,3 +188,18 @@ def load_workload(folder: Path) -> Workload:
 def pair_tokens(record: dict) -> int:
     """Non-padding tokens a pair puts into a batch: prompt + chosen and prompt + rejected."""
     return 2 * len(record["prompt_ids"]) + len(record["chosen_ids"]) + len(record["rejected_ids"])
+
+
+def prepare(name: str, folder: Path, num_pairs: int) -> Workload:
+    """Write the workload ``name`` (``"tiny"`` or ``"smollm"``) with ``num_pairs`` pairs into ``folder``."""
+    if name == "tiny":
+        return prepare_tiny(folder, num_pairs=num_pairs)
+    return prepare_smollm(folder, num_pairs=num_pairs)
+
+
+def tokenized_pairs(workload: Workload) -> list:
+    """The workload's pairs as dpolab's :class:`~dpolab.data.tokenize.TokenizedPair` (every response token scored)."""
+    from dpolab.data.tokenize import TokenizedPair
+
+    return [TokenizedPair(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], [1] * len(r["chosen_ids"]),
+                          [1] * len(r["rejected_ids"])) for r in workload.pairs()]

@@ -7,7 +7,9 @@ What must hold for the benchmark's table to mean anything, checked on a workload
   (sigmoid DPO: −log σ(β·margin), the same function of the same four log-prob sums);
 - that loss is not the trivial log 2 of π_θ = π_ref, because the reference is a perturbed copy of the policy;
 - the table marks an arm whose first-step loss differs by more than 1e-5 as void;
-- each arm's setup time (arm start to the policy's first training forward) is recorded.
+- each arm's setup time (arm start to the policy's first training forward) is recorded;
+- a patch (``patches.py``) reaches the library through its own setting, and the lever benchmark times the
+  trainer's own step: switched-off speed paths give the same first-step loss.
 
 No wall-clock time is asserted.
 """
@@ -24,7 +26,11 @@ pytest.importorskip("trl")
 
 import arms  # noqa: E402
 import dpo_throughput  # noqa: E402
-from workloads import load_workload, pair_tokens, prepare_tiny  # noqa: E402
+import levers  # noqa: E402
+import patches  # noqa: E402
+from workloads import load_workload, pair_tokens, prepare_tiny, tokenized_pairs  # noqa: E402
+
+from dpolab.fast.paths import FastPaths  # noqa: E402
 
 STEPS = 3
 
@@ -88,9 +94,9 @@ def test_trl_tokenization_mismatch_is_refused(workload):
     tampered = [dict(r) for r in ordered]
     tampered[1]["chosen_ids"] = tampered[1]["chosen_ids"][:-1]
     dataset = {name: [r[name] for r in ordered] for name in ("prompt_ids", "chosen_ids", "rejected_ids")}
-    arms._check_trl_tokens(dataset, ordered)
+    arms.check_trl_tokens(dataset, ordered)
     with pytest.raises(ValueError, match="row 1, field chosen_ids"):
-        arms._check_trl_tokens(dataset, tampered)
+        arms.check_trl_tokens(dataset, tampered)
 
 
 def test_table_reports_agreement_and_void(workload, records):
@@ -116,8 +122,41 @@ def test_steady_state_excludes_warmup_and_last_step():
 
 
 def test_levers_refuse_unknown_names():
-    import levers
-
-    assert levers._lever_parts("micro4+precomputed") == {"micro4", "precomputed"}
+    assert levers.lever_parts("micro4+precomputed") == {"micro4", "precomputed"}
     with pytest.raises(ValueError, match="micro8"):  # renamed lever: would otherwise time the baseline twice
-        levers._lever_parts("micro4+micro8")
+        levers.lever_parts("micro4+micro8")
+    with pytest.raises(ValueError, match="system-malloc"):  # process-wide: levers.py --malloc measures it
+        levers.lever_parts("system-malloc")
+    with pytest.raises(ValueError, match="unknown patches"):
+        arms.parse_spec("dpolab+two-row")
+
+
+def test_patches_are_library_settings():
+    assert patches.fast_paths(["two-rows", "model-head"]) == FastPaths(pair_tree=False, fused_output_layer=False)
+    assert patches.fast_paths(["full-logits"]) == FastPaths.off()
+    assert patches.fast_paths(["micro4", "fused-gelu"]) == FastPaths()
+    assert patches.config_fields(["micro2", "system-malloc"]) == {"micro_batch_size": 2, "grad_accum_steps": 4,
+                                                                 "keep_freed_memory": False}
+
+
+def test_levers_time_the_trainers_step_with_the_same_loss(workload):
+    """One step of the baseline and of the slow reference path (every speed path off) on the same batch: the
+    trainer's optimizer_step runs both, and their losses agree to float32 rounding."""
+    pairs = tokenized_pairs(workload)
+    losses = {}
+    for lever in ("baseline", "full-logits", "two-rows+dense-embedding+model-head"):
+        setup, context = levers.build(lever, workload, pairs, steps=1)
+        with context():
+            seconds, losses[lever], tokens, _ = setup.step(0)
+        assert seconds > 0 and tokens == sum(pair_tokens(workload.pairs()[i]) for i in setup.batches[0][0].index)
+    assert losses["full-logits"] == pytest.approx(losses["baseline"], abs=1e-5)
+    assert losses["two-rows+dense-embedding+model-head"] == pytest.approx(losses["baseline"], abs=1e-5)
+
+
+def test_patched_arm_trains_through_the_library_setting(workload, records, tmp_path, monkeypatch):
+    """``dpolab+model-head+dense-embedding`` runs train(fast=...) with the fused output layer and the sparse lookup
+    off (the pair tree on, so the batches are the default arm's): the same first-step loss."""
+    monkeypatch.setenv("DPOLAB_CACHE", str(tmp_path))
+    record = arms.run_dpolab(workload, 1, patches=["model-head", "dense-embedding"])
+    assert record["first_rows"] == records["dpolab"]["first_rows"]
+    assert abs(record["first_loss"] - records["dpolab"]["first_loss"]) < 1e-5
