@@ -15,14 +15,12 @@ from dpolab.data.batch import collate_pairs
 from dpolab.data.inspector import inspect_pair, token_table
 from dpolab.data.readers import iter_dataset
 from dpolab.data.records import PreferenceExample, example_from_record
+from dpolab.data.render import BoundaryError, TemplateError, bos_prefix
 from dpolab.data.tokenize import (
     IDENTICAL,
     NO_SCORED,
-    BoundaryError,
-    TemplateError,
     TokenizeConfig,
     TruncationError,
-    bos_prefix,
     tokenize_examples,
     tokenize_pair,
     tokenize_response,

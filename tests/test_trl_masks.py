@@ -20,7 +20,8 @@ from datasets import Dataset
 
 from dpolab.data.batch import IGNORE_INDEX, collate_pairs
 from dpolab.data.records import example_from_record
-from dpolab.data.tokenize import BoundaryError, bos_prefix, tokenize_pair
+from dpolab.data.render import BoundaryError, bos_prefix
+from dpolab.data.tokenize import tokenize_pair
 
 trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
 

@@ -15,15 +15,8 @@ truncation, and the reason a row would be dropped. The inspector never raises on
 from __future__ import annotations
 
 from dpolab.data.records import PreferenceExample
-from dpolab.data.tokenize import (
-    TokenizationError,
-    TokenizeConfig,
-    TruncationError,
-    leading_bos,
-    render_response,
-    truncate_ids,
-    turn_end_ids,
-)
+from dpolab.data.render import TokenizationError, render_response, turn_end_ids
+from dpolab.data.tokenize import TokenizeConfig, TruncationError, leading_bos, truncate_ids
 
 
 def token_table(example: PreferenceExample, tokenizer,
