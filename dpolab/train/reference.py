@@ -96,13 +96,19 @@ class AdapterReference(FrozenReference):
 
     @contextlib.contextmanager
     def _base(self):
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with self.model.disable_adapter():
-                yield
-        finally:
-            self.model.train(was_training)
+        with _eval_mode(self.model), self.model.disable_adapter():
+            yield
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module):
+    """Within the block ``module`` is in eval mode (dropout off); its mode is restored afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 class _WithParams(torch.nn.Module):
@@ -132,20 +138,12 @@ class StartingAdapterReference(FrozenReference):
         self.model, self.fast = _WithParams(policy, start), fast
 
     def pair_logps(self, batch: PairBatch) -> PairLogps:
-        was_training = self.model.inner.training
-        self.model.inner.eval()
-        try:
+        with _eval_mode(self.model.inner):
             return super().pair_logps(batch)
-        finally:
-            self.model.inner.train(was_training)
 
     def sequence_logps(self, batch: SequenceBatch) -> torch.Tensor:
-        was_training = self.model.inner.training
-        self.model.inner.eval()
-        try:
+        with _eval_mode(self.model.inner):
             return super().sequence_logps(batch)
-        finally:
-            self.model.inner.train(was_training)
 
     def mix_in(self, policy: torch.nn.Module, alpha: float) -> None:
         """TR-DPO's soft update on the adapter's starting weights: θ_ref ← α θ + (1 − α) θ_ref (adapter tensors only)."""
