@@ -33,11 +33,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dpolab.baselines.rollout import prompt_order, rollout
 from dpolab.data.batch import IGNORE_INDEX
 from dpolab.data.tokenize import pad_token_id
 from dpolab.logprobs import shift_labels, token_logprobs
 from dpolab.sample.completions import completion_batch, completion_token_logprobs
-from dpolab.sample.generate import sample
 
 
 class ValueHead(torch.nn.Module):
@@ -175,14 +175,11 @@ def ppo_train(
     head = ValueHead(policy.config.hidden_size)
     params = [p for p in policy.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    order = np.random.default_rng(seed).permutation(len(prompts))
+    order = prompt_order(len(prompts), seed)
     history = []
     for step in tqdm(range(steps), desc="ppo", disable=not progress):
-        take = [prompts[order[(step * prompts_per_step + j) % len(prompts)]] for j in range(prompts_per_step)]
-        samples = sample(policy, tokenizer, take, k, max_new_tokens=max_new_tokens, top_k=len(tokenizer),
-                         seed=seed * 100_003 + step, progress=False)
-        texts = [t for row in samples.texts for t in row]
-        scores = torch.tensor(np.asarray(reward_fn(texts), dtype=np.float64), dtype=torch.float32)
+        samples, scores = rollout(policy, tokenizer, prompts, order, step, reward_fn, prompts_per_step=prompts_per_step,
+                                  k=k, max_new_tokens=max_new_tokens, seed=seed)
         ref_logps = completion_token_logprobs(reference, samples, pad)
         batch = completion_batch(samples, pad)
         policy.train()

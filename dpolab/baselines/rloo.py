@@ -18,10 +18,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from dpolab.baselines.rollout import prompt_order, rollout
 from dpolab.data.tokenize import pad_token_id
 from dpolab.logprobs import sequence_forward
 from dpolab.sample.completions import completion_batch, completion_logprobs
-from dpolab.sample.generate import sample
 
 
 def leave_one_out_advantages(rewards: torch.Tensor) -> torch.Tensor:
@@ -60,14 +60,12 @@ def rloo_train(
 
     pad = pad_token_id(tokenizer)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    order = np.random.default_rng(seed).permutation(len(prompts))
+    order = prompt_order(len(prompts), seed)
     history = []
     for step in tqdm(range(steps), desc="rloo", disable=not progress):
-        take = [prompts[order[(step * prompts_per_step + j) % len(prompts)]] for j in range(prompts_per_step)]
-        samples = sample(policy, tokenizer, take, k, max_new_tokens=max_new_tokens, top_k=len(tokenizer),
-                         seed=seed * 100_003 + step, progress=False)
-        texts = [t for row in samples.texts for t in row]
-        reward = torch.tensor(np.asarray(reward_fn(texts), dtype=np.float64), dtype=torch.float32).view(-1, k)
+        samples, reward = rollout(policy, tokenizer, prompts, order, step, reward_fn, prompts_per_step=prompts_per_step,
+                                  k=k, max_new_tokens=max_new_tokens, seed=seed)
+        reward = reward.view(-1, k)
         ref_logps = completion_logprobs(reference, samples, pad)
         policy.train()
         batch = completion_batch(samples, pad)
