@@ -26,7 +26,7 @@ from itertools import combinations
 import numpy as np
 import pandas as pd
 
-from dpolab.evaluate import length_controlled_win_rate, win_rate
+from dpolab.evaluate import length_controlled_win_rate, outcomes, win_rate
 from dpolab.experiments.sentiment_eval import best_of_n_rows
 from dpolab.results import ModelRow
 
@@ -135,10 +135,6 @@ def align_rows(rows: Sequence[ModelRow | Mapping], *, min_prompts: int = 2, sour
                           dropped=[names[i] for i in range(len(rows)) if i not in keep])
 
 
-def _outcome(a: np.ndarray, b: np.ndarray, tie_tolerance: float) -> np.ndarray:
-    return np.where(a - b > tie_tolerance, 1.0, np.where(b - a > tie_tolerance, 0.0, 0.5))
-
-
 def pairwise_comparisons(aligned: AlignedRewards, *, tie_tolerance: float = 0.0) -> pd.DataFrame:
     """Every pair of models compared on every shared prompt: the input of ``bradley_terry`` and ``online_elo``.
 
@@ -150,7 +146,7 @@ def pairwise_comparisons(aligned: AlignedRewards, *, tie_tolerance: float = 0.0)
     for i, j in combinations(range(len(aligned.models)), 2):
         frames.append(pd.DataFrame({"model_a": aligned.models[i], "model_b": aligned.models[j],
                                     "prompt": np.arange(len(aligned.prompts)),
-                                    "outcome": _outcome(aligned.rewards[i], aligned.rewards[j], tie_tolerance)}))
+                                    "outcome": outcomes(aligned.rewards[i], aligned.rewards[j], tie_tolerance)}))
     return pd.concat(frames, ignore_index=True)
 
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dpolab.data.batch import collate_pairs, collate_sequences, length_bucketed_batches, pair_length
+from dpolab.data.batch import collate_pairs, collate_sequences, length_bucketed_batches, pair_length, to_device
 from dpolab.train.distributed import DistributedContext, all_gather_objects, all_reduce_sum, unwrap
 from dpolab.fast.paths import pair_layout
 from dpolab.train.metrics import EVAL_PREFIX
@@ -87,7 +87,3 @@ def sample_kl(model, reference, tokenizer, prompts: Sequence, *, config, ctx: Di
     kl, kl_se = sequence_kl(policy_all, ref_all)
     return {"eval_kl": kl, "eval_kl_se": kl_se, "eval_sample_length": sum(all_lengths) / len(all_lengths)}
 
-
-def to_device(batch, device: torch.device):
-    """A copy of a (pair or sequence) batch with every tensor on ``device``."""
-    return type(batch)(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(batch).items()})

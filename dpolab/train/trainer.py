@@ -41,14 +41,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dpolab.data.batch import collate_pairs, length_bucketed_batches, pair_length
+from dpolab.data.batch import collate_pairs, length_bucketed_batches, pair_length, to_device
 from dpolab.data.tokenize import pad_token_id
 from dpolab.fast.allocator import keep_freed_memory
 from dpolab.fast.paths import DEFAULT_FAST_PATHS, FastPaths, pair_layout
 from dpolab.train import checkpoint as ckpt
 from dpolab.train import distributed as dist
 from dpolab.train.config import TrainConfig
-from dpolab.train.heldout import heldout_metrics, sample_kl, to_device
+from dpolab.train.heldout import heldout_metrics, sample_kl
 from dpolab.data.prepare import prepare_pairs, tokenize_config
 from dpolab.models import add_lora, load_policy
 from dpolab.train.metrics import MetricsWriter, Monitor, NonFiniteLossError, logged_record, read_metrics
