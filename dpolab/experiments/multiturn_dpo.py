@@ -11,7 +11,6 @@ extra turns change. :func:`masking_invariance` measures both on real weights.
 from __future__ import annotations
 
 import copy
-import inspect
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -79,7 +78,7 @@ def masking_invariance(policy, reference, tokenizer, examples: list[PreferenceEx
     :class:`dpolab.train.reference.FrozenReference`, which switches off its ``requires_grad``; the policy's gradients
     are cleared afterwards.
     """
-    from dpolab.losses import LOSSES
+    from dpolab.losses import needs_reference
     from dpolab.train.objective import batch_objective
     from dpolab.train.reference import FrozenReference
     from dpolab.data.tokenize import TokenizeConfig, tokenize_examples
@@ -89,7 +88,7 @@ def masking_invariance(policy, reference, tokenizer, examples: list[PreferenceEx
     was_training = policy.training
     policy.eval()
     for name in losses:
-        needs_ref = inspect.signature(LOSSES[name]).parameters["ref_chosen_logps"].default is not None
+        needs_ref = needs_reference(name)
         values, grads = {}, {}
         for mask_policy in ("final_turn", "all_assistant"):
             pairs, _ = tokenize_examples(examples, tokenizer, TokenizeConfig(max_length=192, mask_policy=mask_policy))

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dpolab.cache import build_artifact, cache_dir, sha256_file
-from dpolab.data.batch import IGNORE_INDEX, PairBatch, SequenceBatch, collate_pairs, pair_length
+from dpolab.data.batch import IGNORE_INDEX, PairBatch, SequenceBatch, collate_pairs, pair_length, to_device
 from dpolab.data.tokenize import TokenizedPair, pad_token_id
 from dpolab.fast.paths import DEFAULT_FAST_PATHS, FastPaths, pair_layout
 from dpolab.logprobs import PairLogps, concatenated_forward, sequence_forward, shift_labels
@@ -244,8 +244,7 @@ def precompute_reference(
         try:
             for start in range(0, len(pairs), batch_size):
                 rows = order[start:start + batch_size]
-                batch = collate_pairs([pairs[i] for i in rows], pad, index=rows)
-                batch = PairBatch(**{k: v.to(device) for k, v in vars(batch).items()})
+                batch = to_device(collate_pairs([pairs[i] for i in rows], pad, index=rows), device)
                 with torch.no_grad(), autocast:
                     logps = concatenated_forward(model, batch, fast=fast)
                 chosen[rows], rejected[rows] = logps.chosen.float().cpu(), logps.rejected.float().cpu()
