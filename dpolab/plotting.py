@@ -43,7 +43,12 @@ def frontier_figure(rows: Sequence[dict], title: str = "Reward vs KL(π‖π_ref
             tag = f"N={row['n']}"
         if tag:
             ax.annotate(tag, (row["kl"], row["reward"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlabel("KL(π‖π_ref) per completion (nats)")
+    return _reward_kl_axes(fig, ax, title)
+
+
+def _reward_kl_axes(fig, ax, title: str):
+    """Label the reward–KL axes of ``ax`` and lay out ``fig`` (shared by both frontier figures)."""
+    ax.set_xlabel("KL(π‖π_ref) per continuation (nats)")
     ax.set_ylabel("mean ground-truth reward (VADER compound)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
@@ -78,13 +83,7 @@ def frontier_curves_figure(rows: Sequence[dict], title: str = "Reward vs KL(π�
         if tag and len(points) > 1:
             ax.annotate(tag, (points[-1]["kl"], points[-1]["reward"]), textcoords="offset points", xytext=(5, 3),
                         fontsize=7, color=style["color"])
-    ax.set_xlabel("KL(π‖π_ref) per continuation (nats)")
-    ax.set_ylabel("mean ground-truth reward (VADER compound)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    return fig
+    return _reward_kl_axes(fig, ax, title)
 
 
 def rl_learning_curves_figure(learning_curves: dict, window: int = 8):
