@@ -50,7 +50,7 @@ def dpolab_plan(workload: Workload, steps: int, config_fields: dict | None = Non
     from dpolab.data.batch import pair_length
     from dpolab.data.tokenize import TokenizedPair
     from dpolab.train.config import TrainConfig
-    from dpolab.train.trainer import BatchPlan
+    from dpolab.train.step import BatchPlan
 
     config = TrainConfig.load(None, {**dpolab_fields(steps, "/tmp/unused"), **(config_fields or {})})
     lengths = [pair_length(TokenizedPair(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], [], []), layout)

@@ -1,6 +1,6 @@
 """Issue 9 item 2: which levers pay for dpolab's training step, each measured against the current step.
 
-A *step* here is the trainer's own optimizer step, :func:`dpolab.train.trainer.optimizer_step` (the gradients of
+A *step* here is the trainer's own optimizer step, :func:`dpolab.train.step.optimizer_step` (the gradients of
 the step's micro-batches, clipping, AdamW), without the trainer's bookkeeping around it (schedule, metrics,
 checkpoints). Each lever is a variant of that step: a patch of ``patches.py`` (a speed path switched off, a
 swapped module, a batch size, a thread count) or a different setup of its inputs (:data:`SETUP`: the batch plan,
@@ -54,7 +54,7 @@ def plan_batches(pairs, steps: int, *, micro: int = 8, accum: int = 1, bucketed:
     """The first ``steps`` optimizer steps as lists of collated micro-batches (dpolab's plan, bucketed by
     ``layout``'s pair length as the trainer does for a GPT-2 or Llama policy, or random order)."""
     from dpolab.data.batch import collate_pairs, pair_length
-    from dpolab.train.trainer import BatchPlan
+    from dpolab.train.step import BatchPlan
 
     config = _config(micro, accum)
     if bucketed:
@@ -72,7 +72,7 @@ class Setup:
 
     def __init__(self, policy, reference, steps_batches, *, fast, foreach_adam: bool = False, micro: int = 8,
                  accum: int = 1):
-        from dpolab.train.trainer import build_optimizer
+        from dpolab.train.step import build_optimizer
 
         self.policy, self.reference, self.batches, self.fast = policy, reference, steps_batches, fast
         self.config = _config(micro, accum)
@@ -83,7 +83,7 @@ class Setup:
         """Optimizer step ``i`` (on the ``i``-th planned batches, cyclically): wall s, mean loss, tokens, CPU s."""
         from dpolab.train.distributed import DistributedContext
         from dpolab.train.objective import STATS
-        from dpolab.train.trainer import optimizer_step
+        from dpolab.train.step import optimizer_step
 
         batches = self.batches[i % len(self.batches)]
         start, cpu = time.perf_counter(), time.process_time()
@@ -114,7 +114,8 @@ def lever_parts(lever: str) -> set[str]:
 
 def build(lever: str, workload, pairs, steps: int):
     """A :class:`Setup` for ``lever`` (several joined by ``+`` combine) and the context it steps in."""
-    from dpolab.train.reference import FrozenReference, precompute_reference
+    from dpolab.train.reference import FrozenReference
+    from dpolab.train.reference_table import precompute_reference
 
     parts = lever_parts(lever)
     patches = sorted(parts & set(patching.PATCHES))

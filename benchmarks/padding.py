@@ -25,7 +25,7 @@ def count(records: list[dict], bucket_by: str, micro: int | None = None, accum: 
     from dpolab.data.batch import pair_length
     from dpolab.data.tokenize import TokenizedPair
     from dpolab.train.config import TrainConfig
-    from dpolab.train.trainer import BatchPlan
+    from dpolab.train.step import BatchPlan
 
     pairs = [TokenizedPair(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], [], []) for r in records]
     default = TrainConfig()

@@ -3,7 +3,7 @@
 A patch is what a library change does (or what undoing one does), applied from outside the library so that its
 effect can be measured before it lands or after. Both benchmarks use these: ``dpo_throughput.py`` runs an arm
 ``dpolab+PATCH[+PATCH…]`` through :func:`dpolab.train.trainer.train`, and ``levers.py`` times a lever against the
-trainer's own step (:func:`dpolab.train.trainer.optimizer_step`). Each patch is one of:
+trainer's own step (:func:`dpolab.train.step.optimizer_step`). Each patch is one of:
 
 - a speed path switched off, through the library's own setting (:class:`dpolab.fast.paths.FastPaths`):
   ``two-rows`` (the two-row layout before :mod:`dpolab.fast.pairtree`: prompt + chosen and prompt + rejected as two

@@ -106,3 +106,26 @@ def test_list_fields_take_a_comma_list_too():
     config = TrainConfig.load(None, ["loss_type=sigmoid,sft", "loss_weights=0.8,1", "report_to=jsonl"])
     assert config.loss_type == ["sigmoid", "sft"] and config.loss_weights == [0.8, 1] and config.report_to == ["jsonl"]
     assert config == TrainConfig.load(None, ["loss_type=[sigmoid, sft]", "loss_weights=[0.8, 1]"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["load_best_model_at_end=true", "eval_every=2", "save_every=3"],
+         r"load_best_model_at_end needs 'save_every' \(3\) to be a positive multiple of 'eval_every' \(2\)"),
+        (["load_best_model_at_end=true", "eval_every=2"], r"'save_every' \(0\) to be a positive multiple"),
+        (["load_best_model_at_end=true", "fsdp=true"], "not supported with fsdp"),
+        (["early_stopping_patience=2"], r"early_stopping_patience needs evaluations during the run: set 'eval_every'"),
+        (["early_stopping_patience=-1"], r"'early_stopping_patience' must be >= 0"),
+        (["early_stopping_threshold=-0.1"], r"'early_stopping_threshold' must be >= 0"),
+        (["greater_is_better=maybe"], r"field 'greater_is_better' expects"),
+    ],
+)
+def test_best_model_and_early_stopping_fields_follow_hf_rules(overrides, message):
+    """HF's TrainingArguments names and checks: every checkpoint of load_best_model_at_end has its evaluation."""
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.load(None, overrides)
+    config = TrainConfig.load(None, ["load_best_model_at_end=true", "eval_every=2", "save_every=4",
+                                     "early_stopping_patience=2", "greater_is_better=null"])
+    assert config.metric_for_best_model == "eval_loss" and config.greater_is_better is None
+    assert TrainConfig.load(None, ["load_best_model_at_end=true", "save_every=3"]).eval_every == 0  # evaluated at the end

@@ -21,7 +21,8 @@ from dpolab.losses import LOSSES
 from dpolab.train.objective import batch_objective
 from dpolab.train.reference import make_reference
 from dpolab.tiny import tiny_causal_lm
-from dpolab.train.trainer import accumulate_gradients, train
+from dpolab.train.step import accumulate_gradients
+from dpolab.train.trainer import train
 from tiny_runs import FAST, PROMPTS, make_examples
 
 PARAMS = {"exo_pair": {"label_smoothing": 1e-3}, "robust": {"label_smoothing": 0.1},

@@ -12,7 +12,8 @@ from dpolab.models import add_lora, load_model, load_policy
 from dpolab.train.recompute import checkpointed_layers, enable_gradient_checkpointing, recomputing
 from dpolab.train.reference import make_reference
 from dpolab.tiny import tiny_causal_lm
-from dpolab.train.trainer import accumulate_gradients, train
+from dpolab.train.step import accumulate_gradients
+from dpolab.train.trainer import train
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import dpolab.train.reference as reference_module
+import dpolab.train.reference_table as reference_module
 from dpolab.data.batch import collate_pairs, pair_length
 from dpolab.data.prepare import prepare_pairs
 from dpolab.models import add_lora
 from dpolab.fast.paths import pair_layout
 from dpolab.logprobs import concatenated_forward
-from dpolab.train.reference import AdapterReference, make_reference, precompute_reference, reference_key
+from dpolab.train.reference import AdapterReference, make_reference
+from dpolab.train.reference_table import precompute_reference, reference_key
 from dpolab.tiny import tiny_causal_lm
 from dpolab.data.tokenize import TokenizeConfig
 from dpolab.train.trainer import train

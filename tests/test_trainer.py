@@ -19,7 +19,8 @@ from dpolab.data.prepare import prepare_pairs, tokenize_config
 from dpolab.train.metrics import NonFiniteLossError, read_metrics
 from dpolab.train.reference import make_reference
 from dpolab.tiny import tiny_causal_lm
-from dpolab.train.trainer import accumulate_gradients, train
+from dpolab.train.step import accumulate_gradients
+from dpolab.train.trainer import train
 from tiny_runs import FAST, make_examples
 
 
@@ -290,12 +291,12 @@ def test_metrics_writer_resume_drops_later_steps_and_a_torn_line(tmp_path):
 def test_batches_are_bucketed_by_the_width_of_the_layout_that_runs(tmp_path, monkeypatch, stage, layout):
     """A GPT-2 policy runs DPO on pair-tree rows, so its batches are bucketed by prompt + chosen + rejected;
     SFT runs prompt + chosen rows and keeps the two-row width."""
-    import dpolab.train.trainer as trainer_module
+    import dpolab.train.step as step_module
     from dpolab.data.batch import pair_length
 
     seen = []
-    original = trainer_module.BatchPlan.__init__
-    monkeypatch.setattr(trainer_module.BatchPlan, "__init__",
+    original = step_module.BatchPlan.__init__
+    monkeypatch.setattr(step_module.BatchPlan, "__init__",
                         lambda self, lengths, *a: seen.append(list(lengths)) or original(self, lengths, *a))
     examples = make_examples(16)
     result = train({**FAST, "stage": stage, "max_steps": 1, "output_dir": str(tmp_path)}, train_pairs=examples)
@@ -318,7 +319,7 @@ def test_keeping_freed_memory_changes_no_number(tmp_path):
 @pytest.mark.parametrize("fused", [True, False])
 def test_optimizer_takes_lr_and_weight_decay_from_the_config_and_its_first_adamw_step_is_the_hand_derived_one(fused):
     """One AdamW step from zero moments: m̂ = g and v̂ = g², so p ← p·(1 − lr·wd) − lr·g / (|g| + eps), fused or not."""
-    from dpolab.train.trainer import build_optimizer
+    from dpolab.train.step import build_optimizer
 
     config = TrainConfig.load(None, {"lr": 1e-2, "weight_decay": 0.1})
     p = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0, 0.0]))
@@ -335,7 +336,7 @@ def test_optimizer_takes_lr_and_weight_decay_from_the_config_and_its_first_adamw
 
 
 def test_rmsprop_is_built_when_the_config_asks_for_it():
-    from dpolab.train.trainer import build_optimizer
+    from dpolab.train.step import build_optimizer
 
     config = TrainConfig.load(None, {"optimizer": "rmsprop", "lr": 1e-3, "weight_decay": 0.05})
     optimizer = build_optimizer([torch.nn.Parameter(torch.ones(3))], config)

@@ -41,7 +41,7 @@ def train_with_mask_policy(reference, tokenizer, examples: list[PreferenceExampl
     """
     from dpolab.train.config import TrainConfig
     from dpolab.data.prepare import tokenize_config
-    from dpolab.train.reference import precompute_reference
+    from dpolab.train.reference_table import precompute_reference
     from dpolab.rewards import batch_logps, reward_accuracy
     from dpolab.data.tokenize import tokenize_examples
     from dpolab.train.trainer import train

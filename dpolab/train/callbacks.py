@@ -1,14 +1,17 @@
-"""Callbacks of the training loop: hooks after a step, an evaluation and a save; early stopping; the best checkpoint.
+"""Callbacks of the training loop: hooks after an evaluation, a save and a step; early stopping; the best checkpoint.
 
 The loop (:func:`dpolab.train.trainer.train`) calls, in this order within one optimizer step,
 
-    on_step(step, record, control)       after the step's metrics record exists
     on_evaluate(step, metrics, control)  after a held-out evaluation (metrics with trl's ``eval_`` names)
     on_save(step, folder, control)       after a checkpoint is written
+    on_step(step, record, control)       when the step is complete (its record, evaluation and checkpoint)
 
-and stops after the step in which any callback set ``control.should_stop`` (the stopped run's last checkpoint is
-written first, so it can be resumed or used). Names follow transformers' ``TrainerCallback`` and
-``EarlyStoppingCallback`` and TrainingArguments' ``metric_for_best_model`` / ``greater_is_better``.
+and stops after the step in which a callback set ``control.should_stop`` (the stopped run's last checkpoint is
+written first, so it can be resumed or used, and ``control.reason`` goes to metrics.jsonl and the result). Under
+torch.distributed rank 0's callbacks decide and every process follows. ``train(on_step=f)`` is
+:class:`StepFunction` (``f(step, record)`` after the step's checkpoint, as it always ran). Names follow
+transformers' ``TrainerCallback`` and ``EarlyStoppingCallback`` and TrainingArguments' ``metric_for_best_model``,
+``greater_is_better`` and ``load_best_model_at_end``; :func:`config_callbacks` builds them from those config fields.
 
 A resumed run replays its earlier evaluations into the callbacks (:meth:`CallbackList.replay`), so early stopping
 and the best checkpoint decide exactly as an uninterrupted run would.
@@ -17,6 +20,7 @@ and the best checkpoint decide exactly as an uninterrupted run would.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,14 +36,24 @@ class TrainerControl:
 class TrainerCallback:
     """Base class: override any hook. ``record``/``metrics`` are the dicts written to metrics.jsonl."""
 
-    def on_step(self, step: int, record: dict[str, Any], control: TrainerControl) -> None:
-        pass
-
     def on_evaluate(self, step: int, metrics: dict[str, Any], control: TrainerControl) -> None:
         pass
 
     def on_save(self, step: int, folder, control: TrainerControl) -> None:
         pass
+
+    def on_step(self, step: int, record: dict[str, Any], control: TrainerControl) -> None:
+        pass
+
+
+class StepFunction(TrainerCallback):
+    """A plain ``fn(step, record)`` (``train``'s ``on_step`` argument) as a callback."""
+
+    def __init__(self, fn: Callable[[int, dict[str, Any]], None]):
+        self.fn = fn
+
+    def on_step(self, step, record, control):
+        self.fn(step, record)
 
 
 def default_greater_is_better(metric: str) -> bool:
@@ -47,12 +61,18 @@ def default_greater_is_better(metric: str) -> bool:
     return not metric.endswith("loss")
 
 
+def eval_metric_name(metric: str) -> str:
+    """TrainingArguments' rule: ``metric_for_best_model`` names an evaluation metric, ``eval_`` added if missing."""
+    return metric if metric.startswith("eval_") else f"eval_{metric}"
+
+
 def metric_value(metrics: dict[str, Any], metric: str) -> float:
-    """``metrics[metric]`` as a float; a metric the evaluation does not record is an error naming what it has."""
+    """``metrics[metric]`` as a float (NaN for None: metrics.jsonl writes NaN as null); a metric the evaluation does
+    not record is an error naming what it has."""
     if metric not in metrics:
         have = sorted(k for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool))
         raise KeyError(f"metric_for_best_model {metric!r} is not among the evaluation's metrics {have}")
-    return float(metrics[metric])
+    return math.nan if metrics[metric] is None else float(metrics[metric])
 
 
 class BestMetric:
@@ -136,10 +156,6 @@ class CallbackList:
         self.callbacks = list(callbacks)
         self.control = TrainerControl()
 
-    def on_step(self, step, record):
-        for callback in self.callbacks:
-            callback.on_step(step, record, self.control)
-
     def on_evaluate(self, step, metrics):
         for callback in self.callbacks:
             callback.on_evaluate(step, metrics, self.control)
@@ -147,6 +163,14 @@ class CallbackList:
     def on_save(self, step, folder):
         for callback in self.callbacks:
             callback.on_save(step, folder, self.control)
+
+    def on_step(self, step, record):
+        for callback in self.callbacks:
+            callback.on_step(step, record, self.control)
+
+    def kept_folders(self) -> set:
+        """The checkpoint folders that must outlive ``keep_last``: the best of each :class:`BestCheckpointCallback`."""
+        return {c.folder for c in self.callbacks if isinstance(c, BestCheckpointCallback) and c.folder is not None}
 
     def replay(self, evaluations, saved_folder_of) -> None:
         """Feed a resumed run's earlier evaluations (records with ``step``) to the callbacks, and the checkpoint
@@ -156,3 +180,28 @@ class CallbackList:
             folder = saved_folder_of(metrics["step"])
             if folder is not None:
                 self.on_save(metrics["step"], folder)
+
+
+def config_callbacks(config, callbacks: Sequence[TrainerCallback] = (),
+                     on_step: Callable[[int, dict[str, Any]], None] | None = None,
+                     ) -> tuple[CallbackList, BestCheckpointCallback | None]:
+    """The run's callbacks: early stopping and the best checkpoint as a :class:`dpolab.train.config.TrainConfig`
+    asks (``early_stopping_patience`` > 0, ``load_best_model_at_end``), then ``callbacks``, then ``on_step``.
+
+    Returns:
+        ``(callbacks, best)``: ``best`` is the config's :class:`BestCheckpointCallback` (None when neither early
+        stopping nor ``load_best_model_at_end`` asks for evaluations to pick a checkpoint).
+    """
+    metric = eval_metric_name(config.metric_for_best_model)
+    built: list[TrainerCallback] = []
+    if config.early_stopping_patience:
+        built.append(EarlyStoppingCallback(metric, config.early_stopping_patience, config.early_stopping_threshold,
+                                           config.greater_is_better))
+    best = None
+    if config.early_stopping_patience or config.load_best_model_at_end:
+        best = BestCheckpointCallback(metric, config.greater_is_better)
+        built.append(best)
+    built += list(callbacks)
+    if on_step is not None:
+        built.append(StepFunction(on_step))
+    return CallbackList(built), best

@@ -25,7 +25,7 @@ import platform
 import random
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,8 +104,9 @@ def save_checkpoint(
     keep_last: int,
     export: Callable[[Path], None] | None = None,
     extra: dict[str, Any] | None = None,
+    keep: Iterable[str | Path] = (),
 ) -> Path:
-    """Write the checkpoint of step ``step`` atomically, then delete all but the ``keep_last`` newest.
+    """Write the checkpoint of step ``step`` atomically, then delete all but the ``keep_last`` newest (and ``keep``).
 
     Call it on one process only (rank 0); ``rng_states`` holds one entry per process. ``export(folder)``
     may add files (e.g. the model's ``config.json`` and tokenizer, so transformers can load the folder).
@@ -126,7 +127,7 @@ def save_checkpoint(
             export(tmp)
 
     folder = build_artifact(checkpoint_dir(output_dir, step), build, info={"step": step})
-    prune_checkpoints(output_dir, keep_last)
+    prune_checkpoints(output_dir, keep_last, keep=keep)
     return folder
 
 
@@ -186,15 +187,19 @@ def load_checkpoint(folder: str | Path, *, verify: bool = True) -> Checkpoint:
     )
 
 
-def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:
-    """Delete all but the ``keep_last`` newest complete checkpoints, and leftovers of interrupted saves.
+def prune_checkpoints(output_dir: str | Path, keep_last: int, *, keep: Iterable[str | Path] = ()) -> None:
+    """Delete all but the ``keep_last`` newest complete checkpoints, and leftovers of interrupted saves. The folders
+    in ``keep`` (the best checkpoint of a run that tracks one) are never deleted.
 
     Each old folder is first renamed out of the ``step-N`` pattern (one atomic rename), then deleted: a kill
     in between leaves a stray folder that nothing reads and the next prune removes, never a ``step-N``
     folder with its COMPLETE marker but half its files.
     """
     root = Path(output_dir) / CHECKPOINTS
+    kept = {Path(folder).resolve() for folder in keep}
     for old in list_checkpoints(output_dir)[:-keep_last]:
+        if old.resolve() in kept:
+            continue
         doomed = old.with_name(f"{old.name}.pruned-{os.getpid()}")
         os.replace(old, doomed)
         shutil.rmtree(doomed, ignore_errors=True)

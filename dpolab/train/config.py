@@ -147,7 +147,22 @@ class TrainConfig:
     save_every: int = 0
     """Save a checkpoint every this many steps; 0 = only at the end."""
     keep_last: int = 2
-    """Number of most recent checkpoints kept on disk."""
+    """Number of most recent checkpoints kept on disk (and the best one, when load_best_model_at_end or early
+    stopping tracks it)."""
+    metric_for_best_model: str = "eval_loss"
+    """HF's name: the evaluation metric that picks the best checkpoint and drives early stopping ("eval_" is added
+    to a name without it, e.g. "rewards/accuracies")."""
+    greater_is_better: bool | None = None
+    """HF's name: whether a larger metric_for_best_model is better; null = HF's default (lower for a name ending in
+    "loss", higher for any other)."""
+    load_best_model_at_end: bool = False
+    """HF's name: the run returns the weights of its best checkpoint (by metric_for_best_model, kept beyond
+    keep_last), and TrainResult.checkpoint names it; needs save_every a multiple of eval_every."""
+    early_stopping_patience: int = 0
+    """transformers' EarlyStoppingCallback name: stop after this many evaluations in a row without an improvement
+    of metric_for_best_model (the last checkpoint is written first); 0 = off. Needs eval_every > 0."""
+    early_stopping_threshold: float = 0.0
+    """transformers' name: how much metric_for_best_model must improve to count as an improvement."""
     resume_from: str = ""
     """Checkpoint folder to resume from, "auto" for the latest in output_dir/checkpoints (refuses to start over on an
     earlier run's files without overwrite=true), or "" for a fresh run."""
@@ -186,7 +201,8 @@ class TrainConfig:
         positive = ["max_steps", "micro_batch_size", "grad_accum_steps", "max_length", "max_prompt_length",
                     "eval_batch_size", "keep_last", "logging_steps"]
         non_negative = ["warmup_steps", "eval_every", "save_every", "kl_samples", "kl_max_new_tokens", "lora_r",
-                        "max_grad_norm", "weight_decay", "sft_weight", "lr", "warmup_ratio", "num_train_epochs"]
+                        "max_grad_norm", "weight_decay", "sft_weight", "lr", "warmup_ratio", "num_train_epochs",
+                        "early_stopping_patience", "early_stopping_threshold"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config field {name!r} must be > 0, got {getattr(self, name)}")
@@ -211,9 +227,22 @@ class TrainConfig:
         if self.reference == "adapter" and self.lora_r == 0:
             raise ConfigError("config field 'reference' is 'adapter' but 'lora_r' is 0: the adapter reference needs a "
                               "LoRA adapter to switch off (set lora_r > 0)")
+        self._check_best_model_fields()
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"config field 'device' must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         check_loss_fields(self)  # loss, loss_type, loss_weights, loss_params and the other trl fields
+
+    def _check_best_model_fields(self) -> None:
+        """HF's rules for the best checkpoint and early stopping: evaluations at every save, and during the run."""
+        every = self.eval_every
+        if self.load_best_model_at_end and every and (not self.save_every or self.save_every % every):
+            raise ConfigError(f"load_best_model_at_end needs 'save_every' ({self.save_every}) to be a positive multiple "
+                              f"of 'eval_every' ({self.eval_every}), so that every checkpoint has its evaluation")
+        if self.load_best_model_at_end and self.fsdp:
+            raise ConfigError("load_best_model_at_end is not supported with fsdp (the best weights would have to be "
+                              "sharded again); load the best checkpoint after the run instead")
+        if self.early_stopping_patience and not self.eval_every:
+            raise ConfigError("early_stopping_patience needs evaluations during the run: set 'eval_every' > 0")
 
 
 # Where report_to can send metrics (dpolab.train.trackers).
