@@ -23,6 +23,7 @@ from torch import Tensor
 from dpolab.data.batch import IGNORE_INDEX
 from dpolab.fast.embedding import token_inputs
 from dpolab.fast.label_logprob import label_logprobs
+from dpolab.fast.logit_stats import logit_stats
 from dpolab.fast.output_layer import scored_logprobs
 from dpolab.fast.pairtree import pair_tree, tree_forward
 from dpolab.fast.paths import DEFAULT_FAST_PATHS, FastPaths, ModelPaths, model_paths
@@ -98,16 +99,21 @@ class PairLogps:
         rejected: (B,) the same for y_l.
         chosen_lengths: (B,) number of scored tokens of each chosen response.
         rejected_lengths: (B,) the same for the rejected responses.
+        logit_stats: (2B, 2), chosen rows first, when asked for (``with_stats``): Σ over each response's scored
+            tokens of the mean logit over the vocabulary and of the entropy of π
+            (:func:`dpolab.fast.logit_stats.logit_stats`), without grad; else None.
     """
 
     chosen: Tensor
     rejected: Tensor
     chosen_lengths: Tensor
     rejected_lengths: Tensor
+    logit_stats: Tensor | None = None
 
     def detach(self) -> PairLogps:
         """A copy without autograd history (for reference log-probs and caches)."""
-        return PairLogps(self.chosen.detach(), self.rejected.detach(), self.chosen_lengths, self.rejected_lengths)
+        return PairLogps(self.chosen.detach(), self.rejected.detach(), self.chosen_lengths, self.rejected_lengths,
+                         self.logit_stats)
 
 
 def sequence_forward(model, batch, average: bool = False, *,
@@ -125,16 +131,19 @@ def sequence_forward(model, batch, average: bool = False, *,
     Returns:
         ``(logps, lengths)``, both (N,); logps in float32 with grad if the model trains.
     """
-    return _forward(model, batch, model_paths(model, fast), average, pairs=False)
+    logps, lengths, _ = _forward(model, batch, model_paths(model, fast), average, pairs=False)
+    return logps, lengths
 
 
-def concatenated_forward(model, batch, average: bool = False, *, fast: FastPaths = DEFAULT_FAST_PATHS) -> PairLogps:
+def concatenated_forward(model, batch, average: bool = False, *, fast: FastPaths = DEFAULT_FAST_PATHS,
+                         with_stats: bool = False) -> PairLogps:
     """Log-probs of the chosen and the rejected responses of a :class:`dpolab.data.batch.PairBatch`, in one call.
 
     Rows 0..B-1 of the batch are prompt + chosen, rows B..2B-1 prompt + rejected. With ``fast.pair_tree`` a model
     that supports it runs each pair as one row, prompt once and the two responses as tree-masked branches
     (:mod:`dpolab.fast.pairtree`): the same log-probs with fewer positions to compute. Otherwise the 2B rows run
-    as one padded batch, as in :func:`sequence_forward`.
+    as one padded batch, as in :func:`sequence_forward`. ``with_stats`` adds ``PairLogps.logit_stats`` from the logits
+    the path computes anyway (trl's ``logits/*`` and ``entropy`` metrics).
 
     Shape: batch fields (2B, T) -> PairLogps of (B,) tensors.
     """
@@ -143,14 +152,17 @@ def concatenated_forward(model, batch, average: bool = False, *, fast: FastPaths
         raise ValueError(f"a pair batch needs an even number of rows (chosen then rejected), got {rows}")
     b = rows // 2
     try:
-        logps, lengths = _forward(model, batch, model_paths(model, fast), average, pairs=True)
+        logps, lengths, stats = _forward(model, batch, model_paths(model, fast), average, pairs=True,
+                                         with_stats=with_stats)
     except ValueError as err:
         raise ValueError(_pair_message(str(err), batch, b)) from err
-    return PairLogps(logps[:b], logps[b:], lengths[:b], lengths[b:])
+    return PairLogps(logps[:b], logps[b:], lengths[:b], lengths[b:], stats)
 
 
-def _forward(model, batch, paths: ModelPaths, average: bool, pairs: bool) -> tuple[Tensor, Tensor]:
-    """Per-row log-probs and scored-token counts of ``batch`` (N, T), on the layout and paths ``paths`` allow."""
+def _forward(model, batch, paths: ModelPaths, average: bool, pairs: bool,
+             with_stats: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-row log-probs and scored-token counts of ``batch`` (N, T), on the layout and paths ``paths`` allow, and
+    with ``with_stats`` each row's summed mean logits and entropies (N, 2)."""
     labels = batch.labels
     targets = shift_labels(labels)
     keep = targets != IGNORE_INDEX
@@ -159,18 +171,27 @@ def _forward(model, batch, paths: ModelPaths, average: bool, pairs: bool) -> tup
     tree = pair_tree(batch.input_ids, batch.attention_mask, labels) if pairs and paths.pair_tree else None
     if paths.vocab_size is not None and (tree is not None or not paths.full_logits):
         check_labels(labels, paths.vocab_size)  # before the forward (the reference path checks its logits)
+    n, stats = labels.size(0), None
     if tree is not None:  # None as well for a batch that is not right-padded
-        logps = row_sums(tree_forward(model, tree, paths), tree.source_row, labels.size(0))
+        scored, stats = tree_forward(model, tree, paths, with_stats)
+        row_of = tree.source_row
+        logps = row_sums(scored, row_of, n)
     else:
         inputs = {**token_inputs(batch.input_ids, paths.sparse_embedding), "attention_mask": batch.attention_mask,
                   "use_cache": False}
+        row_of = keep.nonzero()[:, 0]
         if paths.full_logits:  # the reference path
-            logps = sequence_logprobs(model(**inputs).logits, labels)
+            logits = model(**inputs).logits
+            logps = sequence_logprobs(logits, labels)
+            if with_stats:
+                stats = logit_stats(logits.flatten(0, 1), keep.reshape(-1).nonzero().squeeze(-1))
         else:
-            scored = scored_logprobs(model, inputs, keep, None, targets[keep], weight=paths.output_weight,
-                                     scored_logits=paths.scored_logits, grad_into_weight=paths.grad_into_weight)
-            logps = row_sums(scored, keep.nonzero()[:, 0], labels.size(0))
-    return (logps / lengths if average else logps), lengths
+            scored, stats = scored_logprobs(model, inputs, keep, None, targets[keep], weight=paths.output_weight,
+                                            scored_logits=paths.scored_logits, grad_into_weight=paths.grad_into_weight,
+                                            with_stats=with_stats)
+            logps = row_sums(scored, row_of, n)
+    stats = None if stats is None else row_sums(stats, row_of, n)
+    return (logps / lengths if average else logps), lengths, stats
 
 
 def row_sums(scored: Tensor, row_of: Tensor, rows: int) -> Tensor:
@@ -178,9 +199,10 @@ def row_sums(scored: Tensor, row_of: Tensor, rows: int) -> Tensor:
 
     ``index_add`` adds one token after the other; in float32 a row of a few hundred tokens (|sum| ~ 10³) then
     drifts by several ulps, enough to move a DPO loss by 1e-5. Float64 accumulation makes the sum correctly
-    rounded, like the pairwise ``sum`` of the full-logits path. Shape: (M,), (M,) -> (rows,).
+    rounded, like the pairwise ``sum`` of the full-logits path. Shape: (M, ...), (M,) -> (rows, ...).
     """
-    total = torch.zeros(rows, dtype=torch.float64, device=scored.device).index_add(0, row_of, scored.double())
+    total = torch.zeros(rows, *scored.shape[1:], dtype=torch.float64, device=scored.device)
+    total = total.index_add(0, row_of, scored.double())
     return total.to(scored.dtype)
 
 

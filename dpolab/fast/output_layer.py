@@ -22,13 +22,15 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from dpolab.fast.label_logprob import chunk_rows, label_logprobs
+from dpolab.fast.logit_stats import logit_stats
 
 
 class OutputLayerLogProb(torch.autograd.Function):
     """log softmax(h W^T)[y] for hidden states ``h`` (M, H) and a bias-free output layer ``W`` (V, H), fused.
 
-    ``apply(hidden, weight, rows, targets, direct)``: target k is scored by row ``rows[k]`` of ``h`` (a row may
-    score several: the pair tree's last prompt position). The forward computes the (M, V) logits in one product and
+    ``apply(hidden, weight, rows, targets, direct, stats=None)``: target k is scored by row ``rows[k]`` of ``h`` (a
+    row may score several: the pair tree's last prompt position). An (M, 2) ``stats`` buffer receives each row's mean
+    logit and entropy (:func:`dpolab.fast.logit_stats.logit_stats`, no gradient) from the logits held anyway. The forward computes the (M, V) logits in one product and
     keeps them with the per-row logsumexp; the backward turns them in place into dz = Σ_k g_k (onehot(y_k) -
     softmax), then dh = dz W and dW = dz^T h. Besides skipping the zero-filled gradient-of-logits matrix, this lets
     dW go where it ends up: with ``direct`` (a leaf weight) dW is added straight into ``W.grad`` instead of being
@@ -39,7 +41,8 @@ class OutputLayerLogProb(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, rows: Tensor, targets: Tensor, direct: bool) -> Tensor:
+    def forward(ctx, hidden: Tensor, weight: Tensor, rows: Tensor, targets: Tensor, direct: bool,
+                stats: Tensor | None = None) -> Tensor:
         compute = torch.promote_types(hidden.dtype, torch.float32)
         logits = F.linear(hidden, weight)
         lse = torch.empty(logits.size(0), dtype=compute, device=hidden.device)
@@ -47,6 +50,8 @@ class OutputLayerLogProb(torch.autograd.Function):
         for start in range(0, logits.size(0), chunk):
             lse[start:start + chunk] = torch.logsumexp(logits[start:start + chunk].to(compute), dim=-1)
         out = logits[rows, targets].to(compute) - lse[rows]
+        if stats is not None:
+            stats.copy_(logit_stats(logits, lse=lse))
         ctx.save_for_backward(hidden, weight, rows, targets, lse, logits)
         ctx.direct = direct
         return out
@@ -73,7 +78,7 @@ class OutputLayerLogProb(torch.autograd.Function):
             weight.grad = dz.t() @ hidden
         else:
             weight.grad.addmm_(dz.t(), hidden)
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
 def fusable_output_weight(net: torch.nn.Module) -> Tensor | None:
@@ -89,8 +94,10 @@ def fusable_output_weight(net: torch.nn.Module) -> Tensor | None:
 
 
 def scored_logprobs(model, inputs: dict, keep: Tensor, rows: Tensor | None, targets: Tensor, *,
-                    weight: Tensor | None, scored_logits: bool, grad_into_weight: bool = False) -> Tensor:
-    """log π of each target, from one forward of ``model`` on ``inputs``.
+                    weight: Tensor | None, scored_logits: bool, grad_into_weight: bool = False,
+                    with_stats: bool = False) -> tuple[Tensor, Tensor | None]:
+    """log π of each target, from one forward of ``model`` on ``inputs`` (and, if asked, the statistics of the
+    distribution it is drawn from).
 
     Args:
         model: the causal LM (``model.base_model`` must be its blocks and final norm when ``weight`` is given).
@@ -103,9 +110,11 @@ def scored_logprobs(model, inputs: dict, keep: Tensor, rows: Tensor | None, targ
         scored_logits: without ``weight``, ask the model for logits at the kept positions only (``logits_to_keep``);
             else it computes them at every position.
         grad_into_weight: the fused path adds dW into ``weight.grad`` itself (callers that run ``backward()``).
+        with_stats: also return each target's position's mean logit and entropy of π.
 
     Returns:
-        (K,) log-probs in float32 (float64 for float64 models), with grad if the model trains.
+        ``(logps, stats)``: (K,) log-probs in float32 (float64 for float64 models), with grad if the model trains;
+        with ``with_stats`` (K, 2) mean logits and entropies (:func:`dpolab.fast.logit_stats.logit_stats`), else None.
     """
     if weight is not None:
         hidden = model.base_model(**inputs).last_hidden_state
@@ -113,12 +122,17 @@ def scored_logprobs(model, inputs: dict, keep: Tensor, rows: Tensor | None, targ
         if rows is None:
             rows = torch.arange(targets.numel(), device=targets.device)
         direct = grad_into_weight and torch.is_grad_enabled() and weight.requires_grad and weight.is_leaf
-        return OutputLayerLogProb.apply(hidden, weight, rows, targets, direct)
+        stats = hidden.new_empty(hidden.size(0), 2, dtype=torch.promote_types(hidden.dtype, torch.float32)) \
+            if with_stats else None
+        logps = OutputLayerLogProb.apply(hidden, weight, rows, targets, direct, stats)
+        return logps, None if stats is None else stats[rows]
     if scored_logits:
         logits = model(**inputs, logits_to_keep=keep).logits
         if logits.dim() == 2:  # (kept positions, V), row-major
-            return label_logprobs(logits, rows, targets)
+            return label_logprobs(logits, rows, targets), logit_stats(logits, rows) if with_stats else None
     else:
         logits = model(**inputs).logits
     positions = keep.reshape(-1).nonzero().squeeze(-1)  # kept position -> flat index into (N * T)
-    return label_logprobs(logits.flatten(0, 1), positions if rows is None else positions[rows], targets)
+    picked = positions if rows is None else positions[rows]
+    logits = logits.flatten(0, 1)
+    return label_logprobs(logits, picked, targets), logit_stats(logits, picked) if with_stats else None

@@ -110,11 +110,12 @@ def pair_tree(input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Pair
                     shared, tree_len)
 
 
-def tree_forward(model, tree: PairTree, paths: ModelPaths) -> Tensor:
+def tree_forward(model, tree: PairTree, paths: ModelPaths, with_stats: bool = False) -> tuple[Tensor, Tensor | None]:
     """log π of every scored token of the 2B-row batch, from one forward of ``model`` on its tree layout, in the
-    order of ``tree.targets`` (sum them per ``tree.source_row``). ``paths`` says how the output layer runs.
+    order of ``tree.targets`` (sum them per ``tree.source_row``). ``paths`` says how the output layer runs;
+    ``with_stats`` adds each token's mean logit and entropy (as :func:`dpolab.fast.output_layer.scored_logprobs`).
 
-    Shape: PairTree of B rows -> (M,).
+    Shape: PairTree of B rows -> ((M,), (M, 2) or None).
     """
     if paths.attention == "sdpa":
         mask = tree.allowed[:, None]
@@ -129,4 +130,4 @@ def tree_forward(model, tree: PairTree, paths: ModelPaths) -> Tensor:
     rows = (keep.cumsum(0) - 1)[tree.predictor]  # predictor position -> its row among the kept positions
     return scored_logprobs(model, inputs, keep.view(tree.input_ids.shape), rows, tree.targets,
                            weight=paths.output_weight, scored_logits=paths.scored_logits,
-                           grad_into_weight=paths.grad_into_weight)
+                           grad_into_weight=paths.grad_into_weight, with_stats=with_stats)

@@ -2,8 +2,9 @@
 
 One line per optimizer step (``logging_steps``) and one per evaluation, with trl's and HF's names: ``loss``,
 ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``,
-``logps/rejected``, ``learning_rate``, ``grad_norm``, ``num_tokens`` (input tokens trained so far), ``epoch``; plus
-the kit's ``tokens_per_s`` and ``lengths/*``. Evaluation lines carry the same names with the ``eval_`` prefix
+``logps/rejected``, ``logits/chosen``, ``logits/rejected`` (mean logit over the vocabulary and the response tokens),
+``entropy`` (mean per-token entropy of π over the response tokens), ``learning_rate``, ``grad_norm``, ``num_tokens``
+(input tokens trained so far), ``epoch``; plus the kit's ``tokens_per_s`` and ``lengths/*``. Evaluation lines carry the same names with the ``eval_`` prefix
 (``eval_loss``, ``eval_rewards/accuracies``) and the sample-based ``eval_kl``.
 
 Files written before these names (``lr``, ``eval/…``) are renamed when a run resumes from them
@@ -84,7 +85,8 @@ class MetricsWriter:
 # Metrics that a logged record averages over its steps (trl logs the mean of each metric over the logging interval;
 # the others, e.g. learning_rate, grad_norm and num_tokens, are the last step's, as in HF's Trainer).
 _AVERAGED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-             "logps/rejected", "lengths/chosen", "lengths/rejected", "tokens_per_s")
+             "logps/rejected", "lengths/chosen", "lengths/rejected", "logits/chosen", "logits/rejected", "entropy",
+             "tokens_per_s")
 
 
 def logged_record(window: list[dict[str, Any]]) -> dict[str, Any]:

@@ -13,7 +13,8 @@ computes the global batch's numbers first (token counts from the labels; sorted 
 forward pass without gradient) and hands each micro-batch its share, so accumulation stays exact for every loss.
 
 Metrics are kept as sums over pairs (:data:`STATS`), which add across micro-batches and processes and
-are divided by the pair count only when logged.
+are divided by the pair count only when logged; trl's ``logits/chosen``, ``logits/rejected`` (the mean logit over
+the vocabulary) and ``entropy`` (of π) are sums over response tokens, divided by the token count, as trl does.
 """
 
 from __future__ import annotations
@@ -37,10 +38,15 @@ from dpolab.losses import (
 )
 from dpolab.train.token_scores import token_scores
 
-# Sums over pairs (plus counts) that one batch contributes to a step's metrics.
+# Sums over pairs (plus counts, and sums over response tokens) that one batch contributes to a step's metrics.
 STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-         "logps/rejected", "lengths/chosen", "lengths/rejected", "pairs", "tokens", "nonfinite")
+         "logps/rejected", "lengths/chosen", "lengths/rejected", "pairs", "tokens", "nonfinite", "logits/chosen",
+         "logits/rejected", "entropy")
+_PAIR_MEANS = STATS[:9]
 _SFT_STATS = ("loss", "logps/chosen", "lengths/chosen")
+# token sums -> the token counts (sums of response lengths) they are divided by (trl: chosen, rejected, both sides)
+_TOKEN_MEANS = {"logits/chosen": ("lengths/chosen",), "logits/rejected": ("lengths/rejected",),
+                "entropy": ("lengths/chosen", "lengths/rejected")}
 # The config fields that define the DPO objective (TrainConfig names, which are trl's where trl has them).
 OBJECTIVE_FIELDS = ("loss", "beta", "loss_params", "sft_weight", "loss_type", "loss_weights", "use_weighting",
                     "ld_alpha", "f_divergence_type", "f_alpha_divergence_coef")
@@ -67,19 +73,24 @@ def _needs_tokens(names, use_weighting, ld_alpha) -> bool:
 
 
 def _pair_inputs(model, reference, batch: PairBatch, names, *, use_weighting=False, ld_alpha=None,
-                 fast: FastPaths = DEFAULT_FAST_PATHS):
+                 fast: FastPaths = DEFAULT_FAST_PATHS, with_stats: bool = False):
     """Policy and reference log-probs (2B,) as the losses see them, response lengths (2B,), WPO pair weights (B,)
-    or None, and the extra per-pair inputs some losses take (unweighted NLL log-probs, rejected-token log-probs)."""
+    or None, and the extra per-pair inputs some losses take (unweighted NLL log-probs, rejected-token log-probs);
+    with ``with_stats`` the extras hold the policy's ``logit_stats`` (2B, 2) (:class:`dpolab.logprobs.PairLogps`)."""
     b = batch.num_pairs
     extra = {}
     if not _needs_tokens(names, use_weighting, ld_alpha):
-        policy = concatenated_forward(model, batch, fast=fast)
+        policy = concatenated_forward(model, batch, fast=fast, with_stats=with_stats)
         logps = torch.cat([policy.chosen, policy.rejected])
         lengths = torch.cat([policy.chosen_lengths, policy.rejected_lengths])
         ref = reference.pair_logps(batch) if reference is not None else None
         ref_logps = None if ref is None else torch.cat([ref.chosen, ref.rejected])
+        if with_stats:
+            extra["logit_stats"] = policy.logit_stats
         return logps, ref_logps, lengths, None, extra
-    scores = token_scores(model, batch, sum_sq=use_weighting)
+    scores = token_scores(model, batch, sum_sq=use_weighting, with_stats=with_stats)
+    if with_stats:
+        extra["logit_stats"] = scores.logit_stats
     lengths, logps = scores.lengths, scores.sums
     ref_logps = None
     if ld_alpha is not None:
@@ -142,7 +153,8 @@ def batch_objective(model, reference, batch: PairBatch, *, stage: str, loss: str
         b = batch.num_pairs
         logps, ref_logps, lengths, weights, extra = _pair_inputs(model, reference, batch, names,
                                                                  use_weighting=use_weighting, ld_alpha=ld_alpha,
-                                                                 fast=fast)
+                                                                 fast=fast, with_stats=True)
+        stats = extra.pop("logit_stats").double()
         params = {**(loss_params or {}), **(context or {})}
         params.update({k: v for k, v in extra.items()
                        if any(k in loss_parameters(n) for n in names)})
@@ -165,6 +177,8 @@ def batch_objective(model, reference, batch: PairBatch, *, stage: str, loss: str
         }
         for name, value in values.items():
             sums[name] = float(value.detach().double().sum())
+        sums["logits/chosen"], sums["logits/rejected"] = stats[:b, 0].sum().item(), stats[b:, 0].sum().item()
+        sums["entropy"] = stats[:, 1].sum().item()
     sums["nonfinite"] = float(not bool(torch.isfinite(losses.detach()).all()))
     return losses, torch.tensor([sums[name] for name in STATS], dtype=torch.float64)
 
@@ -252,8 +266,13 @@ def _all_gather(values: Tensor) -> tuple[Tensor, int]:
 
 
 def mean_metrics(totals: Tensor, stage: str, prefix: str = "") -> dict[str, float]:
-    """Divide reduced sums by the pair count; the metric names of the stage (SFT logs no rewards)."""
+    """Divide reduced sums by the pair count (the token sums by their token count); the metric names of the stage
+    (SFT logs no rewards, logits or entropy)."""
     sums = dict(zip(STATS, totals.tolist()))
     pairs = max(sums["pairs"], 1.0)
-    names = _SFT_STATS if stage == "sft" else STATS[:9]
-    return {prefix + name: sums[name] / pairs for name in names}
+    if stage == "sft":
+        return {prefix + name: sums[name] / pairs for name in _SFT_STATS}
+    means = {prefix + name: sums[name] / pairs for name in _PAIR_MEANS}
+    for name, counts in _TOKEN_MEANS.items():
+        means[prefix + name] = sums[name] / max(sum(sums[c] for c in counts), 1.0)
+    return means

@@ -25,11 +25,14 @@ class TokenScores:
         logps: (N, T) log π(y_t | x, y_<t) at scored positions, 0 elsewhere; with grad if the model trains.
         mask: (N, T) True at scored positions.
         log_sum_sq: (N, T) log Σ_v π(v | ·)², without grad (None unless asked for).
+        logit_stats: (N, 2) Σ over each row's scored tokens of the mean logit and of the entropy of π, without grad
+            (None unless asked for; as :attr:`dpolab.logprobs.PairLogps.logit_stats`).
     """
 
     logps: Tensor
     mask: Tensor
     log_sum_sq: Tensor | None = None
+    logit_stats: Tensor | None = None
 
     @property
     def sums(self) -> Tensor:
@@ -42,7 +45,7 @@ class TokenScores:
         return self.mask.sum(-1)
 
 
-def token_scores(model, batch, *, sum_sq: bool = False) -> TokenScores:
+def token_scores(model, batch, *, sum_sq: bool = False, with_stats: bool = False) -> TokenScores:
     """Run ``model`` on ``batch`` (``input_ids``, ``attention_mask``, ``labels`` of shape (N, T)) and score each label.
 
     Log-probs are computed in float32 (float64 for float64 logits), as in :mod:`dpolab.logprobs`.
@@ -53,8 +56,11 @@ def token_scores(model, batch, *, sum_sq: bool = False) -> TokenScores:
     mask = targets != IGNORE_INDEX
     logp = torch.log_softmax(logits, dim=-1)
     picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    log_sum_sq = None
-    if sum_sq:
-        with torch.no_grad():
+    log_sum_sq = stats = None
+    with torch.no_grad():
+        if sum_sq:
             log_sum_sq = torch.logsumexp(2 * logp, dim=-1) * mask
-    return TokenScores(picked * mask, mask, log_sum_sq)
+        if with_stats:  # mean_v z_v and H = −Σ_v π_v log π_v at each scored position, summed per row
+            stats = torch.stack([logits.mean(-1), -(logp.exp() * logp).sum(-1)], dim=-1)
+            stats = (stats * mask.unsqueeze(-1)).sum(1)
+    return TokenScores(picked * mask, mask, log_sum_sq, stats)
