@@ -1,7 +1,7 @@
 """The golden trajectory: a tiny DPO run (tests/golden/make_golden.py) gives the committed numbers of every step.
 
 8 optimizer steps of 2 accumulated micro-batches and one held-out evaluation; every number that metrics.jsonl
-records (loss, rewards/*, logps/*, grad_norm, learning_rate, num_tokens, eval_*) must agree with
+records (loss, rewards/*, logps/*, logits/*, entropy, grad_norm, learning_rate, num_tokens, eval_*) must agree with
 tests/golden/dpo_tiny_metrics.json to 1e-6, absolute or relative. A refactoring that changes any of them changes
 behaviour; an intended change regenerates the file with the script and says why in its commit.
 """

@@ -36,12 +36,14 @@ def logit_stats(logits: Tensor, rows: Tensor | None = None, lse: Tensor | None =
     n = logits.size(0) if rows is None else rows.numel()
     out = torch.empty(n, 2, dtype=compute, device=logits.device)
     chunk = chunk_rows(logits.size(-1))
+    probs = torch.empty(min(chunk, n), logits.size(-1), dtype=compute, device=logits.device)  # one buffer for all chunks
     with torch.no_grad():
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
             idx = slice(start, stop) if rows is None else rows[start:stop]
             z = logits[idx].detach().to(compute)
             row_lse = torch.logsumexp(z, dim=-1) if lse is None else lse[idx].to(compute)
+            p = torch.sub(z, row_lse[:, None], out=probs[: stop - start]).exp_()
             out[start:stop, 0] = z.mean(dim=-1)
-            out[start:stop, 1] = row_lse - (torch.exp(z - row_lse[:, None]) * z).sum(dim=-1)
+            out[start:stop, 1] = row_lse - torch.linalg.vecdot(p, z)
     return out
