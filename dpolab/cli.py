@@ -7,6 +7,7 @@
     dpolab train --help                                # every config field with its type, default, meaning
     dpolab reproduce betas=0.1,0.5 steps=48            # the controlled-sentiment experiment (SentimentConfig fields)
     dpolab sweep notebooks/03_beta_sweep.ipynb --grid beta=0.05,0.1,0.5   # papermill per grid point
+    dpolab sweep NOTEBOOK --grid ... --jobs 2 --continue-on-error --resume  # in parallel; failures recorded; skip done
     dpolab notebooks --html                            # the six notebooks executed into runs/notebooks/
 
 Each subcommand is an ``add_*`` function in :data:`SUBCOMMANDS`: it receives the argparse sub-parsers object,
@@ -170,14 +171,23 @@ def add_sweep(sub) -> None:
     """Register ``dpolab sweep``."""
     p = sub.add_parser("sweep", help="run a notebook over a parameter grid with papermill",
                        description="Execute a notebook once per grid point (papermill), name each executed copy by "
-                                   "its parameters, and print the collected results table.")
+                                   "its parameters, record the sweep in OUT/manifest.json (grid, fixed parameters, and "
+                                   "per point its parameters, status, executed copy, error and seconds), and print the "
+                                   "table of the results this sweep's points saved.")
     p.add_argument("notebook")
     p.add_argument("--grid", nargs="+", required=True, help="key=v1,v2 ... (Cartesian product)")
     p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                    help="a fixed parameter for every run")
     p.add_argument("-f", "--parameters-file", help="YAML of fixed parameters (e.g. the notebook's .full.yaml)")
-    p.add_argument("--out", default="runs/notebooks", help="folder of the executed copies")
-    p.add_argument("--models-dir", default="runs/03_beta_sweep/models", help="where the runs save evaluated models")
+    p.add_argument("--out", help="the sweep's folder: executed copies and manifest.json (default runs/sweeps/NOTEBOOK)")
+    p.add_argument("--models-dir", help="where the runs save evaluated models (default: OUTPUT_DIR/models of the "
+                                        "notebook's output_dir parameter)")
+    p.add_argument("--continue-on-error", action="store_true",
+                   help="record a failing point with its error in the manifest and the table, and run the others")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the points the manifest in --out records as completed (same notebook and fixed "
+                        "parameters)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="run N points at once, each in its own process")
     p.set_defaults(func=cmd_sweep)
 
 
@@ -186,11 +196,15 @@ def cmd_sweep(args) -> int:
     from dpolab.sweep import collect, parse_grid, run_sweep
 
     fixed = {k: parse_value(v) for k, v in args.parameter}
-    paths = run_sweep(args.notebook, parse_grid(args.grid), parameters=fixed, parameters_file=args.parameters_file,
-                      out_dir=args.out, first_only={"baselines": True} if "03_beta_sweep" in args.notebook else None)
-    print("\n".join(f"executed: {p}" for p in paths))
-    print(collect(args.models_dir).round(3).to_string())
-    return 0
+    manifest = run_sweep(args.notebook, parse_grid(args.grid), parameters=fixed, parameters_file=args.parameters_file,
+                         out_dir=args.out, models_dir=args.models_dir,
+                         first_only={"baselines": True} if "03_beta_sweep" in args.notebook else None,
+                         continue_on_error=args.continue_on_error, resume=args.resume, jobs=args.jobs)
+    for point in manifest.points:
+        print(f"{point.status}: {point.output}" + (f" ({point.error})" if point.error else ""))
+    print(collect(manifest.folder).round(3).to_string())
+    print(f"manifest: {manifest.path}")
+    return 1 if any(p.status == "failed" for p in manifest.points) else 0
 
 
 def add_notebooks(sub) -> None:
