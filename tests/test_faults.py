@@ -22,7 +22,8 @@ from dpolab.train.config import ConfigError, TrainConfig
 from dpolab.data.records import DataError, PreferenceExample, example_from_record
 from dpolab.data.readers import load_jsonl
 from dpolab.data.prepare import prepare_pairs
-from dpolab.models import add_lora, load_policy
+from dpolab.lora import add_lora
+from dpolab.models import load_policy
 from dpolab.train.metrics import MetricsWriter, read_metrics
 from dpolab.train.reference_table import precompute_reference, reference_key
 from dpolab.tiny import tiny_causal_lm, tiny_tokenizer

@@ -8,6 +8,11 @@ Layout of one checkpoint (``<output_dir>/checkpoints/step-000012/``)::
     optimizer.pt          optimiser state (tensors and numbers only; loaded with weights_only=True)
     rng_state.pt          torch / CUDA / Python / NumPy generator states of every process
     COMPLETE              written last: a folder without it is never resumed from
+    config.json           the model's config (with generation_config.json and the tokenizer files): transformers
+                          and :func:`dpolab.models.load_model` load the folder as a model
+    adapter_config.json   a LoRA run's instead of config.json: the adapter in peft's format, with
+                          adapter_model.safetensors (its tensors) and peft's README.md; load_model loads the base
+                          model that adapter_config.json names, then the adapter
 
 The folder is written under a temporary name and renamed into place (:func:`dpolab.cache.build_artifact`),
 so a crash or a kill during saving leaves the previous checkpoints intact and no half-written one. Weights
@@ -246,13 +251,15 @@ def versions() -> dict[str, str]:
 def export_pretrained(model: torch.nn.Module, tokenizer, folder: Path) -> None:
     """Add what transformers needs to load a checkpoint folder: config.json and the tokenizer files.
 
-    The folder's ``model.safetensors`` then loads with ``dpolab.models.load_model(folder)``. A peft
-    model's adapter is saved in ``adapter/`` instead (load the base model, then the adapter with peft).
+    The folder's ``model.safetensors`` then loads with ``dpolab.models.load_model(folder)``. A peft model's
+    adapter is saved instead of config.json, in peft's format (``adapter_config.json`` naming the base model,
+    ``adapter_model.safetensors``): ``load_model(folder)``, peft's ``AutoPeftModelForCausalLM`` and transformers
+    load the base model, then the adapter. (A config.json beside it would make transformers read the peft-named
+    ``model.safetensors`` as the base model's weights.)
     """
     if hasattr(model, "peft_config"):
-        model.save_pretrained(folder / "adapter")
-        return
-    if hasattr(model, "config") and hasattr(model.config, "to_json_string"):
+        model.save_pretrained(folder)
+    elif hasattr(model, "config") and hasattr(model.config, "to_json_string"):
         (folder / "config.json").write_text(model.config.to_json_string())
         if getattr(model, "generation_config", None) is not None:
             (folder / "generation_config.json").write_text(model.generation_config.to_json_string())

@@ -34,6 +34,12 @@ class TrainConfig:
     """Training stage: "sft" (NLL on the chosen responses, the paper's first stage) or "dpo"."""
     model: str = "smollm2-135m-instruct"
     """Policy to start from: the embedded default, a local folder, a hub id, or "tiny-gpt2"/"tiny-llama" (random)."""
+    model_revision: str | None = None
+    """trl's name: branch, tag or commit of a hub id `model`; null = the hub's default branch (an error for a
+    folder, which holds one version)."""
+    trust_remote_code: bool = False
+    """trl's DPOConfig name: let transformers run Python code shipped with `model` (for architectures it lacks);
+    only for repositories you trust."""
     train_data: str = ""
     """Preference pairs for the command line (a JSONL file or a saved datasets folder); the Python API takes pairs."""
     eval_data: str = ""
@@ -75,6 +81,19 @@ class TrainConfig:
     """LoRA rank (peft); 0 trains all weights. reference="adapter" needs lora_r > 0."""
     lora_alpha: float = 16.0
     """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """trl's name: modules that get an adapter, by name or suffix (e.g. [q_proj, v_proj]), or "all-linear"."""
+    lora_dropout: float = 0.0
+    """trl's name: dropout on the adapter's input in training steps (the model's own dropout stays off; dpolab.lora)."""
+    lora_bias: Literal["none", "all", "lora_only"] = "none"
+    """dpolab's name for peft's `bias` (not peft's lora_bias): biases that train too; other than "none", the adapter
+    switched off is no longer the starting model, so reference "adapter" is refused."""
+    use_rslora: bool = False
+    """trl's name: rank-stabilised LoRA, the update scaled by lora_alpha / √lora_r instead of lora_alpha / lora_r."""
+    use_dora: bool = False
+    """trl's name: DoRA, each adapted weight as a trained magnitude times a direction (slower steps)."""
+    lora_modules_to_save: list[str] = field(default_factory=list)
+    """trl's name: modules trained in full beside the adapter and saved with it (π_ref keeps the originals)."""
 
     # --- optimisation --------------------------------------------------------------------------------------
     optimizer: Literal["adamw", "rmsprop"] = "adamw"
@@ -227,10 +246,25 @@ class TrainConfig:
         if self.reference == "adapter" and self.lora_r == 0:
             raise ConfigError("config field 'reference' is 'adapter' but 'lora_r' is 0: the adapter reference needs a "
                               "LoRA adapter to switch off (set lora_r > 0)")
+        self._check_lora_fields()
         self._check_best_model_fields()
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"config field 'device' must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         check_loss_fields(self)  # loss, loss_type, loss_weights, loss_params and the other trl fields
+
+    def _check_lora_fields(self) -> None:
+        """LoRA settings only with an adapter; a dropout probability; biases trained only when π_ref is not the
+        adapter switched off (that would not undo them)."""
+        defaults = TrainConfig()
+        unused = [n for n in LORA_FIELDS if getattr(self, n) != getattr(defaults, n)]
+        if not self.lora_r and unused:
+            raise ConfigError(f"config fields {unused} set LoRA options but 'lora_r' is 0 (no adapter); set lora_r > 0")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"config field 'lora_dropout' must be in [0, 1), got {self.lora_dropout}")
+        if self.reference == "adapter" and self.lora_bias != "none":
+            raise ConfigError(f"config field 'lora_bias' is {self.lora_bias!r} with reference 'adapter': the trained "
+                              "biases stay when the adapter is switched off, so it would not be the starting model; "
+                              "use reference 'copy' or 'precomputed', or lora_bias 'none'")
 
     def _check_best_model_fields(self) -> None:
         """HF's rules for the best checkpoint and early stopping: evaluations at every save, and during the run."""
@@ -244,6 +278,9 @@ class TrainConfig:
         if self.early_stopping_patience and not self.eval_every:
             raise ConfigError("early_stopping_patience needs evaluations during the run: set 'eval_every' > 0")
 
+
+# The LoRA settings passed to peft beside lora_r and lora_alpha (dpolab.lora.add_lora).
+LORA_FIELDS = ("lora_target_modules", "lora_dropout", "lora_bias", "use_rslora", "use_dora", "lora_modules_to_save")
 
 # Where report_to can send metrics (dpolab.train.trackers).
 TRACKERS = ("jsonl", "tensorboard", "wandb")

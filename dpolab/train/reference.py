@@ -25,7 +25,7 @@ from dpolab.data.batch import PairBatch, SequenceBatch
 from dpolab.data.prepare import tokenize_config
 from dpolab.fast.paths import DEFAULT_FAST_PATHS, FastPaths
 from dpolab.logprobs import PairLogps, concatenated_forward, sequence_forward
-from dpolab.models import add_lora
+from dpolab.lora import add_lora
 from dpolab.train.reference_table import precompute_reference
 from dpolab.train.token_scores import token_scores
 
@@ -88,13 +88,15 @@ class AdapterReference(FrozenReference):
 
 @contextlib.contextmanager
 def _eval_mode(module: torch.nn.Module):
-    """Within the block ``module`` is in eval mode (dropout off); its mode is restored afterwards."""
-    was_training = module.training
+    """Within the block ``module`` is in eval mode (dropout off); each submodule's mode is restored afterwards (the
+    policy's LoRA dropout is on during a training step: :func:`dpolab.lora.adapter_dropout`)."""
+    modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
         yield
     finally:
-        module.train(was_training)
+        for m, training in modes:
+            m.training = training
 
 
 class _WithParams(torch.nn.Module):
@@ -181,11 +183,14 @@ def policy_and_references(config, ctx, model, tokenizer, reference_model, train_
                                if data.pairs else None for data in (train_data, eval_data))
     had_adapter = hasattr(model, "disable_adapter")  # e.g. LoRA SFT, then LoRA DPO: π_ref is the SFT adapter
     if config.lora_r:
-        model = add_lora(model, config.lora_r, config.lora_alpha).to(ctx.device).eval()
+        model = add_lora(model, config.lora_r, config.lora_alpha, target_modules=config.lora_target_modules,
+                         dropout=config.lora_dropout, bias=config.lora_bias, use_rslora=config.use_rslora,
+                         use_dora=config.use_dora, modules_to_save=config.lora_modules_to_save,
+                         revision=config.model_revision).to(ctx.device).eval()
     if config.reference == "adapter":
         train_ref = eval_ref = make_reference("adapter", model, adapter_start=had_adapter, fast=fast)
-    if (config.reference == "precomputed" and config.lora_r and not had_adapter and reference_model is None
-            and eval_ref is not None):
+    if (config.reference == "precomputed" and config.lora_r and config.lora_bias == "none" and not had_adapter
+            and reference_model is None and eval_ref is not None):
         # the table came from the base weights, which the adapter switched off gives back: KL samples cost nothing
         eval_ref.sequence_logps = make_reference("adapter", model, fast=fast).sequence_logps
     if config.stage == "sft":

@@ -23,6 +23,7 @@ import torch
 
 from dpolab.data.batch import collate_pairs, length_bucketed_batches, to_device
 from dpolab.fast.paths import DEFAULT_FAST_PATHS, FastPaths
+from dpolab.lora import adapter_dropout
 from dpolab.train import distributed as dist
 from dpolab.train.config import TrainConfig
 from dpolab.train.metrics import NonFiniteLossError
@@ -133,15 +134,15 @@ def optimizer_step(model, reference, batches: list, optimizer, params, *, config
                    ctx: dist.DistributedContext, autocast=contextlib.nullcontext, fast: FastPaths = DEFAULT_FAST_PATHS,
                    where: str = "this step") -> tuple[torch.Tensor, float]:
     """One optimizer step on this process's micro-batches: gradients (:func:`accumulate_gradients`, with the
-    checkpointed layers recomputing), the metric sums reduced over processes, a stop before the update if the
-    loss or the gradient norm is not finite (``where`` names the step in the error), clipping at
-    ``config.max_grad_norm``, the update, and the gradients cleared.
+    checkpointed layers recomputing and a LoRA adapter's dropout on), the metric sums reduced over processes, a stop
+    before the update if the loss or the gradient norm is not finite (``where`` names the step in the error),
+    clipping at ``config.max_grad_norm``, the update, and the gradients cleared.
 
     Returns:
         ``(sums, grad_norm)``: the metric sums of all processes (aligned with ``objective.STATS``) and the
         gradient norm before clipping.
     """
-    with recomputing(model):  # gradient checkpointing, when it is on
+    with recomputing(model), adapter_dropout(model):  # gradient checkpointing and LoRA dropout, when they are on
         totals, first_bad = accumulate_gradients(model, reference, batches, config=config, scale=scale,
                                                  autocast=autocast, fast=fast)
     totals = dist.all_reduce_sum(totals, ctx)

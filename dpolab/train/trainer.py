@@ -106,7 +106,8 @@ def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs
     torch.manual_seed(config.seed)
     provenance = {"name": config.model}
     if model is None:
-        model, loaded_tokenizer = load_policy(config.model, seed=config.seed, dtype=config.dtype)
+        model, loaded_tokenizer = load_policy(config.model, seed=config.seed, dtype=config.dtype,
+                                              revision=config.model_revision, trust_remote_code=config.trust_remote_code)
         tokenizer = tokenizer or loaded_tokenizer
     else:  # config.model did not make this model: record what did train, by content
         provenance = {"name": getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__,
