@@ -64,3 +64,16 @@ def test_papermill_sees_the_same_parameters():
     papermill = pytest.importorskip("papermill")
     for path in NOTEBOOKS:
         assert set(papermill.inspect_notebook(str(path))) == parameter_names(path), path.name
+
+
+@pytest.mark.parametrize("stem, data", [("02_training", True), ("03_beta_sweep", True), ("04_multi_turn", True),
+                                        ("05_ranking", False)])
+def test_notebooks_take_a_model_and_data_as_parameters(stem, data):
+    """Any model (the embedded default unless set), and preference data where the notebook trains (empty: its own)."""
+    from dpolab.models import DEFAULT_MODEL
+
+    defaults = {node.target.id: ast.literal_eval(node.value) for node in ast.parse("".join(parameters_cells(
+        load(NOTEBOOKS[EXPECTED.index(stem)]))[0]["source"])).body}
+    assert defaults["model"] == DEFAULT_MODEL
+    if data:
+        assert defaults["train_data"] == "" and defaults["eval_data"] == ""

@@ -36,7 +36,7 @@ from dpolab.experiments import sentiment_curves as curves
 from dpolab.experiments.sentiment_config import SentimentConfig
 from dpolab.experiments.sentiment_eval import best_of_n_rows, evaluate_policy, evaluate_samples, heldout_pair_accuracy
 from dpolab.experiments.sentiment_policies import (
-    sft_on_reviews,
+    sft_reference,
     train_dpo,
     train_ppo,
     train_preferred_ft,
@@ -45,12 +45,13 @@ from dpolab.experiments.sentiment_policies import (
 )
 from dpolab.experiments.sentiment_report import assemble, write_results
 from dpolab.experiments.sentiment_samples import heldout_samples, make_pairs
-from dpolab.models import load_model
+from dpolab.models import load_policy
 from dpolab.results import save_model_row
 from dpolab.sample.completions import completion_logprobs
 from dpolab.sample.judges import get_judge
 from dpolab.sample.pairs import check_pair_request
 from dpolab.sample.sentiment import review_snippets
+from dpolab.train.fingerprint import weights_digest
 
 
 def make_prefixes(tokenizer, n_train: int, n_eval: int, lo: int, hi: int, seed: int) -> tuple[list[str], list[str]]:
@@ -91,6 +92,10 @@ class Setup:
     """π_ref's held-out samples, their rewards and π_ref's log-probs (:func:`~.sentiment_samples.heldout_samples`)."""
     reference_row: dict | None = None
     """π_ref's checkpoint row (:func:`dpolab.experiments.sentiment_curves.reference_curve_row`), once evaluated."""
+    reference_id: str = ""
+    """π_ref's identity, recorded with the pairs: the initial weights' SHA-256, or its cached SFT weights' name."""
+    reference_source: str = ""
+    """Where π_ref came from, in words: the initial model, SFT trained now, or SFT reused from an earlier run."""
 
     def heldout_samples(self) -> dict:
         """π_ref's held-out samples (drawn once; :func:`dpolab.experiments.sentiment_samples.heldout_samples`)."""
@@ -98,22 +103,28 @@ class Setup:
 
 
 def prepare(config: SentimentConfig | None = None, **overrides) -> Setup:
-    """Check the settings, load π_ref (after the optional SFT on reviews) and draw the prefixes."""
+    """Check the settings, load π_ref (``config.model``, or a tiny test model's name) after the optional SFT on
+    reviews (trained once per settings, then reused: ``setup.reference_source`` says which), draw the prefixes."""
     config = dataclasses.replace(config or SentimentConfig(), **overrides)
     check_pair_request(config.samples_per_prompt, config.pair_strategy)  # argument errors before any model load
     out = from_repo_root(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     torch.manual_seed(config.seed)
-    reference, tokenizer = load_model(config.model)
+    reference, tokenizer = load_policy(config.model, seed=config.seed)
     train_prefixes, eval_prefixes = make_prefixes(tokenizer, config.n_train_prompts, config.n_eval_prompts,
                                                   config.min_prefix_tokens, config.max_prefix_tokens, config.seed)
     setup = Setup(config, reference.eval(), tokenizer, train_prefixes, eval_prefixes, get_judge("vader"),
                   get_judge("textblob"), out)
+    setup.reference_id = weights_digest(reference)
+    setup.reference_source = f"the initial model {config.model} (sft_steps=0)"
     setup.timings["load"] = time.perf_counter() - t
     if config.sft_steps > 0:
         t = time.perf_counter()
-        setup.reference = sft_on_reviews(setup.reference, tokenizer, config, out)
+        setup.reference, folder, reused = sft_reference(setup.reference, tokenizer, config, out, setup.reference_id)
+        setup.reference_id = folder.name
+        how = "reused from an earlier run with the same settings" if reused else "trained now"
+        setup.reference_source = f"SFT on reviews ({config.sft_steps} steps) {how}, cached in {folder}"
         setup.timings["sft"] = time.perf_counter() - t
     return setup
 

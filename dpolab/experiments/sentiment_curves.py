@@ -21,10 +21,10 @@ import time
 
 import numpy as np
 
-from dpolab.experiments.sentiment_eval import full_texts, heldout_pair_accuracy
-from dpolab.sample.generate import Samples, sample
-from dpolab.sample.completions import completion_logprobs
 from dpolab.data.tokenize import pad_token_id
+from dpolab.experiments.sentiment_eval import full_texts, heldout_pair_accuracy
+from dpolab.sample.completions import completion_logprobs
+from dpolab.sample.generate import Samples, sample
 
 RESULTS_FORMAT = "dpolab.sentiment/2"
 POLICY_FIELDS = ("method", "knob", "step", "reward", "reward_se", "kl", "kl_se", "gain", "gain_se")

@@ -1,5 +1,6 @@
 """The policies the controlled-sentiment experiment compares, each trained from a copy of π_ref, and the short SFT on
-review text that makes π_ref (the paper's §6.1 fine-tunes GPT-2-large on IMDb first).
+review text that makes π_ref (the paper's §6.1 fine-tunes GPT-2-large on IMDb first), trained once per settings and
+reused from the dpolab cache (:func:`sft_reference`), so every β of a sweep starts from the same π_ref.
 
 Every ``train_*`` takes the experiment's :class:`dpolab.experiments.sentiment.Setup` and returns ``(policy, record)``
 with the trained copy in eval mode; ``on_step(policy, step, record)`` runs after every optimizer step (e.g. to
@@ -9,15 +10,20 @@ evaluate checkpoints).
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
+from safetensors.torch import load_model as load_weights
+from safetensors.torch import save_model as save_weights
 
 from dpolab.baselines.ppo import ppo_train
 from dpolab.baselines.rloo import rloo_train
 from dpolab.baselines.unlikelihood import unlikelihood_train
+from dpolab.cache import build_artifact, cache_dir
 from dpolab.data.tokenize import TokenizedPair, pad_token_id
 from dpolab.experiments.sentiment_config import SentimentConfig
+from dpolab.sample.pairs import json_hash
 from dpolab.sample.sentiment import review_snippets
 from dpolab.train.trainer import train
 
@@ -36,16 +42,18 @@ def with_policy(policy, on_step):
     return None if on_step is None else (lambda step, record: on_step(policy, step, record))
 
 
-def train_dpo(setup, pairs: list[TokenizedPair], beta: float, loss: str | None = None, on_step=None):
+def train_dpo(setup, pairs: list[TokenizedPair], beta: float, loss: str | None = None, on_step=None,
+              eval_pairs: list[TokenizedPair] | None = None):
     """A copy of π_ref trained with DPO at ``beta`` (reference log-probs precomputed once, cached by hash).
 
-    ``on_step(policy, step, record)`` runs after every optimizer step (e.g. to evaluate checkpoints).
-    Returns ``(policy, TrainResult)``.
+    ``on_step(policy, step, record)`` runs after every optimizer step (e.g. to evaluate checkpoints); with
+    ``eval_pairs`` (held-out pairs) the run ends with an evaluation on them (``result.eval_history``, trl's
+    ``eval_`` names). Returns ``(policy, TrainResult)``.
     """
     policy = copy.deepcopy(setup.reference)
     result = train(train_config(setup, f"dpo_beta{beta:g}", stage="dpo", beta=beta, loss=loss or setup.config.loss,
                                 reference="precomputed"), model=policy, tokenizer=setup.tokenizer, train_pairs=pairs,
-                   on_step=with_policy(policy, on_step))
+                   eval_pairs=eval_pairs, on_step=with_policy(policy, on_step))
     return policy.eval(), result
 
 
@@ -106,3 +114,34 @@ def sft_on_reviews(model, tokenizer, config: SentimentConfig, out: Path):
                micro_batch_size=4, grad_accum_steps=max(1, config.batch_size // 4), kl_samples=0, overwrite=True,
                output_dir=str(out / "sft")), model=model, tokenizer=tokenizer, train_pairs=examples)
     return model.eval()
+
+
+def sft_settings(config: SentimentConfig, tokenizer, weights_sha256: str) -> dict:
+    """What decides the SFT on reviews: the initial weights and vocabulary, and the fields :func:`sft_on_reviews`
+    reads (where its files go and whether bars show do not)."""
+    return {"format": "dpolab.sft_reviews/1", "model": config.model, "weights_sha256": weights_sha256,
+            "vocab_sha256": json_hash(sorted(tokenizer.get_vocab().items())), "sft_steps": config.sft_steps,
+            "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed,
+            "min_prefix_tokens": config.min_prefix_tokens, "max_prefix_tokens": config.max_prefix_tokens,
+            "max_new_tokens": config.max_new_tokens}
+
+
+def sft_reference(model, tokenizer, config: SentimentConfig, out: Path, weights_sha256: str):
+    """π_ref: ``model`` after :func:`sft_on_reviews`, trained once per :func:`sft_settings` and then reused.
+
+    The first run trains a copy and saves its weights as a cache artifact (``$DPOLAB_CACHE/sft_reviews/<hash of the
+    settings>``, written atomically under a lock, so parallel runs of a sweep train it once); every run, the first
+    included, loads those weights into ``model``, so a run that trains and a run that reuses start from the same
+    bits. Returns ``(model in eval mode, the artifact folder, whether it was reused)``.
+    """
+    settings = sft_settings(config, tokenizer, weights_sha256)
+    trained = []
+
+    def build(tmp: Path) -> None:
+        save_weights(sft_on_reviews(copy.deepcopy(model), tokenizer, config, out), str(tmp / "model.safetensors"))
+        (tmp / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
+        trained.append(True)
+
+    folder = build_artifact(cache_dir() / "sft_reviews" / json_hash(settings)[:24], build, info=settings)
+    load_weights(model, str(folder / "model.safetensors"))
+    return model.eval(), folder, not trained
