@@ -13,7 +13,8 @@ trainer's own step (:func:`dpolab.train.step.optimizer_step`). Each patch is one
   every position);
 - trainer config fields: ``micro4`` (``micro_batch_size=4, grad_accum_steps=2`` instead of the default 8 × 1, the
   same global batch; the default before 2026-11-28), ``micro2`` (2 × 4), ``system-malloc``
-  (``keep_freed_memory=False``: glibc's own thresholds; the trainer's setting is process-wide);
+  (``keep_freed_memory=False``: glibc's own thresholds; the trainer's setting is process-wide), ``grad-ckpt``
+  (``gradient_checkpointing=True``: decoder layers recomputed in the backward pass, less activation memory);
 - a module swap in the models: ``fused-gelu`` (GPT-2's Python-level tanh-GELU, six elementwise kernels and as
   many saved tensors, replaced by ``torch.nn.GELU(approximate="tanh")``, the same function in one kernel),
   ``compile`` (``torch.compile(dynamic=True)`` of every transformer block, policy and reference);
@@ -37,7 +38,8 @@ FAST = {"two-rows": ("pair_tree",), "dense-embedding": ("sparse_embedding",), "m
         "full-logits": tuple(f.name for f in dataclasses.fields(FastPaths))}
 FIELDS = {"micro4": {"micro_batch_size": 4, "grad_accum_steps": 2},
           "micro2": {"micro_batch_size": 2, "grad_accum_steps": 4},
-          "system-malloc": {"keep_freed_memory": False}}
+          "system-malloc": {"keep_freed_memory": False},
+          "grad-ckpt": {"gradient_checkpointing": True}}
 THREADS = {"threads1": 1}
 
 

@@ -137,6 +137,7 @@ def test_patches_are_library_settings():
     assert patches.fast_paths(["micro4", "fused-gelu"]) == FastPaths()
     assert patches.config_fields(["micro2", "system-malloc"]) == {"micro_batch_size": 2, "grad_accum_steps": 4,
                                                                  "keep_freed_memory": False}
+    assert patches.config_fields(["grad-ckpt"]) == {"gradient_checkpointing": True}
 
 
 def test_levers_time_the_trainers_step_with_the_same_loss(workload):
