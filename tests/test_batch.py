@@ -111,3 +111,24 @@ def test_to_device_keeps_the_kind_of_batch_and_its_values():
     assert type(moved) is PairBatch and moved.input_ids.device.type == "meta" and moved.index.device.type == "meta"
     back = to_device(batch, "cpu")
     assert all(torch.equal(getattr(back, k), getattr(batch, k)) for k in vars(batch))
+
+
+def test_pair_store_reads_as_the_list_it_packs():
+    """Three pairs, 5 + 4 + 4 = 13 tokens: 13 × (4-byte id + 1-byte mask) + 3 × (3 int64 ends + 2 flags) = 143
+    bytes; an SFT row (no rejected side) and the truncated/repaired flags come back as they went in."""
+    from dpolab.data.store import PairStore
+    from dpolab.train.fingerprint import pairs_digest
+
+    pairs = [pair([1, 5], [3, 4], [6], chosen_mask=[0, 1]),
+             TokenizedPair([7], [8, 9, 10], [], [1, 1, 1], [], truncated=True),
+             TokenizedPair([11, 12], [13], [14], [1], [1], repaired=True)]
+    store = PairStore.from_pairs(pairs)
+    assert len(store) == 3 and list(store) == pairs and store[-1] == pairs[2] and store[1:] == pairs[1:]
+    assert store.lengths().tolist() == [[2, 2, 1], [1, 3, 0], [2, 1, 1]] and store.nbytes == 143
+    with pytest.raises(IndexError):
+        store[3]
+    assert PairStore.concat([PairStore.from_pairs(pairs[:1]), PairStore.from_pairs(pairs[1:])])[:] == pairs
+    assert pairs_digest(store) == pairs_digest(pairs)  # a resume sees the same data
+    a, b = collate_pairs([store[i] for i in (2, 0)], PAD), collate_pairs([pairs[i] for i in (2, 0)], PAD)
+    assert all(torch.equal(x, y) for x, y in zip(vars(a).values(), vars(b).values()))
+    assert list(PairStore.from_pairs([])) == [] and PairStore.concat([]).nbytes == 0

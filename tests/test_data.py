@@ -185,3 +185,40 @@ def test_datasets_loader_skip_and_len():
     assert len(examples) == 3
     assert [e.source for e in examples] == ["train:row 0", "train:row 2"]
     assert examples.report.kept == 2 and "train:row 1: field 'chosen': empty string" in examples.report.skipped[0]
+
+
+CALL = {"role": "assistant", "content": None, "tool_calls": [{"name": "f", "arguments": {"x": 1}}]}
+RESULT = {"role": "tool", "content": "42", "tool_call_id": "c1", "name": "f"}
+
+
+def test_tool_turns_are_kept_with_their_keys():
+    example = PreferenceExample((user("Q"), CALL, RESULT), (assistant("42."),), (assistant("No."),))
+    assert example.prompt[1] == {**CALL, "content": ""} and example.prompt[2] == RESULT  # a call needs no words
+    parallel = (user("Q"), CALL, RESULT, {**RESULT, "content": "43"})  # several results in a row
+    assert len(PreferenceExample(parallel, (assistant("a"),), (assistant("b"),)).prompt) == 4
+
+
+@pytest.mark.parametrize(("prompt", "chosen", "field", "reason"), [
+    ((user("Q"), RESULT), (assistant("a"),), "prompt[1].role", "turn 1: a tool turn must follow an assistant turn"),
+    ((user("Q"),), ({"role": "assistant", "content": ""},), "chosen[0].content", "turn 0: empty content"),
+    ((user("Q"),), ({**CALL, "tool_calls": "f()"},), "chosen[0].tool_calls", "turn 0: expected a list"),
+    ((user("Q"), CALL, {**RESULT, "tool_calls": []}), (assistant("a"),), "prompt[2].tool_calls",
+     r"\['tool_calls'\] are not supported in a 'tool' turn"),
+    ((user("Q"), {**CALL, "name": "x"}, RESULT), (assistant("a"),), "prompt[1].name", "not supported"),
+])
+def test_bad_tool_turns_are_named(prompt, chosen, field, reason):
+    with pytest.raises(DataError, match=reason) as err:
+        PreferenceExample(prompt, chosen, (assistant("other"),), "t.jsonl:row 3")
+    assert err.value.field == field
+
+
+def test_data_errors_cross_process_boundaries():
+    """Worker processes (dataset_num_proc) send errors back pickled: the same message, source and field."""
+    import pickle
+
+    from dpolab.data.tokenize import TruncationError
+
+    for err in (DataError("f.jsonl:row 2", "chosen", "empty string"), TruncationError("f:row 1", "prompt", "why", "d")):
+        back = pickle.loads(pickle.dumps(err))
+        assert (type(back), str(back), back.source, back.field) == (type(err), str(err), err.source, err.field)
+    assert back.why == "why"

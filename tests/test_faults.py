@@ -116,8 +116,8 @@ BAD_RECORDS = [
     ({"chosen": [USER, BOT], "rejected": [USER, BOT2, USER]}, "rejected[2].role", "must end with the assistant"),
     ({"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: and?", "rejected": "\n\nHuman: hi\n\nAssistant: go"},
      "chosen", "ends on a Human turn"),
-    ({"prompt": [USER], "chosen": [{**BOT, "tool_calls": [{"name": "f"}]}], "rejected": [BOT2]}, "chosen[0].tool_calls",
-     "not supported"),
+    ({"prompt": [{**USER, "tool_calls": [{"name": "f"}]}], "chosen": [BOT], "rejected": [BOT2]}, "prompt[0].tool_calls",
+     "not supported"),  # only an assistant turn calls tools (tests/test_tokenize.py trains on those)
     ({"prompt": [{**USER, "name": "ada"}], "chosen": [BOT], "rejected": [BOT2]}, "prompt[0].name", "not supported"),
 ]
 

@@ -1,6 +1,7 @@
 """dpolab.data.sources: every local dataset form, splits, and a hub id refused fast offline."""
 
 import json
+import math
 
 import pytest
 from datasets import Dataset, DatasetDict
@@ -81,3 +82,65 @@ def test_a_hub_id_is_refused_at_once_offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(ValueError, match="no-such-org/no-such-dataset: not a local file or folder, and the hub"):
         open_dataset("no-such-org/no-such-dataset")
+
+
+# ---- end to end: `dpolab train` on these sources ------------------------------------------------------------------
+
+def pair_rows(n, offset=0):
+    from tiny_runs import make_examples
+
+    return [{"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected} for e in make_examples(n, offset)]
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".json"])
+def test_dpolab_train_on_a_parquet_file_or_a_json_array(tmp_path, suffix, capsys):
+    """Parquet once failed as "invalid UTF-8" and a JSON array as bad JSON lines: both read as rows now."""
+    import json as json_module
+
+    from dpolab.cli import main
+
+    path = tmp_path / f"pairs{suffix}"
+    if suffix == ".parquet":
+        Dataset.from_list(pair_rows(8)).to_parquet(path)
+    else:
+        path.write_text(json_module.dumps(pair_rows(8)))
+    code = main(["train", "model=tiny-gpt2", f"train_data={path}", f"eval_data={path}", "max_steps=2",
+                 "micro_batch_size=4", "kl_samples=0", "progress=false", f"output_dir={tmp_path / 'run'}"])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and summary["final"]["step"] == 2 and "eval_loss" in summary["final"]
+
+
+def test_a_dataset_dict_folder_trains_on_train_split_and_evaluates_on_test(tmp_path):
+    """A DatasetDict folder once failed with "got str"; train_split / eval_split (trl's "train" / "test") pick."""
+    from dpolab.train.trainer import train
+    from tiny_runs import FAST
+
+    DatasetDict({"train": Dataset.from_list(pair_rows(8)), "test": Dataset.from_list(pair_rows(4, 8)),
+                 "other": Dataset.from_list(pair_rows(2, 12))}).save_to_disk(tmp_path / "dd")
+    run = {**FAST, "max_steps": 1, "micro_batch_size": 2, "train_data": str(tmp_path / "dd"),
+           "eval_data": str(tmp_path / "dd"), "output_dir": str(tmp_path / "run")}
+    result = train(run)
+    assert (result.data["train"]["rows"], result.data["eval"]["rows"]) == (8, 4)
+    result = train({**run, "eval_data": f"{tmp_path / 'dd'}:other", "train_split": "test", "overwrite": True})
+    assert (result.data["train"]["rows"], result.data["eval"]["rows"]) == (4, 2)
+    with pytest.raises(ValueError, match=r"splits \['train', 'test', 'other'\] but no split 'dev'; choose one"):
+        train({**run, "train_split": "dev", "overwrite": True})
+
+
+def test_sft_on_prompt_completion_text_and_messages_rows(tmp_path):
+    """One parquet file of mixed SFT rows (each row's other columns are None), tokenized by two workers."""
+    from dpolab.train.trainer import train
+    from tiny_runs import FAST
+
+    user, bot = {"role": "user", "content": "Hello! How are you?"}, {"role": "assistant", "content": "I am fine."}
+    rows = [{"prompt": "The movie was", "completion": " good"}, {"text": "It is a wonderful film."},
+            {"messages": [user, bot]}, {"prompt": "It is a", "chosen": " good film", "rejected": " mess"}] * 2
+    Dataset.from_list([{k: r.get(k) for k in ("prompt", "completion", "text", "messages", "chosen", "rejected")}
+                       for r in rows]).to_parquet(tmp_path / "sft.parquet")
+    result = train({**FAST, "model": "tiny-llama", "stage": "sft", "max_steps": 2, "micro_batch_size": 4,
+                    "dataset_num_proc": 2, "assistant_only_loss": True, "train_data": str(tmp_path / "sft.parquet"),
+                    "output_dir": str(tmp_path / "run")})
+    assert result.data["train"]["kept"] == 8 and all(math.isfinite(r["loss"]) for r in result.history)
+    with pytest.raises(ValueError, match="sft.parquet:row 0: field 'completion': a prompt/completion row is SFT data"):
+        train({**FAST, "model": "tiny-llama", "train_data": str(tmp_path / "sft.parquet"),
+               "output_dir": str(tmp_path / "dpo")})

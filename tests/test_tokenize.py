@@ -414,3 +414,138 @@ def test_inspector_flags_template_instability_and_drops():
     assert "TEMPLATE UNSTABLE (chosen) turn 1" in text
     dropped = inspect_pair(MULTI, tiny_tokenizer("llama"), TokenizeConfig(max_length=20, max_prompt_length=4))
     assert f"DROPPED: <example>: field 'chosen': {NO_SCORED}" in dropped
+
+
+# ---- tools: tool schemas, tool calls and tool results (issue 23, item 6) -----------------------------------------
+
+TOOL_TEMPLATE = (  # a minimal template with tool support; like Qwen's, it groups consecutive tool results
+    "{% if tools or (enable_thinking is defined and not enable_thinking) %}<|im_start|>system\n"
+    "{% for t in tools or [] %}tool {{ t.name }}\n{% endfor %}"
+    "{% if enable_thinking is defined and not enable_thinking %}/no_think\n{% endif %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}{% if m.role == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1].role != 'tool' %}<|im_start|>tool\n{% endif %}"
+    "<result>{{ m.content }}</result>"
+    "{% if loop.last or messages[loop.index0 + 1].role != 'tool' %}<|im_end|>\n{% endif %}"
+    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<call>{{ c.name }}</call>{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CALL = {"role": "assistant", "content": "", "tool_calls": [{"name": "weather"}]}
+RESULTS = [{"role": "tool", "content": "sunny", "name": "weather"}, {"role": "tool", "content": "20 C"}]
+TOOL_PAIR = {"prompt": [user("Weather in Paris?")], "chosen": [CALL, *RESULTS, assistant("Sunny, 20 C.")],
+             "rejected": [assistant("I do not know.")]}
+
+
+@pytest.fixture(scope="module")
+def tool_tok():
+    tok = tiny_tokenizer("llama")
+    tok.chat_template = TOOL_TEMPLATE
+    return tok
+
+
+def test_tool_results_are_never_scored_and_a_tool_call_is_an_assistant_turn(tool_tok):
+    """The chosen side renders as: call turn, one grouped tool piece, header, final answer. Scored by hand:
+    final_turn the answer alone; all_assistant the call turn too; the tool results and headers under neither."""
+    example = example_from_record(TOOL_PAIR, "tools.jsonl:row 1")
+    assert example.chosen[0]["tool_calls"] == [{"name": "weather"}] and example.chosen[1]["name"] == "weather"
+    final = tokenize_pair(example, tool_tok)
+    every = tokenize_pair(example, tool_tok, TokenizeConfig(mask_policy="all_assistant"))
+    assert final.chosen_ids == every.chosen_ids
+    assert decode(tool_tok, final.chosen_ids) == ("<call>weather</call><|im_end|>\n<|im_start|>tool\n<result>sunny"
+                                                  "</result><result>20 C</result><|im_end|>\n<|im_start|>assistant\n"
+                                                  "Sunny, 20 C.<|im_end|>")
+    assert scored_text(tool_tok, final.chosen_ids, final.chosen_mask) == ["Sunny, 20 C.<|im_end|>"]
+    assert scored_text(tool_tok, every.chosen_ids, every.chosen_mask) == ["<call>weather</call><|im_end|>",
+                                                                          "Sunny, 20 C.<|im_end|>"]
+    call_only = tokenize_pair(example_from_record({**TOOL_PAIR, "chosen": [CALL]}), tool_tok)  # the call is the answer
+    assert scored_text(tool_tok, call_only.chosen_ids, call_only.chosen_mask) == ["<call>weather</call><|im_end|>"]
+
+
+def test_a_prompt_may_end_on_tool_results(tool_tok):
+    conversation = [user("Weather in Paris?"), CALL, *RESULTS]
+    example = example_from_record({"chosen": conversation + [assistant("Sunny.")],
+                                   "rejected": conversation + [assistant("Rain.")]})
+    assert example.prompt == tuple(conversation)
+    pair = tokenize_pair(example, tool_tok, TokenizeConfig(mask_policy="all_assistant"))
+    assert decode(tool_tok, pair.prompt_ids).endswith("<result>20 C</result><|im_end|>\n<|im_start|>assistant\n")
+    assert scored_text(tool_tok, pair.chosen_ids, pair.chosen_mask) == ["Sunny.<|im_end|>"]
+
+
+def test_tools_and_chat_template_kwargs_reach_the_template(tool_tok):
+    row = {"prompt": [user("Hi")], "chosen": [assistant("a")], "rejected": [assistant("b")]}
+    example = example_from_record(row)
+    plain = decode(tool_tok, tokenize_pair(example, tool_tok).prompt_ids)
+    assert plain == "<s><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    config = TokenizeConfig(tools=[{"name": "weather"}], chat_template_kwargs={"enable_thinking": False})
+    pair = tokenize_pair(example, tool_tok, config)
+    assert decode(tool_tok, pair.prompt_ids) == plain.replace("<s>", "<s><|im_start|>system\ntool weather\n"
+                                                                     "/no_think\n<|im_end|>\n")
+    own = example_from_record({**row, "tools": '[{"name": "clock"}]',
+                               "chat_template_kwargs": {"enable_thinking": True}})
+    pair = tokenize_pair(own, tool_tok, config)  # the row's tools replace the config's, its kwargs update them
+    assert decode(tool_tok, pair.prompt_ids) == plain.replace("<s>", "<s><|im_start|>system\ntool clock\n<|im_end|>\n")
+
+
+def test_a_template_without_tool_support_is_refused():
+    chatml = tiny_tokenizer("llama")  # its template renders role and content only
+    with pytest.raises(TemplateError, match="does not render tool calls") as err:
+        tokenize_pair(example_from_record(TOOL_PAIR, "t.jsonl:row 3"), chatml)
+    assert err.value.field == "chosen[0].tool_calls" and err.value.source == "t.jsonl:row 3"
+    with pytest.raises(TemplateError, match="tools were given, but the chat template does not render them"):
+        tokenize_pair(MULTI, chatml, TokenizeConfig(tools=[{"name": "weather"}]))
+
+
+# ---- many rows: chunks, worker processes (dataset_num_proc), flat columns (issue 23, item 5) ---------------------
+
+def rows_with_faults(n=40):
+    """n text rows; in every 7th the responses differ only after max_length=24 tokens (dropped by truncation, counted),
+    every 5th is truncated but kept."""
+    rows = [{"prompt": f"The movie {i} was", "chosen": " good" * (1 + i % 3), "rejected": " bad" * (2 + i % 2)}
+            for i in range(n)]
+    for i in range(0, n, 5):
+        rows[i] = {**rows[i], "chosen": " wonderful and warm and funny" * 6}
+    for i in range(0, n, 7):
+        rows[i] = {**rows[i], "chosen": " good" * 30 + " yes", "rejected": " good" * 30 + " no"}
+    return rows
+
+
+@pytest.mark.parametrize("form", ["jsonl", "parquet"])
+def test_worker_processes_give_the_same_pairs_report_prompts_and_errors(tmp_path, form):
+    import json
+
+    from dpolab.data.prepare import prepare_pairs
+    from dpolab.data.records import DataError
+    from dpolab.data.store import PairStore
+
+    gpt2, config = tiny_tokenizer("gpt2"), TokenizeConfig(max_length=24, max_prompt_length=8)
+    rows = rows_with_faults()
+
+    def write(rows, name):
+        path = tmp_path / f"{name}.{form}"
+        if form == "jsonl":
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        else:
+            Dataset.from_list(rows).to_parquet(path)
+        return path
+
+    path = write(rows, "good")
+    serial, parallel = (prepare_pairs(path, gpt2, config, num_proc=n) for n in (None, 2))
+    assert isinstance(parallel.pairs, PairStore) and list(parallel.pairs) == list(serial.pairs)
+    assert parallel.report == serial.report and parallel.prompts == serial.prompts == [
+        r["prompt"] for i, r in enumerate(rows) if i % 7]
+    assert serial.report.dropped == {IDENTICAL: 6} and serial.report.kept == 34 and serial.report.truncated == 6
+    expected = tokenize_examples([example_from_record(r) for r in rows], gpt2, config, on_error="skip")[0]
+    assert list(serial.pairs) == expected  # the list API's pairs
+    # row 5 cannot be tokenized (a boundary merge), row 33 is not a pair: every row is validated before any is
+    # tokenized, so both runs name row 33 (line 34 of the JSONL file, row 33 counted from 0 in a dataset); without
+    # row 33 both name row 5
+    merge, same = {"prompt": "The movie was ", "chosen": "good", "rejected": "bad"}, {**rows[33], "rejected": " good"}
+    bad = [*rows[:5], merge, *rows[6:33], same, *rows[34:]]
+    where = "bad.jsonl:row 34" if form == "jsonl" else "bad.parquet:row 33"
+    for n in (None, 2):
+        with pytest.raises(DataError, match=f"{where}: field 'rejected': identical"):
+            prepare_pairs(write(bad, "bad"), gpt2, config, num_proc=n)
+    del bad[33]
+    for n in (None, 2):
+        with pytest.raises(BoundaryError, match=f"{where.replace('34', '6').replace('33', '5')}: field 'chosen': tokens merge"):
+            prepare_pairs(write(bad, "bad"), gpt2, config, num_proc=n)

@@ -15,7 +15,7 @@ truncation, and the reason a row would be dropped. The inspector never raises on
 from __future__ import annotations
 
 from dpolab.data.records import PreferenceExample
-from dpolab.data.render import TokenizationError, render_response, turn_end_ids
+from dpolab.data.render import TokenizationError, render_response, template_args, turn_end_ids
 from dpolab.data.tokenize import TokenizeConfig, TruncationError, leading_bos, truncate_ids
 
 
@@ -28,7 +28,8 @@ def token_table(example: PreferenceExample, tokenizer,
     for name in ("chosen", "rejected"):
         try:
             sides[name] = render_response(example.prompt, getattr(example, name), tokenizer, config,
-                                          source=example.source, name=name, strict=False)
+                                          source=example.source, name=name, strict=False,
+                                          template=template_args(config, example.tools, example.chat_template_kwargs))
         except TokenizationError as err:
             flags.append(f"ERROR {err}")
     if len(sides) < 2:

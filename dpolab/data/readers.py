@@ -37,6 +37,24 @@ def check_on_error(on_error: str) -> None:
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
 
 
+def jsonl_lines(path: str | Path) -> list[tuple[int, bytes]]:
+    """The non-blank lines of a JSONL file as ``(line number, bytes)``, numbered from 1; decoded by
+    :func:`parse_jsonl_line` (so that a parallel reader can parse them where it validates them)."""
+    return [(row, raw) for row, raw in enumerate(Path(path).read_bytes().split(b"\n"), start=1) if raw.strip()]
+
+
+def parse_jsonl_line(raw: bytes, source: str):
+    """One JSONL line as a record; a :class:`DataError` naming ``source`` for invalid UTF-8 or JSON."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(source, None, f"invalid UTF-8 at byte {err.start}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(source, None, f"not valid JSON ({err.msg} at column {err.colno})") from None
+
+
 def load_jsonl(path: str | Path, *, on_error: str = "raise", format: str = "auto") -> ExampleList:
     """Read and validate every row of a JSONL file; return them all, or raise at the first bad row.
 
@@ -52,21 +70,11 @@ def load_jsonl(path: str | Path, *, on_error: str = "raise", format: str = "auto
     check_on_error(on_error)
     path = Path(path)
     out, report = ExampleList(), LoadReport()
-    for row, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
-        if not raw.strip():
-            continue
+    for row, raw in jsonl_lines(path):
         report.rows += 1
         source = f"{path.name}:row {row}"
         try:
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(source, None, f"invalid UTF-8 at byte {err.start}") from None
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise DataError(source, None, f"not valid JSON ({err.msg} at column {err.colno})") from None
-            out.append(example_from_record(record, source, format))
+            out.append(example_from_record(parse_jsonl_line(raw, source), source, format))
         except DataError as err:
             if on_error == "raise":
                 raise

@@ -22,8 +22,15 @@ Special tokens:
 Multi-turn (``mask_policy``): the prompt is the history rendered with the generation prompt; the response side
 may hold several turns (assistant, user, assistant, …). ``"final_turn"`` scores only the last assistant turn's
 tokens; ``"all_assistant"`` scores every assistant turn of the response side; user turns and turn headers are
-never scored. The template must render the history as a stable prefix when a turn is added, else
-:class:`TemplateError`. Which losses the policy leaves unchanged:
+never scored. Tool turns (the results of an assistant turn's ``tool_calls``) are never scored either, under both
+policies; an assistant turn that calls a tool is an assistant turn: scored under ``"all_assistant"``, and under
+``"final_turn"`` when it is the last one. Consecutive turns that are not the assistant's (tool results, or tool
+results then a user turn) are rendered as one unscored piece, since templates group them (Qwen's
+``<tool_response>`` blocks). ``tools`` and ``chat_template_kwargs`` (e.g. ``enable_thinking``) go to every
+``apply_chat_template`` call (:func:`template_args`); a template that would ignore given tools or ``tool_calls``
+is refused (:class:`TemplateError`) rather than silently training on a conversation without them. The template
+must render the history as a stable prefix when a turn is added, else :class:`TemplateError`. Which losses the
+policy leaves unchanged:
 
 - Every loss is unchanged when the response side holds a single assistant turn (the masks are equal).
 - With more turns, ``all_assistant`` adds the earlier turns' log-probs to ``log π(y|x)`` of each side. Losses
@@ -133,20 +140,46 @@ def _split_pieces(pieces: list[str], tokenizer, repair: bool, source: str,
     return parts, merges
 
 
-def _chat_pieces(prompt, response, tokenizer, source: str, name: str, strict: bool, unstable: list[str]):
-    """Cut the rendered conversation into pieces: the prompt with its generation prompt, then per response turn
-    a header (assistant turns after the first) and a body. Returns (pieces, kinds) with kinds in
-    ``{"prompt", "header", "user", "assistant"}``."""
+def template_args(config: TokenizeConfig, tools=None, kwargs=None) -> dict:
+    """The extra arguments of ``apply_chat_template`` for one row: its own ``tools`` (else the config's; none when
+    empty, as trl passes them) and the config's ``chat_template_kwargs`` updated with the row's own."""
+    tools = tools if tools is not None else config.tools
+    return {**(config.chat_template_kwargs or {}), **(kwargs or {}), **({"tools": list(tools)} if tools else {})}
 
-    def render(messages, generation: bool) -> str:
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation)
 
+def check_template(tokenizer, conv: list, template: dict, source: str, name: str, n: int = 0) -> None:
+    """Refuse a tokenizer without a chat template, and tools or tool calls that its template would not render (its
+    source never names them). ``conv[:n]`` is the prompt, the rest the field ``name``."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise TemplateError(source, name, "the tokenizer has no chat template; conversational data needs one")
+    text = str(tokenizer.chat_template)
+    if template.get("tools") and "tools" not in text:
+        raise TemplateError(source, name, "tools were given, but the chat template does not render them")
+    for j, m in enumerate(conv):
+        if m.get("tool_calls") and "tool_calls" not in text:
+            where = f"prompt[{j}]" if j < n else f"{name}[{j - n}]"
+            raise TemplateError(source, f"{where}.tool_calls", "the chat template does not render tool calls, so "
+                                "training would drop them; use the model's own template (with tool support)")
+
+
+def _chat_pieces(prompt, response, tokenizer, source: str, name: str, strict: bool, unstable: list[str],
+                 template: dict):
+    """Cut the rendered conversation into pieces: the prompt with its generation prompt, then per response turn
+    a header (assistant turns after the first) and a body; consecutive turns that are not the assistant's are one
+    piece. Returns (pieces, kinds) with kinds in ``{"prompt", "header", "user", "tool", "assistant"}``."""
+
+    def render(messages, generation: bool) -> str:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation,
+                                             **template)
+
     conv, n = list(prompt) + list(response), len(prompt)
+    check_template(tokenizer, conv, template, source, name, n)
     pieces, kinds, done = [render(prompt, True)], ["prompt"], render(prompt, True)
     for j in range(n, len(conv)):
-        if conv[j]["role"] == "assistant" and j > n:
+        role = conv[j]["role"]
+        if role != "assistant" and j + 1 < len(conv) and conv[j + 1]["role"] != "assistant":
+            continue  # rendered together with the next turn: templates group tool results
+        if role == "assistant" and j > n:
             header = render(conv[:j], True)
             if not header.startswith(done):
                 _unstable(unstable, strict, source, name, j - n, "the history rendered with the generation prompt")
@@ -159,7 +192,7 @@ def _chat_pieces(prompt, response, tokenizer, source: str, name: str, strict: bo
             _unstable(unstable, strict, source, name, j - n, "adding this turn re-renders the earlier text")
             full = done + full[len(_common(done, full)):]
         pieces.append(full[len(done):])
-        kinds.append(conv[j]["role"])
+        kinds.append(role)
         done = full
     return pieces, kinds
 
@@ -210,12 +243,14 @@ def check_special_text(value: Prompt | Response, tokenizer, source: str, name: s
 
 
 def render_response(prompt: Prompt, response: Response, tokenizer, config: TokenizeConfig, *, source: str = "",
-                    name: str = "response", strict: bool = True) -> Rendered:
+                    name: str = "response", strict: bool = True, template: dict | None = None) -> Rendered:
     """Tokenize one (prompt, response) without truncation: ids, scored-token mask, and the boundary checks.
 
     A string response to a message-list prompt is taken as one assistant turn. ``strict=False`` (the inspector)
-    records merges and template instabilities instead of raising.
+    records merges and template instabilities instead of raising. ``template``: the extra arguments of the chat
+    template (:func:`template_args`; default: the config's).
     """
+    template = template_args(config) if template is None else template
     repair = config.boundary == "repair" or not strict
     if strict and config.special_tokens == "error":
         check_special_text(prompt, tokenizer, source, "prompt")
@@ -229,7 +264,7 @@ def render_response(prompt: Prompt, response: Response, tokenizer, config: Token
     else:
         if isinstance(response, str):
             response = ({"role": "assistant", "content": response},)
-        pieces, kinds = _chat_pieces(prompt, response, tokenizer, source, name, strict, unstable)
+        pieces, kinds = _chat_pieces(prompt, response, tokenizer, source, name, strict, unstable, template)
     parts, merges = _split_pieces(pieces, tokenizer, repair, source, name)
     prompt_ids = parts[0]
     if lead and prompt_ids[:len(lead)] != lead:

@@ -5,7 +5,8 @@
 - a file: ``.jsonl`` (read by :func:`dpolab.data.readers.load_jsonl`, whose errors name the line), ``.json``
   (a JSON array of records, or JSON lines), ``.parquet``, ``.csv``, ``.tsv`` or ``.arrow``;
 - a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``; a ``DatasetDict`` needs a
-  split: ``folder:test`` or the ``split`` argument (the config's ``train_split`` / ``eval_split``);
+  split: ``folder:test``, the ``split`` argument, or ``default_split`` (the config's ``train_split`` /
+  ``eval_split``, trl's ``dataset_train_split`` / ``dataset_test_split``, used only by sources that have splits);
 - any other folder of data files that ``datasets.load_dataset`` reads (e.g. parquet shards);
 - a hub id (``org/name``, optionally ``org/name:split``), loaded when the machine reaches the hub (or the local
   HF cache holds it) and refused at once, with what to do, when it cannot.
@@ -37,25 +38,30 @@ def _is_saved_folder(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
-def _pick_split(data, split: str | None, where: str):
-    """A ``Dataset`` from ``data``; a ``DatasetDict`` needs ``split`` (or has exactly one)."""
+def _pick_split(data, split: str | None, where: str, default: str | None = None):
+    """A ``Dataset`` from ``data``; a ``DatasetDict`` needs ``split``, else takes ``default`` or its only split."""
     if not hasattr(data, "keys"):  # already a Dataset
         if split is not None:
             raise ValueError(f"{where}: split {split!r} was asked for, but this is a single dataset with no splits")
         return data
     names = list(data.keys())
     if split is None:
+        if default in names:
+            return data[default]
         if len(names) == 1:
             return data[names[0]]
-        raise ValueError(f"{where}: a DatasetDict with splits {names}; choose one as {where}:<split> or with the "
-                         f"config field train_split / eval_split")
+        missing = f" but no split {default!r}" if default is not None else ""
+        raise ValueError(f"{where}: a DatasetDict with splits {names}{missing}; choose one as {where}:<split> or "
+                         f"with the config field train_split / eval_split")
     if split not in data:
         raise ValueError(f"{where}: no split {split!r}; it has {names}")
     return data[split]
 
 
-def open_dataset(spec: str | Path, *, split: str | None = None, num_proc: int | None = None):
-    """The rows named by ``spec`` (module docstring). A ``:split`` suffix in ``spec`` wins over ``split``.
+def open_dataset(spec: str | Path, *, split: str | None = None, num_proc: int | None = None,
+                 default_split: str | None = None):
+    """The rows named by ``spec`` (module docstring). A ``:split`` suffix in ``spec`` wins over ``split``, and
+    both over ``default_split``, which only a source with splits uses (a single file or dataset ignores it).
 
     Returns a ``datasets.Dataset``, or for a ``.jsonl`` file the :class:`dpolab.data.records.ExampleList` of its
     checked rows. Raises ``FileNotFoundError`` for a local-looking path that does not exist and ``ValueError``
@@ -68,10 +74,10 @@ def open_dataset(spec: str | Path, *, split: str | None = None, num_proc: int | 
         if _is_saved_folder(path):
             from datasets import load_from_disk
 
-            return _pick_split(load_from_disk(str(path)), split, str(path))
+            return _pick_split(load_from_disk(str(path)), split, str(path), default_split)
         from datasets import load_dataset
 
-        return _pick_split(load_dataset(str(path), num_proc=num_proc), split, str(path))
+        return _pick_split(load_dataset(str(path), num_proc=num_proc), split, str(path), default_split)
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
@@ -98,10 +104,10 @@ def open_dataset(spec: str | Path, *, split: str | None = None, num_proc: int | 
         or path_text.count("/") != 1
     if looks_local:
         raise FileNotFoundError(f"{path_text}: no such file or folder")
-    return _hub_dataset(path_text, split, num_proc)
+    return _hub_dataset(path_text, split, num_proc, default_split)
 
 
-def _hub_dataset(repo_id: str, split: str | None, num_proc: int | None):
+def _hub_dataset(repo_id: str, split: str | None, num_proc: int | None, default_split: str | None = None):
     """A hub dataset; on a machine that cannot reach the hub, only what the local HF cache holds."""
     import os
 
@@ -120,4 +126,4 @@ def _hub_dataset(repo_id: str, split: str | None, num_proc: int | None):
                              f"machine (nor is it in the local HF cache); download it where the hub is reachable "
                              f"and pass the saved folder or file") from err
         raise ValueError(f"{repo_id}: could not be loaded from the hub ({type(err).__name__}: {err})") from err
-    return _pick_split(data, None, repo_id) if split is None else data
+    return _pick_split(data, None, repo_id, default_split) if split is None else data

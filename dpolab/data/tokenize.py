@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from dpolab.data.records import PreferenceExample
-from dpolab.data.render import Prompt, Response, TokenizationError, bos_prefix, render_response
+from dpolab.data.render import Prompt, Response, TokenizationError, bos_prefix, render_response, template_args
 
 PROMPT_FILLS = "the prompt fills the length budget, no response token fits"
 NO_SCORED = "no scored response token survives truncation"
@@ -48,6 +48,14 @@ class TokenizeConfig:
     special_tokens: str = "error"
     """Data text holding a special token's literal text: ``"error"`` (default), or ``"allow"`` it to become that
     token. A plain-text response may always end with the EOS text (it is then not added twice)."""
+    tools: list = field(default_factory=list)
+    """Tool schemas passed to the chat template (a row's own ``tools`` column replaces them); empty: none."""
+    chat_template_kwargs: dict = field(default_factory=dict)
+    """Extra arguments of the chat template, e.g. ``{"enable_thinking": False}`` (a row's own column updates them)."""
+    completion_only_loss: bool = True
+    """trl's name: an SFT prompt/completion row scores only its completion; False scores every token."""
+    assistant_only_loss: bool = False
+    """trl's name: an SFT ``messages`` row scores only its assistant turns; False (trl's default) every token."""
 
     def __post_init__(self):
         if self.boundary not in ("error", "repair"):
@@ -135,9 +143,10 @@ def tokenize_response(prompt: Prompt, response: Response, tokenizer, config: Tok
 def tokenize_pair(example: PreferenceExample, tokenizer, config: TokenizeConfig | None = None) -> TokenizedPair:
     """Token ids of a preference pair with a shared prompt; raises a :class:`TokenizationError` naming the row."""
     config = config or TokenizeConfig()
-    src = example.source
-    c = render_response(example.prompt, example.chosen, tokenizer, config, source=src, name="chosen")
-    r = render_response(example.prompt, example.rejected, tokenizer, config, source=src, name="rejected")
+    src, template = example.source, template_args(config, example.tools, example.chat_template_kwargs)
+    c = render_response(example.prompt, example.chosen, tokenizer, config, source=src, name="chosen", template=template)
+    r = render_response(example.prompt, example.rejected, tokenizer, config, source=src, name="rejected",
+                        template=template)
     if c.prompt_ids != r.prompt_ids:  # cannot happen: the prompt is tokenized alone on both sides
         raise TokenizationError(src, "prompt", "prompt tokenized differently for chosen and rejected")
     prompt_ids, [(ci, cm), (ri, rm)], truncated = truncate_ids(

@@ -41,9 +41,16 @@ class TrainConfig:
     """trl's DPOConfig name: let transformers run Python code shipped with `model` (for architectures it lacks);
     only for repositories you trust."""
     train_data: str = ""
-    """Preference pairs for the command line (a JSONL file or a saved datasets folder); the Python API takes pairs."""
+    """Training rows for the command line: a .jsonl/.json/.parquet/.csv/.tsv/.arrow file, a save_to_disk folder
+    (folder:split), a folder of data files, or a hub id (dpolab.data.sources); the Python API also takes pairs."""
     eval_data: str = ""
-    """Held-out preference pairs for evaluation (same formats); empty = no evaluation from the command line."""
+    """Held-out rows for evaluation (same sources); empty = no evaluation from the command line."""
+    train_split: str = "train"
+    """trl's dataset_train_split: the split of a train_data source that has splits (a DatasetDict) and names none."""
+    eval_split: str = "test"
+    """trl's dataset_test_split: the split of an eval_data source that has splits and names none."""
+    dataset_num_proc: int | None = None
+    """trl's name: worker processes that validate and tokenize the data (null: this process); same pairs either way."""
 
     # --- loss ----------------------------------------------------------------------------------------------
     loss: str = "sigmoid"
@@ -135,6 +142,14 @@ class TrainConfig:
     """A pair that truncation leaves unusable (no response token, or chosen = rejected): "drop" it (counted), or "error"."""
     special_tokens: Literal["error", "allow"] = "error"
     """Data text holding a special token's literal text (e.g. "<|endoftext|>"): "error", or "allow" it as that token."""
+    completion_only_loss: bool = True
+    """trl's name: SFT on prompt/completion rows scores only the completion; false scores every token."""
+    assistant_only_loss: bool = False
+    """trl's name: SFT on `messages` rows scores only the assistant turns (all of them); false (trl's default) every token."""
+    chat_template_kwargs: dict = field(default_factory=dict)
+    """Extra arguments of the chat template, e.g. {enable_thinking: false}; a row's own column updates them."""
+    tools: list = field(default_factory=list)
+    """Tool schemas (JSON-schema dicts) passed to the chat template; a row's own `tools` column replaces them."""
 
     # --- run -----------------------------------------------------------------------------------------------
     seed: int = 0
@@ -235,6 +250,8 @@ class TrainConfig:
         for name in ("beta", "lr"):  # β ≤ 0 trains towards the rejected responses (or not at all); lr 0 trains nothing
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config field {name!r} must be > 0, got {getattr(self, name)}")
+        if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
+            raise ConfigError(f"config field 'dataset_num_proc' must be >= 1 or null, got {self.dataset_num_proc}")
         if self.warmup_ratio >= 1:
             raise ConfigError(f"config field 'warmup_ratio' must be in [0, 1), got {self.warmup_ratio}")
         unknown = [t for t in self.report_to if t not in (*TRACKERS, "none")]

@@ -27,7 +27,7 @@ from dpolab.train.metrics import read_metrics
 RESUMABLE_FIELDS = frozenset(
     {"max_steps", "resume_from", "progress", "keep_freed_memory", "save_every", "keep_last", "eval_every", "output_dir", "overwrite",
      "device", "train_data", "eval_data", "eval_batch_size", "kl_samples", "kl_max_new_tokens", "num_train_epochs",
-     "report_to", "logging_steps"}
+     "report_to", "logging_steps", "train_split", "eval_split", "dataset_num_proc"}
 )
 # The fields that set a run's length: free to change on resume only while the learning-rate schedule ignores it.
 LENGTH_FIELDS = ("max_steps", "num_train_epochs")
