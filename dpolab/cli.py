@@ -114,7 +114,7 @@ def cmd_train(args) -> int:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
     if not config.train_data:
-        args.parser.error("the config field train_data is empty: name a JSONL file or a saved datasets folder")
+        args.parser.error("the config field train_data is empty: name a data file (.jsonl, .json, .parquet, .csv, .arrow), a datasets folder or a hub id")
 
     from dpolab.train.trainer import train
 
