@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny_runs import letter_e_reward, rl_reward_gain
 
 from dpolab.baselines.ppo import ValueHead, gae, policy_and_values, ppo_loss, ppo_train, token_rewards, whiten
 from dpolab.sample.completions import completion_batch, completion_logprobs, completion_token_logprobs
@@ -103,21 +104,10 @@ def test_ppo_raises_the_reward_and_starts_at_zero_kl():
     """Reward = number of letters 'e' in the completion; PPO must raise its mean by more than three standard errors
     of the difference (a policy that did not move fails with probability about 0.1%). At the first rollout the
     policy is π_ref, so its KL is 0 up to float error."""
-    policy, tok = tiny_causal_lm("gpt2", seed=2)
-    reference, _ = tiny_causal_lm("gpt2", seed=2)
-
-    def reward(texts):
-        return np.array([t.count("e") for t in texts], dtype=float)
-
-    prompts = ["The movie was", "It is", "A film that"]
-    before = sample(policy, tok, prompts, 32, max_new_tokens=4, top_k=len(tok), seed=5, progress=False)
-    history = ppo_train(policy, reference, tok, prompts, reward, steps=20, prompts_per_step=3, k=8, kl_coef=0.0,
-                        lr=3e-3, max_new_tokens=4, seed=0, progress=False)
-    after = sample(policy, tok, prompts, 32, max_new_tokens=4, top_k=len(tok), seed=5, progress=False)
-    r0, r1 = (reward([t for row in s.texts for t in row]) for s in (before, after))
-    se = math.sqrt(r0.var(ddof=1) / r0.size + r1.var(ddof=1) / r1.size)
+    history, gain, se = rl_reward_gain(ppo_train)
     assert len(history) == 20 and all(np.isfinite(h["loss"]) for h in history)
     assert abs(history[0]["kl"]) < 1e-4
-    assert r1.mean() - r0.mean() > 3 * se, (r0.mean(), r1.mean(), se)
+    assert gain > 3 * se, (gain, se)
+    policy, tok = tiny_causal_lm("gpt2", seed=2)
     with pytest.raises(ValueError, match="num_ppo_epochs"):
-        ppo_train(policy, reference, tok, prompts, reward, steps=1, num_ppo_epochs=0, progress=False)
+        ppo_train(policy, policy, tok, ["It is"], letter_e_reward, steps=1, num_ppo_epochs=0, progress=False)

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny_runs import rl_reward_gain
 
 from dpolab.baselines.rloo import leave_one_out_advantages, rloo_train
 from dpolab.experiments.sentiment_eval import (
@@ -97,18 +98,6 @@ def test_rloo_raises_the_reward():
     "Raised" means by more than three standard errors of the difference of the two sample means, so a
     policy that did not move fails with probability about 0.1%.
     """
-    policy, tok = tiny_causal_lm("gpt2", seed=2)
-    reference, _ = tiny_causal_lm("gpt2", seed=2)
-
-    def reward(texts):
-        return np.array([t.count("e") for t in texts], dtype=float)
-
-    prompts = ["The movie was", "It is", "A film that"]
-    before = sample(policy, tok, prompts, 32, max_new_tokens=4, top_k=len(tok), seed=5, progress=False)
-    history = rloo_train(policy, reference, tok, prompts, reward, steps=20, prompts_per_step=3, k=8, kl_coef=0.0,
-                         lr=3e-3, max_new_tokens=4, seed=0, progress=False)
-    after = sample(policy, tok, prompts, 32, max_new_tokens=4, top_k=len(tok), seed=5, progress=False)
-    r0, r1 = (reward([t for row in s.texts for t in row]) for s in (before, after))
-    se = math.sqrt(r0.var(ddof=1) / r0.size + r1.var(ddof=1) / r1.size)
+    history, gain, se = rl_reward_gain(rloo_train)
     assert len(history) == 20 and all(np.isfinite(h["loss"]) for h in history)
-    assert r1.mean() - r0.mean() > 3 * se, (r0.mean(), r1.mean(), se)
+    assert gain > 3 * se, (gain, se)

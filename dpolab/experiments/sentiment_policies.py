@@ -75,28 +75,30 @@ def train_unlikelihood(setup, pairs: list[TokenizedPair], on_step=None):
     return policy.eval(), history
 
 
+def _rl_policy(setup, train_fn, on_step, **settings):
+    """An RL baseline (``train_fn``: :func:`rloo_train` or :func:`ppo_train`) from a copy of π_ref on the training
+    prefixes and the ground-truth reward, with the experiment's shared settings. Returns ``(policy, history)``."""
+    c = setup.config
+    policy = copy.deepcopy(setup.reference)
+    history = train_fn(policy, setup.reference, setup.tokenizer, setup.train_prefixes, setup.reward_fn,
+                       max_new_tokens=c.max_new_tokens, seed=c.seed, progress=c.progress,
+                       on_step=with_policy(policy, on_step), **settings)
+    return policy.eval(), history
+
+
 def train_rloo(setup, kl_coef: float | None = None, on_step=None):
     """The RL baseline (dpolab.baselines.rloo) from a copy of π_ref. Returns ``(policy, history)``."""
     c = setup.config
-    policy = copy.deepcopy(setup.reference)
-    history = rloo_train(policy, setup.reference, setup.tokenizer, setup.train_prefixes, setup.reward_fn,
-                         steps=c.rloo_steps, prompts_per_step=c.rloo_prompts_per_step, k=c.rloo_k,
-                         kl_coef=c.rloo_kl_coefs[0] if kl_coef is None else kl_coef, lr=c.rloo_lr,
-                         max_new_tokens=c.max_new_tokens, seed=c.seed, progress=c.progress,
-                         on_step=with_policy(policy, on_step))
-    return policy.eval(), history
+    return _rl_policy(setup, rloo_train, on_step, steps=c.rloo_steps, prompts_per_step=c.rloo_prompts_per_step,
+                      k=c.rloo_k, kl_coef=c.rloo_kl_coefs[0] if kl_coef is None else kl_coef, lr=c.rloo_lr)
 
 
 def train_ppo(setup, kl_coef: float | None = None, on_step=None):
     """PPO (dpolab.baselines.ppo) from a copy of π_ref. Returns ``(policy, history)``."""
     c = setup.config
-    policy = copy.deepcopy(setup.reference)
-    history = ppo_train(policy, setup.reference, setup.tokenizer, setup.train_prefixes, setup.reward_fn,
-                        steps=c.ppo_steps, prompts_per_step=c.ppo_prompts_per_step, k=c.ppo_k,
-                        kl_coef=c.ppo_kl_coefs[0] if kl_coef is None else kl_coef, lr=c.ppo_lr,
-                        num_ppo_epochs=c.num_ppo_epochs, max_new_tokens=c.max_new_tokens, seed=c.seed,
-                        progress=c.progress, on_step=with_policy(policy, on_step))
-    return policy.eval(), history
+    return _rl_policy(setup, ppo_train, on_step, steps=c.ppo_steps, prompts_per_step=c.ppo_prompts_per_step,
+                      k=c.ppo_k, kl_coef=c.ppo_kl_coefs[0] if kl_coef is None else kl_coef, lr=c.ppo_lr,
+                      num_ppo_epochs=c.num_ppo_epochs)
 
 
 def sft_on_reviews(model, tokenizer, config: SentimentConfig, out: Path):
