@@ -78,10 +78,22 @@ def test_bad_sources_are_named(tmp_path):
 
 
 def test_a_hub_id_is_refused_at_once_offline(monkeypatch):
+    """Offline (dpolab.models.hub_reachable is False under HF_HUB_OFFLINE=1), datasets' own offline switch is on for
+    the one call and restored after it."""
+    import datasets.config
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # as if datasets was imported while online
+    seen = []
+
+    def load_dataset(*args, **kwargs):
+        seen.append(datasets.config.HF_HUB_OFFLINE)
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr("datasets.load_dataset", load_dataset)
     with pytest.raises(ValueError, match="no-such-org/no-such-dataset: not a local file or folder, and the hub"):
         open_dataset("no-such-org/no-such-dataset")
+    assert seen == [True] and datasets.config.HF_HUB_OFFLINE is False
 
 
 # ---- end to end: `dpolab train` on these sources ------------------------------------------------------------------
@@ -112,8 +124,9 @@ def test_dpolab_train_on_a_parquet_file_or_a_json_array(tmp_path, suffix, capsys
 
 def test_a_dataset_dict_folder_trains_on_train_split_and_evaluates_on_test(tmp_path):
     """A DatasetDict folder once failed with "got str"; train_split / eval_split (trl's "train" / "test") pick."""
-    from dpolab.train.trainer import train
     from tiny_runs import FAST
+
+    from dpolab.train.trainer import train
 
     DatasetDict({"train": Dataset.from_list(pair_rows(8)), "test": Dataset.from_list(pair_rows(4, 8)),
                  "other": Dataset.from_list(pair_rows(2, 12))}).save_to_disk(tmp_path / "dd")
@@ -129,8 +142,9 @@ def test_a_dataset_dict_folder_trains_on_train_split_and_evaluates_on_test(tmp_p
 
 def test_sft_on_prompt_completion_text_and_messages_rows(tmp_path):
     """One parquet file of mixed SFT rows (each row's other columns are None), tokenized by two workers."""
-    from dpolab.train.trainer import train
     from tiny_runs import FAST
+
+    from dpolab.train.trainer import train
 
     user, bot = {"role": "user", "content": "Hello! How are you?"}, {"role": "assistant", "content": "I am fine."}
     rows = [{"prompt": "The movie was", "completion": " good"}, {"text": "It is a wonderful film."},

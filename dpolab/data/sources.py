@@ -109,15 +109,16 @@ def open_dataset(spec: str | Path, *, split: str | None = None, num_proc: int | 
 
 def _hub_dataset(repo_id: str, split: str | None, num_proc: int | None, default_split: str | None = None):
     """A hub dataset; on a machine that cannot reach the hub, only what the local HF cache holds."""
-    import os
-
+    import datasets.config
     from datasets import load_dataset
 
     from dpolab.models import hub_reachable
 
     offline = not hub_reachable()
-    if offline:
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    # datasets reads HF_HUB_OFFLINE once, at import: an environment variable set now would not reach it (and would
+    # leak into the rest of the process), so its setting is switched for this one call and restored
+    saved = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = saved or offline
     try:
         data = load_dataset(repo_id, split=split, num_proc=num_proc)
     except Exception as err:
@@ -126,4 +127,6 @@ def _hub_dataset(repo_id: str, split: str | None, num_proc: int | None, default_
                              f"machine (nor is it in the local HF cache); download it where the hub is reachable "
                              f"and pass the saved folder or file") from err
         raise ValueError(f"{repo_id}: could not be loaded from the hub ({type(err).__name__}: {err})") from err
+    finally:
+        datasets.config.HF_HUB_OFFLINE = saved
     return _pick_split(data, None, repo_id, default_split) if split is None else data
