@@ -18,6 +18,8 @@ METHOD_STYLE = {
     "Best of N": {"color": "tab:purple", "marker": "^"},
     "RLOO": {"color": "tab:orange", "marker": "D"},
     "PPO": {"color": "tab:brown", "marker": "P"},
+    "RLOO-GT": {"color": "tab:olive", "marker": "d"},
+    "PPO-GT": {"color": "tab:gray", "marker": "X"},
     "Unlikelihood": {"color": "tab:red", "marker": "v"},
     "Reference": {"color": "black", "marker": "*"},
 }
@@ -79,7 +81,8 @@ def frontier_curves_figure(rows: Sequence[dict], title: str = "Reward vs KL(π�
                     xerr=[r.get("kl_se") or 0.0 for r in points], yerr=[r.get("reward_se") or 0.0 for r in points],
                     fmt="-" + style["marker"], color=style["color"], label=label, capsize=2, markersize=5,
                     linewidth=1.2, alpha=0.85)
-        tag = {"DPO": f"β={knob:g}", "RLOO": f"coef={knob:g}", "PPO": f"coef={knob:g}"}.get(method)
+        tag = f"β={knob:g}" if method == "DPO" else f"coef={knob:g}" if method in ("RLOO", "PPO", "RLOO-GT",
+                                                                                   "PPO-GT") else None
         if tag and len(points) > 1:
             ax.annotate(tag, (points[-1]["kl"], points[-1]["reward"]), textcoords="offset points", xytext=(5, 3),
                         fontsize=7, color=style["color"])
@@ -91,7 +94,8 @@ def rl_learning_curves_figure(learning_curves: dict, window: int = 8):
 
     Args:
         learning_curves: curve name -> per-step records with ``step``, ``reward``, ``kl`` (names starting "rloo_" or
-            "ppo_"); RLOO's curves are solid, PPO's dashed.
+            "ppo_"; "rloo_gt_" and "ppo_gt_" read the ground truth); RLOO's curves are solid, PPO's dashed. The
+            training reward is what the arm reads: VADER for the -GT arms, the learned reward model otherwise.
     """
     import numpy as np
 
@@ -100,7 +104,9 @@ def rl_learning_curves_figure(learning_curves: dict, window: int = 8):
         if not name.startswith(("rloo_", "ppo_")) or not records:
             continue
         method, coef = name.split("_", 1)
-        style = "-" if method == "rloo" else "--"
+        if coef.startswith("gt_"):
+            method, coef = method + "-GT", coef[3:]
+        style = "-" if method.startswith("rloo") else "--"
         steps = np.array([r["step"] for r in records])
         for ax, key in ((left, "reward"), (right, "kl")):
             values = np.array([r[key] for r in records], dtype=float)
@@ -109,7 +115,7 @@ def rl_learning_curves_figure(learning_curves: dict, window: int = 8):
             ax.plot(steps, values, alpha=0.25, linewidth=0.8, linestyle=style)
             ax.plot(steps[k - 1:], smooth, label=f"{method.upper()} KL coef {coef}", linestyle=style,
                     color=ax.lines[-1].get_color())
-    left.set_ylabel("training reward (VADER), per step")
+    left.set_ylabel("training reward read by the arm, per step")
     right.set_ylabel("KL(π‖π_ref) of the step's samples (nats)")
     for ax in (left, right):
         ax.set_xlabel("RL step (rollout)")

@@ -102,13 +102,14 @@ def tiny_run(tmp_path_factory):
     tokenizer.save_pretrained(folder)
     out = tmp_path_factory.mktemp("run")
     config = SentimentConfig(model=str(folder), n_train_prompts=4, n_eval_prompts=3, samples_per_prompt=3,
-                             max_new_tokens=4, sft_steps=0, methods=("dpo", "preferred_ft", "unlikelihood", "rloo", "ppo"),
+                             max_new_tokens=4, sft_steps=0, methods=("dpo", "preferred_ft", "unlikelihood", "rloo", "ppo",
+                                                                  "rloo_rm", "ppo_rm"),
                              betas=(0.1, 0.5), steps=2, eval_every=1, batch_size=4, rloo_steps=2,
                              rloo_prompts_per_step=2, rloo_k=2, rloo_kl_coefs=(0.0, 0.1), ppo_steps=2,
                              ppo_prompts_per_step=2, ppo_k=2, ppo_kl_coefs=(0.1,), best_of_n=(1, 2, 4),
                              eval_samples_per_prompt=2, heldout_pair_samples=4, output_dir=str(out),
                              figure=str(out / "frontier.png"), results=str(out / "copy" / "results.json"),
-                             progress=False)
+                             reward_model_epochs=1.0, reward_model_batch_size=2, progress=False)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(experiment, "get_judge", lambda name: get_judge(letter_e_reward if name == "vader" else name))
         return config, run(config)
@@ -125,8 +126,8 @@ def test_tiny_run_curves_and_invariants(tiny_run):
     curves = {}
     for r in rows:
         curves.setdefault((r["method"], r["knob"]), []).append(r["step"])
-    expected = {("DPO", 0.1), ("DPO", 0.5), ("Preferred-FT", 0.0), ("Unlikelihood", 0.0), ("RLOO", 0.0), ("RLOO", 0.1),
-                ("PPO", 0.1)}
+    expected = {("DPO", 0.1), ("DPO", 0.5), ("Preferred-FT", 0.0), ("Unlikelihood", 0.0), ("RLOO-GT", 0.0),
+                ("RLOO-GT", 0.1), ("PPO-GT", 0.1), ("RLOO", 0.0), ("RLOO", 0.1), ("PPO", 0.1)}
     assert {k for k in curves if k[0] not in ("Reference", "Best of N")} == expected
     for key in expected:
         assert sorted(curves[key]) == [0, 1, 2]
@@ -147,9 +148,9 @@ def test_tiny_run_curves_and_invariants(tiny_run):
     metrics = [json.loads(line) for line in (config_out(config) / "dpo_beta0.1" / "metrics.jsonl").open()]
     assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     curves_logged = result["results"]["learning_curves"]
-    for name in ("rloo_0.1", "ppo_0.1"):
+    for name in ("rloo_gt_0.1", "ppo_gt_0.1", "rloo_0.1", "ppo_0.1"):
         assert len(curves_logged[name]) == 2 and all("reward" in r and "kl" in r for r in curves_logged[name])
-    assert all("clipfrac" in r and "vf_loss" in r for r in curves_logged["ppo_0.1"])
+    assert all("clipfrac" in r and "vf_loss" in r for r in curves_logged["ppo_gt_0.1"])
     assert result["figure"].is_file()
     assert result["figure"].with_name("frontier_rl_training.png").is_file()  # the RL baseline's learning curves
 
@@ -173,7 +174,7 @@ def test_tiny_run_comparisons_and_timings(tiny_run):
     KL range); the timings name the training and evaluation of every curve."""
     _, result = tiny_run
     comparisons = result["results"]["comparisons"]
-    methods = ["DPO", "RLOO", "PPO", "Preferred-FT", "Unlikelihood", "Best of N"]
+    methods = ["DPO", "PPO", "RLOO", "PPO-GT", "RLOO-GT", "Preferred-FT", "Unlikelihood", "Best of N"]
     assert {(c["method_a"], c["method_b"]) for c in comparisons} == {
         (a, b) for i, a in enumerate(methods) for b in methods[i + 1:]}
     for c in comparisons:
@@ -184,7 +185,9 @@ def test_tiny_run_comparisons_and_timings(tiny_run):
             assert 0.0 <= c["dominance_share"] <= 1.0
     timings = result["results"]["timings"]
     for name in ("DPO β=0.1 (train)", "evaluation: sampling (all curves)", "evaluation: π_ref log-probs (all curves)",
-                 "RLOO KL coef 0.1 (train)", "PPO KL coef 0.1 (train)", "reference_samples", "load", "pairs"):
+                 "RLOO-GT KL coef 0.1 (train)", "PPO-GT KL coef 0.1 (train)", "RLOO KL coef 0.1 (train)",
+                 "PPO KL coef 0.1 (train)", "reward model (train + held-out accuracy)", "reference_samples", "load",
+                 "pairs"):
         assert name in timings
     # the stages partition the run: their sum is the total (the "other" row takes what no stage timed)
     assert sum(v for k, v in timings.items() if k != "total") == pytest.approx(timings["total"], rel=1e-9)
@@ -303,5 +306,5 @@ def test_a_stopped_run_keeps_its_curves_and_the_rerun_reuses_them(tmp_path):
     dpo_rows = [r for r in result["results"]["policies"] if r["method"] == "DPO"]
     unmarked = [{k: v for k, v in r.items() if k != "final"} for r in dpo_rows]  # assemble() marks the last one
     assert json.loads(json.dumps(unmarked, default=float)) == saved["DPO β=0.1"]["rows"]
-    assert any(r["method"] == "RLOO" and r["step"] == 1 for r in result["results"]["policies"])
+    assert any(r["method"] == "RLOO-GT" and r["step"] == 1 for r in result["results"]["policies"])
     assert not partial.exists()

@@ -20,7 +20,9 @@ def rollout(policy, tokenizer, prompts: Sequence[str], order: np.ndarray, step: 
             reward_fn: Callable[[list[str]], np.ndarray], *, prompts_per_step: int, k: int, max_new_tokens: int,
             seed: int) -> tuple[Samples, torch.Tensor]:
     """Sample ``k`` completions of step ``step``'s ``prompts_per_step`` prompts (the next ones in ``order``) from
-    the full distribution of ``policy``, and score their texts with ``reward_fn``.
+    the full distribution of ``policy``, and score them with ``reward_fn``, once per sample: its
+    ``score_samples(samples)`` when it has one (a learned reward model reads the sampled token ids after the
+    prompt's, :class:`dpolab.train.reward.RewardModelJudge`), otherwise the completions' texts.
 
     Returns:
         The samples and their rewards, prompt by prompt. Shape: (prompts_per_step · k,) float32.
@@ -28,5 +30,8 @@ def rollout(policy, tokenizer, prompts: Sequence[str], order: np.ndarray, step: 
     take = [prompts[order[(step * prompts_per_step + j) % len(prompts)]] for j in range(prompts_per_step)]
     samples = sample(policy, tokenizer, take, k, max_new_tokens=max_new_tokens, top_k=len(tokenizer),
                      seed=seed * 100_003 + step, progress=False)
-    texts = [t for row in samples.texts for t in row]
-    return samples, torch.tensor(np.asarray(reward_fn(texts), dtype=np.float64), dtype=torch.float32)
+    if hasattr(reward_fn, "score_samples"):
+        scores = reward_fn.score_samples(samples)
+    else:
+        scores = reward_fn([t for row in samples.texts for t in row])
+    return samples, torch.tensor(np.asarray(scores, dtype=np.float64), dtype=torch.float32)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,13 +34,14 @@ import torch
 from dpolab.cache import atomic_write_text, from_repo_root
 from dpolab.data.tokenize import pad_token_id
 from dpolab.experiments import sentiment_curves as curves
-from dpolab.experiments.sentiment_config import SentimentConfig
+from dpolab.experiments.sentiment_config import RL_METHODS, SentimentConfig
 from dpolab.experiments.sentiment_eval import best_of_n_rows, evaluate_policy, evaluate_samples, heldout_pair_accuracy
 from dpolab.experiments.sentiment_policies import (
     sft_reference,
     train_dpo,
     train_ppo,
     train_preferred_ft,
+    train_reward_model_on_pairs,
     train_rloo,
     train_unlikelihood,
 )
@@ -160,8 +162,11 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
     stages += [f"DPO β={b:g}" for b in config.betas] if "dpo" in config.methods else []
     stages += [name for key, name in (("preferred_ft", "Preferred-FT"), ("unlikelihood", "Unlikelihood"))
                if key in config.methods]
-    stages += [f"RLOO KL coef {k:g}" for k in config.rloo_kl_coefs] if "rloo" in config.methods else []
-    stages += [f"PPO KL coef {k:g}" for k in config.ppo_kl_coefs] if "ppo" in config.methods else []
+    wants_rm = bool({"rloo_rm", "ppo_rm", "reward_model"} & set(config.methods))
+    stages += ["reward model"] if wants_rm else []
+    for key, arm in RL_METHODS.items():
+        coefs = config.rloo_kl_coefs if key.startswith("rloo") else config.ppo_kl_coefs
+        stages += [f"{arm} KL coef {k:g}" for k in coefs] if key in config.methods else []
     say = _stage_printer(stages, config.progress)
     t0 = time.perf_counter()
 
@@ -181,11 +186,15 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
               file=sys.stderr, flush=True)
     rows = [setup.reference_row, *curves.best_of_n_curve_rows(setup, config.best_of_n)]
     learning_curves = {}
+    # ground-truth reward queries behind the offline methods: every sample of π_ref that was scored to make pairs
+    offline_queries = config.n_train_prompts * config.samples_per_prompt
+    epoch_steps = max(1, len(pairs) // config.batch_size)  # steps in one pass (both trainers drop a short batch)
+    pair_steps = config.steps if config.num_train_epochs <= 0 else math.ceil(config.num_train_epochs * epoch_steps)
 
     partial_path = setup.out / "results.partial.json"
     finished = _finished_curves(partial_path, config)
 
-    def traced(method: str, knob: float, name: str, train_fn, every: int, steps: int):
+    def traced(method: str, knob: float, name: str, train_fn, every: int, steps: int, **row_fields):
         """Train one curve, evaluating at the checkpoint steps; record train and eval seconds apart."""
         if name in finished:  # measured by an earlier run of the same settings that stopped later
             say(name)
@@ -197,14 +206,18 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
             return
         say(name)
         at = curves.checkpoint_steps(steps, every)
-        points = [curves.start_row(setup.reference_row, method, knob)]
+        def fields(step: int) -> dict:
+            return {key: value(step) if callable(value) else value for key, value in row_fields.items()}
+
+        points = [{**curves.start_row(setup.reference_row, method, knob), **fields(0)}]
         spent = {"eval": 0.0}
 
         def on_step(policy, step, record):
             if step in at:
                 started = time.perf_counter()
-                points.append(curves.evaluate_checkpoint(setup, policy, method, knob, step,
-                                                         pair_accuracy=step == steps))
+                points.append(curves.evaluate_checkpoint(
+                    setup, policy, method, knob, step, pair_accuracy=step == steps or config.heldout_acc_every_eval))
+                points[-1].update(fields(step))
                 spent["eval"] += time.perf_counter() - started
                 for part, seconds in points[-1]["eval_seconds"].items():
                     timings[f"evaluation: {part} (all curves)"] = timings.get(
@@ -230,30 +243,56 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
 
     saved = {}
 
+    offline = {"reward_source": "pairs (ground truth)", "reward_queries": offline_queries,
+               "epoch": lambda step: step / epoch_steps}
     if "dpo" in config.methods:
         for beta in config.betas:
-            traced("DPO", beta, f"DPO β={beta:g}",
-                   lambda cb, beta=beta: train_dpo(setup, pairs, beta, on_step=cb), config.eval_every, config.steps)
+            traced("DPO", beta, f"DPO β={beta:g}", lambda cb, beta=beta: train_dpo(setup, pairs, beta, on_step=cb,
+                                                                                   steps=pair_steps),
+                   config.eval_every, pair_steps, **offline)
     if "preferred_ft" in config.methods:
-        traced("Preferred-FT", 0.0, "Preferred-FT", lambda cb: train_preferred_ft(setup, pairs, on_step=cb),
-               config.eval_every, config.steps)
+        traced("Preferred-FT", 0.0, "Preferred-FT",
+               lambda cb: train_preferred_ft(setup, pairs, on_step=cb, steps=pair_steps), config.eval_every,
+               pair_steps, **offline)
     if "unlikelihood" in config.methods:
-        traced("Unlikelihood", 0.0, "Unlikelihood", lambda cb: train_unlikelihood(setup, pairs, on_step=cb),
-               config.eval_every, config.steps)
-    if "rloo" in config.methods:
-        for coef in config.rloo_kl_coefs:
-            traced("RLOO", coef, f"RLOO KL coef {coef:g}",
-                   lambda cb, coef=coef: train_rloo(setup, coef, on_step=cb),
-                   config.rloo_eval_every or config.eval_every, config.rloo_steps)
-    if "ppo" in config.methods:
-        for coef in config.ppo_kl_coefs:
-            traced("PPO", coef, f"PPO KL coef {coef:g}", lambda cb, coef=coef: train_ppo(setup, coef, on_step=cb),
-                   config.ppo_eval_every or config.eval_every, config.ppo_steps)
+        traced("Unlikelihood", 0.0, "Unlikelihood",
+               lambda cb: train_unlikelihood(setup, pairs, on_step=cb, steps=pair_steps), config.eval_every,
+               pair_steps, **offline)
+    judge = None
+    if wants_rm:
+        say("reward model")
+        t = time.perf_counter()
+        judge, reward_model_summary = train_reward_model_on_pairs(setup, pairs)
+        timings["reward model (train + held-out accuracy)"] = time.perf_counter() - t
+        if config.progress:
+            r = reward_model_summary
+            print(f"    reward model: held-out pair accuracy {r['heldout_acc']:.3f} ± {r['heldout_acc_se']:.3f} "
+                  f"(best epoch {r['best_epoch']:g}; last {r['last_heldout_acc']:.3f})", file=sys.stderr, flush=True)
+    for key, arm in RL_METHODS.items():
+        if key not in config.methods:
+            continue
+        rloo = key.startswith("rloo")
+        coefs, train_fn = (config.rloo_kl_coefs, train_rloo) if rloo else (config.ppo_kl_coefs, train_ppo)
+        every = (config.rloo_eval_every if rloo else config.ppo_eval_every) or config.eval_every
+        steps = config.rloo_steps if rloo else config.ppo_steps
+        per_step = (config.rloo_prompts_per_step * config.rloo_k if rloo
+                    else config.ppo_prompts_per_step * config.ppo_k)
+        reads_rm = key.endswith("_rm")
+        source = {"reward_source": "reward model" if reads_rm else "ground truth",
+                  # a learned reward model costs no ground-truth query beyond the pairs it learned from
+                  "reward_queries": (lambda step: offline_queries) if reads_rm else (lambda step, n=per_step: step * n)}
+        for coef in coefs:
+            traced(arm, coef, f"{arm} KL coef {coef:g}",
+                   lambda cb, coef=coef, fn=train_fn, rm=reads_rm: fn(setup, coef, on_step=cb,
+                                                                      reward_fn=judge if rm else None),
+                   every, steps, **source)
     total = time.perf_counter() - t0
     timings["other (model copies, bookkeeping)"] = total - sum(timings.values())
     timings["total"] = total
 
     results = assemble(config, rows, learning_curves, timings, metadata.get("stats"))
+    if wants_rm:
+        results["reward_model"] = reward_model_summary
     partial_path.unlink(missing_ok=True)  # the whole run is in the results file now
     for row in results["policies"]:  # Best-of-N rows are on π_ref's held-out prefixes, and name none of their own
         if row["method"] == "Best of N" or (row["method"] != "Reference" and row.get("final")):

@@ -15,8 +15,14 @@ from typing import Any
 from dpolab.models import DEFAULT_MODEL
 from dpolab.overrides import load_config
 
-METHODS = ("dpo", "preferred_ft", "unlikelihood", "rloo", "ppo")
-"""The trained methods; Best-of-N and π_ref are always evaluated."""
+METHODS = ("dpo", "preferred_ft", "unlikelihood", "rloo", "ppo", "rloo_rm", "ppo_rm", "reward_model")
+"""The trained methods; Best-of-N and π_ref are always evaluated. "rloo" and "ppo" read the ground truth (their
+curves are named RLOO-GT and PPO-GT, the paper's oracle); "rloo_rm" and "ppo_rm" read a reward model learned from
+the same preference pairs as DPO (curves RLOO and PPO: the RLHF pipeline DPO replaces); "reward_model" trains and
+reports the reward model alone (the RM arms train it too)."""
+
+RL_METHODS = {"rloo": "RLOO-GT", "ppo": "PPO-GT", "rloo_rm": "RLOO", "ppo_rm": "PPO"}
+"""Config name of each RL arm -> its curve's name (named by what it reads)."""
 
 
 @dataclass
@@ -49,7 +55,21 @@ class SentimentConfig:
     loss: str = "sigmoid"
     """DPO-family loss (a name in dpolab.losses.LOSSES)."""
     steps: int = 32
-    """Optimizer steps of each DPO, Preferred-FT and Unlikelihood run."""
+    """Optimizer steps of each DPO, Preferred-FT and Unlikelihood run (unless ``num_train_epochs`` is set)."""
+    num_train_epochs: float = 0.0
+    """When > 0: DPO, Preferred-FT and Unlikelihood run this many passes over their pairs instead of ``steps``
+    (ceil(epochs · pairs / batch_size) steps; the rows carry ``epoch``)."""
+    heldout_acc_every_eval: bool = False
+    """Measure the implicit-reward accuracy on the held-out pairs at every checkpoint (not only the last)."""
+    reward_model_epochs: float = 2.0
+    """Passes over the preference pairs of the reward model (trl RewardConfig's ``num_train_epochs``); the checkpoint
+    with the best held-out pair accuracy, evaluated at each epoch's end, is kept."""
+    reward_model_lr: float = 1e-5
+    """Learning rate of the reward model (AdamW, constant)."""
+    reward_model_batch_size: int = 8
+    """Pairs per reward-model step."""
+    center_rewards_coefficient: float = 0.0
+    """trl RewardConfig's ``center_rewards_coefficient``: adds c·(r_w + r_l)² to the loss (0 = off)."""
     eval_every: int = 8
     """Evaluate every trained policy on the held-out prefixes every this many steps (and at the last step)."""
     batch_size: int = 8
@@ -125,16 +145,24 @@ class SentimentConfig:
         if self.steps < 1 or min(self.eval_every, self.rloo_eval_every, self.ppo_eval_every) < 0:
             raise ValueError("steps must be >= 1, eval_every, rloo_eval_every and ppo_eval_every >= 0")
         counts = {"batch_size": 1, "eval_samples_per_prompt": 1, "heldout_pair_samples": 2, "sft_steps": 0}
-        if "rloo" in self.methods:  # a method that is asked for must be able to run: no zero-step RL stage
+        if {"rloo", "rloo_rm"} & set(self.methods):  # a method that is asked for must be able to run
             counts.update(rloo_steps=1, rloo_prompts_per_step=1, rloo_k=2)
-        if "ppo" in self.methods:
+        if {"rloo_rm", "ppo_rm", "reward_model"} & set(self.methods):
+            counts.update(reward_model_batch_size=1)
+        if {"ppo", "ppo_rm"} & set(self.methods):
             counts.update(ppo_steps=1, ppo_prompts_per_step=1, ppo_k=1, num_ppo_epochs=1)
         for name, least in counts.items():
             if not getattr(self, name) >= least:
                 rl = next((m for m in ("rloo", "ppo") if m in name), None)
                 raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)!r}"
                                  + (f" (leave '{rl}' out of methods to skip it)" if rl else ""))
-        for name in ("lr", "rloo_lr", "ppo_lr"):
+        if not (math.isfinite(self.num_train_epochs) and self.num_train_epochs >= 0):
+            raise ValueError(f"num_train_epochs must be >= 0 (0 = use steps), got {self.num_train_epochs!r}")
+        if not (math.isfinite(self.reward_model_epochs) and self.reward_model_epochs > 0):
+            raise ValueError(f"reward_model_epochs must be > 0, got {self.reward_model_epochs!r}")
+        if not (math.isfinite(self.center_rewards_coefficient) and self.center_rewards_coefficient >= 0):
+            raise ValueError(f"center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient!r}")
+        for name in ("lr", "rloo_lr", "ppo_lr", "reward_model_lr"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be finite and > 0, got {getattr(self, name)!r}")
         if not self.best_of_n or min(self.best_of_n) < 1:

@@ -26,7 +26,11 @@ from dpolab.experiments.sentiment_eval import full_texts, heldout_pair_accuracy
 from dpolab.sample.completions import completion_logprobs
 from dpolab.sample.generate import Samples, sample
 
-RESULTS_FORMAT = "dpolab.sentiment/2"
+RESULTS_FORMAT = "dpolab.sentiment/3"
+"""Format 3 names the RL arms by what they read (RLOO-GT / PPO-GT: the ground truth; RLOO / PPO: a learned reward
+model) and records each row's ``reward_source``; files of format 2, whose RL arms all read the ground truth, are
+read and upgraded (:func:`dpolab.experiments.sentiment_report.upgrade`)."""
+OLD_FORMATS = ("dpolab.sentiment/2",)
 POLICY_FIELDS = ("method", "knob", "step", "reward", "reward_se", "kl", "kl_se", "gain", "gain_se")
 COMPARISON_FIELDS = ("method_a", "method_b", "kl_low", "kl_high", "reward_diff", "ci_low", "ci_high",
                      "dominance_share")

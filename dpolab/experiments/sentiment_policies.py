@@ -28,11 +28,11 @@ from dpolab.sample.sentiment import review_snippets
 from dpolab.train.trainer import train
 
 
-def train_config(setup, name: str, **fields) -> dict:
+def train_config(setup, name: str, steps: int | None = None, **fields) -> dict:
     """The trainer settings shared by every policy of the experiment (a dict for dpolab.train.trainer.train)."""
     c = setup.config
     micro = min(8, c.batch_size)
-    return dict(max_steps=c.steps, lr=c.lr, micro_batch_size=micro, grad_accum_steps=max(1, c.batch_size // micro),
+    return dict(max_steps=steps or c.steps, lr=c.lr, micro_batch_size=micro, grad_accum_steps=max(1, c.batch_size // micro),
                 seed=c.seed, progress=c.progress, kl_samples=0, overwrite=True, output_dir=str(setup.out / name),
                 **fields)
 
@@ -43,7 +43,7 @@ def with_policy(policy, on_step):
 
 
 def train_dpo(setup, pairs: list[TokenizedPair], beta: float, loss: str | None = None, on_step=None,
-              eval_pairs: list[TokenizedPair] | None = None):
+              eval_pairs: list[TokenizedPair] | None = None, steps: int | None = None):
     """A copy of π_ref trained with DPO at ``beta`` (reference log-probs precomputed once, cached by hash).
 
     ``on_step(policy, step, record)`` runs after every optimizer step (e.g. to evaluate checkpoints); with
@@ -51,54 +51,106 @@ def train_dpo(setup, pairs: list[TokenizedPair], beta: float, loss: str | None =
     ``eval_`` names). Returns ``(policy, TrainResult)``.
     """
     policy = copy.deepcopy(setup.reference)
-    result = train(train_config(setup, f"dpo_beta{beta:g}", stage="dpo", beta=beta, loss=loss or setup.config.loss,
+    result = train(train_config(setup, f"dpo_beta{beta:g}", steps, stage="dpo", beta=beta, loss=loss or setup.config.loss,
                                 reference="precomputed"), model=policy, tokenizer=setup.tokenizer, train_pairs=pairs,
                    eval_pairs=eval_pairs, on_step=with_policy(policy, on_step))
     return policy.eval(), result
 
 
-def train_preferred_ft(setup, pairs: list[TokenizedPair], on_step=None):
+def train_preferred_ft(setup, pairs: list[TokenizedPair], on_step=None, steps: int | None = None):
     """Preferred-FT: a copy of π_ref trained with SFT on the chosen responses. Returns ``(policy, TrainResult)``."""
     policy = copy.deepcopy(setup.reference)
-    result = train(train_config(setup, "preferred_ft", stage="sft"), model=policy, tokenizer=setup.tokenizer,
+    result = train(train_config(setup, "preferred_ft", steps, stage="sft"), model=policy, tokenizer=setup.tokenizer,
                    train_pairs=pairs, on_step=with_policy(policy, on_step))
     return policy.eval(), result
 
 
-def train_unlikelihood(setup, pairs: list[TokenizedPair], on_step=None):
+def train_unlikelihood(setup, pairs: list[TokenizedPair], on_step=None, steps: int | None = None):
     """Unlikelihood (:mod:`dpolab.baselines.unlikelihood`) from a copy of π_ref. Returns ``(policy, history)``."""
     c = setup.config
     policy = copy.deepcopy(setup.reference)
-    history = unlikelihood_train(policy, pairs, pad_token_id(setup.tokenizer), steps=c.steps, batch_size=c.batch_size,
+    history = unlikelihood_train(policy, pairs, pad_token_id(setup.tokenizer), steps=steps or c.steps, batch_size=c.batch_size,
                                  lr=c.lr, alpha=c.unlikelihood_alpha, seed=c.seed, progress=c.progress,
                                  on_step=with_policy(policy, on_step))
     return policy.eval(), history
 
 
-def _rl_policy(setup, train_fn, on_step, **settings):
+def _rl_policy(setup, train_fn, on_step, reward_fn=None, **settings):
     """An RL baseline (``train_fn``: :func:`rloo_train` or :func:`ppo_train`) from a copy of π_ref on the training
-    prefixes and the ground-truth reward, with the experiment's shared settings. Returns ``(policy, history)``."""
+    prefixes, reading ``reward_fn`` (default: the ground truth; a :class:`dpolab.train.reward.RewardModelJudge` for
+    the RLHF arms), with the experiment's shared settings. Returns ``(policy, history)``."""
     c = setup.config
     policy = copy.deepcopy(setup.reference)
-    history = train_fn(policy, setup.reference, setup.tokenizer, setup.train_prefixes, setup.reward_fn,
+    history = train_fn(policy, setup.reference, setup.tokenizer, setup.train_prefixes,
+                       setup.reward_fn if reward_fn is None else reward_fn,
                        max_new_tokens=c.max_new_tokens, seed=c.seed, progress=c.progress,
                        on_step=with_policy(policy, on_step), **settings)
     return policy.eval(), history
 
 
-def train_rloo(setup, kl_coef: float | None = None, on_step=None):
+def train_rloo(setup, kl_coef: float | None = None, on_step=None, reward_fn=None):
     """The RL baseline (dpolab.baselines.rloo) from a copy of π_ref. Returns ``(policy, history)``."""
     c = setup.config
-    return _rl_policy(setup, rloo_train, on_step, steps=c.rloo_steps, prompts_per_step=c.rloo_prompts_per_step,
-                      k=c.rloo_k, kl_coef=c.rloo_kl_coefs[0] if kl_coef is None else kl_coef, lr=c.rloo_lr)
+    return _rl_policy(setup, rloo_train, on_step, reward_fn, steps=c.rloo_steps,
+                      prompts_per_step=c.rloo_prompts_per_step, k=c.rloo_k,
+                      kl_coef=c.rloo_kl_coefs[0] if kl_coef is None else kl_coef, lr=c.rloo_lr)
 
 
-def train_ppo(setup, kl_coef: float | None = None, on_step=None):
+def train_ppo(setup, kl_coef: float | None = None, on_step=None, reward_fn=None):
     """PPO (dpolab.baselines.ppo) from a copy of π_ref. Returns ``(policy, history)``."""
     c = setup.config
-    return _rl_policy(setup, ppo_train, on_step, steps=c.ppo_steps, prompts_per_step=c.ppo_prompts_per_step,
+    return _rl_policy(setup, ppo_train, on_step, reward_fn, steps=c.ppo_steps, prompts_per_step=c.ppo_prompts_per_step,
                       k=c.ppo_k, kl_coef=c.ppo_kl_coefs[0] if kl_coef is None else kl_coef, lr=c.ppo_lr,
                       num_ppo_epochs=c.num_ppo_epochs)
+
+
+def train_reward_model_on_pairs(setup, pairs: list[TokenizedPair]):
+    """The RLHF pipeline's reward model: π_ref's trunk with a scalar head, trained with the Bradley–Terry loss on the
+    same preference pairs as DPO, the checkpoint with the best held-out pair accuracy kept (evaluated at each
+    epoch's end on the held-out pairs of π_ref's samples, the pairs every policy's implicit reward is scored on).
+
+    Saved as a Hugging Face folder under ``output_dir/reward_model``. Returns ``(judge, summary)``: a
+    :class:`dpolab.train.reward.RewardModelJudge` for the RL arms and a dict for the results file.
+    """
+    from dpolab.experiments.sentiment_curves import first_samples
+    from dpolab.experiments.sentiment_eval import heldout_pair_accuracy
+    from dpolab.train.reward import (
+        RewardModelJudge,
+        reward_model_from_causal_lm,
+        save_reward_model,
+        train_reward_model,
+    )
+
+    c = setup.config
+    held = setup.heldout_samples()
+    k = min(c.heldout_pair_samples, held["rewards"].shape[1])
+    heldout = first_samples(held["samples"], k)
+    scorer = {}
+
+    def evaluate(model) -> dict:
+        judge = scorer.setdefault("judge", RewardModelJudge(model, setup.tokenizer, setup.tokenizer))
+        scores = judge.score_samples(heldout).reshape(len(heldout.prompts), k)
+        acc = heldout_pair_accuracy(scores, held["rewards"][:, :k])
+        return {"eval_accuracy": acc["heldout_acc"], "eval_accuracy_se": acc["heldout_acc_se"],
+                "eval_pairs": acc["heldout_pairs"]}
+
+    model = reward_model_from_causal_lm(setup.reference, setup.tokenizer, seed=c.seed)
+    result = train_reward_model(model, pairs, pad_token_id(setup.tokenizer), evaluate=evaluate,
+                                num_train_epochs=c.reward_model_epochs, learning_rate=c.reward_model_lr,
+                                per_device_train_batch_size=c.reward_model_batch_size,
+                                center_rewards_coefficient=c.center_rewards_coefficient or None, seed=c.seed,
+                                progress=c.progress)
+    best = next(r for r in result.eval_history if r["step"] == result.best_step)
+    summary = {"train_pairs": len(pairs), "epochs": c.reward_model_epochs, "lr": c.reward_model_lr,
+               "batch_size": c.reward_model_batch_size, "best_step": result.best_step, "best_epoch": best["epoch"],
+               "heldout_acc": best["eval_accuracy"], "heldout_acc_se": best["eval_accuracy_se"],
+               "heldout_pairs": best["eval_pairs"], "last_heldout_acc": result.last_eval["eval_accuracy"],
+               "last_heldout_acc_se": result.last_eval["eval_accuracy_se"], "eval_history": result.eval_history,
+               "history": result.history, "selected_on": "held-out pairs of π_ref's samples (the reported ones)"}
+    folder = save_reward_model(model, setup.tokenizer, setup.out / "reward_model",
+                               {k: v for k, v in summary.items() if k != "history"})
+    summary["folder"] = str(folder)
+    return RewardModelJudge(model, setup.tokenizer, setup.tokenizer, name=f"reward model ({folder.name})"), summary
 
 
 def sft_on_reviews(model, tokenizer, config: SentimentConfig, out: Path):

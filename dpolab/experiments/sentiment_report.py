@@ -19,9 +19,66 @@ import dataclasses
 import json
 from pathlib import Path
 
-from dpolab.experiments.sentiment_curves import COMPARISON_FIELDS, POLICY_FIELDS, RESULTS_FORMAT
+from dpolab.experiments.sentiment_curves import COMPARISON_FIELDS, OLD_FORMATS, POLICY_FIELDS, RESULTS_FORMAT
 
-METHOD_ORDER = ("DPO", "RLOO", "PPO", "Preferred-FT", "Unlikelihood", "Best of N")
+METHOD_ORDER = ("DPO", "PPO", "RLOO", "PPO-GT", "RLOO-GT", "Preferred-FT", "Unlikelihood", "Best of N")
+"""Methods in the order of the comparisons: DPO first, then the RLHF arms (a learned reward model), then the
+ground-truth oracles and the other baselines."""
+
+GROUND_TRUTH_NAMES = {"RLOO": "RLOO-GT", "PPO": "PPO-GT"}
+"""Format 2's RL arms, which read the ground truth, and their names in format 3."""
+
+
+def upgrade(results: dict) -> dict:
+    """A format-2 file in format 3: its RL arms read the ground truth, so RLOO → RLOO-GT and PPO → PPO-GT (rows,
+    policy slugs, learning-curve keys and comparisons), and every trained row gets its ``reward_source``."""
+    if results.get("format") not in OLD_FORMATS:
+        return results
+    rows = []
+    for row in results.get("policies", []):
+        row = dict(row)
+        new = GROUND_TRUTH_NAMES.get(row.get("method"))
+        if new is not None:
+            row["method"], row["reward_source"] = new, "ground truth"
+            row["policy"] = row.get("policy", "").replace(f"{new.split('-')[0].lower()}_", _slug(new) + "_", 1)
+        elif row.get("method") in ("DPO", "Preferred-FT", "Unlikelihood"):
+            row.setdefault("reward_source", "pairs (ground truth)")
+        rows.append(row)
+    curves = {(_slug(GROUND_TRUTH_NAMES[k.split("_")[0].upper()]) + k[len(k.split("_")[0]):]
+               if k.split("_")[0].upper() in GROUND_TRUTH_NAMES else k): v
+              for k, v in results.get("learning_curves", {}).items()}
+    comparisons = [{**c, "method_a": GROUND_TRUTH_NAMES.get(c["method_a"], c["method_a"]),
+                    "method_b": GROUND_TRUTH_NAMES.get(c["method_b"], c["method_b"])}
+                   for c in results.get("comparisons", [])]
+    return {**results, "format": RESULTS_FORMAT, "upgraded_from": results["format"], "policies": rows,
+            "learning_curves": curves, "comparisons": comparisons}
+
+
+def _slug(method: str) -> str:
+    return method.lower().replace(" ", "_").replace("-", "_")
+
+
+def check_reward_sources(rows: list[dict], source: str) -> None:
+    """Every curve of one method name must read the same reward (a learned model vs the ground truth)."""
+    seen = {}
+    for row in rows:
+        if "reward_source" not in row or row["method"] in ("Reference", "Best of N"):
+            continue
+        first = seen.setdefault(row["method"], row["reward_source"])
+        if first != row["reward_source"]:
+            raise ValueError(f"{source}: method {row['method']!r} has rows that read {first!r} and rows that read "
+                             f"{row['reward_source']!r}; one name must mean one reward source")
+
+
+def annotate_checkpoints(comparisons: list[dict], rows: list[dict]) -> list[dict]:
+    """Add to each matched-KL comparison how many checkpoints of each method lie inside its common KL range."""
+    for c in comparisons:
+        if c.get("note"):
+            continue
+        for side in ("a", "b"):
+            c[f"checkpoints_{side}"] = sum(1 for r in rows if r["method"] == c[f"method_{side}"]
+                                           and c["kl_low"] <= r["kl"] <= c["kl_high"])
+    return comparisons
 
 
 def assemble(config, rows: list[dict], learning_curves: dict, timings: dict, pair_stats) -> dict:
@@ -43,6 +100,7 @@ def assemble(config, rows: list[dict], learning_curves: dict, timings: dict, pai
     methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
     curve_rows = [r for r in rows if r["method"] != "Reference"]
     comparisons = compare_all(curve_rows, methods, seed=config.seed) if len(methods) > 1 else []
+    annotate_checkpoints(comparisons, curve_rows)
     return {"format": RESULTS_FORMAT, "config": dataclasses.asdict(config), "pair_stats": pair_stats,
             "policies": rows, "comparisons": comparisons, "learning_curves": learning_curves, "timings": timings,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -84,6 +142,8 @@ def validate(results, source: str) -> dict:
     """Check a loaded results file; a file of another format names what is missing."""
     if not isinstance(results, dict):
         raise ValueError(f"{source}: not a results file of dpolab reproduce (a JSON object expected)")
+    if results.get("format") in OLD_FORMATS:
+        results = upgrade(results)
     if results.get("format") != RESULTS_FORMAT:
         found = "rows" if "rows" in results else "format"
         raise ValueError(f"{source}: results format {results.get('format')!r} is not {RESULTS_FORMAT!r} (an older "
@@ -99,6 +159,7 @@ def validate(results, source: str) -> dict:
         for field in COMPARISON_FIELDS:
             if field not in row:
                 raise ValueError(f"{source}: comparisons[{i}] has no field {field!r}")
+    check_reward_sources(results["policies"], source)
     return results
 
 
@@ -151,11 +212,17 @@ def merge_results(parts: list[dict], names: list[str]) -> dict:
                         if stage != "total"})
         timings["total"] = timings.get("total", 0.0) + results["timings"].get("total", 0.0)
     timings["total"] = timings.pop("total")  # the last row
+    check_reward_sources(rows, " + ".join(names))
     methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
-    comparisons = compare_all([r for r in rows if r["method"] != "Reference"], methods,
-                              seed=parts[0]["config"].get("seed", 0))
-    return {**parts[0], "config": [p["config"] for p in parts], "policies": rows, "comparisons": comparisons,
-            "learning_curves": curves, "timings": timings, "merged_from": list(names)}
+    curve_rows = [r for r in rows if r["method"] != "Reference"]
+    comparisons = annotate_checkpoints(compare_all(curve_rows, methods, seed=parts[0]["config"].get("seed", 0)),
+                                       curve_rows)
+    merged = {**parts[0], "config": [p["config"] for p in parts], "policies": rows, "comparisons": comparisons,
+              "learning_curves": curves, "timings": timings, "merged_from": list(names)}
+    models = [p["reward_model"] for p in parts if "reward_model" in p]
+    if models:
+        merged["reward_model"] = models[0]
+    return merged
 
 
 def from_results(paths, figure: str | Path | None = None) -> dict:
@@ -179,8 +246,9 @@ def _fmt(value: float, se: float, digits: int = 3, sign: bool = False) -> str:
 
 def table_markdown(rows: list[dict]) -> str:
     """π_ref, the last checkpoint of every trained curve and the Best-of-N points (± one s.e. over prefixes)."""
-    lines = ["| method | knob | step | reward (VADER) | paired gain vs π_ref | gain / s.e. | KL(π‖π_ref) (nats) | "
-             "TextBlob | held-out pair acc. (pairs) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | reads | knob | step | epoch | GT reward queries | reward (VADER) | paired gain vs π_ref | "
+             "gain / s.e. | KL(π‖π_ref) (nats) | TextBlob | held-out pair acc. (pairs) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if not (r["method"] in ("Reference", "Best of N") or r.get("final")):
             continue
@@ -189,7 +257,11 @@ def table_markdown(rows: list[dict]) -> str:
         acc = (f"{r['heldout_acc']:.3f} ± {r['heldout_acc_se']:.3f} ({r['heldout_pairs']})" if "heldout_acc" in r
                else "—")
         knob = f"{r['knob']:g}" if r["method"] not in ("Reference", "Preferred-FT", "Unlikelihood") else "—"
-        lines.append(f"| {r['method']} | {knob} | {r['step']} | {_fmt(r['reward'], r['reward_se'])} | "
+        reads = r.get("reward_source", "—")
+        epoch = f"{r['epoch']:.2f}" if "epoch" in r else "—"
+        queries = r.get("reward_queries", "—")
+        lines.append(f"| {r['method']} | {reads} | {knob} | {r['step']} | {epoch} | {queries} | "
+                     f"{_fmt(r['reward'], r['reward_se'])} | "
                      f"{_fmt(r['gain'], r['gain_se'], sign=True)} | {ratio} | {_fmt(r['kl'], r['kl_se'], 2)} | "
                      f"{_fmt(r['judge'], r['judge_se'])} | {acc} |")
     return "\n".join(lines)
@@ -197,15 +269,33 @@ def table_markdown(rows: list[dict]) -> str:
 
 def comparisons_markdown(comparisons: list[dict]) -> str:
     """Reward difference at matched KL (A − B, mean over the common KL range) with its 95% bootstrap CI."""
-    lines = ["| A | B | common KL range (nats) | reward A − B at matched KL | 95% CI | share of range A > B "
-             "(CI > 0) | share B > A |", "|---|---|---|---|---|---|---|"]
+    lines = ["| A | B | common KL range (nats) | checkpoints in range (A, B) | reward A − B at matched KL | 95% CI | "
+             "share of range A > B (CI > 0) | share B > A |", "|---|---|---|---|---|---|---|---|"]
     for c in comparisons:
         if c.get("note"):
-            lines.append(f"| {c['method_a']} | {c['method_b']} | {c['note']} | — | — | — | — |")
+            lines.append(f"| {c['method_a']} | {c['method_b']} | {c['note']} | — | — | — | — | — |")
             continue
-        lines.append(f"| {c['method_a']} | {c['method_b']} | {c['kl_low']:.2f}–{c['kl_high']:.2f} | "
+        counts = f"{c['checkpoints_a']}, {c['checkpoints_b']}" if "checkpoints_a" in c else "—"
+        lines.append(f"| {c['method_a']} | {c['method_b']} | {c['kl_low']:.2f}–{c['kl_high']:.2f} | {counts} | "
                      f"{c['reward_diff']:+.3f} | [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | "
                      f"{c['dominance_share']:.2f} | {c.get('dominance_share_b', float('nan')):.2f} |")
+    return "\n".join(lines)
+
+
+def reward_model_markdown(results: dict) -> str:
+    """The learned reward model's held-out pair accuracy beside every DPO checkpoint's implicit-reward accuracy
+    (paper: "your language model is secretly a reward model"), on the same held-out pairs, ± one s.e."""
+    rm = results["reward_model"]
+    lines = ["| model | step | epoch | held-out pair accuracy | pairs |", "|---|---|---|---|---|"]
+    for r in rm["eval_history"]:
+        tag = " (kept)" if r["step"] == rm["best_step"] else ""
+        lines.append(f"| reward model{tag} | {r['step']} | {r['epoch']:.2f} | "
+                     f"{r['eval_accuracy']:.3f} ± {r['eval_accuracy_se']:.3f} | {r['eval_pairs']} |")
+    for r in results["policies"]:
+        if r["method"] == "DPO" and "heldout_acc" in r and r["step"] > 0:
+            epoch = f"{r['epoch']:.2f}" if "epoch" in r else "—"
+            lines.append(f"| DPO β={r['knob']:g} (implicit reward) | {r['step']} | {epoch} | "
+                         f"{r['heldout_acc']:.3f} ± {r['heldout_acc_se']:.3f} | {r['heldout_pairs']} |")
     return "\n".join(lines)
 
 
@@ -225,5 +315,7 @@ def report_markdown(results: dict) -> str:
     parts = [table_markdown(results["policies"])]
     if results["comparisons"]:
         parts.append(comparisons_markdown(results["comparisons"]))
+    if results.get("reward_model"):
+        parts.append(reward_model_markdown(results))
     parts.append(timings_markdown(results["timings"]))
     return "\n\n".join(parts)
