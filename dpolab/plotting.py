@@ -126,6 +126,31 @@ def rl_learning_curves_figure(learning_curves: dict, window: int = 8):
     return fig
 
 
+def temperature_win_rate_figure(sweeps: dict):
+    """The paper's Fig. 3 (left) on this task: win rate against π_ref's samples (temperature 1) by the policy's
+    sampling temperature, one line per final policy, ±1 s.e. bars.
+
+    Args:
+        sweeps: policy name -> rows with ``temperature``, ``win_rate``, ``win_rate_se``.
+    """
+    fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=120)
+    for name, rows in sweeps.items():
+        rows = sorted(rows, key=lambda r: r["temperature"])
+        method = name.split(" ")[0]
+        style = METHOD_STYLE.get("Reference" if name == "π_ref" else method, {"color": None, "marker": "x"})
+        ax.errorbar([r["temperature"] for r in rows], [r["win_rate"] for r in rows],
+                    yerr=[r["win_rate_se"] for r in rows], fmt="-" + style["marker"], color=style["color"],
+                    label=name, capsize=2, markersize=5, linewidth=1.2, alpha=0.85)
+    ax.axhline(0.5, color="black", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("sampling temperature")
+    ax.set_ylabel("win rate vs π_ref samples (T = 1), VADER")
+    ax.set_title("Win rate by sampling temperature, held-out prefixes", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def save_figure(fig, path: str | Path) -> Path:
     """Save ``fig`` as PNG at ``path`` (parents created) and return the path."""
     path = Path(path)

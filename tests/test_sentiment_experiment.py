@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,7 +110,8 @@ def tiny_run(tmp_path_factory):
                              ppo_prompts_per_step=2, ppo_k=2, ppo_kl_coefs=(0.1,), best_of_n=(1, 2, 4),
                              eval_samples_per_prompt=2, heldout_pair_samples=4, output_dir=str(out),
                              figure=str(out / "frontier.png"), results=str(out / "copy" / "results.json"),
-                             reward_model_epochs=1.0, reward_model_batch_size=2, progress=False)
+                             reward_model_epochs=1.0, reward_model_batch_size=2, win_rate_temperatures=(0.5, 1.0),
+                             heldout_acc_every_eval=True, progress=False)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(experiment, "get_judge", lambda name: get_judge(letter_e_reward if name == "vader" else name))
         return config, run(config)
@@ -308,3 +310,72 @@ def test_a_stopped_run_keeps_its_curves_and_the_rerun_reuses_them(tmp_path):
     assert json.loads(json.dumps(unmarked, default=float)) == saved["DPO β=0.1"]["rows"]
     assert any(r["method"] == "RLOO-GT" and r["step"] == 1 for r in result["results"]["policies"])
     assert not partial.exists()
+
+
+def test_win_rate_against_the_reference_by_hand():
+    """Prefix 1: policy rewards (0.5, 0.1) vs π_ref's (0.1, 0.3, 0.9): pairs win, win, lose / tie, lose, lose →
+    (1 + 1 + 0 + 0.5 + 0 + 0)/6 = 5/12. Prefix 2: (1, 1) vs (0, 0, 0) → 1. Win rate (5/12 + 1)/2 = 17/24; its s.e.
+    over the two prefixes is |1 − 5/12| / 2 = 7/24."""
+    from dpolab.experiments.sentiment_eval import win_rate_vs_reference
+
+    out = win_rate_vs_reference([[0.5, 0.1], [1.0, 1.0]], [[0.1, 0.3, 0.9], [0.0, 0.0, 0.0]])
+    assert out["win_rate"] == pytest.approx(17 / 24) and out["win_rate_se"] == pytest.approx(7 / 24)
+    assert out["prompts"] == 2 and out["pairs"] == 12
+    assert out["ci_low"] == pytest.approx(17 / 24 - 1.96 * 7 / 24)
+    with pytest.raises(ValueError, match="same prefixes"):
+        win_rate_vs_reference([[1.0]], [[1.0], [0.0]])
+
+
+def test_tiny_run_reward_model_epochs_and_temperature_sweep(tiny_run):
+    """The RLHF arms' reward model is reported with its held-out accuracy on the DPO rows' held-out pairs; offline
+    rows carry their epoch and ground-truth query count (the pairs' samples), the ground-truth RL arms theirs
+    (step × prefixes × k), the RM arms the pairs'; every final policy and π_ref have a temperature sweep."""
+    config, result = tiny_run
+    results = result["results"]
+    rm = results["reward_model"]
+    assert rm["train_pairs"] == results["pair_stats"]["num_pairs"] and rm["best_step"] >= 1
+    assert 0.0 <= rm["heldout_acc"] <= 1.0 and Path(rm["folder"]).is_dir()
+    pairs_queries = config.n_train_prompts * config.samples_per_prompt
+    for r in results["policies"]:
+        if r["method"] in ("DPO", "Preferred-FT", "Unlikelihood"):
+            assert r["reward_queries"] == pairs_queries and r["reward_source"] == "pairs (ground truth)"
+            assert r["epoch"] == pytest.approx(r["step"] / (rm["train_pairs"] // config.batch_size))
+        if r["method"] == "DPO" and r["step"] > 0:
+            assert "heldout_acc" in r  # every checkpoint, not only the last
+        if r["method"] == "RLOO-GT":
+            assert r["reward_queries"] == r["step"] * config.rloo_prompts_per_step * config.rloo_k
+            assert r["reward_source"] == "ground truth"
+        if r["method"] in ("RLOO", "PPO"):
+            assert r["reward_queries"] == pairs_queries and r["reward_source"] == "reward model"
+    sweeps = results["temperature_win_rates"]
+    assert "π_ref" in sweeps and "DPO β=0.1" in sweeps and "RLOO KL coef 0.1" in sweeps
+    for rows in sweeps.values():
+        assert [r["temperature"] for r in rows] == [0.5, 1.0]
+        assert all(0.0 <= r["win_rate"] <= 1.0 and r["prompts"] == config.n_eval_prompts for r in rows)
+    assert "| reward model (kept) |" in result["table"].with_suffix(".md").read_text()
+    assert result["figure"].with_name("frontier_temperature.png").is_file()
+
+
+def test_format_2_files_are_upgraded_and_sources_must_agree(tmp_path):
+    """The committed format-2 file reads with its RL arms renamed by what they read (RLOO → RLOO-GT, curves and
+    comparisons too); a file where one method name reads two reward sources is refused."""
+    from dpolab.experiments.sentiment_report import load_results
+
+    old = json.loads(Path("results/sentiment_full.json").read_text()) if Path("results/sentiment_full.json").exists() \
+        else None
+    if old is None:
+        pytest.skip("run from the repository root")
+    assert old["format"] == "dpolab.sentiment/2"
+    upgraded = load_results("results/sentiment_full.json")
+    methods = {r["method"] for r in upgraded["policies"]}
+    assert "RLOO-GT" in methods and "RLOO" not in methods
+    assert all(r["reward_source"] == "ground truth" for r in upgraded["policies"] if r["method"] == "RLOO-GT")
+    assert any(k.startswith("rloo_gt_") for k in upgraded["learning_curves"])
+    assert any(c["method_b"] == "RLOO-GT" for c in upgraded["comparisons"])
+    bad = json.loads(json.dumps(upgraded))
+    rows = [r for r in bad["policies"] if r["method"] == "RLOO-GT"]
+    rows[0]["reward_source"] = "reward model"
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="one name must mean one reward source"):
+        load_results(path)

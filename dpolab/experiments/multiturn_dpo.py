@@ -39,11 +39,11 @@ def train_with_mask_policy(reference, tokenizer, examples: list[PreferenceExampl
     ``train_fields`` are :class:`dpolab.train.config.TrainConfig` fields (beta, lr, max_steps, ...). The reference
     log-probs are precomputed once; checkpoints go to a temporary folder that is removed afterwards.
     """
-    from dpolab.train.config import TrainConfig
     from dpolab.data.prepare import tokenize_config
-    from dpolab.train.reference_table import precompute_reference
-    from dpolab.rewards import batch_logps, reward_accuracy
     from dpolab.data.tokenize import tokenize_examples
+    from dpolab.rewards import batch_logps, reward_accuracy
+    from dpolab.train.config import TrainConfig
+    from dpolab.train.reference_table import precompute_reference
     from dpolab.train.trainer import train
 
     folder = tempfile.mkdtemp(prefix=f"dpolab-{mask_policy}-")
@@ -78,10 +78,10 @@ def masking_invariance(policy, reference, tokenizer, examples: list[PreferenceEx
     :class:`dpolab.train.reference.FrozenReference`, which switches off its ``requires_grad``; the policy's gradients
     are cleared afterwards.
     """
+    from dpolab.data.tokenize import TokenizeConfig, tokenize_examples
     from dpolab.losses import needs_reference
     from dpolab.train.objective import batch_objective
     from dpolab.train.reference import FrozenReference
-    from dpolab.data.tokenize import TokenizeConfig, tokenize_examples
 
     frozen, rows = FrozenReference(reference), []
     params = [p for p in policy.parameters() if p.requires_grad]

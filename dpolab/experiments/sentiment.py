@@ -35,7 +35,13 @@ from dpolab.cache import atomic_write_text, from_repo_root
 from dpolab.data.tokenize import pad_token_id
 from dpolab.experiments import sentiment_curves as curves
 from dpolab.experiments.sentiment_config import RL_METHODS, SentimentConfig
-from dpolab.experiments.sentiment_eval import best_of_n_rows, evaluate_policy, evaluate_samples, heldout_pair_accuracy
+from dpolab.experiments.sentiment_eval import (
+    best_of_n_rows,
+    evaluate_policy,
+    evaluate_samples,
+    heldout_pair_accuracy,
+    temperature_win_rates,
+)
 from dpolab.experiments.sentiment_policies import (
     sft_reference,
     train_dpo,
@@ -142,6 +148,15 @@ def evaluate(setup: Setup, name: str, method: str, policy, **extra) -> dict:
                            **heldout_pair_accuracy(ratios.numpy(), held["rewards"]), **extra)
 
 
+def temperature_sweep(setup: Setup, policy) -> list[dict]:
+    """``policy``'s win rate against π_ref's held-out samples (temperature 1) at each of the config's
+    ``win_rate_temperatures`` (:func:`dpolab.experiments.sentiment_eval.temperature_win_rates`), judged by VADER."""
+    c = setup.config
+    return temperature_win_rates(policy, setup.tokenizer, setup.eval_prefixes, setup.heldout_samples()["rewards"],
+                                 setup.reward_fn, c.win_rate_temperatures, n=c.eval_samples_per_prompt,
+                                 max_new_tokens=c.max_new_tokens, seed=c.seed + 3)
+
+
 def reference_rows(setup: Setup) -> list[dict]:
     """π_ref itself and the Best-of-N baselines, from max(best_of_n) reference samples per held-out prefix."""
     held = heldout_samples(setup)
@@ -191,6 +206,11 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
     epoch_steps = max(1, len(pairs) // config.batch_size)  # steps in one pass (both trainers drop a short batch)
     pair_steps = config.steps if config.num_train_epochs <= 0 else math.ceil(config.num_train_epochs * epoch_steps)
 
+    sweeps = {}
+    if config.win_rate_temperatures:
+        t = time.perf_counter()
+        sweeps["π_ref"] = temperature_sweep(setup, setup.reference)
+        timings["evaluation: temperature win rates"] = time.perf_counter() - t
     partial_path = setup.out / "results.partial.json"
     finished = _finished_curves(partial_path, config)
 
@@ -202,6 +222,8 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
             rows.extend(done["rows"])
             learning_curves[done["key"]] = done["learning_curve"]
             timings[f"{name} (train, reused from an earlier run)"] = done["train_seconds"]
+            if done.get("temperature_win_rates"):
+                sweeps[name] = done["temperature_win_rates"]
             saved[name] = done
             return
         say(name)
@@ -229,8 +251,13 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
                           file=sys.stderr, flush=True)
 
         started = time.perf_counter()
-        _, result = train_fn(on_step)
+        policy, result = train_fn(on_step)
         timings[f"{name} (train)"] = time.perf_counter() - started - spent["eval"]
+        if config.win_rate_temperatures:
+            started = time.perf_counter()
+            sweeps[name] = temperature_sweep(setup, policy)
+            timings["evaluation: temperature win rates"] = (timings.get("evaluation: temperature win rates", 0.0)
+                                                            + time.perf_counter() - started)
         history = getattr(result, "history", result)
         key = points[-1]["policy"].rsplit("_step", 1)[0]
         learning_curves[key] = [{k: v for k, v in record.items() if isinstance(v, int | float)
@@ -238,7 +265,7 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
         rows.extend(points)
         # each finished curve is on disk at once: a run stopped later keeps it, and its rerun reuses it
         saved[name] = {"rows": points, "key": key, "learning_curve": learning_curves[key],
-                       "train_seconds": timings[f"{name} (train)"]}
+                       "train_seconds": timings[f"{name} (train)"], "temperature_win_rates": sweeps.get(name)}
         atomic_write_text(partial_path, json.dumps({"config": _reuse_key(config), "curves": saved}, default=float))
 
     saved = {}
@@ -293,6 +320,8 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
     results = assemble(config, rows, learning_curves, timings, metadata.get("stats"))
     if wants_rm:
         results["reward_model"] = reward_model_summary
+    if sweeps:
+        results["temperature_win_rates"] = sweeps
     partial_path.unlink(missing_ok=True)  # the whole run is in the results file now
     for row in results["policies"]:  # Best-of-N rows are on π_ref's held-out prefixes, and name none of their own
         if row["method"] == "Best of N" or (row["method"] != "Reference" and row.get("final")):

@@ -68,6 +68,11 @@ class SentimentConfig:
     """Learning rate of the reward model (AdamW, constant)."""
     reward_model_batch_size: int = 8
     """Pairs per reward-model step."""
+    reward_model_eval_steps: int = 0
+    """Also evaluate the reward model every this many steps (0 = at each epoch's end only)."""
+    win_rate_temperatures: tuple[float, ...] = ()
+    """The paper's Fig. 3 (left): the final policy of every curve (and π_ref) sampled at these temperatures, its win
+    rate against π_ref's held-out samples at temperature 1 judged by the ground truth (() = skipped)."""
     center_rewards_coefficient: float = 0.0
     """trl RewardConfig's ``center_rewards_coefficient``: adds c·(r_w + r_l)² to the loss (0 = off)."""
     eval_every: int = 8
@@ -160,6 +165,8 @@ class SentimentConfig:
             raise ValueError(f"num_train_epochs must be >= 0 (0 = use steps), got {self.num_train_epochs!r}")
         if not (math.isfinite(self.reward_model_epochs) and self.reward_model_epochs > 0):
             raise ValueError(f"reward_model_epochs must be > 0, got {self.reward_model_epochs!r}")
+        if self.reward_model_eval_steps < 0 or any(not (math.isfinite(t) and t > 0) for t in self.win_rate_temperatures):
+            raise ValueError("reward_model_eval_steps must be >= 0 and win_rate_temperatures > 0")
         if not (math.isfinite(self.center_rewards_coefficient) and self.center_rewards_coefficient >= 0):
             raise ValueError(f"center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient!r}")
         for name in ("lr", "rloo_lr", "ppo_lr", "reward_model_lr"):

@@ -181,3 +181,39 @@ def add_paired_gains(rows: list[dict], baseline: str = "reference") -> list[dict
         diff = np.asarray(row["prompt_rewards"], dtype=np.float64) - np.asarray(base["prompt_rewards"], dtype=np.float64)
         row["reward_gain"], row["reward_gain_se"] = mean_and_se(diff)
     return rows
+
+
+def win_rate_vs_reference(rewards, reference_rewards) -> dict:
+    """Win rate of a policy's samples against π_ref's on the same prefixes, judged by their rewards, ties ½.
+
+    Every sample of prefix p is compared with every π_ref sample of p; a prefix's score is the mean outcome over
+    those pairs and the win rate is the mean over prefixes, with its standard error over prefixes (samples of one
+    prefix are clustered) and a normal 95% interval. Shape: rewards (P, N), reference_rewards (P, M).
+
+    Returns ``{"win_rate", "win_rate_se", "ci_low", "ci_high", "prompts", "pairs"}``.
+    """
+    a = np.asarray(rewards, dtype=np.float64)
+    b = np.asarray(reference_rewards, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
+        raise ValueError(f"rewards {a.shape} and reference_rewards {b.shape} must be (prefixes, samples), same prefixes")
+    outcome = (a[:, :, None] > b[:, None, :]) + 0.5 * (a[:, :, None] == b[:, None, :])
+    per_prefix = outcome.mean(axis=(1, 2))
+    rate, se = mean_and_se(per_prefix)
+    return {"win_rate": rate, "win_rate_se": se, "ci_low": rate - 1.96 * se, "ci_high": rate + 1.96 * se,
+            "prompts": int(a.shape[0]), "pairs": int(outcome.size)}
+
+
+def temperature_win_rates(policy, tokenizer, prompts: Sequence[str], reference_rewards, reward_fn: Callable,
+                          temperatures: Sequence[float], *, n: int, max_new_tokens: int, seed: int) -> list[dict]:
+    """The paper's Fig. 3 (left) on one policy: its win rate against π_ref's samples (``reference_rewards``, shape
+    (P, M), drawn at temperature 1) when it is sampled at each temperature (full vocabulary otherwise), judged by
+    ``reward_fn`` on prompt + continuation. One dict per temperature (:func:`win_rate_vs_reference`'s fields plus
+    ``temperature`` and ``reward``)."""
+    rows = []
+    for temperature in temperatures:
+        samples = sample(policy, tokenizer, prompts, n, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_k=len(tokenizer), seed=seed, progress=False)
+        rewards = np.asarray(reward_fn(full_texts(samples)), dtype=np.float64).reshape(len(prompts), n)
+        rows.append({"temperature": float(temperature), "reward": float(rewards.mean()),
+                     **win_rate_vs_reference(rewards, reference_rewards)})
+    return rows

@@ -138,7 +138,8 @@ def train_reward_model_on_pairs(setup, pairs: list[TokenizedPair]):
     result = train_reward_model(model, pairs, pad_token_id(setup.tokenizer), evaluate=evaluate,
                                 num_train_epochs=c.reward_model_epochs, learning_rate=c.reward_model_lr,
                                 per_device_train_batch_size=c.reward_model_batch_size,
-                                center_rewards_coefficient=c.center_rewards_coefficient or None, seed=c.seed,
+                                center_rewards_coefficient=c.center_rewards_coefficient or None,
+                                eval_steps=c.reward_model_eval_steps, seed=c.seed,
                                 progress=c.progress)
     best = next(r for r in result.eval_history if r["step"] == result.best_step)
     summary = {"train_pairs": len(pairs), "epochs": c.reward_model_epochs, "lr": c.reward_model_lr,

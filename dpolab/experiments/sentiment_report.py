@@ -131,6 +131,12 @@ def draw_figures(results: dict, figure: Path) -> Path:
     fig = frontier_curves_figure(results["policies"])
     written = save_figure(fig, figure)
     plt.close(fig)
+    if results.get("temperature_win_rates"):
+        from dpolab.plotting import temperature_win_rate_figure
+
+        fig = temperature_win_rate_figure(results["temperature_win_rates"])
+        save_figure(fig, figure.with_name(figure.stem + "_temperature.png"))
+        plt.close(fig)
     if any(name.startswith(("rloo_", "ppo_")) for name in results.get("learning_curves", {})):
         fig = rl_learning_curves_figure(results["learning_curves"])
         save_figure(fig, figure.with_name(figure.stem + "_rl_training.png"))
@@ -219,6 +225,9 @@ def merge_results(parts: list[dict], names: list[str]) -> dict:
                                        curve_rows)
     merged = {**parts[0], "config": [p["config"] for p in parts], "policies": rows, "comparisons": comparisons,
               "learning_curves": curves, "timings": timings, "merged_from": list(names)}
+    sweeps = {name: rows for p in parts for name, rows in p.get("temperature_win_rates", {}).items()}
+    if sweeps:
+        merged["temperature_win_rates"] = sweeps
     models = [p["reward_model"] for p in parts if "reward_model" in p]
     if models:
         merged["reward_model"] = models[0]
@@ -299,6 +308,19 @@ def reward_model_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def temperature_markdown(sweeps: dict) -> str:
+    """Win rate against π_ref's samples (temperature 1) by sampling temperature, per final policy (± one s.e.)."""
+    temperatures = sorted({r["temperature"] for rows in sweeps.values() for r in rows})
+    lines = ["| policy | " + " | ".join(f"T = {t:g}" for t in temperatures) + " |",
+             "|---|" + "---|" * len(temperatures)]
+    for name, rows in sweeps.items():
+        by_t = {r["temperature"]: r for r in rows}
+        cells = [f"{by_t[t]['win_rate']:.3f} ± {by_t[t]['win_rate_se']:.3f}" if t in by_t else "—"
+                 for t in temperatures]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def timings_markdown(timings: dict) -> str:
     """Seconds per stage, with the share of the total."""
     total = timings.get("total") or sum(v for k, v in timings.items() if k != "total")
@@ -317,5 +339,7 @@ def report_markdown(results: dict) -> str:
         parts.append(comparisons_markdown(results["comparisons"]))
     if results.get("reward_model"):
         parts.append(reward_model_markdown(results))
+    if results.get("temperature_win_rates"):
+        parts.append(temperature_markdown(results["temperature_win_rates"]))
     parts.append(timings_markdown(results["timings"]))
     return "\n\n".join(parts)
