@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from dpolab.fast.paths import FastPaths
 from dpolab.train import checkpoint as ckpt
 from dpolab.train import distributed as dist
-from dpolab.fast.paths import FastPaths
 from dpolab.train.metrics import read_metrics
 from dpolab.train.trainer import train
 
@@ -34,6 +34,7 @@ sys.path.insert(0, {tests!r})
 from test_distributed import RUN
 from tiny_runs import make_examples
 import dpolab.train.checkpoint
+from dpolab.train.distributed import backend_threads
 from dpolab.train.trainer import train
 
 save = dpolab.train.checkpoint.save_checkpoint
@@ -46,6 +47,8 @@ dpolab.train.checkpoint.save_checkpoint = counted_save
 result = train({{**RUN, "grad_accum_steps": 1, "output_dir": {out!r}{extra}}}, train_pairs=make_examples(16),
                eval_pairs=make_examples(6, offset=50))
 torch.save(result.model.state_dict(), os.path.join({out!r}, "weights-rank-" + os.environ["RANK"] + ".pt"))
+with open(os.path.join({out!r}, "threads-rank-" + os.environ["RANK"]), "w") as f:  # what is left for the exit
+    json.dump(backend_threads(), f)
 """
 
 
@@ -58,7 +61,11 @@ def _torchrun(out: Path, extra: str = "") -> subprocess.CompletedProcess:
     script.write_text(textwrap.dedent(WORKER.format(tests=str(TESTS), out=str(out), extra=extra)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    if done.returncode == 0:  # the process group was freed by train(), not left to the interpreter's shutdown
+        for rank in (0, 1):
+            assert json.loads((out / f"threads-rank-{rank}").read_text()) == [], (rank, "gloo threads left at exit")
+    return done
 
 
 def test_single_process_context_needs_no_process_group(monkeypatch):

@@ -59,15 +59,60 @@ def setup(device: str = "auto") -> DistributedContext:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if owns:
+        _import_group_default_holders()
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return DistributedContext(rank, world_size, local_rank,
                               torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"), owns)
 
 
-def teardown(ctx: DistributedContext) -> None:
-    """Leave the process group if :func:`setup` created it."""
+def _import_group_default_holders() -> None:
+    """Import, before the process group exists, the module that would otherwise keep it alive after
+    ``destroy_process_group``.
+
+    ``torch.distributed.nn.functional`` declares its ten collectives with ``group=group.WORLD`` as a default
+    argument. Imported after ``init_process_group`` — DDP's constructor imports it through ``torch._dynamo`` — those
+    defaults hold the live default group, so ``destroy_process_group`` cannot free it: gloo's three threads (the TCP
+    loop and two work loops) and its sockets outlive training and are torn down inside the interpreter's own
+    shutdown, in module-teardown order, while the other process may be closing its end. That teardown is what
+    aborted now and then with "terminate called without an active exception". Imported first, the defaults are None
+    (the functions look the group up when called) and ``destroy_process_group`` joins the threads and closes the
+    connections while both processes are still running normally.
+    """
+    import torch.distributed.nn.functional  # noqa: F401
+
+
+def teardown(ctx: DistributedContext, synchronize: bool = True) -> None:
+    """Leave the process group if :func:`setup` created it.
+
+    Args:
+        ctx: this process's context from :func:`setup`.
+        synchronize: wait for every process first (after a run that finished normally), so that no process
+            closes its connections while another is still in a collective; False when leaving because of an error,
+            where the other processes may never arrive.
+    """
     if ctx.owns_group and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+def backend_threads() -> list[str]:
+    """Names of this process's threads that belong to a communication backend (gloo's, NCCL's); Linux only, else [].
+
+    Empty after :func:`teardown` when the process group was really freed: what tests check to show that nothing of
+    the group is left to be torn down at interpreter exit.
+    """
+    tasks = "/proc/self/task"
+    if not os.path.isdir(tasks):
+        return []
+    names = []
+    for task in os.listdir(tasks):
+        try:
+            with open(os.path.join(tasks, task, "comm")) as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended meanwhile
+            continue
+    return sorted(name for name in names if "gloo" in name or "nccl" in name.lower())
 
 
 def wrap(model: torch.nn.Module, ctx: DistributedContext, fsdp: bool = False) -> torch.nn.Module:

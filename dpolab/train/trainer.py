@@ -91,11 +91,14 @@ def train(
         config = TrainConfig.load(None, {**(config or {}), **overrides})
     hooks, best = config_callbacks(config, callbacks, on_step)
     ctx = dist.setup(config.device)
+    finished = False
     try:
         with keep_freed_memory(config.keep_freed_memory and ctx.device.type == "cpu"):
-            return _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs, hooks, best, fast)
+            result = _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs, hooks, best, fast)
+        finished = True
+        return result
     finally:
-        dist.teardown(ctx)
+        dist.teardown(ctx, synchronize=finished)  # after an error the other processes may never reach a barrier
 
 
 def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs, hooks, best, fast) -> TrainResult:
