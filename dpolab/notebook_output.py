@@ -1,4 +1,4 @@
-"""What an executed notebook shows: its figures, quiet library output, and a self-contained HTML copy.
+"""What an executed notebook shows: its figures, quiet library output and kernel, and a self-contained HTML copy.
 
 The notebook tests (``notebooks/conftest.py`` under nbval) and ``dpolab notebooks`` check that every code cell
 that draws a figure produced as many ``image/png`` outputs as figures it makes (:func:`missing_figures`).
@@ -9,6 +9,7 @@ inlined from the ``django-static-mathjax`` wheel, so equations render in a brows
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 import re
 from collections.abc import Iterable, Mapping
@@ -88,6 +89,52 @@ def quiet_library_progress() -> None:
 
     disable_progress_bar()
     disable_transformers_bars()
+
+
+# the longest Unix socket path the OS takes (sun_path: 108 bytes on Linux, 104 on macOS), and what jupyter_client
+# appends to its runtime folder for a kernel's IPC sockets ("/kernel-<36-character id>-ipc-<n>")
+_SOCKET_PATH_MAX, _IPC_SUFFIX = 103, 52
+
+
+@functools.cache
+def kernel_manager_class():
+    """The kernel manager for notebooks run from the command line: the kernel on IPC instead of TCP; None to keep
+    jupyter_client's default (TCP) where IPC cannot work.
+
+    Over TCP every kernel prints "Kernel is running over TCP without encryption ... susceptible to eavesdropping",
+    once per executed notebook. The sockets are on 127.0.0.1, so only this machine can reach them, and every message
+    is signed with the kernel's own key; the line is ipykernel's general advice, not a problem of the run. IPC
+    sockets are files in Jupyter's runtime folder (``jupyter --runtime-dir``) that only this user can open, so the
+    advice does not apply and ipykernel does not print it. Windows has no IPC transport, and a runtime folder whose
+    socket paths would exceed the OS limit cannot hold them: there, TCP and its line stay.
+    """
+    import os
+
+    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    if os.name != "posix" or len(jupyter_runtime_dir()) + _IPC_SUFFIX > _SOCKET_PATH_MAX:
+        return None
+
+    class IpcKernelManager(AsyncKernelManager):
+        """``AsyncKernelManager`` with ``transport="ipc"`` (Unix domain sockets in the runtime folder)."""
+
+        def __init__(self, **kwargs):
+            kwargs.setdefault("transport", "ipc")
+            super().__init__(**kwargs)
+
+    return IpcKernelManager
+
+
+def execute_notebook(source: str | Path, output: str | Path, **kwargs):
+    """``papermill.execute_notebook`` with the kernel on IPC where possible (:func:`kernel_manager_class`), so the
+    kernel's TCP advice is not printed once per notebook; every keyword goes to papermill."""
+    import papermill
+
+    manager = kernel_manager_class()
+    if manager is not None:
+        kwargs.setdefault("kernel_manager_class", manager)
+    return papermill.execute_notebook(str(source), str(output), **kwargs)
 
 
 def mathjax_script() -> Path:

@@ -78,13 +78,13 @@ def execute_point(notebook: str, output: str, params: dict, models_folder: str |
                   progress: bool) -> tuple[dict, Exception | None]:
     """Execute one point with papermill; return its outcome (the :class:`~dpolab.sweep_manifest.Point` fields
     status, error, seconds, rows) and the exception when it failed (recorded, not raised)."""
-    import papermill
+    from dpolab.notebook_output import execute_notebook
 
     folder = Path(models_folder) if models_folder else None
     before, started, error = row_files(folder), time.perf_counter(), None
     try:
-        papermill.execute_notebook(notebook, output, parameters=params, kernel_name="python3",
-                                   cwd=str(Path(notebook).parent), progress_bar=progress)
+        execute_notebook(notebook, output, parameters=params, kernel_name="python3", cwd=str(Path(notebook).parent),
+                         progress_bar=progress)
     except Exception as err:  # a failing cell, a dead kernel: the point failed, the sweep decides what follows
         error = err
     outcome = {"status": "failed" if error else "completed", "error": describe_error(error) if error else None,

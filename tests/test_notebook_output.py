@@ -95,3 +95,40 @@ def test_command_line_draws_headless():
         assert matplotlib.get_backend().lower() == "agg"
     finally:
         matplotlib.use(before)
+
+
+def test_kernels_run_on_ipc_and_do_not_print_the_tcp_advice(tmp_path, capfd):
+    """dpolab notebooks / dpolab sweep start kernels over IPC (issue 28): the kernel computes as before, and its
+    "running over TCP without encryption" line (written to the terminal, once per notebook) is not printed."""
+    from dpolab.notebook_output import execute_notebook, kernel_manager_class
+
+    manager = kernel_manager_class()
+    if manager is None:
+        pytest.skip("no IPC transport here (Windows, or a runtime folder too deep for socket paths)")
+    assert manager().transport == "ipc"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x: int = 1", metadata={"tags": ["parameters"]}),
+                                         nbformat.v4.new_code_cell("print(x * 2)")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, str(tmp_path / "in.ipynb"))
+    execute_notebook(tmp_path / "in.ipynb", tmp_path / "out.ipynb", parameters={"x": 21}, kernel_name="python3",
+                     cwd=str(tmp_path), progress_bar=False)
+    assert nbformat.read(str(tmp_path / "out.ipynb"), as_version=4).cells[-1].outputs[0]["text"] == "42\n"
+    assert "without encryption" not in capfd.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.ipynb", "out.ipynb"]  # no socket files left here
+
+
+def test_small_datasets_are_saved_without_a_progress_bar(tmp_path, capfd):
+    from datasets import Dataset, load_from_disk
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+
+    from dpolab.sample.pairs import save_dataset
+
+    was = is_progress_bar_enabled()
+    enable_progress_bar()
+    try:
+        save_dataset(Dataset.from_list([{"a": 1}, {"a": 2}]), tmp_path / "d")
+        assert "Saving the dataset" not in capfd.readouterr().err
+        assert is_progress_bar_enabled()  # the user's setting is restored
+    finally:
+        (enable_progress_bar if was else disable_progress_bar)()
+    assert load_from_disk(str(tmp_path / "d"))["a"] == [1, 2]

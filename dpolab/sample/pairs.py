@@ -194,6 +194,21 @@ def _normalise(settings: dict) -> dict:
         raise TypeError(f"pair settings must be JSON-serialisable (str, number, bool, None, list, dict): {err}") from err
 
 
+def save_dataset(dataset, path: str | Path) -> None:
+    """``dataset.save_to_disk(path)`` without datasets' "Saving the dataset (1/1 shards)" bar, which says nothing for
+    the kit's small datasets (saved in well under a second) and filled ``dpolab reproduce`` and executed notebooks;
+    the bar's setting is restored afterwards."""
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+
+    enabled = is_progress_bar_enabled()
+    disable_progress_bar()
+    try:
+        dataset.save_to_disk(str(path))
+    finally:
+        if enabled:
+            enable_progress_bar()
+
+
 def save_pairs(dataset, folder, settings: dict, stats: PairStats | None = None, *, overwrite: bool = False) -> Path:
     """Save pairs with ``metadata.json`` (settings, counts, row hash) atomically; return the folder.
 
@@ -208,7 +223,7 @@ def save_pairs(dataset, folder, settings: dict, stats: PairStats | None = None, 
                 "stats": stats.to_dict() if stats is not None else None}
 
     def build(tmp: Path) -> None:
-        dataset.save_to_disk(str(tmp / "data"))
+        save_dataset(dataset, tmp / "data")
         (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
 
     if is_complete(folder):

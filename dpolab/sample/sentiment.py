@@ -78,6 +78,8 @@ def parse_snippets(raw: bytes, source: str = SNIPPETS_MEMBER) -> list[dict]:
 def _build_snippets(out: Path) -> None:
     from datasets import Dataset
 
+    from dpolab.sample.pairs import save_dataset
+
     downloads = cache_dir() / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
     sdist = downloads / VADER_SDIST
@@ -93,7 +95,7 @@ def _build_snippets(out: Path) -> None:
     with tarfile.open(fileobj=io.BytesIO(inner_bytes), mode="r:gz") as inner:
         raw = inner.extractfile(SNIPPETS_MEMBER).read()
     records = parse_snippets(raw)
-    Dataset.from_list(records).save_to_disk(str(out))
+    save_dataset(Dataset.from_list(records), out)
 
 
 def review_snippets():
