@@ -116,6 +116,13 @@ def cmd_train(args) -> int:
     if not config.train_data:
         args.parser.error("the config field train_data is empty: name a data file (.jsonl, .json, .parquet, .csv, .arrow), a datasets folder or a hub id")
 
+    if config.stage == "reward":
+        from dpolab.train.reward_stage import train_reward
+
+        result = train_reward(config)
+        print(json.dumps({"output_dir": str(result.output_dir), "best_step": result.best_step,
+                          "final": {**result.history[-1], **result.last_eval}}, indent=2, default=float))
+        return 0
     from dpolab.train.trainer import train
 
     result = train(config)

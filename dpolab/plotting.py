@@ -19,6 +19,8 @@ METHOD_STYLE = {
     "RLOO": {"color": "tab:orange", "marker": "D"},
     "PPO": {"color": "tab:brown", "marker": "P"},
     "RLOO-GT": {"color": "tab:olive", "marker": "d"},
+    "Online DPO": {"color": "tab:cyan", "marker": "h"},
+    "Online DPO-GT": {"color": "tab:pink", "marker": "H"},
     "PPO-GT": {"color": "tab:gray", "marker": "X"},
     "Unlikelihood": {"color": "tab:red", "marker": "v"},
     "Reference": {"color": "black", "marker": "*"},
@@ -81,7 +83,7 @@ def frontier_curves_figure(rows: Sequence[dict], title: str = "Reward vs KL(π�
                     xerr=[r.get("kl_se") or 0.0 for r in points], yerr=[r.get("reward_se") or 0.0 for r in points],
                     fmt="-" + style["marker"], color=style["color"], label=label, capsize=2, markersize=5,
                     linewidth=1.2, alpha=0.85)
-        tag = f"β={knob:g}" if method == "DPO" else f"coef={knob:g}" if method in ("RLOO", "PPO", "RLOO-GT",
+        tag = f"β={knob:g}" if method.startswith(("DPO", "Online DPO")) else f"coef={knob:g}" if method in ("RLOO", "PPO", "RLOO-GT",
                                                                                    "PPO-GT") else None
         if tag and len(points) > 1:
             ax.annotate(tag, (points[-1]["kl"], points[-1]["reward"]), textcoords="offset points", xytext=(5, 3),

@@ -176,3 +176,52 @@ def test_rl_arms_with_a_reward_model_query_it_once_per_sample_on_the_ground_trut
     rloo_train(copy.deepcopy(model), model, tokenizer, prompts, judge, steps=3, prompts_per_step=2, k=2,
                max_new_tokens=3, seed=4, progress=False)
     assert judge.calls == 3 * 2 * 2
+
+
+def test_train_stage_reward_from_preference_files(tmp_path):
+    """`dpolab train stage=reward` on the same JSONL preference rows DPO reads: metrics with trl RewardTrainer's
+    names, a folder that AutoModelForSequenceClassification loads and that scores the held-out pairs as the run
+    reported (its best held-out accuracy); SFT-format rows are refused naming the row and the missing field."""
+    import json
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from dpolab.cli import main
+    from dpolab.data.prepare import prepare_pairs, tokenize_config
+    from dpolab.evaluate import preference_accuracy
+    from dpolab.train.config import TrainConfig
+    from tests.tiny_runs import make_examples
+
+    def write(path, examples):
+        path.write_text("".join(json.dumps({"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected}) + "\n"
+                                for e in examples))
+        return str(path)
+
+    train_file, eval_file = write(tmp_path / "train.jsonl", make_examples(24)), write(tmp_path / "eval.jsonl",
+                                                                                       make_examples(12, offset=24))
+    out = tmp_path / "rm"
+    code = main(["train", "stage=reward", "model=tiny-llama", f"train_data={train_file}", f"eval_data={eval_file}",
+                 "num_train_epochs=2", "micro_batch_size=8", "lr=1e-3", "progress=false", f"output_dir={out}"])
+    assert code == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_accuracy" in r]
+    assert len(steps) == 2 * 3 and {"accuracy", "margin", "mean_reward", "grad_norm"} <= set(steps[0])
+    assert [r["step"] for r in evals] == [3, 6] and all(r["eval_pairs"] == 12 for r in evals)
+    summary = json.loads((out / "summary.json").read_text())
+    best = max(evals, key=lambda r: r["eval_accuracy"])
+    assert summary["best_eval_accuracy"] == best["eval_accuracy"]
+    loaded = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    heldout = prepare_pairs(eval_file, tokenizer, tokenize_config(TrainConfig()), name=eval_file).pairs
+    chosen, rejected = pair_rewards(loaded, heldout, pad_token_id(tokenizer))
+    assert preference_accuracy(chosen.numpy(), rejected.numpy())["accuracy"] == best["eval_accuracy"]
+    sft_file = tmp_path / "sft.jsonl"
+    sft_file.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n"
+                        + json.dumps({"prompt": "The movie", "completion": " was fine"}) + "\n")
+    from dpolab.train.trainer import train
+
+    with pytest.raises(ValueError, match=r"sft.jsonl:row 2: field 'completion'.*no 'chosen' and no 'rejected'.*"
+                                         r"reward model \(stage=reward\)"):
+        train({"stage": "reward", "model": "tiny-llama", "train_data": str(sft_file), "progress": False,
+               "output_dir": str(tmp_path / "rm2")})

@@ -123,7 +123,8 @@ def dpo_row(record: Mapping, source: str = "") -> PreferenceExample:
     if form != "preference":
         key = next(k for k, f in SFT_KEYS.items() if f == form)
         raise DataError(source, key, f"a {form.replace('_', '/')} row is SFT data; DPO needs preference rows "
-                        "(prompt, chosen, rejected): train it with stage=sft")
+                        "(prompt, chosen, rejected; this row has no 'chosen' and no 'rejected'), as does a reward "
+                        "model (stage=reward): train it with stage=sft")
     return example_from_record(record, source)
 
 

@@ -45,6 +45,7 @@ from dpolab.experiments.sentiment_eval import (
 from dpolab.experiments.sentiment_policies import (
     sft_reference,
     train_dpo,
+    train_online_dpo,
     train_ppo,
     train_preferred_ft,
     train_reward_model_on_pairs,
@@ -177,11 +178,11 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
     stages += [f"DPO β={b:g}" for b in config.betas] if "dpo" in config.methods else []
     stages += [name for key, name in (("preferred_ft", "Preferred-FT"), ("unlikelihood", "Unlikelihood"))
                if key in config.methods]
-    wants_rm = bool({"rloo_rm", "ppo_rm", "reward_model"} & set(config.methods))
+    wants_rm = bool({"rloo_rm", "ppo_rm", "reward_model", "online_dpo_rm"} & set(config.methods))
     stages += ["reward model"] if wants_rm else []
     for key, arm in RL_METHODS.items():
-        coefs = config.rloo_kl_coefs if key.startswith("rloo") else config.ppo_kl_coefs
-        stages += [f"{arm} KL coef {k:g}" for k in coefs] if key in config.methods else []
+        knobs, _, label, *_ = _rl_arm(config, key)
+        stages += [f"{arm} {label} {k:g}" for k in knobs] if key in config.methods else []
     say = _stage_printer(stages, config.progress)
     t0 = time.perf_counter()
 
@@ -298,19 +299,14 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
     for key, arm in RL_METHODS.items():
         if key not in config.methods:
             continue
-        rloo = key.startswith("rloo")
-        coefs, train_fn = (config.rloo_kl_coefs, train_rloo) if rloo else (config.ppo_kl_coefs, train_ppo)
-        every = (config.rloo_eval_every if rloo else config.ppo_eval_every) or config.eval_every
-        steps = config.rloo_steps if rloo else config.ppo_steps
-        per_step = (config.rloo_prompts_per_step * config.rloo_k if rloo
-                    else config.ppo_prompts_per_step * config.ppo_k)
+        knobs, train_fn, label, every, steps, per_step = _rl_arm(config, key)
         reads_rm = key.endswith("_rm")
         source = {"reward_source": "reward model" if reads_rm else "ground truth",
                   # a learned reward model costs no ground-truth query beyond the pairs it learned from
                   "reward_queries": (lambda step: offline_queries) if reads_rm else (lambda step, n=per_step: step * n)}
-        for coef in coefs:
-            traced(arm, coef, f"{arm} KL coef {coef:g}",
-                   lambda cb, coef=coef, fn=train_fn, rm=reads_rm: fn(setup, coef, on_step=cb,
+        for knob in knobs:
+            traced(arm, knob, f"{arm} {label} {knob:g}",
+                   lambda cb, knob=knob, fn=train_fn, rm=reads_rm: fn(setup, knob, on_step=cb,
                                                                       reward_fn=judge if rm else None),
                    every, steps, **source)
     total = time.perf_counter() - t0
@@ -330,6 +326,18 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
                           from_repo_root(config.figure) if config.figure else None)
     say(None)
     return {"results": results, **paths, "timings": timings, "pair_stats": metadata.get("stats")}
+
+
+def _rl_arm(config: SentimentConfig, key: str):
+    """An on-policy arm's grid, trainer, knob label, evaluation interval, steps and reward queries per step. Online
+    DPO takes RLOO's rollouts (the same queries per step) and has β as its knob."""
+    if key.startswith("ppo"):
+        return (config.ppo_kl_coefs, train_ppo, "KL coef", config.ppo_eval_every or config.eval_every,
+                config.ppo_steps, config.ppo_prompts_per_step * config.ppo_k)
+    knobs, train_fn, label = ((config.online_dpo_betas, train_online_dpo, "β") if key.startswith("online_dpo")
+                              else (config.rloo_kl_coefs, train_rloo, "KL coef"))
+    return (knobs, train_fn, label, config.rloo_eval_every or config.eval_every, config.rloo_steps,
+            config.rloo_prompts_per_step * config.rloo_k)
 
 
 def _reuse_key(config: SentimentConfig) -> dict:

@@ -15,13 +15,16 @@ from typing import Any
 from dpolab.models import DEFAULT_MODEL
 from dpolab.overrides import load_config
 
-METHODS = ("dpo", "preferred_ft", "unlikelihood", "rloo", "ppo", "rloo_rm", "ppo_rm", "reward_model")
+METHODS = ("dpo", "preferred_ft", "unlikelihood", "rloo", "ppo", "rloo_rm", "ppo_rm", "reward_model", "online_dpo",
+           "online_dpo_rm")
 """The trained methods; Best-of-N and π_ref are always evaluated. "rloo" and "ppo" read the ground truth (their
 curves are named RLOO-GT and PPO-GT, the paper's oracle); "rloo_rm" and "ppo_rm" read a reward model learned from
 the same preference pairs as DPO (curves RLOO and PPO: the RLHF pipeline DPO replaces); "reward_model" trains and
-reports the reward model alone (the RM arms train it too)."""
+reports the reward model alone (the RM arms train it too). "online_dpo" (curve Online DPO-GT, the ground truth as
+judge) and "online_dpo_rm" (Online DPO, the learned reward model as judge) take RLOO's rollouts and DPO's loss."""
 
-RL_METHODS = {"rloo": "RLOO-GT", "ppo": "PPO-GT", "rloo_rm": "RLOO", "ppo_rm": "PPO"}
+RL_METHODS = {"rloo": "RLOO-GT", "ppo": "PPO-GT", "rloo_rm": "RLOO", "ppo_rm": "PPO", "online_dpo": "Online DPO-GT",
+              "online_dpo_rm": "Online DPO"}
 """Config name of each RL arm -> its curve's name (named by what it reads)."""
 
 
@@ -96,6 +99,11 @@ class SentimentConfig:
     """RLOO learning rate."""
     rloo_eval_every: int = 0
     """Evaluate the RL policy every this many steps (0 = ``eval_every``)."""
+    online_dpo_betas: tuple[float, ...] = (0.1,)
+    """The β grid of online DPO (one curve each); its rollouts are RLOO's (``rloo_steps``, ``rloo_prompts_per_step``,
+    ``rloo_k``: the same reward queries per step), its loss ``loss`` and learning rate ``lr`` are DPO's."""
+    online_dpo_pair_strategy: str = "all_pairs"
+    """How online DPO pairs a prefix's k samples: "all_pairs" or "best_vs_worst" (ties dropped and counted)."""
     ppo_steps: int = 8
     """Steps (rollouts) of PPO, the paper's RL baseline; each samples ppo_k continuations of ppo_prompts_per_step
     prefixes, drawn exactly as RLOO draws them."""
@@ -150,9 +158,12 @@ class SentimentConfig:
         if self.steps < 1 or min(self.eval_every, self.rloo_eval_every, self.ppo_eval_every) < 0:
             raise ValueError("steps must be >= 1, eval_every, rloo_eval_every and ppo_eval_every >= 0")
         counts = {"batch_size": 1, "eval_samples_per_prompt": 1, "heldout_pair_samples": 2, "sft_steps": 0}
-        if {"rloo", "rloo_rm"} & set(self.methods):  # a method that is asked for must be able to run
+        if {"rloo", "rloo_rm", "online_dpo", "online_dpo_rm"} & set(self.methods):  # a method that is asked for must be able to run
             counts.update(rloo_steps=1, rloo_prompts_per_step=1, rloo_k=2)
-        if {"rloo_rm", "ppo_rm", "reward_model"} & set(self.methods):
+        if self.online_dpo_pair_strategy not in ("all_pairs", "best_vs_worst"):
+            raise ValueError(f"online_dpo_pair_strategy must be 'all_pairs' or 'best_vs_worst', got "
+                             f"{self.online_dpo_pair_strategy!r}")
+        if {"rloo_rm", "ppo_rm", "reward_model", "online_dpo_rm"} & set(self.methods):
             counts.update(reward_model_batch_size=1)
         if {"ppo", "ppo_rm"} & set(self.methods):
             counts.update(ppo_steps=1, ppo_prompts_per_step=1, ppo_k=1, num_ppo_epochs=1)
@@ -174,9 +185,9 @@ class SentimentConfig:
                 raise ValueError(f"{name} must be finite and > 0, got {getattr(self, name)!r}")
         if not self.best_of_n or min(self.best_of_n) < 1:
             raise ValueError(f"best_of_n must list integers >= 1, got {self.best_of_n!r}")
-        for name in ("betas", "rloo_kl_coefs", "ppo_kl_coefs"):
+        for name in ("betas", "online_dpo_betas", "rloo_kl_coefs", "ppo_kl_coefs"):
             values = getattr(self, name)
-            if any(not (math.isfinite(v) and v >= 0) for v in values) or (name == "betas" and 0 in values):
+            if any(not (math.isfinite(v) and v >= 0) for v in values) or ("betas" in name and 0 in values):
                 raise ValueError(f"{name} must be finite, > 0 for betas and >= 0 for KL coefficients; got {values!r}")
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from safetensors.torch import load_model as load_weights
 from safetensors.torch import save_model as save_weights
 
+from dpolab.baselines.online_dpo import online_dpo_train
 from dpolab.baselines.ppo import ppo_train
 from dpolab.baselines.rloo import rloo_train
 from dpolab.baselines.unlikelihood import unlikelihood_train
@@ -102,6 +103,16 @@ def train_ppo(setup, kl_coef: float | None = None, on_step=None, reward_fn=None)
     return _rl_policy(setup, ppo_train, on_step, reward_fn, steps=c.ppo_steps, prompts_per_step=c.ppo_prompts_per_step,
                       k=c.ppo_k, kl_coef=c.ppo_kl_coefs[0] if kl_coef is None else kl_coef, lr=c.ppo_lr,
                       num_ppo_epochs=c.num_ppo_epochs)
+
+
+def train_online_dpo(setup, beta: float | None = None, on_step=None, reward_fn=None):
+    """Online DPO (dpolab.baselines.online_dpo) from a copy of π_ref: RLOO's rollouts, DPO's loss and learning rate,
+    the judge ``reward_fn`` (default: the ground truth). Returns ``(policy, history)``."""
+    c = setup.config
+    return _rl_policy(setup, online_dpo_train, on_step, reward_fn, steps=c.rloo_steps,
+                      prompts_per_step=c.rloo_prompts_per_step, k=c.rloo_k,
+                      beta=c.online_dpo_betas[0] if beta is None else beta, loss_type=c.loss,
+                      pair_strategy=c.online_dpo_pair_strategy, lr=c.lr)
 
 
 def train_reward_model_on_pairs(setup, pairs: list[TokenizedPair]):

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from dpolab.experiments.sentiment_curves import COMPARISON_FIELDS, OLD_FORMATS, POLICY_FIELDS, RESULTS_FORMAT
 
-METHOD_ORDER = ("DPO", "PPO", "RLOO", "PPO-GT", "RLOO-GT", "Preferred-FT", "Unlikelihood", "Best of N")
+METHOD_ORDER = ("DPO", "PPO", "RLOO", "Online DPO", "Online DPO-GT", "PPO-GT", "RLOO-GT", "Preferred-FT",
+                "Unlikelihood", "Best of N")
 """Methods in the order of the comparisons: DPO first, then the RLHF arms (a learned reward model), then the
 ground-truth oracles and the other baselines."""
 

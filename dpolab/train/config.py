@@ -30,8 +30,9 @@ class TrainConfig:
     """Everything a training run needs besides the model and the data. Defaults: a small CPU run."""
 
     # --- what to train -------------------------------------------------------------------------------------
-    stage: Literal["sft", "dpo"] = "dpo"
-    """Training stage: "sft" (NLL on the chosen responses, the paper's first stage) or "dpo"."""
+    stage: Literal["sft", "dpo", "reward"] = "dpo"
+    """Training stage: "sft" (NLL on the chosen responses, the paper's first stage), "dpo", or "reward" (a
+    Bradley–Terry reward model on the same preference rows, the RLHF pipeline's step 2: dpolab.train.reward_stage)."""
     model: str = "smollm2-135m-instruct"
     """Policy to start from: the embedded default, a local folder, a hub id, or "tiny-gpt2"/"tiny-llama" (random)."""
     model_revision: str | None = None
@@ -53,6 +54,8 @@ class TrainConfig:
     """trl's name: worker processes that validate and tokenize the data (null: this process); same pairs either way."""
 
     # --- loss ----------------------------------------------------------------------------------------------
+    center_rewards_coefficient: float | None = None
+    """trl RewardConfig's name (stage "reward"): adds c·(r(x, y_w) + r(x, y_l))² to the loss to centre the rewards."""
     loss: str = "sigmoid"
     """Name of the DPO-family loss in dpolab.losses.LOSSES (ignored when stage is "sft")."""
     beta: float = 0.1

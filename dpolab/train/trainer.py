@@ -89,6 +89,10 @@ def train(
         config = config.replace(**overrides) if overrides else config
     else:
         config = TrainConfig.load(None, {**(config or {}), **overrides})
+    if config.stage == "reward":  # the RLHF pipeline's reward model: its own loop (dpolab.train.reward_stage)
+        from dpolab.train.reward_stage import train_reward
+
+        return train_reward(config, model=model, tokenizer=tokenizer, train_pairs=train_pairs, eval_pairs=eval_pairs)
     hooks, best = config_callbacks(config, callbacks, on_step)
     ctx = dist.setup(config.device)
     finished = False
