@@ -91,9 +91,9 @@ def quiet_library_progress() -> None:
     disable_transformers_bars()
 
 
-# the longest Unix socket path the OS takes (sun_path: 108 bytes on Linux, 104 on macOS), and what jupyter_client
-# appends to its runtime folder for a kernel's IPC sockets ("/kernel-<36-character id>-ipc-<n>")
-_SOCKET_PATH_MAX, _IPC_SUFFIX = 103, 52
+# the longest Unix socket path the OS takes (sun_path: 108 bytes on Linux, 104 on macOS), and what a kernel's IPC
+# sockets add to the runtime folder ("/dpolab-kernel-<16 hex digits>-<n>")
+_SOCKET_PATH_MAX, _IPC_SUFFIX = 103, 36
 
 
 @functools.cache
@@ -109,18 +109,24 @@ def kernel_manager_class():
     socket paths would exceed the OS limit cannot hold them: there, TCP and its line stay.
     """
     import os
+    import secrets
 
     from jupyter_client.manager import AsyncKernelManager
     from jupyter_core.paths import jupyter_runtime_dir
 
-    if os.name != "posix" or len(jupyter_runtime_dir()) + _IPC_SUFFIX > _SOCKET_PATH_MAX:
+    runtime = jupyter_runtime_dir()
+    if os.name != "posix" or len(runtime) + _IPC_SUFFIX > _SOCKET_PATH_MAX:
         return None
 
     class IpcKernelManager(AsyncKernelManager):
-        """``AsyncKernelManager`` with ``transport="ipc"`` (Unix domain sockets in the runtime folder)."""
+        """``AsyncKernelManager`` with ``transport="ipc"``: Unix domain sockets in the runtime folder, under a name of
+        its own per kernel (jupyter_client's default, "kernel-ipc-<n>" in the working folder, is shared by every kernel
+        started there: two at once, as in ``dpolab sweep --jobs 2``, would read each other's messages)."""
 
         def __init__(self, **kwargs):
+            os.makedirs(runtime, mode=0o700, exist_ok=True)
             kwargs.setdefault("transport", "ipc")
+            kwargs.setdefault("ip", os.path.join(runtime, f"dpolab-kernel-{secrets.token_hex(8)}"))
             super().__init__(**kwargs)
 
     return IpcKernelManager

@@ -105,7 +105,8 @@ def test_kernels_run_on_ipc_and_do_not_print_the_tcp_advice(tmp_path, capfd):
     manager = kernel_manager_class()
     if manager is None:
         pytest.skip("no IPC transport here (Windows, or a runtime folder too deep for socket paths)")
-    assert manager().transport == "ipc"
+    first, second = manager(), manager()
+    assert first.transport == "ipc" and first.ip != second.ip  # kernels started at once never share sockets
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x: int = 1", metadata={"tags": ["parameters"]}),
                                          nbformat.v4.new_code_cell("print(x * 2)")])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}

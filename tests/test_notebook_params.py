@@ -133,3 +133,14 @@ def test_types_ranges_choices_and_models_by_hand():
     assert "model: received './no/such/folder'" in problems(model="./no/such/folder")
     assert "n: received 0, expected a value >= 1; pass e.g. -p n 2" in problems(n=0)
     assert problems(x=float("nan")).startswith("this notebook cannot run")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_the_full_scale_overrides_and_the_smoke_models_pass(path):
+    """What dpolab notebooks --full passes (the .full.yaml beside each notebook, read as papermill's -f reads it),
+    and the tiny model of the smoke tests, are accepted."""
+    import yaml
+
+    _run(_cells(path, yaml=yaml.safe_load(path.with_suffix(".full.yaml").read_text())))
+    if "model" in _parameters(path):
+        _run(_cells(path, cli={"model": "tiny-llama"}))
