@@ -25,7 +25,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 
-NOTEBOOK_ORDER = ["01_derivation", "02_training", "03_beta_sweep", "04_multi_turn", "05_ranking", "06_loss_family"]
+NOTEBOOK_ORDER = ["01_derivation", "02_training", "03_beta_sweep", "04_multi_turn", "05_ranking", "06_loss_family",
+                  "07_on_policy_loop"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-EXPECTED = ["01_derivation", "02_training", "03_beta_sweep", "04_multi_turn", "05_ranking", "06_loss_family"]
+EXPECTED = ["01_derivation", "02_training", "03_beta_sweep", "04_multi_turn", "05_ranking", "06_loss_family",
+            "07_on_policy_loop"]
 
 
 def load(path: Path) -> dict:
