@@ -79,3 +79,24 @@ def test_bad_judge_and_k_are_refused():
 
     with pytest.raises(ValueError, match="rloo_k must be >= 2"):
         SentimentConfig(methods=("online_dpo",), rloo_k=1)
+
+
+def test_rollout_scores_the_prompt_and_the_completion_once_per_sample():
+    """A text judge reads prompt + completion, the text the experiment's pairs and evaluation score, prompt by
+    prompt, k per prompt, in the order of the step's prompts."""
+    from dpolab.baselines.rollout import prompt_order, rollout
+
+    policy, tokenizer = tiny_causal_lm("llama", seed=0)
+    prompts = ["one two", "three", "four five six"]
+    seen = []
+
+    def judge(texts):
+        seen.extend(texts)
+        return np.zeros(len(texts))
+
+    order = prompt_order(len(prompts), seed=3)
+    samples, _ = rollout(policy, tokenizer, prompts, order, 1, judge, prompts_per_step=2, k=2, max_new_tokens=3,
+                         seed=0)
+    expected = [prompts[order[(2 + j) % 3]] for j in range(2)]
+    assert samples.prompts == expected
+    assert seen == [p + t for p, row in zip(expected, samples.texts) for t in row] and len(seen) == 4

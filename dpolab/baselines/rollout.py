@@ -22,7 +22,9 @@ def rollout(policy, tokenizer, prompts: Sequence[str], order: np.ndarray, step: 
     """Sample ``k`` completions of step ``step``'s ``prompts_per_step`` prompts (the next ones in ``order``) from
     the full distribution of ``policy``, and score them with ``reward_fn``, once per sample: its
     ``score_samples(samples)`` when it has one (a learned reward model reads the sampled token ids after the
-    prompt's, :class:`dpolab.train.reward.RewardModelJudge`), otherwise the completions' texts.
+    prompt's, :class:`dpolab.train.reward.RewardModelJudge`), otherwise the texts prompt + completion, the text the
+    experiment's preference pairs and evaluation score. (Before results format 3 the text judges read the completion
+    alone: the RL-GT arms of ``dpolab.sentiment/2`` files optimised VADER of the continuation, not of the review.)
 
     Returns:
         The samples and their rewards, prompt by prompt. Shape: (prompts_per_step · k,) float32.
@@ -33,5 +35,5 @@ def rollout(policy, tokenizer, prompts: Sequence[str], order: np.ndarray, step: 
     if hasattr(reward_fn, "score_samples"):
         scores = reward_fn.score_samples(samples)
     else:
-        scores = reward_fn([t for row in samples.texts for t in row])
+        scores = reward_fn([prompt + t for prompt, row in zip(take, samples.texts) for t in row])
     return samples, torch.tensor(np.asarray(scores, dtype=np.float64), dtype=torch.float32)
