@@ -149,6 +149,8 @@ def add_reproduce(sub) -> None:
                    help="print the tables of a finished run's results.json without rerunning; several files of runs "
                         "with the same setup (e.g. the full run and the PPO run) are merged and compared together")
     p.add_argument("--figure", metavar="PNG", help="with --from-results: also redraw the frontier figure to this path")
+    p.add_argument("--save", metavar="RESULTS_JSON", help="with --from-results: also write the (merged) results here; "
+                   "a stopped run's results.partial.json is assembled from its finished curves")
     p.set_defaults(func=cmd_reproduce, parser=p)
 
 
@@ -162,6 +164,10 @@ def cmd_reproduce(args) -> int:
         except ValueError as err:
             raise SystemExit(f"dpolab reproduce --from-results: {err}") from None
         print(out["table_md"])
+        if args.save:
+            from dpolab.experiments.sentiment_report import save_results
+
+            print(f"results: {save_results(out['results'], args.save)}")
         if out["figure"]:
             print(f"figure: {out['figure']}")
         return 0

@@ -301,6 +301,12 @@ def test_a_stopped_run_keeps_its_curves_and_the_rerun_reuses_them(tmp_path):
             run(config)
         saved = json.loads(partial.read_text())["curves"]
         assert list(saved) == ["DPO β=0.1"]
+        # the stopped run's finished curves assemble into a results file (dpolab reproduce --from-results PARTIAL)
+        assembled = from_results(partial)["results"]
+        assert [r["method"] for r in assembled["policies"]] == ["Reference"] + ["DPO"] * len(saved["DPO β=0.1"]["rows"])
+        reference = assembled["policies"][0]
+        assert reference["kl"] == 0.0 and reference["prompt_rewards"] == saved["DPO β=0.1"]["rows"][0]["prompt_rewards"]
+        assert "Best-of-N rows" in assembled["stopped_early"]["missing"] and assembled["policies"][-1]["final"]
         patch.undo()
         patch.setattr(experiment, "get_judge", lambda name: get_judge(letter_e_reward if name == "vader" else name))
         patch.setattr(experiment, "train_dpo", fail)

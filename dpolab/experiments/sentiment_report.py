@@ -170,6 +170,40 @@ def validate(results, source: str) -> dict:
     return results
 
 
+def results_from_partial(partial: dict, source: str) -> dict:
+    """A results dict from the ``results.partial.json`` of a run that was stopped: its finished curves (each with its
+    step-0 row, π_ref's own), their learning curves, training seconds and temperature sweeps, and the reward model's
+    summary when the run saved one (``output_dir/reward_model/dpolab_reward_model.json``). What the run computes
+    only at its end is absent and said so in ``stopped_early``: the Best-of-N rows and π_ref's temperature sweep."""
+    import dataclasses
+
+    from dpolab.cache import from_repo_root
+    from dpolab.experiments.sentiment_config import SentimentConfig
+
+    curves = partial.get("curves") or {}
+    if not curves:
+        raise ValueError(f"{source}: a partial results file with no finished curve")
+    fields = {f.name for f in dataclasses.fields(SentimentConfig)}
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in partial["config"].items() if k in fields}
+    config = SentimentConfig(**settings)
+    start = next(iter(curves.values()))["rows"][0]
+    reference = {k: v for k, v in start.items() if k not in ("reward_source", "reward_queries", "epoch")}
+    reference.update(method="Reference", knob=0.0, policy="reference")
+    rows = [reference] + [row for curve in curves.values() for row in curve["rows"]]
+    timings = {f"{name} (train)": curve["train_seconds"] for name, curve in curves.items()}
+    timings["total"] = sum(timings.values())
+    results = assemble(config, rows, {c["key"]: c["learning_curve"] for c in curves.values()}, timings, None)
+    sweeps = {name: c["temperature_win_rates"] for name, c in curves.items() if c.get("temperature_win_rates")}
+    if sweeps:
+        results["temperature_win_rates"] = sweeps
+    summary = from_repo_root(config.output_dir) / "reward_model" / "dpolab_reward_model.json"
+    if summary.is_file():
+        results["reward_model"] = json.loads(summary.read_text())
+    results["stopped_early"] = {"source": source, "curves": list(curves), "missing": [
+        "Best-of-N rows", "π_ref's temperature sweep", "the unfinished curves", "timings other than training"]}
+    return results
+
+
 def load_results(path: str | Path) -> dict:
     """Read and validate one results file."""
     from dpolab.cache import from_repo_root
@@ -179,6 +213,8 @@ def load_results(path: str | Path) -> dict:
         results = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not a results.json written by dpolab reproduce ({err!r})") from err
+    if isinstance(results, dict) and "curves" in results and "config" in results and "format" not in results:
+        results = results_from_partial(results, str(path))  # a stopped run's results.partial.json
     return validate(results, str(path))
 
 
@@ -248,6 +284,16 @@ def from_results(paths, figure: str | Path | None = None) -> dict:
     results = parts[0] if len(parts) == 1 else merge_results(parts, [str(p) for p in paths])
     written = draw_figures(results, from_repo_root(figure)) if figure else None
     return {"results": results, "table_md": report_markdown(results), "figure": written}
+
+
+def save_results(results: dict, path: str | Path) -> Path:
+    """Write a (merged or assembled) results dict as JSON, atomically (``dpolab reproduce --from-results ... --save``)."""
+    from dpolab.cache import atomic_write_text, from_repo_root
+
+    path = from_repo_root(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(results, indent=1, default=float) + "\n")
+    return path
 
 
 def _fmt(value: float, se: float, digits: int = 3, sign: bool = False) -> str:
