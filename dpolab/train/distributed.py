@@ -11,7 +11,10 @@ accumulation). Metrics are sums reduced across processes; only rank 0 writes fil
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +87,12 @@ def _import_group_default_holders() -> None:
 def teardown(ctx: DistributedContext, synchronize: bool = True) -> None:
     """Leave the process group if :func:`setup` created it.
 
+    The group's threads are joined here unless something still references it. One such thing is by design: an
+    FSDP-sharded model (its parameters are DTensors on a DeviceMesh of the group), as :func:`dpolab.train.trainer.train`
+    returns with ``fsdp=True`` (and DTensor operations on it, such as ``state_dict()``, fill DTensor's caches with the
+    mesh again); drop it before the process ends (``del result``) so the group goes with it, and not in the
+    interpreter's shutdown.
+
     Args:
         ctx: this process's context from :func:`setup`.
         synchronize: wait for every process first (after a run that finished normally), so that no process
@@ -93,7 +102,38 @@ def teardown(ctx: DistributedContext, synchronize: bool = True) -> None:
     if ctx.owns_group and dist.is_initialized():
         if synchronize:
             dist.barrier()
+        _release_dtensor_caches()
         dist.destroy_process_group()
+        gc.collect()  # what held the group in reference cycles goes now, not at interpreter exit
+
+
+def _release_dtensor_caches() -> None:
+    """Empty DTensor's caches of sharding and redistribution plans, which hold DeviceMeshes, and through them the
+    process group (FSDP2's shards are DTensors; gathering full weights for a checkpoint fills them).
+
+    Left filled, they keep the group alive after ``destroy_process_group``, with the consequence described in
+    :func:`_import_group_default_holders`. Only the caches of modules already imported are touched; they refill on
+    the next use.
+    """
+    if "torch.distributed.tensor" not in sys.modules:
+        return
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith("torch.distributed.tensor"):
+            continue
+        values = list(vars(module).values())
+        values += [v for cls in values if isinstance(cls, type) and cls.__module__ == name for v in vars(cls).values()]
+        for value in values:  # e.g. _redistribute._gen_transform_infos, MeshTopoInfo.build_from_mesh
+            value = getattr(value, "__func__", value)  # a staticmethod's or classmethod's function
+            if isinstance(value, functools._lru_cache_wrapper):
+                value.cache_clear()
+    clear_planners = getattr(sys.modules.get("torch.distributed.tensor._redistribute"),
+                             "clear_redistribute_planner_cache", None)
+    if clear_planners is not None:
+        clear_planners()
+    from torch.distributed.tensor import debug
+
+    if hasattr(debug, "_clear_sharding_prop_cache"):  # "the recommended way to clear all sharding propagation caches"
+        debug._clear_sharding_prop_cache()
 
 
 def backend_threads() -> list[str]:
