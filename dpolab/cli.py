@@ -235,10 +235,9 @@ def add_notebooks(sub) -> None:
 
 def cmd_notebooks(args) -> int:
     import nbformat
-    import papermill
 
     from dpolab.cache import REPO_ROOT
-    from dpolab.notebook_output import missing_figures, write_html
+    from dpolab.notebook_output import execute_notebook, missing_figures, write_html
     from dpolab.overrides import read_yaml
 
     out = REPO_ROOT / args.out
@@ -251,8 +250,7 @@ def cmd_notebooks(args) -> int:
             params.update(read_yaml(source.with_suffix(".full.yaml")))
         executed = out / source.name
         print(f"running {source.name} → {executed}", file=sys.stderr)
-        papermill.execute_notebook(str(source), str(executed), parameters=params, kernel_name="python3",
-                                   cwd=str(source.parent))
+        execute_notebook(source, executed, parameters=params, kernel_name="python3", cwd=str(source.parent))
         problems += [f"{executed.name}: {p}" for p in missing_figures(nbformat.read(str(executed), as_version=4).cells)]
         if args.html:
             print(f"rendered {write_html(executed)}", file=sys.stderr)

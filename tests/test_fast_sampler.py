@@ -115,6 +115,10 @@ def test_benchmark_quick_mode_runs():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import sampling
 
-    rates = sampling.run(quick=True, prompts=4, n=2, max_new_tokens=4, repeats=1)
+    measured = sampling.run(quick=True, prompts=4, n=2, max_new_tokens=4, repeats=1)
+    rates = measured["rates"]
     assert set(rates) == set(sampling.ARMS) and all(r[0] > 0 for r in rates.values())
-    assert "ratio to model.generate" in sampling.table(rates, "python benchmarks/sampling.py --quick")
+    assert set(sampling.BASELINES) <= set(rates)  # generate as a user writes it (top_k=0) and the top_k=vocab call
+    assert measured["floor"] > 0 and measured["gflop_per_token"] > 0
+    table = sampling.table(measured, "python benchmarks/sampling.py --quick")
+    assert "ratio to the faster model.generate" in table and "share of FLOP floor" in table
