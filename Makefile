@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m ipykernel install --user --name python3 >/dev/null
 	touch $@
 
-# The test command of the README: unit tests, then the six notebooks on their defaults under nbval.
+# The test command of the README: unit tests, then the seven notebooks on their defaults under nbval.
 test: setup
 	$(BIN)/python -m pytest -q tests
 	$(BIN)/python -m pytest -q --nbval-lax --nbval-current-env --nbval-cell-timeout=1200 -p no:cacheprovider notebooks
