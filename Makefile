@@ -29,7 +29,7 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow tests
 
-# The main job of the README: the controlled-sentiment reproduction on the embedded default, then the six
+# The main job of the README: the controlled-sentiment reproduction on the embedded default, then the seven
 # notebooks executed by papermill into runs/notebooks/ (with HTML copies; figures into figures/).
 run: setup
 	$(BIN)/dpolab reproduce
