@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from dpolab.tiny import tiny_causal_lm
 from dpolab.train import checkpoint as ckpt
 from dpolab.train.resume import config_differences
-from dpolab.tiny import tiny_causal_lm
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,24 +13,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_runs import PROMPTS, make_examples
 
 import dpolab.train.reference_table as reference_module
-from dpolab.train import checkpoint as ckpt
-from dpolab.train import metrics
 from dpolab.data import tokenize as tokenize_module
-from dpolab.train.config import ConfigError, TrainConfig
-from dpolab.data.records import DataError, PreferenceExample, example_from_record
-from dpolab.data.readers import load_jsonl
 from dpolab.data.prepare import prepare_pairs
+from dpolab.data.readers import load_jsonl
+from dpolab.data.records import DataError, PreferenceExample, example_from_record
+from dpolab.data.tokenize import TokenizationError, TokenizeConfig, tokenize_pair
 from dpolab.lora import add_lora
 from dpolab.models import load_policy
+from dpolab.tiny import tiny_causal_lm, tiny_tokenizer
+from dpolab.train import checkpoint as ckpt
+from dpolab.train import metrics
+from dpolab.train.config import ConfigError, TrainConfig
 from dpolab.train.metrics import MetricsWriter, read_metrics
 from dpolab.train.reference_table import precompute_reference, reference_key
-from dpolab.tiny import tiny_causal_lm, tiny_tokenizer
-from dpolab.data.tokenize import TokenizationError, TokenizeConfig, tokenize_pair
 from dpolab.train.step import BatchPlan
 from dpolab.train.trainer import train
-from tiny_runs import PROMPTS, make_examples
 
 # names introduced with the fixes are looked up inside the tests, so that on the old code each case fails alone
 

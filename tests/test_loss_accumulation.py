@@ -12,18 +12,18 @@ import math
 
 import pytest
 import torch
+from tiny_runs import FAST, PROMPTS, make_examples
 
 from dpolab.data.batch import collate_pairs
-from dpolab.train.config import TrainConfig
-from dpolab.data.records import PreferenceExample
 from dpolab.data.prepare import prepare_pairs, tokenize_config
+from dpolab.data.records import PreferenceExample
 from dpolab.losses import LOSSES
+from dpolab.tiny import tiny_causal_lm
+from dpolab.train.config import TrainConfig
 from dpolab.train.objective import batch_objective
 from dpolab.train.reference import make_reference
-from dpolab.tiny import tiny_causal_lm
 from dpolab.train.step import accumulate_gradients
 from dpolab.train.trainer import train
-from tiny_runs import FAST, PROMPTS, make_examples
 
 PARAMS = {"exo_pair": {"label_smoothing": 1e-3}, "robust": {"label_smoothing": 0.1},
           "aot": {"label_smoothing": 0.1}, "simpo": {"gamma": 0.3}, "discopop": {"discopop_tau": 0.5}}

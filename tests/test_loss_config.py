@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from dpolab.train.config import ConfigError, TrainConfig, field_help
-from dpolab.losses import LOSSES
 from dpolab.baselines.unlikelihood import unlikelihood_loss
+from dpolab.losses import LOSSES
+from dpolab.train.config import ConfigError, TrainConfig, field_help
 
 TRL_FIELDS = {"loss_type": [], "loss_weights": [], "use_weighting": False, "ld_alpha": None,
               "f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5, "sync_ref_model": False,

@@ -6,16 +6,15 @@ from test_trainer import weights
 from tiny_runs import FAST, make_examples
 
 from dpolab.data.batch import collate_pairs
-from dpolab.train.config import TrainConfig
 from dpolab.data.prepare import prepare_pairs, tokenize_config
 from dpolab.lora import add_lora
 from dpolab.models import load_model, load_policy
+from dpolab.tiny import tiny_causal_lm
+from dpolab.train.config import TrainConfig
 from dpolab.train.recompute import checkpointed_layers, enable_gradient_checkpointing, recomputing
 from dpolab.train.reference import make_reference
-from dpolab.tiny import tiny_causal_lm
 from dpolab.train.step import accumulate_gradients
 from dpolab.train.trainer import train
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

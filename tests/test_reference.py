@@ -11,18 +11,17 @@ import torch
 import dpolab.train.reference_table as reference_module
 from dpolab.data.batch import collate_pairs, pair_length
 from dpolab.data.prepare import prepare_pairs
-from dpolab.lora import add_lora
+from dpolab.data.tokenize import TokenizeConfig
 from dpolab.fast.paths import pair_layout
 from dpolab.logprobs import concatenated_forward
+from dpolab.lora import add_lora
+from dpolab.tiny import tiny_causal_lm
 from dpolab.train.reference import AdapterReference, make_reference
 from dpolab.train.reference_table import precompute_reference, reference_key
-from dpolab.tiny import tiny_causal_lm
-from dpolab.data.tokenize import TokenizeConfig
 from dpolab.train.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_runs import FAST, make_examples  # noqa: E402
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

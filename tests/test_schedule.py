@@ -10,7 +10,6 @@ from dpolab.train.config import ConfigError, TrainConfig
 from dpolab.train.schedule import learning_rate, lr_factor, warmup_steps
 from dpolab.train.trainer import train
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

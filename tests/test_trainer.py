@@ -11,19 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from dpolab.train import checkpoint as ckpt
-from dpolab.data.batch import collate_pairs
-from dpolab.train.config import TrainConfig
-from dpolab.data.prepare import prepare_pairs, tokenize_config
-from dpolab.train.metrics import NonFiniteLossError, read_metrics
-from dpolab.train.reference import make_reference
-from dpolab.tiny import tiny_causal_lm
-from dpolab.train.step import accumulate_gradients
-from dpolab.train.trainer import train
 from tiny_runs import FAST, make_examples
 
-
+from dpolab.data.batch import collate_pairs
+from dpolab.data.prepare import prepare_pairs, tokenize_config
+from dpolab.tiny import tiny_causal_lm
+from dpolab.train import checkpoint as ckpt
+from dpolab.train.config import TrainConfig
+from dpolab.train.metrics import NonFiniteLossError, read_metrics
+from dpolab.train.reference import make_reference
+from dpolab.train.step import accumulate_gradients
+from dpolab.train.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
