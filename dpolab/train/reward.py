@@ -45,8 +45,7 @@ def reward_model_from_causal_lm(model, tokenizer, *, seed: int = 0):
     config.problem_type = "regression"
     torch.manual_seed(seed)
     reward_model = AutoModelForSequenceClassification.from_config(config)
-    incompatible = reward_model.base_model.load_state_dict(model.base_model.state_dict(), strict=True)
-    assert not incompatible.missing_keys and not incompatible.unexpected_keys, incompatible
+    reward_model.base_model.load_state_dict(model.base_model.state_dict(), strict=True)  # raises on any mismatch
     return reward_model.to(dtype=next(model.parameters()).dtype)
 
 
