@@ -118,10 +118,21 @@ def _frontier_on_grid(kl: np.ndarray, reward: np.ndarray, grid: np.ndarray) -> n
     return interpolate_frontier(kl[front], reward[front], grid)
 
 
-def _common_range(kl_a: np.ndarray, kl_b: np.ndarray) -> tuple[float, float] | None:
-    """The overlap of two frontiers' KL ranges; None if empty or of zero width (unless both are one same KL)."""
-    low, high = max(kl_a[0], kl_b[0]), min(kl_a[-1], kl_b[-1])
-    same_single = len(kl_a) == len(kl_b) == 1 and kl_a[0] == kl_b[0]
+def seed_groups(rows: Sequence[dict], method: str) -> list[np.ndarray]:
+    """Indices of ``method``'s rows, one array per training seed (``train_seed``; rows without one form one group),
+    seeds in order of first appearance."""
+    groups: dict = {}
+    for i, row in enumerate(rows):
+        if row["method"] == method:
+            groups.setdefault(row.get("train_seed"), []).append(i)
+    return [np.array(idx) for idx in groups.values()]
+
+
+def _common_range(fronts: Sequence[np.ndarray]) -> tuple[float, float] | None:
+    """The KL range every frontier covers (each: its KLs, ascending); None if empty or of zero width (unless every
+    frontier is one same single point)."""
+    low, high = max(f[0] for f in fronts), min(f[-1] for f in fronts)
+    same_single = all(len(f) == 1 for f in fronts) and len({float(f[0]) for f in fronts}) == 1
     return (float(low), float(high)) if low < high or same_single else None
 
 
@@ -129,12 +140,20 @@ def matched_kl_comparison(rows: Sequence[dict], method_a: str, method_b: str, *,
                           n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
     """Mean reward gap frontier_a(kl) − frontier_b(kl) over the KL range both frontiers cover.
 
+    A method trained with several seeds (rows with different ``train_seed``) has one frontier per seed; its
+    frontier is their mean, read on the grid, over the KL range every seed's frontier covers (pooling the seeds'
+    points into one envelope would take the best seed at each KL and flatter the method). With one seed per
+    method this is the plain comparison of two frontiers.
+
     The grid is ``n_grid`` evenly spaced KLs on [kl_low, kl_high], fixed by the point estimates. Each
     bootstrap replicate resamples prefix indices with replacement, recomputes every row's mean reward and
-    KL, rebuilds both frontiers and reads them on the same grid. A replicate whose frontiers do not cover a
-    grid point is dropped *for that point*: its average gap is the mean over the grid points it covers (a
-    replicate covering none is dropped), and the pointwise intervals use the replicates covering the point.
-    Near the ends of the range, where the end points' KLs jitter, fewer replicates count.
+    KL, rebuilds the frontiers and reads them on the same grid; where a method has several seeds, the
+    replicate also resamples its seeds with replacement, so the interval ``ci_low``–``ci_high`` covers training
+    noise as well as the prefixes (``ci_low_prefixes``–``ci_high_prefixes``: the prefixes alone, every seed kept).
+    A replicate whose frontiers do not cover a grid point is dropped *for that point*: its average gap is the mean
+    over the grid points it covers (a replicate covering none is dropped), and the pointwise intervals use the
+    replicates covering the point. Near the ends of the range, where the end points' KLs jitter, fewer
+    replicates count.
 
     Args:
         rows: evaluated checkpoints of (at least) both methods.
@@ -149,7 +168,9 @@ def matched_kl_comparison(rows: Sequence[dict], method_a: str, method_b: str, *,
         ``method_a``, ``method_b``, ``kl_low``, ``kl_high``, ``reward_diff`` (mean gap on the grid),
         ``ci_low``, ``ci_high`` (percentile interval of the replicates' mean gaps), ``dominance_share``
         (share of the grid points whose pointwise interval of the gap lies entirely above 0),
-        ``dominance_share_b`` (entirely below 0), ``n_prompts``, ``n_boot``, ``note`` (``""``, or
+        ``dominance_share_b`` (entirely below 0), ``n_prompts``, ``n_boot``, ``n_seeds_a``, ``n_seeds_b``,
+        ``seed_diffs_a`` (each seed of A: its frontier's mean gap to B's mean frontier), ``seed_diffs_b`` (A's mean
+        frontier against each seed of B), ``ci_low_prefixes``, ``ci_high_prefixes``, ``note`` (``""``, or
         ``"no common KL range"`` with every number NaN when the ranges do not overlap).
     """
     if not 0 < level < 1 or n_grid < 1 or n_boot < 0:
@@ -163,35 +184,64 @@ def matched_kl_comparison(rows: Sequence[dict], method_a: str, method_b: str, *,
             raise ValueError(f"matched_kl_comparison: no rows of method {method!r} (have {methods})")
     rows = [row for row in rows if row["method"] in (method_a, method_b)]
     rewards, kls = _row_arrays(rows)
-    is_a = np.array([row["method"] == method_a for row in rows])
-    points = frontier_points(rows)
-    result = {"method_a": method_a, "method_b": method_b, "kl_low": math.nan, "kl_high": math.nan,
-              "reward_diff": math.nan, "ci_low": math.nan, "ci_high": math.nan, "dominance_share": math.nan,
-              "dominance_share_b": math.nan, "n_prompts": rewards.shape[1], "n_boot": n_boot, "note": ""}
-    common = _common_range(points[method_a]["frontier_kl"], points[method_b]["frontier_kl"])
+    groups = {m: seed_groups(rows, m) for m in (method_a, method_b)}
+    nan = math.nan
+    result = {"method_a": method_a, "method_b": method_b, "kl_low": nan, "kl_high": nan, "reward_diff": nan,
+              "ci_low": nan, "ci_high": nan, "dominance_share": nan, "dominance_share_b": nan,
+              "n_prompts": rewards.shape[1], "n_boot": n_boot, "n_seeds_a": len(groups[method_a]),
+              "n_seeds_b": len(groups[method_b]), "seed_diffs_a": [], "seed_diffs_b": [], "ci_low_prefixes": nan,
+              "ci_high_prefixes": nan, "note": ""}
+    mean_reward, mean_kl = _prefix_means(rewards), _prefix_means(kls)
+    fronts = {m: [np.sort(mean_kl[g][upper_envelope(mean_kl[g], mean_reward[g])]) for g in groups[m]]
+              for m in groups}
+    common = _common_range(fronts[method_a] + fronts[method_b])
     if common is None:
         return result | {"note": NO_COMMON_RANGE}
     grid = np.linspace(*common, n_grid)
-    gap = (interpolate_frontier(points[method_a]["frontier_kl"], points[method_a]["frontier_reward"], grid)
-           - interpolate_frontier(points[method_b]["frontier_kl"], points[method_b]["frontier_reward"], grid))
-    result |= {"kl_low": common[0], "kl_high": common[1], "reward_diff": float(np.mean(gap))}
+    on_grid = {m: np.stack([_frontier_on_grid(mean_kl[g], mean_reward[g], grid) for g in groups[m]])
+               for m in groups}  # (seeds, G) per method
+    mean_a, mean_b = on_grid[method_a].mean(axis=0), on_grid[method_b].mean(axis=0)
+    result |= {"kl_low": common[0], "kl_high": common[1], "reward_diff": float(np.mean(mean_a - mean_b)),
+               "seed_diffs_a": [float(np.mean(f - mean_b)) for f in on_grid[method_a]],
+               "seed_diffs_b": [float(np.mean(mean_a - f)) for f in on_grid[method_b]]}
     if n_boot == 0:
         return result
 
     n_prompts = rewards.shape[1]
     counts = np.random.default_rng(seed).multinomial(n_prompts, np.full(n_prompts, 1.0 / n_prompts), size=n_boot)
     boot_reward, boot_kl = _prefix_means(rewards, counts), _prefix_means(kls, counts)  # (R, B) each
-    gaps = np.stack([_frontier_on_grid(boot_kl[is_a, b], boot_reward[is_a, b], grid)
-                     - _frontier_on_grid(boot_kl[~is_a, b], boot_reward[~is_a, b], grid) for b in range(n_boot)])
+    # per method, per replicate and seed, the seed's frontier on the grid: (B, seeds, G)
+    boot = {m: np.stack([np.stack([_frontier_on_grid(boot_kl[g, b], boot_reward[g, b], grid) for g in groups[m]])
+                         for b in range(n_boot)]) for m in groups}
+    draw = np.random.default_rng([seed, 1])  # the seeds' resampling: its own stream, so the prefixes' is unchanged
+
+    def resampled(m: str) -> np.ndarray:
+        k = len(groups[m])
+        if k == 1:
+            return boot[m][:, 0]
+        picks = draw.integers(0, k, size=(n_boot, k))
+        return np.take_along_axis(boot[m], picks[:, :, None], axis=1).mean(axis=1)
+
     alpha = (1.0 - level) / 2
-    covered = ~np.isnan(gaps)  # (B, G)
-    mean_gaps = np.array([g[c].mean() for g, c in zip(gaps, covered, strict=True) if c.any()])
-    if len(mean_gaps):
-        result["ci_low"], result["ci_high"] = (float(q) for q in np.quantile(mean_gaps, [alpha, 1 - alpha]))
-    low, high = np.full(n_grid, np.nan), np.full(n_grid, np.nan)
-    seen = covered.any(axis=0)
-    if seen.any():
-        low[seen], high[seen] = np.nanquantile(gaps[:, seen], [alpha, 1 - alpha], axis=0)
+
+    def interval(gaps: np.ndarray) -> tuple[float, float, np.ndarray]:
+        covered = ~np.isnan(gaps)  # (B, G)
+        mean_gaps = np.array([g[c].mean() for g, c in zip(gaps, covered, strict=True) if c.any()])
+        ci = tuple(float(q) for q in np.quantile(mean_gaps, [alpha, 1 - alpha])) if len(mean_gaps) else (nan, nan)
+        low, high = np.full(n_grid, np.nan), np.full(n_grid, np.nan)
+        seen = covered.any(axis=0)
+        if seen.any():
+            low[seen], high[seen] = np.nanquantile(gaps[:, seen], [alpha, 1 - alpha], axis=0)
+        return *ci, np.stack([low, high])
+
+    with np.errstate(invalid="ignore"):  # a seed's frontier that misses a grid point makes the mean NaN there
+        prefixes_only = boot[method_a].mean(axis=1) - boot[method_b].mean(axis=1)
+        result["ci_low_prefixes"], result["ci_high_prefixes"], bounds = interval(prefixes_only)
+        if len(groups[method_a]) > 1 or len(groups[method_b]) > 1:
+            result["ci_low"], result["ci_high"], bounds = interval(resampled(method_a) - resampled(method_b))
+        else:
+            result["ci_low"], result["ci_high"] = result["ci_low_prefixes"], result["ci_high_prefixes"]
+    low, high = bounds
     # a grid point no replicate covers has no interval and counts for neither method
     result["dominance_share"] = float(np.mean(low > 0))
     result["dominance_share_b"] = float(np.mean(high < 0))

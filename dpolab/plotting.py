@@ -62,7 +62,8 @@ def _reward_kl_axes(fig, ax, title: str):
 
 
 def frontier_curves_figure(rows: Sequence[dict], title: str = "Reward vs KL(π‖π_ref), held-out prefixes"):
-    """Reward–KL curves: one line per (method, knob) through its checkpoints in step order, ±1 s.e. bars.
+    """Reward–KL curves: one line per (method, knob, training seed) through its checkpoints in step order, ±1 s.e.
+    bars (the seeds of one setting share its colour and label).
 
     Args:
         rows: checkpoint rows (:mod:`dpolab.experiments.sentiment_curves`) with ``method``, ``knob``, ``step``,
@@ -71,10 +72,10 @@ def frontier_curves_figure(rows: Sequence[dict], title: str = "Reward vs KL(π�
     fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=120)
     curves: dict = {}
     for row in rows:
-        key = (row["method"], 0.0 if row["method"] == "Best of N" else row["knob"])
+        key = (row["method"], 0.0 if row["method"] == "Best of N" else row["knob"], row.get("train_seed"))
         curves.setdefault(key, []).append(row)
     seen = set()
-    for (method, knob), points in curves.items():
+    for (method, knob, _), points in curves.items():
         points = sorted(points, key=lambda r: (r["knob"], r["step"]) if method == "Best of N" else r["step"])
         style = METHOD_STYLE.get(method, {"color": "gray", "marker": "x"})
         label = None if method in seen else method
@@ -108,6 +109,7 @@ def rl_learning_curves_figure(learning_curves: dict, window: int = 8):
         method, coef = name.split("_", 1)
         if coef.startswith("gt_"):
             method, coef = method + "-GT", coef[3:]
+        coef = coef.replace("_seed", " seed ")
         style = "-" if method.startswith("rloo") else "--"
         steps = np.array([r["step"] for r in records])
         for ax, key in ((left, "reward"), (right, "kl")):

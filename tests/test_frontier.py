@@ -268,3 +268,70 @@ def test_constant_kl_rows_keep_their_exact_kl():
     rows = best_of_n_curve(np.random.default_rng(0).normal(size=(3, 4)), [1, 3])
     assert np.mean(rows[1]["prompt_kls"]) != best_of_n_kl(3)  # the rounding this guards against
     assert frontier_points(rows)["Best of N"]["kl"].tolist() == [0.0, best_of_n_kl(3)]
+
+
+def _seeded(rows, seed):
+    return [{**r, "train_seed": seed} for r in rows]
+
+
+def test_one_seed_per_method_is_the_plain_comparison():
+    """Rows that all carry the same ``train_seed`` (or none) give the numbers of the seedless comparison, and both
+    intervals (prefixes alone; prefixes and seeds) are the same interval."""
+    rng = np.random.default_rng(3)
+    a, kls = _noisy_rows(rng, 8, "A", shift=0.3)
+    b, _ = _noisy_rows(rng, 8, "B", kls=kls)
+    plain = matched_kl_comparison(a + b, "A", "B", n_boot=200)
+    tagged = matched_kl_comparison(_seeded(a, 0) + _seeded(b, 5), "A", "B", n_boot=200)
+    for key in ("kl_low", "kl_high", "reward_diff", "ci_low", "ci_high", "dominance_share", "dominance_share_b"):
+        assert tagged[key] == plain[key], key
+    assert (tagged["ci_low"], tagged["ci_high"]) == (tagged["ci_low_prefixes"], tagged["ci_high_prefixes"])
+    assert (tagged["n_seeds_a"], tagged["n_seeds_b"]) == (1, 1)
+    assert tagged["seed_diffs_a"] == [pytest.approx(tagged["reward_diff"])]
+
+
+def test_two_identical_seeds_change_nothing():
+    """A trained twice with the same outcome: the mean frontier is that frontier, and resampling the seeds cannot
+    move any replicate, so the interval over prefixes and seeds is the prefixes' interval."""
+    rng = np.random.default_rng(4)
+    a, kls = _noisy_rows(rng, 6, "A", shift=0.2)
+    b, _ = _noisy_rows(rng, 6, "B", kls=kls)
+    once = matched_kl_comparison(a + b, "A", "B", n_boot=200)
+    twice = matched_kl_comparison(_seeded(a, 0) + _seeded(a, 1) + b, "A", "B", n_boot=200)
+    assert twice["n_seeds_a"] == 2 and twice["reward_diff"] == pytest.approx(once["reward_diff"], abs=1e-12)
+    assert twice["ci_low"] == pytest.approx(once["ci_low"], abs=1e-12)
+    assert twice["ci_high"] == pytest.approx(once["ci_high"], abs=1e-12)
+    assert twice["ci_low_prefixes"] == pytest.approx(once["ci_low"], abs=1e-12)
+
+
+def test_seeds_by_hand_mean_frontier_and_seed_interval():
+    """No prefix noise (both prefixes equal), B: (0, 0) → (2, 1); A seed 1 is B + 0.1, A seed 2 is B + 0.3.
+
+    A's frontier is the mean of its seeds' frontiers, B + 0.2, so the gap is 0.2 everywhere on [0, 2]; each seed's
+    own gap is 0.1 and 0.3. The prefixes alone cannot move anything: their interval is [0.2, 0.2]. Resampling two
+    seeds with replacement gives the mean of (1, 1), (1, 2), (2, 1) or (2, 2): 0.1, 0.2, 0.2, 0.3 with
+    probabilities 1/4 each, so the 95% interval over 2,000 replicates is [0.1, 0.3]. Pooling the seeds into one
+    envelope would have read seed 2 alone (+0.3)."""
+    b = [_row("B", 1, [0, 0], [0, 0]), _row("B", 0.1, [2, 2], [1, 1])]
+    a = [_row("A", 1, [0, 0], [0.1, 0.1], step=0), _row("A", 1, [2, 2], [1.1, 1.1], step=1)]
+    a = _seeded(a, 1) + [{**r, "train_seed": 2, "prompt_rewards": [v + 0.2 for v in r["prompt_rewards"]]} for r in a]
+    got = matched_kl_comparison(a + b, "A", "B", n_boot=2000)
+    assert (got["kl_low"], got["kl_high"]) == (0.0, 2.0)
+    assert got["reward_diff"] == pytest.approx(0.2)
+    assert got["seed_diffs_a"] == [pytest.approx(0.1), pytest.approx(0.3)]
+    assert got["seed_diffs_b"] == [pytest.approx(0.2)]
+    assert (got["ci_low_prefixes"], got["ci_high_prefixes"]) == (pytest.approx(0.2), pytest.approx(0.2))
+    assert (got["ci_low"], got["ci_high"]) == (pytest.approx(0.1), pytest.approx(0.3))
+    assert got["dominance_share"] == 1.0 and got["dominance_share_b"] == 0.0
+
+
+def test_seeds_common_range_is_what_every_seed_covers():
+    """A seed 1 covers KL [0, 2], seed 2 only [0, 1]; B covers [0, 3]: the comparison runs over [0, 1].
+
+    On [0, 1] seed 1 has reward kl/2 and seed 2 reward kl, so A's mean frontier is 0.75·kl; B is 0.5·kl: the gap is
+    0.25·kl, whose mean over [0, 1] is 0.125."""
+    a = [_row("A", 1, [0, 0], [0, 0], 0), _row("A", 1, [2, 2], [1, 1], 1)]
+    a = _seeded(a, 1) + _seeded([_row("A", 1, [0, 0], [0, 0], 0), _row("A", 1, [1, 1], [1, 1], 1)], 2)
+    b = [_row("B", 1, [0, 0], [0, 0]), _row("B", 0.1, [3, 3], [1.5, 1.5])]
+    got = matched_kl_comparison(a + b, "A", "B", n_boot=0, n_grid=101)
+    assert (got["kl_low"], got["kl_high"]) == (0.0, 1.0)
+    assert got["reward_diff"] == pytest.approx(0.125)

@@ -37,6 +37,8 @@ def test_paired_gain_by_hand():
     ("ppo_steps", 0, "ppo_steps must be >= 1.*leave 'ppo' out of methods"),
     ("ppo_lr", float("nan"), "ppo_lr must be finite"),
     ("methods", ("dpo", "trpo"), "methods: unknown"),
+    ("train_seeds", (1, 1), "train_seeds must list distinct integers"),
+    ("train_seeds", (-1,), "train_seeds must list distinct integers"),
 ])
 def test_bad_settings_fail_before_any_model_load(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -385,3 +387,80 @@ def test_format_2_files_are_upgraded_and_sources_must_agree(tmp_path):
     path.write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="one name must mean one reward source"):
         load_results(path)
+
+
+def test_training_seeds_vary_training_only_and_merge(tmp_path):
+    """``train_seeds=(0, 1)``: each curve is trained twice. Seed 0's rows are, number for number, those of a run
+    without ``train_seeds`` (the experiment's seed is 0); seed 1's DPO sees its pairs in another order and its RLOO
+    other rollouts, so its checkpoints differ, while π_ref, the prefixes and the evaluation stay the same. A run of
+    seed 1 alone merges with the seed-0 run into the same curves (same names, policies and numbers), and the
+    matched-KL comparisons then average each method over its two seeds."""
+    import dpolab.experiments.sentiment as experiment
+    from dpolab.sample.judges import get_judge
+    from dpolab.tiny import tiny_causal_lm
+
+    folder = tmp_path / "model"
+    model, tokenizer = tiny_causal_lm("llama", seed=0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    settings = dict(model=str(folder), n_train_prompts=4, n_eval_prompts=3, samples_per_prompt=3, max_new_tokens=4,
+                    sft_steps=0, methods=("dpo", "rloo"), betas=(0.1,), steps=3, eval_every=1, batch_size=2,
+                    lr=1e-2, rloo_steps=2, rloo_prompts_per_step=2, rloo_k=2, rloo_kl_coefs=(0.1,), rloo_lr=1e-2,
+                    best_of_n=(1, 2), eval_samples_per_prompt=2, heldout_pair_samples=2, figure="", progress=False)
+    results = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(experiment, "get_judge", lambda name: get_judge(letter_e_reward if name == "vader" else name))
+        for name, seeds in (("plain", ()), ("both", (0, 1)), ("one", (1,))):
+            config = SentimentConfig(**settings, train_seeds=seeds, output_dir=str(tmp_path / name),
+                                     results=str(tmp_path / f"{name}.json"))
+            results[name] = run(config)["results"]
+    numbers = lambda r: (r["policy"], r["step"], r["prompt_rewards"], r["prompt_kls"])  # noqa: E731
+    trained = lambda rows, seed: [numbers(r) for r in rows if r.get("train_seed") == seed]  # noqa: E731
+    plain, both = results["plain"]["policies"], results["both"]["policies"]
+    assert {r["train_seed"] for r in plain if r["method"] in ("DPO", "RLOO-GT")} == {0}
+    assert trained(both, 0) == trained(plain, 0)
+    assert trained(both, 1) == trained(results["one"]["policies"], 1)
+    seed1 = [r for r in both if r.get("train_seed") == 1]
+    assert {r["policy"] for r in seed1 if r["step"] == 3} == {"dpo_0.1_seed1_step3"}
+    for method, last in (("DPO", 3), ("RLOO-GT", 2)):
+        a = next(r for r in both if r["method"] == method and r["train_seed"] == 0 and r["step"] == last)
+        b = next(r for r in both if r["method"] == method and r["train_seed"] == 1 and r["step"] == last)
+        assert a["prompt_rewards"] != b["prompt_rewards"] or a["prompt_kls"] != b["prompt_kls"], method
+        assert a["final"] and b["final"]
+    reference = [r for r in both if r["method"] in ("Reference", "Best of N")]
+    assert reference == [r for r in plain if r["method"] in ("Reference", "Best of N")]
+    assert "dpo_0.1_seed1" in results["both"]["learning_curves"]
+    for c in results["both"]["comparisons"]:  # Best of N has no training seed: one group
+        assert (c["n_seeds_a"], c["n_seeds_b"]) == (2 if c["method_a"] != "Best of N" else 1,
+                                                    2 if c["method_b"] != "Best of N" else 1)
+        assert len(c["seed_diffs_a"]) == (0 if c["note"] else c["n_seeds_a"])  # a tiny model's curves may not overlap
+
+    merged = from_results([tmp_path / "plain.json", tmp_path / "one.json"])
+    key = lambda r: (r["policy"], r.get("train_seed"), r["step"])  # noqa: E731
+    assert sorted(map(key, merged["results"]["policies"])) == sorted(map(key, both))
+    point = lambda c: json.dumps({k: c[k] for k in ("method_a", "method_b", "note", "kl_low", "kl_high", "n_seeds_a",  # noqa: E731
+                                                   "n_seeds_b")} | {"diff": round(c["reward_diff"], 12)})
+    assert list(map(point, merged["results"]["comparisons"])) == list(map(point, results["both"]["comparisons"]))
+    assert "seeds (A, B)" in merged["table_md"]
+    with pytest.raises(ValueError, match="training seed 1, step"):
+        from_results([tmp_path / "both.json", tmp_path / "one.json"])
+
+
+def test_comparisons_table_with_seeds_by_hand():
+    """A comparison of methods trained with several seeds shows the seeds, each seed's own difference and both
+    intervals; a table of single-seed comparisons keeps its former columns."""
+    from dpolab.experiments.sentiment_report import comparisons_markdown
+
+    c = {"method_a": "DPO", "method_b": "RLOO", "note": "", "kl_low": 0.0, "kl_high": 6.88, "reward_diff": 0.011,
+         "ci_low": -0.05, "ci_high": 0.07, "dominance_share": 0.0, "dominance_share_b": 0.1, "n_seeds_a": 3,
+         "n_seeds_b": 2, "seed_diffs_a": [0.01, -0.02, 0.04], "seed_diffs_b": [0.0, 0.02], "ci_low_prefixes": -0.035,
+         "ci_high_prefixes": 0.054, "checkpoints_a": 7, "checkpoints_b": 5}
+    lines = comparisons_markdown([c]).splitlines()
+    assert "95% CI (prefixes and seeds)" in lines[0] and "95% CI (prefixes only)" in lines[0]
+    assert lines[2] == ("| DPO | RLOO | 0.00–6.88 | 7, 5 | +0.011 | [-0.050, +0.070] | 0.00 | 0.10 | 3, 2 | "
+                        "+0.010 -0.020 +0.040; +0.000 +0.020 | [-0.035, +0.054] |")
+    single = comparisons_markdown([{**c, "n_seeds_a": 1, "n_seeds_b": 1}]).splitlines()
+    assert "seeds" not in single[0] and single[2].count("|") == 9
+    note = comparisons_markdown([{"method_a": "DPO", "method_b": "X", "note": "no common KL range", "n_seeds_a": 2,
+                                  "n_seeds_b": 1}]).splitlines()[2]
+    assert note == "| DPO | X | no common KL range | — | — | — | — | — | 2, 1 | — | — |"

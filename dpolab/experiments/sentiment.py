@@ -175,14 +175,20 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
     """
     config = dataclasses.replace(config or SentimentConfig(), **overrides)
     stages = ["load + SFT", "preference pairs", "π_ref held-out samples"]
-    stages += [f"DPO β={b:g}" for b in config.betas] if "dpo" in config.methods else []
-    stages += [name for key, name in (("preferred_ft", "Preferred-FT"), ("unlikelihood", "Unlikelihood"))
-               if key in config.methods]
+    seeds = config.train_seeds or (config.seed,)
+
+    def named(name: str, seed: int) -> str:
+        """A curve's name: with its training seed when that is not the experiment's ``seed``."""
+        return name if seed == config.seed else f"{name} seed {seed}"
+
+    stages += [named(f"DPO β={b:g}", s) for b in config.betas for s in seeds] if "dpo" in config.methods else []
+    stages += [named(name, s) for key, name in (("preferred_ft", "Preferred-FT"), ("unlikelihood", "Unlikelihood"))
+               if key in config.methods for s in seeds]
     wants_rm = bool({"rloo_rm", "ppo_rm", "reward_model", "online_dpo_rm"} & set(config.methods))
     stages += ["reward model"] if wants_rm else []
     for key, arm in RL_METHODS.items():
         knobs, _, label, *_ = _rl_arm(config, key)
-        stages += [f"{arm} {label} {k:g}" for k in knobs] if key in config.methods else []
+        stages += [named(f"{arm} {label} {k:g}", s) for k in knobs for s in seeds] if key in config.methods else []
     say = _stage_printer(stages, config.progress)
     t0 = time.perf_counter()
 
@@ -215,8 +221,11 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
     partial_path = setup.out / "results.partial.json"
     finished = _finished_curves(partial_path, config)
 
-    def traced(method: str, knob: float, name: str, train_fn, every: int, steps: int, **row_fields):
-        """Train one curve, evaluating at the checkpoint steps; record train and eval seconds apart."""
+    def traced(method: str, knob: float, name: str, train_fn, every: int, steps: int, seed: int, **row_fields):
+        """Train one curve with training seed ``seed``, evaluating at the checkpoint steps; record train and eval
+        seconds apart."""
+        name = named(name, seed)
+        row_fields["train_seed"] = seed
         if name in finished:  # measured by an earlier run of the same settings that stopped later
             say(name)
             done = finished[name]
@@ -232,7 +241,7 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
         def fields(step: int) -> dict:
             return {key: value(step) if callable(value) else value for key, value in row_fields.items()}
 
-        points = [{**curves.start_row(setup.reference_row, method, knob), **fields(0)}]
+        points = [_seeded({**curves.start_row(setup.reference_row, method, knob), **fields(0)}, seed, config.seed)]
         spent = {"eval": 0.0}
 
         def on_step(policy, step, record):
@@ -240,7 +249,7 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
                 started = time.perf_counter()
                 points.append(curves.evaluate_checkpoint(
                     setup, policy, method, knob, step, pair_accuracy=step == steps or config.heldout_acc_every_eval))
-                points[-1].update(fields(step))
+                points[-1] = _seeded({**points[-1], **fields(step)}, seed, config.seed)
                 spent["eval"] += time.perf_counter() - started
                 for part, seconds in points[-1]["eval_seconds"].items():
                     timings[f"evaluation: {part} (all curves)"] = timings.get(
@@ -275,17 +284,18 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
                "epoch": lambda step: step / epoch_steps}
     if "dpo" in config.methods:
         for beta in config.betas:
-            traced("DPO", beta, f"DPO β={beta:g}", lambda cb, beta=beta: train_dpo(setup, pairs, beta, on_step=cb,
-                                                                                   steps=pair_steps),
-                   config.eval_every, pair_steps, **offline)
-    if "preferred_ft" in config.methods:
-        traced("Preferred-FT", 0.0, "Preferred-FT",
-               lambda cb: train_preferred_ft(setup, pairs, on_step=cb, steps=pair_steps), config.eval_every,
-               pair_steps, **offline)
-    if "unlikelihood" in config.methods:
-        traced("Unlikelihood", 0.0, "Unlikelihood",
-               lambda cb: train_unlikelihood(setup, pairs, on_step=cb, steps=pair_steps), config.eval_every,
-               pair_steps, **offline)
+            for seed in seeds:
+                traced("DPO", beta, f"DPO β={beta:g}",
+                       lambda cb, beta=beta, seed=seed: train_dpo(setup, pairs, beta, on_step=cb, steps=pair_steps,
+                                                                  seed=seed),
+                       config.eval_every, pair_steps, seed, **offline)
+    for key, method, train_fn in (("preferred_ft", "Preferred-FT", train_preferred_ft),
+                                  ("unlikelihood", "Unlikelihood", train_unlikelihood)):
+        if key in config.methods:
+            for seed in seeds:
+                traced(method, 0.0, method,
+                       lambda cb, fn=train_fn, seed=seed: fn(setup, pairs, on_step=cb, steps=pair_steps, seed=seed),
+                       config.eval_every, pair_steps, seed, **offline)
     judge = None
     if wants_rm:
         say("reward model")
@@ -305,10 +315,11 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
                   # a learned reward model costs no ground-truth query beyond the pairs it learned from
                   "reward_queries": (lambda step: offline_queries) if reads_rm else (lambda step, n=per_step: step * n)}
         for knob in knobs:
-            traced(arm, knob, f"{arm} {label} {knob:g}",
-                   lambda cb, knob=knob, fn=train_fn, rm=reads_rm: fn(setup, knob, on_step=cb,
-                                                                      reward_fn=judge if rm else None),
-                   every, steps, **source)
+            for seed in seeds:
+                traced(arm, knob, f"{arm} {label} {knob:g}",
+                       lambda cb, knob=knob, fn=train_fn, rm=reads_rm, seed=seed: fn(
+                           setup, knob, on_step=cb, reward_fn=judge if rm else None, seed=seed),
+                       every, steps, seed, **source)
     total = time.perf_counter() - t0
     timings["other (model copies, bookkeeping)"] = total - sum(timings.values())
     timings["total"] = total
@@ -326,6 +337,16 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
                           from_repo_root(config.figure) if config.figure else None)
     say(None)
     return {"results": results, **paths, "timings": timings, "pair_stats": metadata.get("stats")}
+
+
+def _seeded(row: dict, seed: int, default: int) -> dict:
+    """A checkpoint row of a curve trained with ``seed``: ``train_seed`` set, and the policy's name carries the seed
+    when it is not the experiment's (``dpo_0.1_seed1_step38``), so the curves of several seeds do not collide."""
+    row["train_seed"] = int(seed)
+    if seed != default and "_seed" not in row["policy"]:
+        head, step = row["policy"].rsplit("_step", 1)
+        row["policy"] = f"{head}_seed{seed}_step{step}"
+    return row
 
 
 def _rl_arm(config: SentimentConfig, key: str):

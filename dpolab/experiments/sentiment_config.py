@@ -126,7 +126,13 @@ class SentimentConfig:
     heldout_pair_samples: int = 8
     """π_ref samples per held-out prefix whose pairs measure the implicit-reward accuracy (at each run's end)."""
     seed: int = 0
-    """Seed of prompt selection, sampling, pair labels and training."""
+    """Seed of prompt selection, sampling, pair labels, evaluation and (unless ``train_seeds`` is set) training."""
+    train_seeds: tuple[int, ...] = ()
+    """Training seeds: every trained curve (DPO at each β, Preferred-FT, Unlikelihood, each RL arm at each knob) is
+    trained once per seed listed (() = once, with ``seed``). Only training's randomness changes (the pairs' order,
+    the RL arms' prompt order and rollout samples): π_ref, the prefixes, the pairs, the reward model and the
+    evaluation samples stay those of ``seed``, so runs with different training seeds merge and their spread is
+    training noise. A curve trained with a seed other than ``seed`` is named with it ("DPO β=0.1 seed 1")."""
     output_dir: str = "runs/sentiment"
     """Where the pairs, metrics, results table and figure go (relative paths from the repository root)."""
     figure: str = "figures/sentiment_frontier.png"
@@ -183,6 +189,8 @@ class SentimentConfig:
         for name in ("lr", "rloo_lr", "ppo_lr", "reward_model_lr"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be finite and > 0, got {getattr(self, name)!r}")
+        if len(set(self.train_seeds)) != len(self.train_seeds) or any(t < 0 for t in self.train_seeds):
+            raise ValueError(f"train_seeds must list distinct integers >= 0, got {self.train_seeds!r}")
         if not self.best_of_n or min(self.best_of_n) < 1:
             raise ValueError(f"best_of_n must list integers >= 1, got {self.best_of_n!r}")
         for name in ("betas", "online_dpo_betas", "rloo_kl_coefs", "ppo_kl_coefs"):

@@ -29,12 +29,14 @@ from dpolab.sample.sentiment import review_snippets
 from dpolab.train.trainer import train
 
 
-def train_config(setup, name: str, steps: int | None = None, **fields) -> dict:
-    """The trainer settings shared by every policy of the experiment (a dict for dpolab.train.trainer.train)."""
+def train_config(setup, name: str, steps: int | None = None, seed: int | None = None, **fields) -> dict:
+    """The trainer settings shared by every policy of the experiment (a dict for dpolab.train.trainer.train);
+    ``seed``: the training seed (default: the experiment's ``seed``)."""
     c = setup.config
     micro = min(8, c.batch_size)
     return dict(max_steps=steps or c.steps, lr=c.lr, micro_batch_size=micro, grad_accum_steps=max(1, c.batch_size // micro),
-                seed=c.seed, progress=c.progress, kl_samples=0, overwrite=True, output_dir=str(setup.out / name),
+                seed=c.seed if seed is None else seed, progress=c.progress, kl_samples=0, overwrite=True,
+                output_dir=str(setup.out / (name if seed is None or seed == c.seed else f"{name}_seed{seed}")),
                 **fields)
 
 
@@ -44,72 +46,76 @@ def with_policy(policy, on_step):
 
 
 def train_dpo(setup, pairs: list[TokenizedPair], beta: float, loss: str | None = None, on_step=None,
-              eval_pairs: list[TokenizedPair] | None = None, steps: int | None = None):
+              eval_pairs: list[TokenizedPair] | None = None, steps: int | None = None, seed: int | None = None):
     """A copy of π_ref trained with DPO at ``beta`` (reference log-probs precomputed once, cached by hash).
 
     ``on_step(policy, step, record)`` runs after every optimizer step (e.g. to evaluate checkpoints); with
     ``eval_pairs`` (held-out pairs) the run ends with an evaluation on them (``result.eval_history``, trl's
-    ``eval_`` names). Returns ``(policy, TrainResult)``.
+    ``eval_`` names); ``seed`` is the training seed (default: the experiment's). Returns ``(policy, TrainResult)``.
     """
     policy = copy.deepcopy(setup.reference)
-    result = train(train_config(setup, f"dpo_beta{beta:g}", steps, stage="dpo", beta=beta, loss=loss or setup.config.loss,
+    result = train(train_config(setup, f"dpo_beta{beta:g}", steps, seed, stage="dpo", beta=beta, loss=loss or setup.config.loss,
                                 reference="precomputed"), model=policy, tokenizer=setup.tokenizer, train_pairs=pairs,
                    eval_pairs=eval_pairs, on_step=with_policy(policy, on_step))
     return policy.eval(), result
 
 
-def train_preferred_ft(setup, pairs: list[TokenizedPair], on_step=None, steps: int | None = None):
+def train_preferred_ft(setup, pairs: list[TokenizedPair], on_step=None, steps: int | None = None,
+                       seed: int | None = None):
     """Preferred-FT: a copy of π_ref trained with SFT on the chosen responses. Returns ``(policy, TrainResult)``."""
     policy = copy.deepcopy(setup.reference)
-    result = train(train_config(setup, "preferred_ft", steps, stage="sft"), model=policy, tokenizer=setup.tokenizer,
+    result = train(train_config(setup, "preferred_ft", steps, seed, stage="sft"), model=policy, tokenizer=setup.tokenizer,
                    train_pairs=pairs, on_step=with_policy(policy, on_step))
     return policy.eval(), result
 
 
-def train_unlikelihood(setup, pairs: list[TokenizedPair], on_step=None, steps: int | None = None):
+def train_unlikelihood(setup, pairs: list[TokenizedPair], on_step=None, steps: int | None = None,
+                       seed: int | None = None):
     """Unlikelihood (:mod:`dpolab.baselines.unlikelihood`) from a copy of π_ref. Returns ``(policy, history)``."""
     c = setup.config
     policy = copy.deepcopy(setup.reference)
     history = unlikelihood_train(policy, pairs, pad_token_id(setup.tokenizer), steps=steps or c.steps, batch_size=c.batch_size,
-                                 lr=c.lr, alpha=c.unlikelihood_alpha, seed=c.seed, progress=c.progress,
+                                 lr=c.lr, alpha=c.unlikelihood_alpha, seed=c.seed if seed is None else seed,
+                                 progress=c.progress,
                                  on_step=with_policy(policy, on_step))
     return policy.eval(), history
 
 
-def _rl_policy(setup, train_fn, on_step, reward_fn=None, **settings):
+def _rl_policy(setup, train_fn, on_step, reward_fn=None, seed: int | None = None, **settings):
     """An RL baseline (``train_fn``: :func:`rloo_train` or :func:`ppo_train`) from a copy of π_ref on the training
     prefixes, reading ``reward_fn`` (default: the ground truth; a :class:`dpolab.train.reward.RewardModelJudge` for
-    the RLHF arms), with the experiment's shared settings. Returns ``(policy, history)``."""
+    the RLHF arms), with the experiment's shared settings; ``seed`` is the training seed (prompt order and rollout
+    samples; default: the experiment's). Returns ``(policy, history)``."""
     c = setup.config
     policy = copy.deepcopy(setup.reference)
     history = train_fn(policy, setup.reference, setup.tokenizer, setup.train_prefixes,
                        setup.reward_fn if reward_fn is None else reward_fn,
-                       max_new_tokens=c.max_new_tokens, seed=c.seed, progress=c.progress,
+                       max_new_tokens=c.max_new_tokens, seed=c.seed if seed is None else seed, progress=c.progress,
                        on_step=with_policy(policy, on_step), **settings)
     return policy.eval(), history
 
 
-def train_rloo(setup, kl_coef: float | None = None, on_step=None, reward_fn=None):
+def train_rloo(setup, kl_coef: float | None = None, on_step=None, reward_fn=None, seed: int | None = None):
     """The RL baseline (dpolab.baselines.rloo) from a copy of π_ref. Returns ``(policy, history)``."""
     c = setup.config
-    return _rl_policy(setup, rloo_train, on_step, reward_fn, steps=c.rloo_steps,
+    return _rl_policy(setup, rloo_train, on_step, reward_fn, seed, steps=c.rloo_steps,
                       prompts_per_step=c.rloo_prompts_per_step, k=c.rloo_k,
                       kl_coef=c.rloo_kl_coefs[0] if kl_coef is None else kl_coef, lr=c.rloo_lr)
 
 
-def train_ppo(setup, kl_coef: float | None = None, on_step=None, reward_fn=None):
+def train_ppo(setup, kl_coef: float | None = None, on_step=None, reward_fn=None, seed: int | None = None):
     """PPO (dpolab.baselines.ppo) from a copy of π_ref. Returns ``(policy, history)``."""
     c = setup.config
-    return _rl_policy(setup, ppo_train, on_step, reward_fn, steps=c.ppo_steps, prompts_per_step=c.ppo_prompts_per_step,
+    return _rl_policy(setup, ppo_train, on_step, reward_fn, seed, steps=c.ppo_steps, prompts_per_step=c.ppo_prompts_per_step,
                       k=c.ppo_k, kl_coef=c.ppo_kl_coefs[0] if kl_coef is None else kl_coef, lr=c.ppo_lr,
                       num_ppo_epochs=c.num_ppo_epochs)
 
 
-def train_online_dpo(setup, beta: float | None = None, on_step=None, reward_fn=None):
+def train_online_dpo(setup, beta: float | None = None, on_step=None, reward_fn=None, seed: int | None = None):
     """Online DPO (dpolab.baselines.online_dpo) from a copy of π_ref: RLOO's rollouts, DPO's loss and learning rate,
     the judge ``reward_fn`` (default: the ground truth). Returns ``(policy, history)``."""
     c = setup.config
-    return _rl_policy(setup, online_dpo_train, on_step, reward_fn, steps=c.rloo_steps,
+    return _rl_policy(setup, online_dpo_train, on_step, reward_fn, seed, steps=c.rloo_steps,
                       prompts_per_step=c.rloo_prompts_per_step, k=c.rloo_k,
                       beta=c.online_dpo_betas[0] if beta is None else beta, loss_type=c.loss,
                       pair_strategy=c.online_dpo_pair_strategy, lr=c.lr)

@@ -55,6 +55,22 @@ def upgrade(results: dict) -> dict:
             "learning_curves": curves, "comparisons": comparisons}
 
 
+def curve_key(row: dict) -> tuple:
+    """The curve a checkpoint row belongs to: its method, knob and training seed (None for π_ref and Best-of-N)."""
+    return row["method"], row["knob"], row.get("train_seed")
+
+
+def fill_train_seeds(results: dict) -> dict:
+    """Rows written before training seeds were recorded were trained with the run's ``seed``: say so in each
+    trained row (``train_seed``), so a file from then merges with runs of other training seeds."""
+    config = results.get("config")
+    seed = config.get("seed", 0) if isinstance(config, dict) else 0
+    for row in results.get("policies", []):
+        if row.get("method") not in ("Reference", "Best of N"):
+            row.setdefault("train_seed", seed)
+    return results
+
+
 def _slug(method: str) -> str:
     return method.lower().replace(" ", "_").replace("-", "_")
 
@@ -93,11 +109,11 @@ def assemble(config, rows: list[dict], learning_curves: dict, timings: dict, pai
 
     last = {}
     for row in rows:
-        key = (row["method"], row["knob"])
+        key = curve_key(row)
         if key not in last or row["step"] > last[key]["step"]:
             last[key] = row
     for row in rows:
-        row["final"] = row is last[(row["method"], row["knob"])] and row["method"] not in ("Reference", "Best of N")
+        row["final"] = row is last[curve_key(row)] and row["method"] not in ("Reference", "Best of N")
     methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
     curve_rows = [r for r in rows if r["method"] != "Reference"]
     comparisons = compare_all(curve_rows, methods, seed=config.seed) if len(methods) > 1 else []
@@ -167,7 +183,7 @@ def validate(results, source: str) -> dict:
             if field not in row:
                 raise ValueError(f"{source}: comparisons[{i}] has no field {field!r}")
     check_reward_sources(results["policies"], source)
-    return results
+    return fill_train_seeds(results)
 
 
 def results_from_partial(partial: dict, source: str) -> dict:
@@ -187,7 +203,7 @@ def results_from_partial(partial: dict, source: str) -> dict:
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in partial["config"].items() if k in fields}
     config = SentimentConfig(**settings)
     start = next(iter(curves.values()))["rows"][0]
-    reference = {k: v for k, v in start.items() if k not in ("reward_source", "reward_queries", "epoch")}
+    reference = {k: v for k, v in start.items() if k not in ("reward_source", "reward_queries", "epoch", "train_seed")}
     reference.update(method="Reference", knob=0.0, policy="reference")
     rows = [reference] + [row for curve in curves.values() for row in curve["rows"]]
     timings = {f"{name} (train)": curve["train_seconds"] for name, curve in curves.items()}
@@ -244,10 +260,11 @@ def merge_results(parts: list[dict], names: list[str]) -> dict:
         for row in results["policies"]:
             if row["method"] in ("Reference", "Best of N"):
                 continue
-            key = (row["method"], row["knob"], row["step"])
+            key = (*curve_key(row), row["step"])
             if key in seen:
-                raise ValueError(f"{name}: the {row['method']} row (knob {row['knob']:g}, step {row['step']}) is "
-                                 f"also in {seen[key]}; merge runs that trained different curves")
+                raise ValueError(f"{name}: the {row['method']} row (knob {row['knob']:g}, training seed "
+                                 f"{row.get('train_seed')}, step {row['step']}) is also in {seen[key]}; merge runs that "
+                                 f"trained different curves")
             seen[key] = name
             rows.append(row)
         curves.update(results.get("learning_curves", {}))
@@ -258,8 +275,9 @@ def merge_results(parts: list[dict], names: list[str]) -> dict:
     check_reward_sources(rows, " + ".join(names))
     methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
     curve_rows = [r for r in rows if r["method"] != "Reference"]
-    comparisons = annotate_checkpoints(compare_all(curve_rows, methods, seed=parts[0]["config"].get("seed", 0)),
-                                       curve_rows)
+    config = parts[0]["config"]
+    seed = (config if isinstance(config, dict) else config[0]).get("seed", 0)  # a merged file's config is a list
+    comparisons = annotate_checkpoints(compare_all(curve_rows, methods, seed=seed), curve_rows)
     merged = {**parts[0], "config": [p["config"] for p in parts], "policies": rows, "comparisons": comparisons,
               "learning_curves": curves, "timings": timings, "merged_from": list(names)}
     sweeps = {name: rows for p in parts for name, rows in p.get("temperature_win_rates", {}).items()}
@@ -324,17 +342,34 @@ def table_markdown(rows: list[dict]) -> str:
 
 
 def comparisons_markdown(comparisons: list[dict]) -> str:
-    """Reward difference at matched KL (A − B, mean over the common KL range) with its 95% bootstrap CI."""
-    lines = ["| A | B | common KL range (nats) | checkpoints in range (A, B) | reward A − B at matched KL | 95% CI | "
-             "share of range A > B (CI > 0) | share B > A |", "|---|---|---|---|---|---|---|---|"]
+    """Reward difference at matched KL (A − B, mean over the common KL range) with its 95% bootstrap CI. When a method
+    was trained with several seeds, the table adds the seeds, each seed's own difference, and the interval over the
+    prefixes alone beside the one over prefixes and seeds."""
+    seeded = any(max(c.get("n_seeds_a", 1), c.get("n_seeds_b", 1)) > 1 for c in comparisons)
+    head = ["A", "B", "common KL range (nats)", "checkpoints in range (A, B)", "reward A − B at matched KL",
+            "95% CI" + (" (prefixes and seeds)" if seeded else ""), "share of range A > B (CI > 0)", "share B > A"]
+    if seeded:
+        head += ["seeds (A, B)", "per seed of A; of B", "95% CI (prefixes only)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in comparisons:
+        seeds = f"{c.get('n_seeds_a', 1)}, {c.get('n_seeds_b', 1)}"
         if c.get("note"):
-            lines.append(f"| {c['method_a']} | {c['method_b']} | {c['note']} | — | — | — | — | — |")
+            cells = [c["method_a"], c["method_b"], c["note"]] + ["—"] * (len(head) - 3)
+            if seeded:
+                cells[8] = seeds
+            lines.append("| " + " | ".join(cells) + " |")
             continue
         counts = f"{c['checkpoints_a']}, {c['checkpoints_b']}" if "checkpoints_a" in c else "—"
-        lines.append(f"| {c['method_a']} | {c['method_b']} | {c['kl_low']:.2f}–{c['kl_high']:.2f} | {counts} | "
-                     f"{c['reward_diff']:+.3f} | [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | "
-                     f"{c['dominance_share']:.2f} | {c.get('dominance_share_b', float('nan')):.2f} |")
+        cells = [c["method_a"], c["method_b"], f"{c['kl_low']:.2f}–{c['kl_high']:.2f}", counts,
+                 f"{c['reward_diff']:+.3f}", f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]",
+                 f"{c['dominance_share']:.2f}", f"{c.get('dominance_share_b', float('nan')):.2f}"]
+        if seeded:
+            per_seed = "; ".join(" ".join(f"{d:+.3f}" for d in c.get(f"seed_diffs_{side}", [])) or "—"
+                                 for side in ("a", "b"))
+            prefixes = (f"[{c['ci_low_prefixes']:+.3f}, {c['ci_high_prefixes']:+.3f}]" if "ci_low_prefixes" in c
+                        else "—")
+            cells += [seeds, per_seed, prefixes]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -342,6 +377,8 @@ def reward_model_markdown(results: dict) -> str:
     """The learned reward model's held-out pair accuracy beside every DPO checkpoint's implicit-reward accuracy
     (paper: "your language model is secretly a reward model"), on the same held-out pairs, ± one s.e."""
     rm = results["reward_model"]
+    config = results.get("config")
+    default = (config if isinstance(config, dict) else (config or [{}])[0]).get("seed", 0)
     lines = ["| model | step | epoch | held-out pair accuracy | pairs |", "|---|---|---|---|---|"]
     for r in rm["eval_history"]:
         tag = " (kept)" if r["step"] == rm["best_step"] else ""
@@ -350,7 +387,8 @@ def reward_model_markdown(results: dict) -> str:
     for r in results["policies"]:
         if r["method"] == "DPO" and "heldout_acc" in r and r["step"] > 0:
             epoch = f"{r['epoch']:.2f}" if "epoch" in r else "—"
-            lines.append(f"| DPO β={r['knob']:g} (implicit reward) | {r['step']} | {epoch} | "
+            seed = f" seed {r['train_seed']}" if r.get("train_seed", default) != default else ""
+            lines.append(f"| DPO β={r['knob']:g}{seed} (implicit reward) | {r['step']} | {epoch} | "
                          f"{r['heldout_acc']:.3f} ± {r['heldout_acc_se']:.3f} | {r['heldout_pairs']} |")
     return "\n".join(lines)
 
