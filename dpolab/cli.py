@@ -6,9 +6,10 @@
     torchrun --nproc_per_node=2 -m dpolab.cli train config.yaml   # data parallel (DDP; fsdp=true to shard)
     dpolab train --help                                # every config field with its type, default, meaning
     dpolab reproduce betas=0.1,0.5 steps=48            # the controlled-sentiment experiment (SentimentConfig fields)
+    dpolab data-axis A.json B.json --against C.json   # offline DPO by amount of data against the on-policy arms
     dpolab sweep notebooks/03_beta_sweep.ipynb --grid beta=0.05,0.1,0.5   # papermill per grid point
     dpolab sweep NOTEBOOK --grid ... --jobs 2 --continue-on-error --resume  # in parallel; failures recorded; skip done
-    dpolab notebooks --html                            # the six notebooks executed into runs/notebooks/
+    dpolab notebooks --html                            # the seven notebooks executed into runs/notebooks/
 
 Each subcommand is an ``add_*`` function in :data:`SUBCOMMANDS`: it receives the argparse sub-parsers object,
 adds its parser and sets ``func`` (a callable of the parsed args that returns an exit code). The library
@@ -181,6 +182,43 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def add_data_axis(sub) -> None:
+    """Register ``dpolab data-axis``."""
+    p = sub.add_parser("data-axis", help="offline DPO by amount of preference data against the on-policy arms",
+                       description="For each DPO results file (one n_train_prompts each), compare DPO's curve at "
+                                   "matched KL with every other method of the --against files (same setup: their π_ref "
+                                   "rows must agree), and print one row per size and comparator with the reward "
+                                   "queries and optimizer steps each side used.")
+    p.add_argument("dpo", nargs="+", metavar="DPO_RESULTS_JSON", help="results files of DPO runs, one size each")
+    p.add_argument("--against", nargs="+", required=True, metavar="RESULTS_JSON",
+                   help="results files whose other methods are the comparators (their DPO rows are ignored)")
+    p.add_argument("--figure", metavar="PNG", help="also draw the difference against the number of pairs here")
+    p.add_argument("--save", metavar="JSON", help="also write the rows here")
+    p.set_defaults(func=cmd_data_axis, parser=p)
+
+
+def cmd_data_axis(args) -> int:
+    from dpolab.experiments.sentiment_data_axis import data_axis, data_axis_figure, data_axis_markdown, save_data_axis
+
+    try:
+        axis = data_axis(args.dpo, args.against)
+    except ValueError as err:
+        raise SystemExit(f"dpolab data-axis: {err}") from None
+    print(data_axis_markdown(axis))
+    if args.save:
+        print(f"rows: {save_data_axis(axis, args.save)}")
+    if args.figure:
+        import matplotlib.pyplot as plt
+
+        from dpolab.cache import from_repo_root
+        from dpolab.plotting import save_figure
+
+        fig = data_axis_figure(axis)
+        print(f"figure: {save_figure(fig, from_repo_root(args.figure))}")
+        plt.close(fig)
+    return 0
+
+
 def add_sweep(sub) -> None:
     """Register ``dpolab sweep``."""
     p = sub.add_parser("sweep", help="run a notebook over a parameter grid with papermill",
@@ -260,7 +298,8 @@ def cmd_notebooks(args) -> int:
     return 0
 
 
-SUBCOMMANDS = {"train": add_train, "reproduce": add_reproduce, "sweep": add_sweep, "notebooks": add_notebooks}
+SUBCOMMANDS = {"train": add_train, "reproduce": add_reproduce, "data-axis": add_data_axis, "sweep": add_sweep,
+               "notebooks": add_notebooks}
 
 
 if __name__ == "__main__":

@@ -464,3 +464,7 @@ def test_comparisons_table_with_seeds_by_hand():
     note = comparisons_markdown([{"method_a": "DPO", "method_b": "X", "note": "no common KL range", "n_seeds_a": 2,
                                   "n_seeds_b": 1}]).splitlines()[2]
     assert note == "| DPO | X | no common KL range | — | — | — | — | — | 2, 1 | — | — |"
+    spent = comparisons_markdown([{**c, "n_seeds_a": 1, "n_seeds_b": 1, "reward_queries_a": 512,
+                                   "reward_queries_b": None, "steps_a": 222, "steps_b": 64}]).splitlines()
+    assert spent[0].endswith("| GT reward queries (A, B) | optimizer steps (A, B) |")
+    assert spent[2].endswith("| 0.00 | 0.10 | 512, — | 222, 64 |")

@@ -88,13 +88,17 @@ def check_reward_sources(rows: list[dict], source: str) -> None:
 
 
 def annotate_checkpoints(comparisons: list[dict], rows: list[dict]) -> list[dict]:
-    """Add to each matched-KL comparison how many checkpoints of each method lie inside its common KL range."""
+    """Add to each matched-KL comparison what each side spent (the most ground-truth reward queries and optimizer
+    steps among its curves: ``reward_queries_a/b``, ``steps_a/b``) and how many checkpoints of each method lie inside
+    its common KL range (``checkpoints_a/b``)."""
     for c in comparisons:
-        if c.get("note"):
-            continue
         for side in ("a", "b"):
-            c[f"checkpoints_{side}"] = sum(1 for r in rows if r["method"] == c[f"method_{side}"]
-                                           and c["kl_low"] <= r["kl"] <= c["kl_high"])
+            mine = [r for r in rows if r["method"] == c[f"method_{side}"]]
+            queries = [r["reward_queries"] for r in mine if isinstance(r.get("reward_queries"), int | float)]
+            c[f"reward_queries_{side}"] = max(queries) if queries else None
+            c[f"steps_{side}"] = max((r["step"] for r in mine), default=0)
+            if not c.get("note"):
+                c[f"checkpoints_{side}"] = sum(1 for r in mine if c["kl_low"] <= r["kl"] <= c["kl_high"])
     return comparisons
 
 
@@ -215,6 +219,9 @@ def results_from_partial(partial: dict, source: str) -> dict:
     summary = from_repo_root(config.output_dir) / "reward_model" / "dpolab_reward_model.json"
     if summary.is_file():
         results["reward_model"] = json.loads(summary.read_text())
+    pairs = from_repo_root(config.output_dir) / "pairs" / "metadata.json"
+    if pairs.is_file():  # the pairs the curves were trained on, as the run saved them
+        results["pair_stats"] = json.loads(pairs.read_text()).get("stats")
     results["stopped_early"] = {"source": source, "curves": list(curves), "missing": [
         "Best-of-N rows", "π_ref's temperature sweep", "the unfinished curves", "timings other than training"]}
     return results
@@ -346,23 +353,28 @@ def comparisons_markdown(comparisons: list[dict]) -> str:
     was trained with several seeds, the table adds the seeds, each seed's own difference, and the interval over the
     prefixes alone beside the one over prefixes and seeds."""
     seeded = any(max(c.get("n_seeds_a", 1), c.get("n_seeds_b", 1)) > 1 for c in comparisons)
+    spent = any("steps_a" in c for c in comparisons)
     head = ["A", "B", "common KL range (nats)", "checkpoints in range (A, B)", "reward A − B at matched KL",
             "95% CI" + (" (prefixes and seeds)" if seeded else ""), "share of range A > B (CI > 0)", "share B > A"]
+    if spent:
+        head += ["GT reward queries (A, B)", "optimizer steps (A, B)"]
     if seeded:
         head += ["seeds (A, B)", "per seed of A; of B", "95% CI (prefixes only)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in comparisons:
         seeds = f"{c.get('n_seeds_a', 1)}, {c.get('n_seeds_b', 1)}"
+        used = [", ".join("—" if c.get(f"reward_queries_{s}") is None else str(c[f"reward_queries_{s}"])
+                          for s in ("a", "b")), f"{c.get('steps_a', '—')}, {c.get('steps_b', '—')}"] if spent else []
         if c.get("note"):
-            cells = [c["method_a"], c["method_b"], c["note"]] + ["—"] * (len(head) - 3)
+            cells = [c["method_a"], c["method_b"], c["note"]] + ["—"] * 5 + used
             if seeded:
-                cells[8] = seeds
+                cells += [seeds, "—", "—"]
             lines.append("| " + " | ".join(cells) + " |")
             continue
         counts = f"{c['checkpoints_a']}, {c['checkpoints_b']}" if "checkpoints_a" in c else "—"
         cells = [c["method_a"], c["method_b"], f"{c['kl_low']:.2f}–{c['kl_high']:.2f}", counts,
                  f"{c['reward_diff']:+.3f}", f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]",
-                 f"{c['dominance_share']:.2f}", f"{c.get('dominance_share_b', float('nan')):.2f}"]
+                 f"{c['dominance_share']:.2f}", f"{c.get('dominance_share_b', float('nan')):.2f}", *used]
         if seeded:
             per_seed = "; ".join(" ".join(f"{d:+.3f}" for d in c.get(f"seed_diffs_{side}", [])) or "—"
                                  for side in ("a", "b"))

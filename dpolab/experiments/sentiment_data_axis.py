@@ -1,0 +1,149 @@
+"""The data axis of the controlled-sentiment experiment: offline DPO at several amounts of preference data, each
+compared at matched KL with the same on-policy arms (issue "On-policy or more data?").
+
+Each DPO results file is one run at one ``n_train_prompts`` (``configs/sentiment_data_*.yaml``); its held-out
+prefixes are drawn before the training prefixes, so every size shares π_ref's rows with the comparison files and
+:func:`dpolab.experiments.sentiment_report.merge_results` checks that they do. For every size, DPO's curve is set
+against every other method of the comparison files (RLOO-GT, Online DPO-GT, the RLHF arm, ...), and each row says
+what each side spent: ground-truth reward queries and optimizer steps.
+
+    dpolab data-axis results/sentiment_data_32.json results/sentiment_rlhf.json results/sentiment_data_512.json \\
+        --against results/sentiment_baselines.json results/sentiment_online.json results/sentiment_rlhf.json \\
+        --figure figures/sentiment_data_axis.png --save results/sentiment_data_axis.json
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dpolab.experiments.sentiment_report import load_results, merge_results
+
+DATA_AXIS_FORMAT = "dpolab.sentiment_data_axis/1"
+
+
+def _only(results: dict, keep) -> dict:
+    """``results`` with the policies ``keep(row)`` accepts (and π_ref's row, which the merge checks)."""
+    rows = [r for r in results["policies"] if r["method"] == "Reference" or keep(r)]
+    return {**results, "policies": rows}
+
+
+def _spent(rows: list[dict], method: str) -> dict:
+    """What a method's curves used: the largest ground-truth query count and optimizer step among its rows."""
+    mine = [r for r in rows if r["method"] == method]
+    queries = [r["reward_queries"] for r in mine if isinstance(r.get("reward_queries"), int | float)]
+    return {"reward_queries": max(queries) if queries else None, "steps": max(r["step"] for r in mine)}
+
+
+def _pairs(results: dict, name: str) -> int:
+    stats = results.get("pair_stats") or {}
+    if "num_pairs" not in stats:
+        raise ValueError(f"{name}: field 'pair_stats.num_pairs' is missing (reassemble a stopped run's file with "
+                         f"dpolab reproduce --from-results PARTIAL --save, which reads the run's pairs metadata)")
+    return int(stats["num_pairs"])
+
+
+def data_axis(dpo_paths, against_paths, method: str = "DPO") -> dict:
+    """DPO at each data size against every method of the comparison files, at matched KL.
+
+    Args:
+        dpo_paths: results files, one DPO run (one ``n_train_prompts``) each; other methods in them are ignored.
+        against_paths: results files of the same setup whose other methods are the comparators (their ``method``
+            rows are ignored, so a file that also holds a DPO run at one size can serve both roles).
+        method: the offline method put on the data axis.
+
+    Returns:
+        ``{"format", "rows", "sources"}``; ``rows`` (ordered by pairs, then comparator): ``n_train_prompts``,
+        ``pairs``, ``method_a`` (= ``method``), ``method_b``, the matched-KL fields of
+        :func:`dpolab.frontier.matched_kl_comparison` (``reward_diff``, ``ci_low``, ``ci_high``, ``kl_low``,
+        ``kl_high``, ``note``, ...), ``reward_queries_a/b`` and ``steps_a/b`` (what each side used), and DPO's final
+        checkpoint (``final_reward``, ``final_kl``, ``final_epoch``).
+    """
+    against = [(str(p), load_results(p)) for p in against_paths]
+    if not against:
+        raise ValueError("data_axis: no comparison file (--against)")
+    rows = []
+    for path in dpo_paths:
+        name = str(path)
+        results = load_results(path)
+        mine = _only(results, lambda r: r["method"] == method)
+        if len(mine["policies"]) < 2:
+            raise ValueError(f"{name}: no {method} rows")
+        # the comparators first: π_ref and Best-of-N come from the first file of a merge
+        parts = [_only(r, lambda row: row["method"] != method) for _, r in against] + [mine]
+        merged = merge_results(parts, [n for n, _ in against] + [name])
+        config = results["config"] if isinstance(results["config"], dict) else results["config"][0]
+        final = next(r for r in mine["policies"] if r.get("final") and r["method"] == method)
+        for c in merged["comparisons"]:
+            if method not in (c["method_a"], c["method_b"]):
+                continue
+            if c["method_a"] != method:
+                raise ValueError(f"data_axis: {method} is expected first in the comparisons, got {c['method_a']}")
+            a, b = _spent(merged["policies"], method), _spent(merged["policies"], c["method_b"])
+            rows.append({"n_train_prompts": config["n_train_prompts"], "pairs": _pairs(results, name),
+                         "source": name, **c, "reward_queries_a": a["reward_queries"],
+                         "reward_queries_b": b["reward_queries"], "steps_a": a["steps"], "steps_b": b["steps"],
+                         "final_reward": final["reward"], "final_kl": final["kl"], "final_epoch": final.get("epoch")})
+    rows.sort(key=lambda r: (r["pairs"], r["method_b"]))
+    return {"format": DATA_AXIS_FORMAT, "rows": rows, "sources": {"dpo": [str(p) for p in dpo_paths],
+                                                                   "against": [n for n, _ in against]}}
+
+
+def data_axis_markdown(axis: dict) -> str:
+    """One line per (data size, comparator): the matched-KL difference with its 95% CI and what each side used."""
+    lines = ["| prompts | pairs | A | B | GT reward queries (A, B) | optimizer steps (A, B) | common KL range (nats) | "
+             "reward A − B at matched KL | 95% CI | A's last checkpoint: reward, KL, epoch |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in axis["rows"]:
+        queries = f"{r['reward_queries_a']}, {r['reward_queries_b'] if r['reward_queries_b'] is not None else '—'}"
+        last = f"{r['final_reward']:.3f}, {r['final_kl']:.2f}, " + (f"{r['final_epoch']:.2f}"
+                                                                    if r["final_epoch"] is not None else "—")
+        if r.get("note"):
+            gap = f"{r['note']} | — | — "
+        else:
+            gap = (f"{r['kl_low']:.2f}–{r['kl_high']:.2f} | {r['reward_diff']:+.3f} | "
+                   f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] ")
+        lines.append(f"| {r['n_train_prompts']} | {r['pairs']} | {r['method_a']} | {r['method_b']} | {queries} | "
+                     f"{r['steps_a']}, {r['steps_b']} | {gap}| {last} |")
+    return "\n".join(lines)
+
+
+def data_axis_figure(axis: dict):
+    """Reward difference A − B at matched KL against the number of preference pairs (log scale), one line per
+    comparator, 95% CI bars; 0 dotted."""
+    import matplotlib.pyplot as plt
+
+    from dpolab.plotting import METHOD_STYLE
+
+    fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=120)
+    by_b: dict = {}
+    for r in axis["rows"]:
+        if not r.get("note"):
+            by_b.setdefault(r["method_b"], []).append(r)
+    for b, rows in by_b.items():
+        rows.sort(key=lambda r: r["pairs"])
+        style = METHOD_STYLE.get(b, {"color": None, "marker": "x"})
+        x = [r["pairs"] for r in rows]
+        y = [r["reward_diff"] for r in rows]
+        err = [[r["reward_diff"] - r["ci_low"] for r in rows], [r["ci_high"] - r["reward_diff"] for r in rows]]
+        ax.errorbar(x, y, yerr=err, fmt="-" + style["marker"], color=style["color"], capsize=3, label=f"DPO − {b}")
+    ax.axhline(0.0, color="black", linewidth=0.8, linestyle=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("preference pairs DPO trains on (log scale)")
+    ax.set_ylabel("reward difference at matched KL (VADER)")
+    ax.set_title("Offline DPO by amount of preference data, 95% CI", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def save_data_axis(axis: dict, path: str | Path) -> Path:
+    """Write the data-axis rows as JSON, atomically."""
+    import json
+
+    from dpolab.cache import atomic_write_text, from_repo_root
+
+    path = from_repo_root(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(axis, indent=1, default=float) + "\n")
+    return path
