@@ -298,8 +298,62 @@ def cmd_notebooks(args) -> int:
     return 0
 
 
+def add_course(sub) -> None:
+    """Register ``dpolab course build`` and ``dpolab course grade``."""
+    p = sub.add_parser("course", help="the course edition: build the student notebooks, grade submissions",
+                       description="Exercises of notebooks 01, 02 and 06 in nbgrader's format (docs/course.md).")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    build = actions.add_parser("build", help="write the student notebooks (solutions stubbed, outputs cleared)",
+                               description="Write the student edition to OUT: every solution region becomes a "
+                                           "`raise NotImplementedError()` stub, hidden tests are removed, outputs "
+                                           "and execution counts cleared; nothing is written if a solution line "
+                                           "would still show.")
+    build.add_argument("out")
+    build.add_argument("--notebooks", nargs="+", default=None, metavar="STEM",
+                       help="notebook stems (default: 01_derivation 02_training 06_loss_family)")
+    build.add_argument("--source", default=None, help="folder of the solution notebooks (default notebooks/)")
+    build.add_argument("--use-nbgrader", action="store_true",
+                       help="strip with nbgrader's generate_assignment (pip install 'dpolab[course]')")
+    grade = actions.add_parser("grade", help="run submitted notebooks and report points per exercise",
+                               description="Grade SUBMISSIONS/<student>/.../<notebook>.ipynb: the test cells are "
+                                           "restored from the source notebooks, every cell runs with a timeout, and "
+                                           "an exercise earns its points when its test cell runs without an error.")
+    grade.add_argument("submissions")
+    grade.add_argument("--source", default=None, help="folder of the solution notebooks (default notebooks/)")
+    grade.add_argument("--timeout", type=float, default=600, help="seconds per cell (default 600)")
+    grade.add_argument("--kernel", default="python3", help="Jupyter kernel to run the submissions in")
+    grade.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                       help="assign a notebook parameter after the parameters cell, e.g. -p model tiny-llama")
+    grade.add_argument("--json", default=None, help="also write every result and message to this JSON file")
+    p.set_defaults(func=cmd_course)
+
+
+def cmd_course(args) -> int:
+    from pathlib import Path
+
+    from dpolab.course.edition import DEFAULT_NOTEBOOKS, build_edition
+    from dpolab.course.grading import grade_submissions, problems, report_table, write_json
+    from dpolab.overrides import parse_value
+
+    source = Path(args.source) if args.source else None
+    if args.action == "build":
+        for path in build_edition(Path(args.out), args.notebooks or DEFAULT_NOTEBOOKS, source, args.use_nbgrader):
+            print(f"wrote {path}")
+        return 0
+    parameters = {k: parse_value(v) for k, v in args.parameter}
+    results = grade_submissions(Path(args.submissions), source, timeout=args.timeout, kernel_name=args.kernel,
+                                parameters=parameters)
+    print(report_table(results).to_string())
+    for line in problems(results):
+        print(line)
+    if args.json:
+        write_json(results, Path(args.json))
+        print(f"results: {args.json}")
+    return 0
+
+
 SUBCOMMANDS = {"train": add_train, "reproduce": add_reproduce, "data-axis": add_data_axis, "sweep": add_sweep,
-               "notebooks": add_notebooks}
+               "notebooks": add_notebooks, "course": add_course}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,266 @@
+"""Grading a folder of submissions: each notebook run cell by cell, points per exercise, one table.
+
+Layout (nbgrader's ``submitted/`` folder has it too)::
+
+    SUBMISSIONS/<student>/.../<notebook>.ipynb
+
+The student is the first folder under SUBMISSIONS; the notebook is matched to the source notebook of the same
+file name (``01_derivation.ipynb``). Other files in a student's folder are ignored; a file directly under
+SUBMISSIONS is reported, as is a ``.ipynb`` that is not a notebook or has no source notebook.
+
+Grading follows nbgrader's autograde: the graded test cells are put back as the instructor wrote them (a student
+who edited or emptied a test cell gets the original, hidden tests included), found by their ``grade_id``; every
+code cell runs in order in a fresh kernel with a per-cell timeout (a cell that runs longer is interrupted and
+counts as an error; after two in a row the rest of the notebook is not run); and an exercise earns its points
+when every copy of its test cell ran without an error, none when one failed. A test cell the student deleted
+(or whose nbgrader metadata was removed) is reported ``missing``. Points always come from the source notebook.
+
+Grading runs the students' code with the grader's rights, as nbgrader's does: run it in a sandbox you trust.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from dpolab.course.edition import (
+    CourseError,
+    Exercise,
+    exercises,
+    is_graded,
+    nbgrader_fields,
+    read_notebook,
+    source_text,
+)
+
+MESSAGE_CHARS = 400  # of an error message, in the report
+
+
+@dataclass
+class ExerciseResult:
+    """One exercise of one submission: ``status`` is passed, failed, missing or not run."""
+
+    grade_id: str
+    points: float
+    max_points: float
+    status: str
+    message: str = ""
+
+
+@dataclass
+class NotebookResult:
+    """One submitted file. ``status``: graded, not submitted, not a notebook, not a course notebook, not in a
+    student folder, or kernel error (the kernel died or did not start)."""
+
+    student: str
+    notebook: str
+    path: str
+    status: str
+    message: str = ""
+    exercises: list[ExerciseResult] = field(default_factory=list)
+
+    @property
+    def points(self) -> float:
+        return sum(e.points for e in self.exercises)
+
+    @property
+    def max_points(self) -> float:
+        return sum(e.max_points for e in self.exercises)
+
+
+def source_exercises(source: Path) -> dict[str, list[Exercise]]:
+    """The exercises of every notebook in ``source`` that has some, by stem."""
+    found = {}
+    for path in sorted(Path(source).glob("*.ipynb")):
+        listed = exercises(read_notebook(path), path.stem)
+        if listed:
+            found[path.stem] = listed
+    if not found:
+        raise CourseError(f"{source}: no notebook with graded cells (metadata.nbgrader.grade: true)")
+    return found
+
+
+def _first_line(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 1] + "…"
+
+
+def _parameters_cell(assignments: dict) -> dict:
+    source = "# Parameters set by the grader\n" + "\n".join(f"{k} = {v!r}" for k, v in assignments.items())
+    return {"cell_type": "code", "metadata": {"tags": ["injected-parameters"]}, "execution_count": None,
+            "outputs": [], "source": source}
+
+
+def prepared(nb: dict, listed: list[Exercise], parameters: dict | None = None) -> dict:
+    """The submission ``nb`` as it will run: every graded cell with the instructor's source (by grade_id), and
+    ``parameters`` assigned in a cell after the one tagged ``parameters`` (as papermill does)."""
+    originals = {e.grade_id: e.source for e in listed}
+    cells = []
+    for cell in nb["cells"]:
+        grade_id = nbgrader_fields(cell).get("grade_id")
+        if is_graded(cell) and grade_id in originals:
+            cell = {**cell, "cell_type": "code", "source": originals[grade_id], "outputs": [],
+                    "execution_count": None}
+        cells.append({**cell, "source": source_text(cell)})  # one string, as nbformat reads a file
+    if parameters:
+        tagged = [i for i, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", [])]
+        cells.insert(tagged[0] + 1 if tagged else 0, _parameters_cell(parameters))
+    return {**nb, "cells": cells}
+
+
+def run_cells(nb: dict, cwd: Path, timeout: float, kernel_name: str = "python3") -> tuple[dict[int, str], int | None]:
+    """Execute the code cells of ``nb`` in order in a fresh kernel started in ``cwd``.
+
+    Returns the error message of each cell that failed, by index, and the index of the first cell not run (None
+    when all ran): after two timeouts in a row the kernel is taken as stuck, and a dead kernel ends the run.
+    """
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import DeadKernelError
+
+    errors: dict[int, str] = {}
+
+    def on_error(cell, cell_index, execute_reply):
+        content = execute_reply["content"]
+        errors[cell_index] = _first_line(f"{content.get('ename', 'Error')}: {content.get('evalue', '')}")
+
+    notebook = nbformat.from_dict(nb)
+    client = NotebookClient(notebook, timeout=timeout, kernel_name=kernel_name, allow_errors=True,
+                            interrupt_on_timeout=True, on_cell_error=on_error,
+                            error_on_timeout={"ename": "Timeout", "evalue": f"the cell ran longer than {timeout:g} s "
+                                              "and was interrupted", "traceback": []},
+                            resources={"metadata": {"path": str(cwd)}})
+    timeouts_in_a_row = 0
+    with client.setup_kernel():
+        for index, cell in enumerate(notebook.cells):
+            if cell.cell_type != "code":
+                continue
+            try:
+                client.execute_cell(cell, index)
+            except DeadKernelError:
+                errors[index] = "the kernel died while running this cell"
+                return errors, index + 1
+            timeouts_in_a_row = timeouts_in_a_row + 1 if errors.get(index, "").startswith("Timeout:") else 0
+            if timeouts_in_a_row == 2:
+                return errors, index + 1
+    return errors, None
+
+
+def grade_notebook(path: Path, student: str, listed: list[Exercise], *, timeout: float, kernel_name: str = "python3",
+                   parameters: dict | None = None) -> NotebookResult:
+    """Run one submission and score each exercise of its source notebook (``listed``)."""
+    result = NotebookResult(student, listed[0].notebook, str(path), "graded")
+    try:
+        nb = prepared(read_notebook(path), listed, parameters)
+    except CourseError as err:
+        result.status, result.message = "not a notebook", str(err)
+        result.exercises = [ExerciseResult(e.grade_id, 0.0, e.points, "not run", "not a notebook") for e in listed]
+        return result
+    where = {}
+    for index, cell in enumerate(nb["cells"]):
+        if is_graded(cell):
+            where.setdefault(nbgrader_fields(cell).get("grade_id"), []).append(index)
+    try:
+        errors, stopped = run_cells(nb, Path(path).parent, timeout, kernel_name)
+    except Exception as err:  # the kernel did not start or broke down: this student only
+        errors, stopped = {}, 0
+        result.status, result.message = "kernel error", _first_line(f"{type(err).__name__}: {err}")
+    if stopped is not None and result.status == "graded":
+        result.message = f"stopped after cell {stopped - 1}: {errors.get(stopped - 1, '')}"
+    for exercise in listed:
+        cells = where.get(exercise.grade_id, [])
+        failed = [errors[i] for i in cells if i in errors]
+        if not cells:
+            status, message = "missing", "the graded cell was deleted (or its nbgrader metadata removed)"
+        elif failed:
+            status, message = "failed", failed[0]
+        elif stopped is not None and max(cells) >= stopped:
+            status, message = "not run", result.message or "the notebook was not run"
+        else:
+            status, message = "passed", ""
+        points = exercise.points if status == "passed" else 0.0
+        result.exercises.append(ExerciseResult(exercise.grade_id, points, exercise.points, status, message))
+    return result
+
+
+def grade_submissions(submissions: Path, source: Path | None = None, *, timeout: float = 600,
+                      kernel_name: str = "python3", parameters: dict | None = None) -> list[NotebookResult]:
+    """Grade every student folder of ``submissions`` against the exercises of ``source`` (default notebooks/).
+
+    Every source notebook with exercises gets one row per student: graded, or ``not submitted`` with zero points.
+    """
+    if source is None:
+        from dpolab.cache import REPO_ROOT
+
+        source = REPO_ROOT / "notebooks"
+    submissions = Path(submissions)
+    if not submissions.is_dir():
+        raise NotADirectoryError(f"{submissions}: not a folder of student folders")
+    course = source_exercises(Path(source))
+    results = []
+    for entry in sorted(submissions.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir():
+            results.append(NotebookResult("", entry.stem, str(entry), "not in a student folder",
+                                          f"{entry.name}: put each student's files in a folder named after them"))
+            continue
+        submitted = {}
+        for path in sorted(entry.rglob("*.ipynb")):
+            if ".ipynb_checkpoints" in path.parts:
+                continue
+            if path.stem not in course:
+                results.append(NotebookResult(entry.name, path.stem, str(path), "not a course notebook",
+                                              f"no source notebook {path.name}; expected one of "
+                                              f"{', '.join(n + '.ipynb' for n in course)}"))
+            elif path.stem in submitted:
+                results.append(NotebookResult(entry.name, path.stem, str(path), "not graded",
+                                              f"a second {path.name}; graded: {submitted[path.stem]}"))
+            else:
+                submitted[path.stem] = path
+        for stem, listed in course.items():
+            if stem in submitted:
+                results.append(grade_notebook(submitted[stem], entry.name, listed, timeout=timeout,
+                                              kernel_name=kernel_name, parameters=parameters))
+            else:
+                results.append(NotebookResult(entry.name, stem, "", "not submitted", "", [
+                    ExerciseResult(e.grade_id, 0.0, e.points, "not run", "not submitted") for e in listed]))
+    return results
+
+
+def report_table(results: list[NotebookResult]):
+    """Points per student (rows) and exercise (columns ``notebook/grade_id (max)``), with the total: a DataFrame."""
+    import pandas as pd
+
+    rows = {}
+    for r in results:
+        row = rows.setdefault(r.student, {})
+        for e in r.exercises:
+            row[f"{r.notebook}/{e.grade_id} ({e.max_points:g})"] = e.points
+    table = pd.DataFrame.from_dict(rows, orient="index").rename_axis("student")
+    if not table.empty:
+        maximum = sum(e.max_points for r in results if r.student == table.index[0] for e in r.exercises)
+        table[f"total ({maximum:g})"] = table.sum(axis=1)
+    return table
+
+
+def problems(results: list[NotebookResult]) -> list[str]:
+    """One line per file that was not graded and per exercise that lost its points, with the reason."""
+    lines = []
+    for r in results:
+        who = f"{r.student or '-'} {Path(r.path).name if r.path else r.notebook}"
+        if r.status not in ("graded", "not submitted"):
+            lines.append(f"{who}: {r.status}: {r.message}")
+        elif r.status == "not submitted":
+            lines.append(f"{who}: not submitted")
+        else:
+            lines += [f"{who} {e.grade_id}: {e.status}: {e.message}" for e in r.exercises if e.status != "passed"]
+    return lines
+
+
+def write_json(results: list[NotebookResult], path: Path) -> None:
+    """Every result, with its exercises, points and messages, as JSON."""
+    rows = [{**asdict(r), "points": r.points, "max_points": r.max_points} for r in results]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
