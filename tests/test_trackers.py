@@ -60,6 +60,25 @@ def test_logging_steps_logs_every_nth_step_with_means_over_the_interval(tmp_path
             assert line[name] == window[-1][name], name
 
 
+def test_logit_statistics_are_measured_on_the_logged_steps_only(tmp_path):
+    """With logging_steps=2 the policy's logit and entropy statistics are measured at steps 2, 4 and 5 (the logged
+    ones) and skipped at 1 and 3; the training is the same as with logging_steps=1 (every loss and gradient norm
+    bit for bit, the statistics only read the logits), and each logged record carries its own step's statistics,
+    equal to that step's under logging_steps=1."""
+    every = train({**RUN, "max_steps": 5, "output_dir": str(tmp_path / "every")}, train_pairs=make_examples(8))
+    some = train({**RUN, "max_steps": 5, "logging_steps": 2, "output_dir": str(tmp_path / "some")},
+                 train_pairs=make_examples(8))
+    names = ("logits/chosen", "logits/rejected", "entropy")
+    assert [all(n in r for n in names) for r in some.history] == [False, True, False, True, True]
+    assert all(all(n in r for n in names) for r in every.history)
+    for a, b in zip(every.history, some.history, strict=True):
+        assert (a["loss"], a["grad_norm"], a["rewards/margins"]) == (b["loss"], b["grad_norm"], b["rewards/margins"])
+    lines = read_metrics(tmp_path / "some" / "metrics.jsonl")
+    for line in lines:
+        for name in names:
+            assert line[name] == every.history[line["step"] - 1][name], (line["step"], name)
+
+
 def test_wandb_offline_records_the_run_without_a_network(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -212,7 +212,8 @@ class TrainConfig:
     works without a network); "none" (HF's: no tracker) leaves the JSONL alone."""
     logging_steps: int = 1
     """HF's name: log one record every this many optimizer steps (and at the last), with the metrics averaged over
-    those steps as trl does; TrainResult.history keeps every step of this process."""
+    those steps as trl does, except the policy's ``logits/*`` and ``entropy``, which are measured on the logged step
+    only (a pass over the logits that the other steps skip); TrainResult.history keeps every step of this process."""
     progress: bool = True
     """Show a tqdm progress bar with the live loss and reward accuracy (switch off for notebooks under test)."""
 

@@ -19,6 +19,8 @@ the vocabulary) and ``entropy`` (of π) are sums over response tokens, divided b
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -118,7 +120,8 @@ def batch_objective(model, reference, batch: PairBatch, *, stage: str, loss: str
                     loss_params: dict | None = None, sft_weight: float = 0.0, loss_type=None, loss_weights=None,
                     use_weighting: bool = False, ld_alpha: float | None = None,
                     f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
-                    context: dict | None = None, fast: FastPaths = DEFAULT_FAST_PATHS) -> tuple[Tensor, Tensor]:
+                    context: dict | None = None, fast: FastPaths = DEFAULT_FAST_PATHS,
+                    with_stats: bool = True) -> tuple[Tensor, Tensor]:
     """Per-pair losses (with grad) and the batch's metric sums.
 
     Args:
@@ -135,6 +138,9 @@ def batch_objective(model, reference, batch: PairBatch, *, stage: str, loss: str
             as the whole global batch.
         fast: the speed paths of the policy's forward (:class:`dpolab.fast.paths.FastPaths`); the reference
             object has its own.
+        with_stats: also measure the policy's mean logit and entropy (``logits/*``, ``entropy``: one more pass
+            over the (2B, T, V) logits); without, their sums are NaN and :func:`mean_metrics` leaves them out.
+            The loss and its gradient are the same either way.
 
     Returns:
         ``(losses, sums)``: losses (B,) and a float64 vector aligned with :data:`STATS`.
@@ -153,8 +159,8 @@ def batch_objective(model, reference, batch: PairBatch, *, stage: str, loss: str
         b = batch.num_pairs
         logps, ref_logps, lengths, weights, extra = _pair_inputs(model, reference, batch, names,
                                                                  use_weighting=use_weighting, ld_alpha=ld_alpha,
-                                                                 fast=fast, with_stats=True)
-        stats = extra.pop("logit_stats").double()
+                                                                 fast=fast, with_stats=with_stats)
+        stats = extra.pop("logit_stats").double() if with_stats else None
         params = {**(loss_params or {}), **(context or {})}
         params.update({k: v for k, v in extra.items()
                        if any(k in loss_parameters(n) for n in names)})
@@ -177,8 +183,11 @@ def batch_objective(model, reference, batch: PairBatch, *, stage: str, loss: str
         }
         for name, value in values.items():
             sums[name] = float(value.detach().double().sum())
-        sums["logits/chosen"], sums["logits/rejected"] = stats[:b, 0].sum().item(), stats[b:, 0].sum().item()
-        sums["entropy"] = stats[:, 1].sum().item()
+        if stats is None:  # not measured at this step (logged only every logging_steps)
+            sums["logits/chosen"] = sums["logits/rejected"] = sums["entropy"] = math.nan
+        else:
+            sums["logits/chosen"], sums["logits/rejected"] = stats[:b, 0].sum().item(), stats[b:, 0].sum().item()
+            sums["entropy"] = stats[:, 1].sum().item()
     sums["nonfinite"] = float(not bool(torch.isfinite(losses.detach()).all()))
     return losses, torch.tensor([sums[name] for name in STATS], dtype=torch.float64)
 
@@ -267,12 +276,14 @@ def _all_gather(values: Tensor) -> tuple[Tensor, int]:
 
 def mean_metrics(totals: Tensor, stage: str, prefix: str = "") -> dict[str, float]:
     """Divide reduced sums by the pair count (the token sums by their token count); the metric names of the stage
-    (SFT logs no rewards, logits or entropy)."""
+    (SFT logs no rewards, logits or entropy; a step that did not measure the logits and entropy, whose sums are
+    NaN, leaves them out)."""
     sums = dict(zip(STATS, totals.tolist()))
     pairs = max(sums["pairs"], 1.0)
     if stage == "sft":
         return {prefix + name: sums[name] / pairs for name in _SFT_STATS}
-    means = {prefix + name: sums[name] / pairs for name in _PAIR_MEANS}
+    means = {prefix + name: sums[name] / pairs for name in _PAIR_MEANS if not math.isnan(sums[name])}
     for name, counts in _TOKEN_MEANS.items():
-        means[prefix + name] = sums[name] / max(sum(sums[c] for c in counts), 1.0)
+        if not math.isnan(sums[name]):
+            means[prefix + name] = sums[name] / max(sum(sums[c] for c in counts), 1.0)
     return means

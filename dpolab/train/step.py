@@ -107,6 +107,9 @@ def train_step(config: TrainConfig, ctx: dist.DistributedContext, model, params,
     ``pairs`` (:meth:`BatchPlan.micro_batches`), :func:`optimizer_step` on ``model`` (as wrapped for training), and
     TR-DPO's reference update when it is due.
 
+    The policy's logit and entropy statistics (``logits/*``, ``entropy``) are measured only on the steps the loop
+    logs (every ``logging_steps`` and the last): they cost a pass over the logits and change nothing else.
+
     Returns:
         ``(step + 1, record)``: the 1-based step and its metrics record (trl's names; ``num_tokens`` continues
         from ``num_tokens``).
@@ -117,8 +120,10 @@ def train_step(config: TrainConfig, ctx: dist.DistributedContext, model, params,
         group["lr"] = lr
     epoch, micro_batches = plan.micro_batches(step, ctx.rank)
     batches = [to_device(collate_pairs([pairs[j] for j in rows], pad, index=rows), ctx.device) for rows in micro_batches]
+    logged = (step + 1) % config.logging_steps == 0 or step + 1 == total  # the loop logs this step's record
     totals, grad_norm = optimizer_step(model, reference, batches, optimizer, params, config=config, scale=scale,
-                                       ctx=ctx, autocast=autocast, fast=fast, where=f"step {step + 1} (epoch {epoch})")
+                                       ctx=ctx, autocast=autocast, fast=fast, where=f"step {step + 1} (epoch {epoch})",
+                                       with_stats=logged)
     step += 1
     if config.sync_ref_model and step % config.ref_model_sync_steps == 0:  # TR-DPO
         reference.mix_in(dist.unwrap(model), config.ref_model_mixup_alpha)
@@ -132,7 +137,7 @@ def train_step(config: TrainConfig, ctx: dist.DistributedContext, model, params,
 
 def optimizer_step(model, reference, batches: list, optimizer, params, *, config: TrainConfig, scale: float,
                    ctx: dist.DistributedContext, autocast=contextlib.nullcontext, fast: FastPaths = DEFAULT_FAST_PATHS,
-                   where: str = "this step") -> tuple[torch.Tensor, float]:
+                   where: str = "this step", with_stats: bool = True) -> tuple[torch.Tensor, float]:
     """One optimizer step on this process's micro-batches: gradients (:func:`accumulate_gradients`, with the
     checkpointed layers recomputing and a LoRA adapter's dropout on), the metric sums reduced over processes, a stop
     before the update if the loss or the gradient norm is not finite (``where`` names the step in the error),
@@ -144,7 +149,7 @@ def optimizer_step(model, reference, batches: list, optimizer, params, *, config
     """
     with recomputing(model), adapter_dropout(model):  # gradient checkpointing and LoRA dropout, when they are on
         totals, first_bad = accumulate_gradients(model, reference, batches, config=config, scale=scale,
-                                                 autocast=autocast, fast=fast)
+                                                 autocast=autocast, fast=fast, with_stats=with_stats)
     totals = dist.all_reduce_sum(totals, ctx)
     if totals[STATS.index("nonfinite")]:
         raise NonFiniteLossError(f"non-finite loss at {where}, {first_bad or 'a micro-batch of another process'}; "
@@ -159,15 +164,16 @@ def optimizer_step(model, reference, batches: list, optimizer, params, *, config
 
 
 def accumulate_gradients(model, reference, batches: list, *, config: TrainConfig, scale: float,
-                         autocast=contextlib.nullcontext,
-                         fast: FastPaths = DEFAULT_FAST_PATHS) -> tuple[torch.Tensor, str | None]:
+                         autocast=contextlib.nullcontext, fast: FastPaths = DEFAULT_FAST_PATHS,
+                         with_stats: bool = True) -> tuple[torch.Tensor, str | None]:
     """Backward pass of every micro-batch of one optimizer step; gradients add up in ``.grad``.
 
     Each micro-batch contributes ``scale · Σ_pairs loss``; with ``scale`` = processes / global pairs the
     accumulated (and DDP-averaged) gradient is that of the mean loss over the global batch. Gradients
     are all-reduced across processes only on the last micro-batch. The policy's forwards take the speed paths
     ``fast``, with the fused output layer's weight gradient added straight into ``.grad`` (this loop runs
-    ``backward()``; see :class:`dpolab.fast.paths.FastPaths`).
+    ``backward()``; see :class:`dpolab.fast.paths.FastPaths`). ``with_stats``: measure the logit and entropy
+    statistics too (:func:`dpolab.train.objective.batch_objective`).
 
     Returns:
         ``(sums, first_bad)``: the metric sums of this process (aligned with ``objective.STATS``) and a
@@ -181,7 +187,7 @@ def accumulate_gradients(model, reference, batches: list, *, config: TrainConfig
     for i, batch in enumerate(batches):
         with dist.gradient_sync(model, sync=i == len(batches) - 1), autocast():
             losses, sums = batch_objective(model, reference, batch, stage=config.stage, context=contexts[i],
-                                           fast=policy_paths, **settings)
+                                           fast=policy_paths, with_stats=with_stats, **settings)
             (losses.sum() * scale).backward()
         totals += sums
         if first_bad is None and sums[STATS.index("nonfinite")]:
