@@ -26,9 +26,14 @@ def _describe(value) -> str:
 
 
 def expect_tensor(name: str, value, shape: Sequence[int] | None = None) -> Tensor:
-    """``value`` if it is a tensor of ``shape`` (when given); otherwise an :class:`ExerciseError` saying what it is."""
+    """``value`` if it is a tensor of ``shape`` (when given); otherwise an :class:`ExerciseError` saying what it is.
+
+    A Python number is taken as a float64 scalar where a scalar is expected (``shape`` ``()``).
+    """
     if value is None:
         raise ExerciseError(f"{name} returned None: did the function forget to `return` its result?")
+    if isinstance(value, int | float) and not isinstance(value, bool) and shape is not None and tuple(shape) == ():
+        value = torch.tensor(float(value), dtype=torch.float64)
     if not isinstance(value, Tensor):
         raise ExerciseError(f"{name} must be a torch.Tensor, got {_describe(value)}; compute it with torch "
                             "operations on the input tensors")
@@ -76,15 +81,15 @@ def expect_close(name: str, value, expected: Tensor, *, rtol: float = 0.0, atol:
 
 def expect_same_gradients(name: str, mine: Callable[..., Tensor], reference: Callable[..., Tensor],
                           inputs: Mapping[str, Tensor], *, rtol: float = 0.0, atol: float = 1e-10) -> None:
-    """Pass when ∂Σ mine(**inputs)/∂input equals the reference's for every input; raise naming the input.
+    """Pass when ∂Σ mine(*inputs)/∂input equals the reference's for every input; raise naming the input.
 
-    Both functions are called on fresh leaf copies of ``inputs`` (float tensors), so the values they saw are
-    those of the test cell and the gradients are autograd's.
+    Both functions are called with fresh leaf copies of the values of ``inputs`` (name → float tensor, in the
+    order of the functions' arguments), so they see the test cell's values and the gradients are autograd's.
     """
     grads = []
     for fn in (mine, reference):
         leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
-        out = fn(**leaves)
+        out = fn(*leaves.values())
         if not isinstance(out, Tensor) or not out.requires_grad:
             raise ExerciseError(f"{name}: the result carries no gradient; compute it with torch operations on the "
                                 "inputs (no .item(), float(), .numpy(), .detach() or torch.tensor(...) of a result)")
@@ -96,3 +101,21 @@ def expect_same_gradients(name: str, mine: Callable[..., Tensor], reference: Cal
             raise ExerciseError(f"{name}: the gradient with respect to {key} differs from the library's by up to "
                                 f"{gap:.3g} although the values agree; is part of the computation detached or "
                                 "replaced by a constant?")
+
+
+def expect_log_distribution(name: str, value, shape: Sequence[int], *, atol: float = 1e-10) -> None:
+    """Pass when ``value`` (shape ``shape``) holds log-probabilities normalised over its last dimension.
+
+    Says which dimension the student normalised over instead, or that the value holds probabilities, not logs.
+    """
+    value = expect_tensor(name, value, shape).detach()
+    totals = value.logsumexp(-1)
+    if bool((totals.abs() <= atol).all()):
+        return
+    if value.dim() > 1 and bool((value.logsumexp(0).abs() <= atol).all()):
+        raise ExerciseError(f"{name} is normalised over dimension 0 (the prompts); it must be normalised over the "
+                            "last dimension (the responses y of each prompt x)")
+    if bool((value >= 0).all()) and bool(((value.sum(-1) - 1).abs() <= atol).all()):
+        raise ExerciseError(f"{name} holds probabilities; return their logarithms")
+    raise ExerciseError(f"{name} is not normalised over the last dimension: exp of each row sums to "
+                        f"{totals.exp().flatten()[:4].tolist()}..., not 1; subtract log Z(x), a log-sum-exp per row")

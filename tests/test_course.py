@@ -1,0 +1,273 @@
+"""The course edition (dpolab.course): student notebooks built from nbgrader's markers, and grading.
+
+Building and grading are checked on a tiny synthetic notebook (numpy only, two exercises worth 2 and 1 points, one
+with a hidden test), graded once for seven students: the solutions (3/3), the untouched student edition (0/3), a
+sign flipped (loses exactly that exercise's point), a function that loops forever (the per-cell timeout fails that
+exercise only), a deleted test cell (reported missing), a test cell emptied by the student (restored, hidden test
+included), and a file that is not a notebook. The real notebooks 01, 02 and 06 are only built, not executed: their
+exercises are paired and unique, and no solution line survives in the student edition.
+"""
+
+import copy
+import json
+
+import pytest
+
+from dpolab.cache import REPO_ROOT
+from dpolab.course.edition import (
+    DEFAULT_NOTEBOOKS,
+    CourseError,
+    build_edition,
+    exercises,
+    is_graded,
+    leak_lines,
+    nbgrader_fields,
+    read_notebook,
+    source_text,
+    student_notebook,
+    write_notebook,
+)
+
+
+def code(source: str, **nbgrader) -> dict:
+    cell = {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [], "source": source}
+    if nbgrader:
+        cell["metadata"]["nbgrader"] = {"schema_version": 3, "task": False, "locked": False, "solution": False,
+                                        "grade": False, **nbgrader}
+    return cell
+
+
+def solution(grade_id: str, source: str) -> dict:
+    return code(source, solution=True, grade_id=grade_id)
+
+
+def graded_test(grade_id: str, points: float, source: str) -> dict:
+    return code(source, grade=True, locked=True, grade_id=grade_id, points=points)
+
+
+SQUARE = '''def square(x):
+    """x squared."""
+    ### BEGIN SOLUTION
+    return x * x
+    ### END SOLUTION'''
+SQUARE_TEST = '''assert square(3) == 9, "square(3) must be 9"
+### BEGIN HIDDEN TESTS
+assert square(-4) == 16, "square of a negative number must be positive"
+### END HIDDEN TESTS'''
+NEGATE = '''def negate(values):
+    ### BEGIN SOLUTION
+    return -values
+    ### END SOLUTION'''
+NEGATE_TEST = 'assert negate(np.arange(3)).tolist() == [0, -1, -2], "negate: the sign is wrong"'
+
+
+def synthetic() -> dict:
+    cells = [{"cell_type": "markdown", "metadata": {}, "source": "# A tiny course"},
+             code("import numpy as np"),
+             solution("square", SQUARE), graded_test("square_test", 2, SQUARE_TEST),
+             solution("negate", NEGATE), graded_test("negate_test", 1, NEGATE_TEST),
+             code("print('done')")]
+    cells[1]["outputs"] = [{"output_type": "stream", "name": "stdout", "text": "return x * x\n"}]
+    cells[1]["execution_count"] = 3
+    return {"cells": cells, "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                         "language": "python"}, "secret": "return -values"},
+            "nbformat": 4, "nbformat_minor": 5}
+
+
+def replace_in(nb: dict, grade_id: str, old: str, new: str) -> dict:
+    nb = copy.deepcopy(nb)
+    for cell in nb["cells"]:
+        if nbgrader_fields(cell).get("grade_id") == grade_id:
+            assert old in source_text(cell)
+            cell["source"] = source_text(cell).replace(old, new)
+    return nb
+
+
+def test_student_edition_stubs_solutions_and_drops_hidden_tests_outputs_and_metadata():
+    student, hidden = student_notebook(synthetic(), "tiny")
+    cells = student["cells"]
+    assert source_text(cells[2]) == ('def square(x):\n    """x squared."""\n    # YOUR CODE HERE\n'
+                                     '    raise NotImplementedError()')
+    assert source_text(cells[3]) == 'assert square(3) == 9, "square(3) must be 9"'
+    assert cells[3]["metadata"]["editable"] is False and cells[3]["metadata"]["deletable"] is False
+    assert all(c.get("outputs", []) == [] and c.get("execution_count") is None for c in cells)
+    assert student["metadata"] == {"kernelspec": synthetic()["metadata"]["kernelspec"]}
+    assert "    return x * x\n" in hidden and any("square(-4)" in line for line in hidden)
+    text = json.dumps(student)
+    assert not [line for line in leak_lines(hidden) if line in text]
+
+
+@pytest.mark.parametrize("source, message", [
+    ("### BEGIN SOLUTION\nx = 1", "never closed"),
+    ("### END SOLUTION", "without a region"),
+    ("### BEGIN SOLUTION\n### BEGIN SOLUTION\n### END SOLUTION", "inside the region"),
+])
+def test_unbalanced_markers_name_the_cell_and_line(source, message):
+    nb = synthetic()
+    nb["cells"][2]["source"] = source
+    with pytest.raises(CourseError, match=f"tiny, cell 2, line .*{message}"):
+        student_notebook(nb, "tiny")
+
+
+def test_markers_outside_solution_cells_and_bad_metadata_are_refused():
+    nb = synthetic()
+    nb["cells"][6]["source"] = "### BEGIN SOLUTION\nanswer = 42\n### END SOLUTION"
+    with pytest.raises(CourseError, match="tiny, cell 6, line 1: .* not solution: true"):
+        student_notebook(nb, "tiny")
+    nb = synthetic()
+    nb["cells"][5]["metadata"]["nbgrader"]["grade_id"] = "square_test"
+    with pytest.raises(CourseError, match="cell 5.*'square_test' is also the id of cell 3"):
+        exercises(nb, "tiny")
+    nb = synthetic()
+    del nb["cells"][5]["metadata"]["nbgrader"]["points"]
+    with pytest.raises(CourseError, match="cell 5 .*points: None must be a positive number"):
+        exercises(nb, "tiny")
+
+
+def test_a_solution_line_repeated_in_another_cell_stops_the_build(tmp_path):
+    nb = synthetic()
+    nb["cells"][6]["source"] = "def negate(values):\n    return -values"  # the answer, given away elsewhere
+    write_notebook(nb, tmp_path / "src" / "tiny.ipynb")
+    with pytest.raises(CourseError, match="'return -values' in cell 6"):
+        build_edition(tmp_path / "out", ["tiny"], tmp_path / "src")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory):
+    """One grading run over seven students of the synthetic notebook (timeout 5 s per cell)."""
+    from dpolab.course.grading import grade_submissions
+
+    root = tmp_path_factory.mktemp("course")
+    write_notebook(synthetic(), root / "source" / "tiny.ipynb")
+    build_edition(root / "student", ["tiny"], root / "source")
+    edition = read_notebook(root / "student" / "tiny.ipynb")
+    solved = synthetic()
+    subs = root / "submitted"
+    write_notebook(solved, subs / "alice" / "tiny.ipynb")
+    write_notebook(edition, subs / "bob" / "assignment1" / "tiny.ipynb")  # nbgrader's layout
+    write_notebook(replace_in(solved, "negate", "return -values", "return values"), subs / "carol" / "tiny.ipynb")
+    (subs / "dave").mkdir()
+    (subs / "dave" / "tiny.ipynb").write_text("these are my answers: x * x and -x")
+    write_notebook(replace_in(solved, "square", "return x * x", "while True:\n        pass"),
+                   subs / "erin" / "tiny.ipynb")
+    frank = copy.deepcopy(solved)
+    frank["cells"] = [c for c in frank["cells"] if nbgrader_fields(c).get("grade_id") != "negate_test"]
+    write_notebook(frank, subs / "frank" / "tiny.ipynb")
+    grace = replace_in(replace_in(solved, "square", "return x * x", "return x * abs(x)"), "square_test",
+                       'assert square(3) == 9, "square(3) must be 9"', "pass")
+    write_notebook(grace, subs / "grace" / "tiny.ipynb")
+    (subs / "notes.txt").write_text("not in a student folder")
+    results = grade_submissions(subs, root / "source", timeout=5)
+    return {r.student: r for r in results if r.student}, results
+
+
+def scores(result) -> dict:
+    return {e.grade_id: (e.points, e.status) for e in result.exercises}
+
+
+def test_solutions_get_full_marks_and_the_student_edition_zero(graded):
+    by_student, _ = graded
+    assert by_student["alice"].status == "graded" and by_student["alice"].points == 3
+    assert scores(by_student["alice"]) == {"square_test": (2, "passed"), "negate_test": (1, "passed")}
+    bob = by_student["bob"]
+    assert bob.status == "graded" and bob.points == 0 and bob.max_points == 3
+    assert all(e.status == "failed" and "NotImplementedError" in e.message for e in bob.exercises)
+
+
+def test_a_classic_mistake_loses_exactly_its_exercise(graded):
+    carol = graded[0]["carol"]
+    assert scores(carol) == {"square_test": (2, "passed"), "negate_test": (0, "failed")}
+    assert "the sign is wrong" in carol.exercises[1].message
+
+
+def test_bad_submissions_are_reported_and_grading_goes_on(graded):
+    by_student, results = graded
+    assert by_student["dave"].status == "not a notebook" and by_student["dave"].points == 0
+    erin = by_student["erin"]  # square loops forever: interrupted, and the next exercise still runs
+    assert scores(erin) == {"square_test": (0, "failed"), "negate_test": (1, "passed")}
+    assert erin.exercises[0].message.startswith("Timeout")
+    assert scores(by_student["frank"]) == {"square_test": (2, "passed"), "negate_test": (0, "missing")}
+    assert [r.status for r in results if not r.student] == ["not in a student folder"]
+
+
+def test_edited_test_cells_are_restored_with_their_hidden_tests(graded):
+    grace = graded[0]["grace"]
+    assert scores(grace)["square_test"] == (0, "failed")
+    assert "square of a negative number must be positive" in grace.exercises[0].message
+
+
+def test_report_table_and_json(graded, tmp_path):
+    from dpolab.course.grading import problems, report_table, write_json
+
+    _, results = graded
+    table = report_table(results)
+    assert table.loc["alice", "total (3)"] == 3 and table.loc["carol", "tiny/negate_test (1)"] == 0
+    assert any(line.startswith("dave tiny.ipynb: not a notebook") for line in problems(results))
+    write_json(results, tmp_path / "grades.json")
+    rows = json.loads((tmp_path / "grades.json").read_text())
+    assert {r["student"]: r["points"] for r in rows if r["student"]}["frank"] == 2
+
+
+def test_cli_builds_the_student_edition(tmp_path):
+    from dpolab.cli import main
+
+    write_notebook(synthetic(), tmp_path / "src" / "tiny.ipynb")
+    assert main(["course", "build", str(tmp_path / "out"), "--notebooks", "tiny", "--source",
+                 str(tmp_path / "src")]) == 0
+    assert "raise NotImplementedError()" in (tmp_path / "out" / "tiny.ipynb").read_text()
+    assert main(["course", "build", str(tmp_path / "out"), "--notebooks", "nope", "--source",
+                 str(tmp_path / "src")]) == 2
+
+
+# ---- the real notebooks: built, never executed here ----
+
+REAL = [REPO_ROOT / "notebooks" / f"{stem}.ipynb" for stem in DEFAULT_NOTEBOOKS]
+
+
+@pytest.mark.parametrize("path", REAL, ids=lambda p: p.stem)
+def test_each_exercise_is_a_solution_cell_followed_by_its_graded_test(path):
+    nb = read_notebook(path)
+    listed = exercises(nb, path.stem)  # unique grade_ids, positive points
+    assert listed, f"{path.name} has no exercise"
+    cells = nb["cells"]
+    for index, cell in enumerate(cells):
+        if nbgrader_fields(cell).get("solution"):
+            assert "### BEGIN SOLUTION" in source_text(cell), f"{path.name} cell {index}"
+            following = next(c for c in cells[index + 1:] if c["cell_type"] == "code")
+            assert is_graded(following), f"{path.name} cell {index}: the next code cell is not a graded test"
+            assert "from dpolab" not in source_text(cell).split("### BEGIN SOLUTION")[1], (
+                f"{path.name} cell {index}: the solution must be the student's own code, not a library call")
+        if is_graded(cell):
+            assert nbgrader_fields(cell)["locked"] is True and cell["outputs"] == []
+
+
+def test_the_student_edition_of_the_real_notebooks_gives_no_answer_away(tmp_path):
+    written = build_edition(tmp_path)
+    assert [p.name for p in written] == [p.name for p in REAL]
+    for source, built in zip(REAL, written):
+        text = built.read_text()
+        _, hidden = student_notebook(read_notebook(source), source.stem)
+        solution_lines = {line.strip() for cell in read_notebook(source)["cells"] if nbgrader_fields(cell).get("solution")
+                          for line in source_text(cell).split("### BEGIN SOLUTION")[1].split("### END SOLUTION")[0]
+                          .splitlines() if line.strip()}
+        assert solution_lines and solution_lines <= {line.strip() for line in hidden}
+        for line in solution_lines:
+            assert line not in text and json.dumps(line)[1:-1] not in text, f"{built.name}: {line!r}"
+        assert "BEGIN SOLUTION" not in text and "BEGIN HIDDEN TESTS" not in text
+        assert text.count("raise NotImplementedError()") == len(
+            [c for c in read_notebook(source)["cells"] if nbgrader_fields(c).get("solution")])
+        student = read_notebook(built)
+        assert all(c.get("outputs", []) == [] and c.get("execution_count") is None for c in student["cells"])
+        params = [c for c in student["cells"] if "parameters" in c["metadata"].get("tags", [])]
+        assert len(params) == 1  # papermill still finds the parameters cell
+
+
+def test_nbgrader_builds_the_same_edition(tmp_path):
+    pytest.importorskip("nbgrader")
+    ours = build_edition(tmp_path / "ours")
+    theirs = build_edition(tmp_path / "nbgrader", use_nbgrader=True)
+    for a, b in zip(ours, theirs):
+        sources_a = [source_text(c) for c in read_notebook(a)["cells"]]
+        sources_b = [source_text(c) for c in read_notebook(b)["cells"]]
+        assert sources_a == sources_b, a.name
