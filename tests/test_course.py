@@ -169,6 +169,7 @@ def scores(result) -> dict:
 def test_solutions_get_full_marks_and_the_student_edition_zero(graded):
     by_student, _ = graded
     assert by_student["alice"].status == "graded" and by_student["alice"].points == 3
+    assert by_student["alice"].other_errors == [] and by_student["bob"].other_errors == []
     assert scores(by_student["alice"]) == {"square_test": (2, "passed"), "negate_test": (1, "passed")}
     bob = by_student["bob"]
     assert bob.status == "graded" and bob.points == 0 and bob.max_points == 3
@@ -271,3 +272,16 @@ def test_nbgrader_builds_the_same_edition(tmp_path):
         sources_a = [source_text(c) for c in read_notebook(a)["cells"]]
         sources_b = [source_text(c) for c in read_notebook(b)["cells"]]
         assert sources_a == sources_b, a.name
+
+
+def test_grading_parameters_go_only_to_notebooks_that_declare_them():
+    from dpolab.course.grading import prepared
+
+    nb = synthetic()
+    nb["cells"].insert(1, {**code("scale: int = 1  # a parameter"), "metadata": {"tags": ["parameters"]}})
+    nb = replace_in(nb, "square_test", "square(3) == 9", "square(3) == 0")  # a student's edit of a locked cell
+    run = prepared(nb, exercises(synthetic(), "tiny"), {"scale": 3, "model": "tiny-llama"})
+    assert source_text(run["cells"][2]) == "# Parameters set by the grader\nscale = 3"
+    assert source_text(run["cells"][5]) == SQUARE_TEST  # restored, hidden tests included
+    assert prepared(synthetic(), exercises(synthetic(), "tiny"), {"model": "x"})["cells"] == [
+        {**c, "source": source_text(c)} for c in synthetic()["cells"]]

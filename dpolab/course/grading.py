@@ -20,6 +20,7 @@ Grading runs the students' code with the grader's rights, as nbgrader's does: ru
 
 from __future__ import annotations
 
+import ast
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,6 +60,7 @@ class NotebookResult:
     status: str
     message: str = ""
     exercises: list[ExerciseResult] = field(default_factory=list)
+    other_errors: list[str] = field(default_factory=list)  # "cell N: error" of cells that are not graded
 
     @property
     def points(self) -> float:
@@ -92,9 +94,21 @@ def _parameters_cell(assignments: dict) -> dict:
             "outputs": [], "source": source}
 
 
+def declared_parameters(cell: dict) -> set[str]:
+    """The names a ``parameters`` cell assigns (none when it does not parse)."""
+    try:
+        tree = ast.parse(source_text(cell))
+    except SyntaxError:
+        return set()
+    targets = [n.target for n in tree.body if isinstance(n, ast.AnnAssign)]
+    targets += [t for n in tree.body if isinstance(n, ast.Assign) for t in n.targets]
+    return {t.id for t in targets if isinstance(t, ast.Name)}
+
+
 def prepared(nb: dict, listed: list[Exercise], parameters: dict | None = None) -> dict:
     """The submission ``nb`` as it will run: every graded cell with the instructor's source (by grade_id), and
-    ``parameters`` assigned in a cell after the one tagged ``parameters`` (as papermill does)."""
+    those of ``parameters`` that its ``parameters`` cell declares assigned in a cell right after it (as papermill
+    does; one set of parameters serves notebooks with different ones)."""
     originals = {e.grade_id: e.source for e in listed}
     cells = []
     for cell in nb["cells"]:
@@ -103,9 +117,12 @@ def prepared(nb: dict, listed: list[Exercise], parameters: dict | None = None) -
             cell = {**cell, "cell_type": "code", "source": originals[grade_id], "outputs": [],
                     "execution_count": None}
         cells.append({**cell, "source": source_text(cell)})  # one string, as nbformat reads a file
-    if parameters:
-        tagged = [i for i, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", [])]
-        cells.insert(tagged[0] + 1 if tagged else 0, _parameters_cell(parameters))
+    tagged = [i for i, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if parameters and tagged:
+        declared = declared_parameters(cells[tagged[0]])
+        own = {k: v for k, v in parameters.items() if k in declared}
+        if own:
+            cells.insert(tagged[0] + 1, _parameters_cell(own))
     return {**nb, "cells": cells}
 
 
@@ -168,6 +185,8 @@ def grade_notebook(path: Path, student: str, listed: list[Exercise], *, timeout:
         result.status, result.message = "kernel error", _first_line(f"{type(err).__name__}: {err}")
     if stopped is not None and result.status == "graded":
         result.message = f"stopped after cell {stopped - 1}: {errors.get(stopped - 1, '')}"
+    graded_cells = {i for cells in where.values() for i in cells}
+    result.other_errors = [f"cell {i}: {m}" for i, m in sorted(errors.items()) if i not in graded_cells]
     for exercise in listed:
         cells = where.get(exercise.grade_id, [])
         failed = [errors[i] for i in cells if i in errors]
@@ -256,6 +275,9 @@ def problems(results: list[NotebookResult]) -> list[str]:
             lines.append(f"{who}: not submitted")
         else:
             lines += [f"{who} {e.grade_id}: {e.status}: {e.message}" for e in r.exercises if e.status != "passed"]
+            if r.other_errors:  # often the cause of a test cell's NameError
+                lines.append(f"{who}: errors in cells that are not graded: " + "; ".join(r.other_errors[:3]) +
+                             (f"; and {len(r.other_errors) - 3} more" if len(r.other_errors) > 3 else ""))
     return lines
 
 
