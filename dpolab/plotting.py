@@ -26,6 +26,10 @@ METHOD_STYLE = {
     "Reference": {"color": "black", "marker": "*"},
 }
 
+METHOD_LABEL = {"RLOO": "RLOO (learned reward model)", "PPO": "PPO (learned reward model)",
+                "Online DPO": "Online DPO (learned reward model)"}
+"""Legend labels that say what an arm reads where its name alone does not (the -GT arms read the ground truth)."""
+
 
 def frontier_figure(rows: Sequence[dict], title: str = "Reward vs KL(π‖π_ref), held-out prompts"):
     """The reward–KL frontier: one point per policy with ±1 s.e. bars, methods distinguished by colour/marker.
@@ -78,7 +82,7 @@ def frontier_curves_figure(rows: Sequence[dict], title: str = "Reward vs KL(π�
     for (method, knob, _), points in curves.items():
         points = sorted(points, key=lambda r: (r["knob"], r["step"]) if method == "Best of N" else r["step"])
         style = METHOD_STYLE.get(method, {"color": "gray", "marker": "x"})
-        label = None if method in seen else method
+        label = None if method in seen else METHOD_LABEL.get(method, method)
         seen.add(method)
         ax.errorbar([r["kl"] for r in points], [r["reward"] for r in points],
                     xerr=[r.get("kl_se") or 0.0 for r in points], yerr=[r.get("reward_se") or 0.0 for r in points],
