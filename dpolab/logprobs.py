@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dpolab.data.batch import IGNORE_INDEX
+from dpolab.data.labels import IGNORE_INDEX
 from dpolab.fast.embedding import token_inputs
 from dpolab.fast.label_logprob import label_logprobs
 from dpolab.fast.logit_stats import logit_stats

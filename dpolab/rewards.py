@@ -21,21 +21,7 @@ from torch import Tensor
 from dpolab.data.batch import collate_sequences, to_device
 from dpolab.data.tokenize import pad_token_id, tokenize_response
 from dpolab.logprobs import sequence_forward
-
-
-def implicit_rewards(policy_logps: Tensor, ref_logps: Tensor | None, beta: float) -> Tensor:
-    """r̂ = β (log π_θ(y|x) − log π_ref(y|x)) (paper eq. 5 up to β log Z(x)), detached.
-
-    ``ref_logps=None`` means no reference (a reference-free loss; a uniform π_ref whose terms cancel between
-    responses of equal length): r̂ = β log π_θ(y|x).
-
-    Shape: any, the same for both -> the same (a bandit's (X, K) table as well as (N,) responses).
-    """
-    if ref_logps is None:
-        return beta * policy_logps.detach()
-    if policy_logps.shape != ref_logps.shape:
-        raise ValueError(f"policy_logps {tuple(policy_logps.shape)} and ref_logps {tuple(ref_logps.shape)} differ")
-    return beta * (policy_logps.detach() - ref_logps.detach())
+from dpolab.losses.implicit import implicit_rewards  # the formula lives with the losses (torch only)
 
 
 @contextlib.contextmanager

@@ -13,10 +13,8 @@ from typing import TypeVar
 
 import torch
 
+from dpolab.data.labels import IGNORE_INDEX  # re-exported for the modules that collate batches
 from dpolab.data.tokenize import TokenizedPair
-
-IGNORE_INDEX = -100
-"""The label of a position that is not scored (prompt, padding, masked turns); PyTorch's cross-entropy default."""
 
 
 @dataclass

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dpolab.data.batch import IGNORE_INDEX
+from dpolab.data.labels import IGNORE_INDEX
 from dpolab.fast.embedding import token_inputs
 from dpolab.fast.output_layer import scored_logprobs
 from dpolab.fast.paths import ModelPaths

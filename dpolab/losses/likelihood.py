@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dpolab.losses.implicit import implicit_rewards
 from dpolab.losses.registry import LossOutput, need_lengths, register
-from dpolab.rewards import implicit_rewards
 
 
 def likelihood_rewards(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor | None,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from dpolab.losses.implicit import implicit_rewards
 from dpolab.losses.registry import LossOutput, need_lengths, register
-from dpolab.rewards import implicit_rewards
 
 
 @register("simpo", needs_reference=False)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dpolab.rewards import implicit_rewards
+from dpolab.losses.implicit import implicit_rewards
 
 LossOutput = tuple[Tensor, Tensor, Tensor]
 

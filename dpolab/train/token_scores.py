@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dpolab.data.batch import IGNORE_INDEX
+from dpolab.data.labels import IGNORE_INDEX
 from dpolab.logprobs import shift_labels
 
 
