@@ -112,7 +112,9 @@ def data_axis_figure(axis: dict):
     comparator, 95% CI bars; 0 dotted."""
     import matplotlib.pyplot as plt
 
-    from dpolab.plotting import METHOD_STYLE
+    from matplotlib.ticker import NullFormatter
+
+    from dpolab.plotting import METHOD_LABEL, METHOD_STYLE
 
     fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=120)
     by_b: dict = {}
@@ -125,9 +127,13 @@ def data_axis_figure(axis: dict):
         x = [r["pairs"] for r in rows]
         y = [r["reward_diff"] for r in rows]
         err = [[r["reward_diff"] - r["ci_low"] for r in rows], [r["ci_high"] - r["reward_diff"] for r in rows]]
-        ax.errorbar(x, y, yerr=err, fmt="-" + style["marker"], color=style["color"], capsize=3, label=f"DPO − {b}")
+        ax.errorbar(x, y, yerr=err, fmt="-" + style["marker"], color=style["color"], capsize=3,
+                    label=f"DPO − {METHOD_LABEL.get(b, b)}")
     ax.axhline(0.0, color="black", linewidth=0.8, linestyle=":")
     ax.set_xscale("log")
+    sizes = sorted({r["pairs"] for r in axis["rows"]})
+    ax.set_xticks(sizes, [str(n) for n in sizes])  # the data sizes themselves, not powers of ten
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("preference pairs DPO trains on (log scale)")
     ax.set_ylabel("reward difference at matched KL (VADER)")
     ax.set_title("Offline DPO by amount of preference data, 95% CI", fontsize=10)
