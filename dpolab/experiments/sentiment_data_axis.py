@@ -111,7 +111,6 @@ def data_axis_figure(axis: dict):
     """Reward difference A − B at matched KL against the number of preference pairs (log scale), one line per
     comparator, 95% CI bars; 0 dotted."""
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import NullFormatter
 
     from dpolab.plotting import METHOD_LABEL, METHOD_STYLE
