@@ -10,6 +10,7 @@
     dpolab sweep notebooks/03_beta_sweep.ipynb --grid beta=0.05,0.1,0.5   # papermill per grid point
     dpolab sweep NOTEBOOK --grid ... --jobs 2 --continue-on-error --resume  # in parallel; failures recorded; skip done
     dpolab notebooks --html                            # the seven notebooks executed into runs/notebooks/
+    dpolab course build OUT; dpolab course grade DIR   # the student edition of the exercises; grade submissions
 
 Each subcommand is an ``add_*`` function in :data:`SUBCOMMANDS`: it receives the argparse sub-parsers object,
 adds its parser and sets ``func`` (a callable of the parsed args that returns an exit code). The library
