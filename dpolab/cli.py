@@ -199,7 +199,8 @@ def add_data_axis(sub) -> None:
 
 
 def cmd_data_axis(args) -> int:
-    from dpolab.experiments.sentiment_data_axis import data_axis, data_axis_figure, data_axis_markdown, save_data_axis
+    from dpolab.experiments.sentiment_data_axis import data_axis, data_axis_markdown
+    from dpolab.experiments.sentiment_report import save_results
 
     try:
         axis = data_axis(args.dpo, args.against)
@@ -207,14 +208,14 @@ def cmd_data_axis(args) -> int:
         raise SystemExit(f"dpolab data-axis: {err}") from None
     print(data_axis_markdown(axis))
     if args.save:
-        print(f"rows: {save_data_axis(axis, args.save)}")
+        print(f"rows: {save_results(axis, args.save)}")
     if args.figure:
         import matplotlib.pyplot as plt
 
         from dpolab.cache import from_repo_root
-        from dpolab.plotting import save_figure
+        from dpolab.plotting import data_axis_figure, save_figure
 
-        fig = data_axis_figure(axis)
+        fig = data_axis_figure(axis["rows"])
         print(f"figure: {save_figure(fig, from_repo_root(args.figure))}")
         plt.close(fig)
     return 0

@@ -192,7 +192,7 @@ def matched_kl_comparison(rows: Sequence[dict], method_a: str, method_b: str, *,
               "n_seeds_b": len(groups[method_b]), "seed_diffs_a": [], "seed_diffs_b": [], "ci_low_prefixes": nan,
               "ci_high_prefixes": nan, "note": ""}
     mean_reward, mean_kl = _prefix_means(rewards), _prefix_means(kls)
-    fronts = {m: [np.sort(mean_kl[g][upper_envelope(mean_kl[g], mean_reward[g])]) for g in groups[m]]
+    fronts = {m: [mean_kl[g][upper_envelope(mean_kl[g], mean_reward[g])] for g in groups[m]]  # sorted by KL
               for m in groups}
     common = _common_range(fronts[method_a] + fronts[method_b])
     if common is None:

@@ -149,10 +149,44 @@ def temperature_win_rate_figure(sweeps: dict):
         ax.errorbar([r["temperature"] for r in rows], [r["win_rate"] for r in rows],
                     yerr=[r["win_rate_se"] for r in rows], fmt="-" + style["marker"], color=style["color"],
                     label=name, capsize=2, markersize=5, linewidth=1.2, alpha=0.85)
-    ax.axhline(0.5, color="black", linewidth=0.8, linestyle=":")
-    ax.set_xlabel("sampling temperature")
-    ax.set_ylabel("win rate vs π_ref samples (T = 1), VADER")
-    ax.set_title("Win rate by sampling temperature, held-out prefixes", fontsize=10)
+    return _finished(fig, ax, 0.5, "sampling temperature", "win rate vs π_ref samples (T = 1), VADER",
+                     "Win rate by sampling temperature, held-out prefixes")
+
+
+def data_axis_figure(rows: Sequence[dict]):
+    """Offline DPO by amount of preference data: its reward difference at matched KL against each comparator
+    (rows of :func:`dpolab.experiments.sentiment_data_axis.data_axis`) by the number of pairs, log scale, 95% CI
+    bars; comparisons without a common KL range are left out."""
+    from matplotlib.ticker import NullFormatter
+
+    fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=120)
+    by_b: dict = {}
+    for r in rows:
+        if not r.get("note"):
+            by_b.setdefault(r["method_b"], []).append(r)
+    for b, points in by_b.items():
+        points = sorted(points, key=lambda r: r["pairs"])
+        style = METHOD_STYLE.get(b, {"color": None, "marker": "x"})
+        ax.errorbar([r["pairs"] for r in points], [r["reward_diff"] for r in points],
+                    yerr=[[r["reward_diff"] - r["ci_low"] for r in points],
+                          [r["ci_high"] - r["reward_diff"] for r in points]],
+                    fmt="-" + style["marker"], color=style["color"], capsize=3,
+                    label=f"{points[0]['method_a']} − {METHOD_LABEL.get(b, b)}")
+    ax.set_xscale("log")
+    sizes = sorted({r["pairs"] for r in rows})
+    ax.set_xticks(sizes, [str(n) for n in sizes])  # the data sizes themselves, not powers of ten
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    return _finished(fig, ax, 0.0, "preference pairs DPO trains on (log scale)",
+                     "reward difference at matched KL (VADER)", "Offline DPO by amount of preference data, 95% CI")
+
+
+def _finished(fig, ax, reference: float, xlabel: str, ylabel: str, title: str):
+    """The common dress of the small comparison figures: a dotted line at ``reference``, labels, title, grid,
+    legend."""
+    ax.axhline(reference, color="black", linewidth=0.8, linestyle=":")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

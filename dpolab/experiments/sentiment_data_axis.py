@@ -10,11 +10,12 @@ what each side spent: ground-truth reward queries and optimizer steps.
     dpolab data-axis results/sentiment_data_32.json results/sentiment_rlhf.json results/sentiment_data_512.json \\
         --against results/sentiment_baselines.json results/sentiment_online.json results/sentiment_rlhf.json \\
         --figure figures/sentiment_data_axis.png --save results/sentiment_data_axis.json
+
+The figure is :func:`dpolab.plotting.data_axis_figure`; ``--save`` writes the rows with
+:func:`dpolab.experiments.sentiment_report.save_results`.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from dpolab.experiments.sentiment_report import load_results, merge_results
 
@@ -25,13 +26,6 @@ def _only(results: dict, keep) -> dict:
     """``results`` with the policies ``keep(row)`` accepts (and π_ref's row, which the merge checks)."""
     rows = [r for r in results["policies"] if r["method"] == "Reference" or keep(r)]
     return {**results, "policies": rows}
-
-
-def _spent(rows: list[dict], method: str) -> dict:
-    """What a method's curves used: the largest ground-truth query count and optimizer step among its rows."""
-    mine = [r for r in rows if r["method"] == method]
-    queries = [r["reward_queries"] for r in mine if isinstance(r.get("reward_queries"), int | float)]
-    return {"reward_queries": max(queries) if queries else None, "steps": max(r["step"] for r in mine)}
 
 
 def _pairs(results: dict, name: str) -> int:
@@ -78,11 +72,10 @@ def data_axis(dpo_paths, against_paths, method: str = "DPO") -> dict:
                 continue
             if c["method_a"] != method:
                 raise ValueError(f"data_axis: {method} is expected first in the comparisons, got {c['method_a']}")
-            a, b = _spent(merged["policies"], method), _spent(merged["policies"], c["method_b"])
+            # c carries what each side spent (reward_queries_a/b, steps_a/b): merge_results annotates it
             rows.append({"n_train_prompts": config["n_train_prompts"], "pairs": _pairs(results, name),
-                         "source": name, **c, "reward_queries_a": a["reward_queries"],
-                         "reward_queries_b": b["reward_queries"], "steps_a": a["steps"], "steps_b": b["steps"],
-                         "final_reward": final["reward"], "final_kl": final["kl"], "final_epoch": final.get("epoch")})
+                         "source": name, **c, "final_reward": final["reward"], "final_kl": final["kl"],
+                         "final_epoch": final.get("epoch")})
     rows.sort(key=lambda r: (r["pairs"], r["method_b"]))
     return {"format": DATA_AXIS_FORMAT, "rows": rows, "sources": {"dpo": [str(p) for p in dpo_paths],
                                                                    "against": [n for n, _ in against]}}
@@ -105,50 +98,3 @@ def data_axis_markdown(axis: dict) -> str:
         lines.append(f"| {r['n_train_prompts']} | {r['pairs']} | {r['method_a']} | {r['method_b']} | {queries} | "
                      f"{r['steps_a']}, {r['steps_b']} | {gap}| {last} |")
     return "\n".join(lines)
-
-
-def data_axis_figure(axis: dict):
-    """Reward difference A − B at matched KL against the number of preference pairs (log scale), one line per
-    comparator, 95% CI bars; 0 dotted."""
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
-
-    from dpolab.plotting import METHOD_LABEL, METHOD_STYLE
-
-    fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=120)
-    by_b: dict = {}
-    for r in axis["rows"]:
-        if not r.get("note"):
-            by_b.setdefault(r["method_b"], []).append(r)
-    for b, rows in by_b.items():
-        rows.sort(key=lambda r: r["pairs"])
-        style = METHOD_STYLE.get(b, {"color": None, "marker": "x"})
-        x = [r["pairs"] for r in rows]
-        y = [r["reward_diff"] for r in rows]
-        err = [[r["reward_diff"] - r["ci_low"] for r in rows], [r["ci_high"] - r["reward_diff"] for r in rows]]
-        ax.errorbar(x, y, yerr=err, fmt="-" + style["marker"], color=style["color"], capsize=3,
-                    label=f"DPO − {METHOD_LABEL.get(b, b)}")
-    ax.axhline(0.0, color="black", linewidth=0.8, linestyle=":")
-    ax.set_xscale("log")
-    sizes = sorted({r["pairs"] for r in axis["rows"]})
-    ax.set_xticks(sizes, [str(n) for n in sizes])  # the data sizes themselves, not powers of ten
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("preference pairs DPO trains on (log scale)")
-    ax.set_ylabel("reward difference at matched KL (VADER)")
-    ax.set_title("Offline DPO by amount of preference data, 95% CI", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def save_data_axis(axis: dict, path: str | Path) -> Path:
-    """Write the data-axis rows as JSON, atomically."""
-    import json
-
-    from dpolab.cache import atomic_write_text, from_repo_root
-
-    path = from_repo_root(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(axis, indent=1, default=float) + "\n")
-    return path
