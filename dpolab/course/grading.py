@@ -142,8 +142,12 @@ def run_cells(nb: dict, cwd: Path, timeout: float, kernel_name: str = "python3")
         content = execute_reply["content"]
         errors[cell_index] = _first_line(f"{content.get('ename', 'Error')}: {content.get('evalue', '')}")
 
+    from dpolab.notebook_output import kernel_manager_class
+
     notebook = nbformat.from_dict(nb)
+    manager = kernel_manager_class()  # the kit's kernels run over IPC where possible (no TCP warning per notebook)
     client = NotebookClient(notebook, timeout=timeout, kernel_name=kernel_name, allow_errors=True,
+                            **({"kernel_manager_class": manager} if manager is not None else {}),
                             interrupt_on_timeout=True, on_cell_error=on_error,
                             error_on_timeout={"ename": "Timeout", "evalue": f"the cell ran longer than {timeout:g} s "
                                               "and was interrupted", "traceback": []},
