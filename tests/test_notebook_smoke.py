@@ -76,7 +76,7 @@ def test_02_training_with_a_tiny_model_and_a_local_parquet_file(fresh_cache, tmp
 
 
 def test_03_sweep_reuses_the_reference_and_the_pairs_of_its_first_beta(fresh_cache, tmp_path):
-    from dpolab.sweep import collect, run_sweep
+    from dpolab.cli.sweep import collect, run_sweep
 
     fixed = dict(model="tiny-llama", n_train_prompts=12, n_eval_prompts=2, samples_per_prompt=4, max_new_tokens=8,
                  sft_steps=1, dpo_steps=1, eval_samples_per_prompt=1, output_dir=str(tmp_path / "run"))

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from dpolab.evaluate import length_controlled_win_rate, win_rate
+from dpolab.evaluate.rank import bradley_terry
+from dpolab.evaluate.results import ModelRow
 from dpolab.experiments.ranking_report import (
     align_rows,
     construction_keys,
@@ -16,8 +18,6 @@ from dpolab.experiments.ranking_report import (
     win_rate_table,
     worst_of_n_rows,
 )
-from dpolab.rank import bradley_terry
-from dpolab.results import ModelRow
 from dpolab.sample.generate import Samples
 
 
@@ -154,8 +154,8 @@ def test_worst_of_n_and_construction_keys():
 
 
 def test_saved_rows_rank_as_their_dicts(tmp_path):
-    """Rows saved and loaded back (dpolab.results) align exactly as the dicts they were saved from."""
-    from dpolab.results import load_model_rows, save_model_row
+    """Rows saved and loaded back (dpolab.evaluate.results) align exactly as the dicts they were saved from."""
+    from dpolab.evaluate.results import load_model_rows, save_model_row
 
     rows = [row("a", ["p1", "p2", "p3"], [0.1, 0.2, 0.3], [5, 6, 7], method="DPO"),
             row("b", ["p3", "p1"], [1.0, 3.0], [1, 3], method="Best of N", n=2)]

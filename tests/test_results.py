@@ -1,11 +1,11 @@
-"""Saved model rows (dpolab.results): one field per quantity, a save/load round trip, and files of earlier versions."""
+"""Saved model rows (dpolab.evaluate.results): one field per quantity, a save/load round trip, and files of earlier versions."""
 
 import json
 import math
 
 import pytest
 
-from dpolab.results import ModelRow, load_model_rows, save_model_row
+from dpolab.evaluate.results import ModelRow, load_model_rows, save_model_row
 
 
 def test_round_trip_keeps_every_field_and_the_extra_keys(tmp_path):

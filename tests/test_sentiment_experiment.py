@@ -10,7 +10,7 @@ import pytest
 from dpolab.experiments.sentiment import SentimentConfig, make_pairs, prepare, run
 from dpolab.experiments.sentiment_eval import add_paired_gains
 from dpolab.experiments.sentiment_report import from_results, table_markdown
-from dpolab.overrides import ConfigError
+from dpolab.train.overrides import ConfigError
 
 
 def test_paired_gain_by_hand():
@@ -48,7 +48,7 @@ def test_bad_settings_fail_before_any_model_load(field, value, message):
 
 
 def test_unknown_or_mistyped_cli_key_is_named():
-    """SentimentConfig goes through the loader of every config (dpolab.overrides): the same syntax, the same errors."""
+    """SentimentConfig goes through the loader of every config (dpolab.train.overrides): the same syntax, the same errors."""
     with pytest.raises(ConfigError, match=r"override 'stepz=3': 'stepz' is not a SentimentConfig field \(did you mean "
                                           r"'steps'\?\); see `dpolab reproduce --help`"):
         SentimentConfig.load(None, ["stepz=3"])
@@ -160,10 +160,10 @@ def test_tiny_run_curves_and_invariants(tiny_run):
 
 
 def test_saved_model_rows_rank_on_the_heldout_prefixes(tiny_run):
-    """The run saves Best-of-N and the last checkpoint of every curve as model rows (dpolab.results), on π_ref's
+    """The run saves Best-of-N and the last checkpoint of every curve as model rows (dpolab.evaluate.results), on π_ref's
     held-out prefixes, so the ranking report aligns all of them."""
+    from dpolab.evaluate.results import load_model_rows
     from dpolab.experiments.ranking_report import align_rows
-    from dpolab.results import load_model_rows
 
     config, result = tiny_run
     rows = load_model_rows(config_out(config) / "models")

@@ -1,11 +1,11 @@
 """Ranking saved models on shared held-out prompts: alignment, per-prompt comparisons, win-rate tables.
 
-The rows that notebooks save (:class:`dpolab.results.ModelRow`, :func:`dpolab.results.save_model_row`) hold each
+The rows that notebooks save (:class:`dpolab.evaluate.results.ModelRow`, :func:`dpolab.evaluate.results.save_model_row`) hold each
 model's mean ground-truth reward per held-out prompt (``prompts``, ``prompt_rewards``, ``prompt_lengths``). Ranking
 them needs the prompts they have in common (:func:`align_rows`); then every pair of models is compared prompt
 by prompt — 1 when A's reward is higher, 0 when lower, ½ for a tie — which feeds the win rates
 (:func:`win_rate_table`, :func:`dpolab.evaluate.win_rate`) and the Bradley–Terry ratings
-(:func:`pairwise_comparisons`, :func:`dpolab.rank.bradley_terry`).
+(:func:`pairwise_comparisons`, :func:`dpolab.evaluate.rank.bradley_terry`).
 
 Every pair is compared on the same prompts, a *balanced* round robin, in which the Bradley–Terry ratings
 are ordered exactly as the models' total wins (ties ½): if model i has more wins than j, its rating is
@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 
 from dpolab.evaluate import length_controlled_win_rate, outcomes, win_rate
+from dpolab.evaluate.results import ModelRow
 from dpolab.experiments.sentiment_eval import best_of_n_rows
-from dpolab.results import ModelRow
 
 CONSTRUCTED_METHODS = {"Best of N": 1.0, "Worst of N": -1.0}  # method -> sign of its by-construction key
 
@@ -71,7 +71,7 @@ def _per_prompt(row: ModelRow, index: int, source: str) -> dict[str, tuple[float
     for key in ("prompts", "prompt_rewards"):
         if getattr(row, key) is None:
             raise ValueError(f"{source}, row {index} ({name}), field '{key}': missing; save rows with "
-                             "dpolab.results.save_model_row")
+                             "dpolab.evaluate.results.save_model_row")
     prompts, rewards = list(row.prompts), np.asarray(row.prompt_rewards, dtype=float)
     lengths = np.asarray(row.prompt_lengths or [math.nan] * len(prompts), dtype=float)
     for key, values in (("prompt_rewards", rewards), ("prompt_lengths", lengths)):
@@ -95,8 +95,8 @@ def align_rows(rows: Sequence[ModelRow | Mapping], *, min_prompts: int = 2, sour
     are dropped one at a time — each time the one whose removal leaves the most shared prompts — down to two.
 
     Args:
-        rows: saved rows (:func:`dpolab.results.load_model_rows`), or dicts with at least ``policy``, ``prompts``
-            and ``prompt_rewards`` (read by :meth:`dpolab.results.ModelRow.from_dict`).
+        rows: saved rows (:func:`dpolab.evaluate.results.load_model_rows`), or dicts with at least ``policy``, ``prompts``
+            and ``prompt_rewards`` (read by :meth:`dpolab.evaluate.results.ModelRow.from_dict`).
         min_prompts: the fewest shared prompts to rank on.
         source: a name for error messages (e.g. the folder the rows came from).
 

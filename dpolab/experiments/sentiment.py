@@ -33,6 +33,7 @@ import torch
 
 from dpolab.cache import atomic_write_text, from_repo_root
 from dpolab.data.tokenize import pad_token_id
+from dpolab.evaluate.results import save_model_row
 from dpolab.experiments import sentiment_curves as curves
 from dpolab.experiments.sentiment_config import RL_METHODS, SentimentConfig
 from dpolab.experiments.sentiment_eval import (
@@ -55,7 +56,6 @@ from dpolab.experiments.sentiment_policies import (
 from dpolab.experiments.sentiment_report import assemble, write_results
 from dpolab.experiments.sentiment_samples import heldout_samples, make_pairs
 from dpolab.models import load_policy
-from dpolab.results import save_model_row
 from dpolab.sample.completions import completion_logprobs
 from dpolab.sample.judges import get_judge
 from dpolab.sample.pairs import check_pair_request
@@ -171,7 +171,7 @@ def run(config: SentimentConfig | None = None, **overrides) -> dict:
     Returns ``{"results", "table", "figure", "timings", "pair_stats"}``; ``results`` is the dict written to
     ``output_dir/results.json`` (and to ``config.results`` when set), in the format that
     :func:`dpolab.experiments.sentiment_report.from_results` reads. The last checkpoint of every curve and the
-    Best-of-N rows are also saved with :func:`dpolab.results.save_model_row` under ``output_dir/models`` for ranking.
+    Best-of-N rows are also saved with :func:`dpolab.evaluate.results.save_model_row` under ``output_dir/models`` for ranking.
     """
     config = dataclasses.replace(config or SentimentConfig(), **overrides)
     stages = ["load + SFT", "preference pairs", "π_ref held-out samples"]

@@ -3,7 +3,7 @@
 A *checkpoint row* is one policy evaluated on the held-out prefixes: ``method``, ``knob`` (β for DPO, the KL
 coefficient for RLOO, N for Best-of-N, 0 for Preferred-FT and Unlikelihood), ``step``, the ground-truth reward and
 KL(π‖π_ref) with their standard errors over prefixes, the second judge, the paired gain over π_ref, and the
-per-prefix means (``prompt_rewards``, ``prompt_kls``) that the matched-KL bootstrap (:mod:`dpolab.frontier`)
+per-prefix means (``prompt_rewards``, ``prompt_kls``) that the matched-KL bootstrap (:mod:`dpolab.evaluate.frontier`)
 resamples. Every curve starts at step 0, which is π_ref itself (reward of π_ref's held-out samples, KL 0).
 
 Evaluating a checkpoint samples ``eval_samples_per_prompt`` continuations of every held-out prefix with the
@@ -127,8 +127,8 @@ def checkpoint_steps(steps: int, every: int) -> set[int]:
 
 def best_of_n_curve_rows(setup, ns) -> list[dict]:
     """Best-of-N for each N from π_ref's held-out samples: the unbiased expected best of N draws per prefix
-    (:func:`dpolab.frontier.expected_best_of_n`), at the analytic KL log N − (N − 1)/N."""
-    from dpolab.frontier import best_of_n_kl, best_of_n_weights, expected_best_of_n
+    (:func:`dpolab.evaluate.frontier.expected_best_of_n`), at the analytic KL log N − (N − 1)/N."""
+    from dpolab.evaluate.frontier import best_of_n_kl, best_of_n_weights, expected_best_of_n
 
     held = setup.heldout_samples()
     rewards = held["rewards"]

@@ -48,7 +48,7 @@ def data_axis(dpo_paths, against_paths, method: str = "DPO") -> dict:
     Returns:
         ``{"format", "rows", "sources"}``; ``rows`` (ordered by pairs, then comparator): ``n_train_prompts``,
         ``pairs``, ``method_a`` (= ``method``), ``method_b``, the matched-KL fields of
-        :func:`dpolab.frontier.matched_kl_comparison` (``reward_diff``, ``ci_low``, ``ci_high``, ``kl_low``,
+        :func:`dpolab.evaluate.frontier.matched_kl_comparison` (``reward_diff``, ``ci_low``, ``ci_high``, ``kl_low``,
         ``kl_high``, ``note``, ...), ``reward_queries_a/b`` and ``steps_a/b`` (what each side used), and DPO's final
         checkpoint (``final_reward``, ``final_kl``, ``final_epoch``).
     """

@@ -4,7 +4,7 @@ Format ``dpolab.sentiment/2`` (a JSON object):
 
 - ``policies``: one row per evaluated checkpoint (:mod:`dpolab.experiments.sentiment_curves`) with at least
   :data:`POLICY_FIELDS` and the per-prefix means ``prompt_rewards`` and ``prompt_kls``;
-- ``comparisons``: one row per pair of methods (:func:`dpolab.frontier.compare_all`) with at least
+- ``comparisons``: one row per pair of methods (:func:`dpolab.evaluate.frontier.compare_all`) with at least
   :data:`COMPARISON_FIELDS`: the reward difference at matched KL over the common KL range with its bootstrap CI;
 - ``learning_curves``: per trained curve, the per-step training records (RLOO's ``reward`` and ``kl`` are the
   reward and KL of its own training samples, so a reader sees whether it plateaued);
@@ -109,7 +109,7 @@ def assemble(config, rows: list[dict], learning_curves: dict, timings: dict, pai
     import torch
     import transformers
 
-    from dpolab.frontier import compare_all
+    from dpolab.evaluate.frontier import compare_all
 
     last = {}
     for row in rows:
@@ -248,7 +248,7 @@ def merge_results(parts: list[dict], names: list[str]) -> dict:
     that has it, and the matched-KL comparisons are recomputed over all methods. Timings keep each run's own
     stages, prefixed by its file name.
     """
-    from dpolab.frontier import compare_all
+    from dpolab.evaluate.frontier import compare_all
 
     def reference(results, name):
         rows = [r for r in results["policies"] if r["method"] == "Reference"]

@@ -2,7 +2,7 @@
 
 A run is the defaults, then a YAML file, then ``key=value`` overrides (command line or keyword
 arguments), each checked against the field's type before any work starts by the loader every config of the
-kit shares (:mod:`dpolab.overrides`). A key that is not a field, or a value of the wrong type, stops with an
+kit shares (:mod:`dpolab.train.overrides`). A key that is not a field, or a value of the wrong type, stops with an
 error that names the source and the key::
 
     config = TrainConfig.load("configs/sentiment.yaml", ["beta=0.5", "lr=1e-5"])
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from dpolab.overrides import ConfigError, field_docs, load_config
 from dpolab.train.loss_config import check_loss_fields
+from dpolab.train.overrides import ConfigError, field_docs, load_config
 
 
 @dataclass
@@ -221,7 +221,7 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: Mapping[str, Any] | Iterable[str] = ()) -> TrainConfig:
         """Defaults, then the YAML file at ``path``, then ``overrides`` (a dict or ``"key=value"`` strings), each
-        type-checked (:func:`dpolab.overrides.load_config`); then :meth:`validate`."""
+        type-checked (:func:`dpolab.train.overrides.load_config`); then :meth:`validate`."""
         config = load_config(cls, path, overrides, help_command="dpolab train --help")
         config.validate()
         return config

@@ -15,7 +15,7 @@
 Each subcommand is an ``add_*`` function in :data:`SUBCOMMANDS`: it receives the argparse sub-parsers object,
 adds its parser and sets ``func`` (a callable of the parsed args that returns an exit code). The library
 modules a subcommand needs are imported when it runs, so ``dpolab --help`` stays quick. Config files and
-``key=value`` overrides of ``train`` and ``reproduce`` go through one typed loader (:mod:`dpolab.overrides`).
+``key=value`` overrides of ``train`` and ``reproduce`` go through one typed loader (:mod:`dpolab.train.overrides`).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def add_train(subparsers) -> None:
 
 def load_or_exit(parser: argparse.ArgumentParser, cls, path: str | None, overrides: list[str]):
     """``cls.load(path, overrides)``; a bad key, value or file ends the command as a usage error (exit code 2)."""
-    from dpolab.overrides import ConfigError
+    from dpolab.train.overrides import ConfigError
 
     try:
         return cls.load(path, overrides)
@@ -246,8 +246,8 @@ def add_sweep(sub) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from dpolab.overrides import parse_value
-    from dpolab.sweep import collect, parse_grid, run_sweep
+    from dpolab.cli.sweep import collect, parse_grid, run_sweep
+    from dpolab.train.overrides import parse_value
 
     fixed = {k: parse_value(v) for k, v in args.parameter}
     manifest = run_sweep(args.notebook, parse_grid(args.grid), parameters=fixed, parameters_file=args.parameters_file,
@@ -277,8 +277,8 @@ def cmd_notebooks(args) -> int:
     import nbformat
 
     from dpolab.cache import REPO_ROOT
-    from dpolab.notebook_output import execute_notebook, missing_figures, write_html
-    from dpolab.overrides import read_yaml
+    from dpolab.cli.notebook_output import execute_notebook, missing_figures, write_html
+    from dpolab.train.overrides import read_yaml
 
     out = REPO_ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -335,7 +335,7 @@ def cmd_course(args) -> int:
 
     from dpolab.course.edition import DEFAULT_NOTEBOOKS, build_edition
     from dpolab.course.grading import grade_submissions, problems, report_table, write_json
-    from dpolab.overrides import parse_value
+    from dpolab.train.overrides import parse_value
 
     source = Path(args.source) if args.source else None
     if args.action == "build":
