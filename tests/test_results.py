@@ -1,4 +1,5 @@
-"""Saved model rows (dpolab.evaluate.results): one field per quantity, a save/load round trip, and files of earlier versions."""
+"""Saved model rows (dpolab.evaluate.results): one field per quantity, a save/load round trip, and files of earlier
+versions."""
 
 import json
 import math

@@ -8,7 +8,7 @@ import torch
 from tiny_runs import rl_reward_gain
 
 from dpolab.baselines.rloo import leave_one_out_advantages, rloo_train
-from dpolab.experiments.sentiment_eval import (
+from dpolab.experiments.sentiment.evaluation import (
     best_of_n_rows,
     heldout_pair_accuracy,
     mean_and_se,

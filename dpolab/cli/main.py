@@ -139,7 +139,7 @@ def cmd_train(args) -> int:
 
 def add_reproduce(sub) -> None:
     """Register ``dpolab reproduce``."""
-    from dpolab.experiments.sentiment_config import SentimentConfig
+    from dpolab.experiments.sentiment.config import SentimentConfig
 
     p = sub.add_parser("reproduce", help="the controlled-sentiment experiment (paper §6.1, Fig. 2 left)",
                        description="Run the controlled-sentiment reproduction on the embedded default and write the "
@@ -158,7 +158,7 @@ def add_reproduce(sub) -> None:
 
 def cmd_reproduce(args) -> int:
     from dpolab.experiments.sentiment import run
-    from dpolab.experiments.sentiment_report import from_results, report_markdown
+    from dpolab.experiments.sentiment.report import from_results, report_markdown
 
     if args.from_results:
         try:
@@ -167,13 +167,13 @@ def cmd_reproduce(args) -> int:
             raise SystemExit(f"dpolab reproduce --from-results: {err}") from None
         print(out["table_md"])
         if args.save:
-            from dpolab.experiments.sentiment_report import save_results
+            from dpolab.experiments.sentiment.report import save_results
 
             print(f"results: {save_results(out['results'], args.save)}")
         if out["figure"]:
             print(f"figure: {out['figure']}")
         return 0
-    from dpolab.experiments.sentiment_config import SentimentConfig
+    from dpolab.experiments.sentiment.config import SentimentConfig
 
     config = load_or_exit(args.parser, SentimentConfig, args.config, args.overrides)
     result = run(config)
@@ -199,8 +199,8 @@ def add_data_axis(sub) -> None:
 
 
 def cmd_data_axis(args) -> int:
-    from dpolab.experiments.sentiment_data_axis import data_axis, data_axis_markdown
-    from dpolab.experiments.sentiment_report import save_results
+    from dpolab.experiments.sentiment.data_axis import data_axis, data_axis_markdown
+    from dpolab.experiments.sentiment.report import save_results
 
     try:
         axis = data_axis(args.dpo, args.against)

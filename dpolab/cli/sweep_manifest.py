@@ -10,8 +10,8 @@ atomically after every point, so an interrupted sweep still says which points fi
         ...]}
 
 A point's ``status`` is ``pending`` (not started), ``running`` (started and not finished: the sweep was stopped),
-``completed`` or ``failed`` (with ``error``). Its ``rows`` are the model-row files (:func:`dpolab.evaluate.results.save_model_row`)
-that were created or rewritten in its models folder while it ran, with their SHA-256; they are how
+``completed`` or ``failed`` (with ``error``). Its ``rows`` are the model-row files
+(:func:`dpolab.evaluate.results.save_model_row`) that were created or rewritten in its models folder while it ran, with their SHA-256; they are how
 :func:`dpolab.cli.sweep.collect` reads this sweep's results and no stale row of an earlier run. Points that run at the
 same time (``--jobs``) may each list the rows of the others: the sweep's results are the union over its completed
 points either way.

@@ -10,8 +10,8 @@
   artifact (:mod:`dpolab.train.reference_table`). It has no model, so it cannot score new samples.
 
 :func:`policy_and_references` picks among them as a training config asks. Every strategy is a
-:class:`Reference`: it returns :class:`dpolab.logprobs.PairLogps` without autograd history. The model-based ones take the speed paths of their
-forwards as a :class:`dpolab.fast.paths.FastPaths` (default: all that the model allows).
+:class:`Reference`: it returns :class:`dpolab.logprobs.PairLogps` without autograd history. The model-based ones
+take the speed paths of their forwards as a :class:`dpolab.fast.paths.FastPaths` (default: all that the model allows).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Format ``dpolab.sentiment/2`` (a JSON object):
 
-- ``policies``: one row per evaluated checkpoint (:mod:`dpolab.experiments.sentiment_curves`) with at least
+- ``policies``: one row per evaluated checkpoint (:mod:`dpolab.experiments.sentiment.curves`) with at least
   :data:`POLICY_FIELDS` and the per-prefix means ``prompt_rewards`` and ``prompt_kls``;
 - ``comparisons``: one row per pair of methods (:func:`dpolab.evaluate.frontier.compare_all`) with at least
   :data:`COMPARISON_FIELDS`: the reward difference at matched KL over the common KL range with its bootstrap CI;
@@ -19,7 +19,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from dpolab.experiments.sentiment_curves import COMPARISON_FIELDS, OLD_FORMATS, POLICY_FIELDS, RESULTS_FORMAT
+from dpolab.experiments.sentiment.curves import COMPARISON_FIELDS, OLD_FORMATS, POLICY_FIELDS, RESULTS_FORMAT
 
 METHOD_ORDER = ("DPO", "PPO", "RLOO", "Online DPO", "Online DPO-GT", "PPO-GT", "RLOO-GT", "Preferred-FT",
                 "Unlikelihood", "Best of N")
@@ -198,7 +198,7 @@ def results_from_partial(partial: dict, source: str) -> dict:
     import dataclasses
 
     from dpolab.cache import from_repo_root
-    from dpolab.experiments.sentiment_config import SentimentConfig
+    from dpolab.experiments.sentiment.config import SentimentConfig
 
     curves = partial.get("curves") or {}
     if not curves:

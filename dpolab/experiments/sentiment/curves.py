@@ -22,14 +22,14 @@ import time
 import numpy as np
 
 from dpolab.data.tokenize import pad_token_id
-from dpolab.experiments.sentiment_eval import full_texts, heldout_pair_accuracy
+from dpolab.experiments.sentiment.evaluation import full_texts, heldout_pair_accuracy
 from dpolab.sample.completions import completion_logprobs
 from dpolab.sample.generate import Samples, sample
 
 RESULTS_FORMAT = "dpolab.sentiment/3"
 """Format 3 names the RL arms by what they read (RLOO-GT / PPO-GT: the ground truth; RLOO / PPO: a learned reward
 model) and records each row's ``reward_source``; files of format 2, whose RL arms all read the ground truth, are
-read and upgraded (:func:`dpolab.experiments.sentiment_report.upgrade`)."""
+read and upgraded (:func:`dpolab.experiments.sentiment.report.upgrade`)."""
 OLD_FORMATS = ("dpolab.sentiment/2",)
 POLICY_FIELDS = ("method", "knob", "step", "reward", "reward_se", "kl", "kl_se", "gain", "gain_se")
 COMPARISON_FIELDS = ("method_a", "method_b", "kl_low", "kl_high", "reward_diff", "ci_low", "ci_high",
@@ -83,7 +83,7 @@ def evaluate_checkpoint(setup, policy, method: str, knob: float, step: int, *, p
     """Sample ``policy`` on the held-out prefixes and return its checkpoint row (see the module docstring).
 
     ``pair_accuracy`` adds the implicit-reward accuracy on the held-out pairs of π_ref's samples
-    (:func:`dpolab.experiments.sentiment_eval.heldout_pair_accuracy`; one extra teacher-forced pass).
+    (:func:`dpolab.experiments.sentiment.evaluation.heldout_pair_accuracy`; one extra teacher-forced pass).
     """
     c, t = setup.config, time.perf_counter()
     pad = pad_token_id(setup.tokenizer)
