@@ -12,7 +12,7 @@ from dpolab.fast import label_logprob, output_layer
 from dpolab.fast.logit_stats import logit_stats
 from dpolab.fast.paths import FastPaths
 from dpolab.logprobs import concatenated_forward, shift_labels
-from dpolab.tiny import tiny_causal_lm
+from dpolab.models.tiny import tiny_causal_lm
 from dpolab.train.objective import Objective, batch_objective, mean_metrics
 from dpolab.train.reference import make_reference
 

@@ -18,7 +18,7 @@ from dpolab.data.batch import collate_pairs
 from dpolab.data.prepare import prepare_pairs, tokenize_config
 from dpolab.data.records import PreferenceExample
 from dpolab.losses import LOSSES
-from dpolab.tiny import tiny_causal_lm
+from dpolab.models.tiny import tiny_causal_lm
 from dpolab.train.config import TrainConfig
 from dpolab.train.objective import Objective, batch_objective
 from dpolab.train.reference import make_reference

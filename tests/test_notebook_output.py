@@ -28,7 +28,7 @@ def table():
 @pytest.mark.parametrize("source, expected", [
     ("fig, ax = plt.subplots()\nax.plot([1, 2])", 1),
     ("fig = plt.figure()\nfig2, (a, b) = plt.subplots(1, 2)", 2),  # one per new figure
-    ("fig = frontier_figure(rows)\nsave_figure(fig, path)", 1),  # dpolab.plotting constructors; the saver is not one
+    ("fig = frontier_figure(rows)\nsave_figure(fig, path)", 1),  # dpolab.evaluate.plotting constructors; the saver is not one
     ("history.plot(x='step', y='loss')", 1),  # pandas opens a figure of its own
     ("plt.hist(values)", 1),
     ("optimizer.step()\nprint(table.round(3))\nsave_figure(fig, path)", 0),

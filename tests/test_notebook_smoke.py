@@ -14,7 +14,7 @@ import pytest
 
 papermill = pytest.importorskip("papermill")
 
-from dpolab.cache import REPO_ROOT  # noqa: E402
+from dpolab.data.cache import REPO_ROOT  # noqa: E402
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
 
@@ -23,7 +23,7 @@ NOTEBOOKS = REPO_ROOT / "notebooks"
 def fresh_cache(tmp_path, monkeypatch):
     """A dpolab cache of its own for the notebooks' kernels (they inherit the environment), with the review snippets
     copied from the usual cache so that nothing is fetched."""
-    from dpolab.cache import cache_dir
+    from dpolab.data.cache import cache_dir
     from dpolab.sample.sentiment import review_snippets
 
     review_snippets()  # built once in the usual cache

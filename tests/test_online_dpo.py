@@ -9,8 +9,8 @@ import pytest
 
 from dpolab.baselines.online_dpo import online_dpo_train, online_pairs
 from dpolab.baselines.rollout import RolloutSettings
+from dpolab.models.tiny import tiny_causal_lm
 from dpolab.sample.judges import RewardFunctionError, get_judge
-from dpolab.tiny import tiny_causal_lm
 from tests.tiny_runs import rl_reward_gain
 
 

@@ -9,9 +9,9 @@ from tiny_runs import letter_e_reward, rl_reward_gain
 
 from dpolab.baselines.ppo import ValueHead, gae, policy_and_values, ppo_loss, ppo_train, token_rewards, whiten
 from dpolab.baselines.rollout import RolloutSettings
+from dpolab.models.tiny import tiny_causal_lm
 from dpolab.sample.completions import completion_batch, completion_logprobs, completion_token_logprobs
 from dpolab.sample.generate import sample
-from dpolab.tiny import tiny_causal_lm
 
 
 def test_token_rewards_by_hand():

@@ -39,3 +39,15 @@ def test_library_code_does_not_import_the_experiments():
                  if "experiments" not in p.parts and p.relative_to(root).as_posix() != "cli/main.py"
                  and importing.search(p.read_text())]
     assert offenders == []
+
+
+def test_the_root_holds_the_maths_the_entry_points_and_packages():
+    """Issue 34's layout: the root of dpolab/ holds the paper's maths (logprobs, rewards), the entry points and
+    packages; every other module lives in the package of its concept."""
+    from pathlib import Path
+
+    import dpolab
+
+    root = Path(dpolab.__file__).parent
+    modules = sorted(p.name for p in root.glob("*.py"))
+    assert modules == ["__init__.py", "__main__.py", "logprobs.py", "rewards.py", "trainer.py"]

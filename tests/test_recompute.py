@@ -7,9 +7,9 @@ from tiny_runs import FAST, make_examples
 
 from dpolab.data.batch import collate_pairs
 from dpolab.data.prepare import prepare_pairs, tokenize_config
-from dpolab.lora import add_lora
 from dpolab.models import load_model, load_policy
-from dpolab.tiny import tiny_causal_lm
+from dpolab.models.lora import add_lora
+from dpolab.models.tiny import tiny_causal_lm
 from dpolab.train.config import TrainConfig
 from dpolab.train.objective import Objective
 from dpolab.train.recompute import checkpointed_layers, enable_gradient_checkpointing, recomputing

@@ -14,8 +14,8 @@ from dpolab.data.prepare import prepare_pairs
 from dpolab.data.tokenize import TokenizeConfig
 from dpolab.fast.paths import pair_layout
 from dpolab.logprobs import concatenated_forward
-from dpolab.lora import add_lora
-from dpolab.tiny import tiny_causal_lm
+from dpolab.models.lora import add_lora
+from dpolab.models.tiny import tiny_causal_lm
 from dpolab.train.reference import AdapterReference, make_reference
 from dpolab.train.reference_table import precompute_reference, reference_key
 from dpolab.train.trainer import train

@@ -57,7 +57,7 @@ def test_bad_files_and_rows_name_the_file_and_field(tmp_path):
 
 def test_committed_results_rows_load():
     """Every final row of the committed frontier results reads as a ModelRow (the files on disk stay readable)."""
-    from dpolab.cache import REPO_ROOT
+    from dpolab.data.cache import REPO_ROOT
 
     results = json.loads((REPO_ROOT / "results" / "sentiment_default.json").read_text())
     reference = next(r for r in results["policies"] if r["method"] == "Reference")

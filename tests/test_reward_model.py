@@ -11,7 +11,7 @@ import torch
 
 from dpolab.data.tokenize import TokenizedPair, pad_token_id
 from dpolab.losses.reward_model import reward_model_loss
-from dpolab.tiny import tiny_causal_lm
+from dpolab.models.tiny import tiny_causal_lm
 from dpolab.train.reward import (
     RewardModelJudge,
     pair_rewards,

@@ -14,9 +14,9 @@ from dpolab.experiments.sentiment.evaluation import (
     mean_and_se,
     slow_heldout_pair_accuracy,
 )
+from dpolab.models.tiny import tiny_causal_lm
 from dpolab.sample.completions import completion_logprobs
 from dpolab.sample.generate import sample
-from dpolab.tiny import tiny_causal_lm
 
 
 def test_leave_one_out_advantages_by_hand():

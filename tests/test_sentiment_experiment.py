@@ -66,7 +66,7 @@ def test_unknown_or_mistyped_cli_key_is_named():
 
 def test_config_files_load_as_before():
     """The committed configs give the values their YAML holds (tuples of floats and ints, strings, numbers)."""
-    from dpolab.cache import REPO_ROOT
+    from dpolab.data.cache import REPO_ROOT
 
     full = SentimentConfig.load(REPO_ROOT / "configs" / "sentiment_full.yaml")
     assert full.methods == ("dpo", "preferred_ft", "unlikelihood", "rloo") and full.betas == (0.05, 0.1, 0.5)
@@ -96,8 +96,8 @@ def tiny_run(tmp_path_factory):
     The ground truth is :func:`letter_e_reward` in place of VADER (the second judge stays TextBlob).
     """
     import dpolab.experiments.sentiment.setup as experiment_setup
+    from dpolab.models.tiny import tiny_causal_lm
     from dpolab.sample.judges import get_judge
-    from dpolab.tiny import tiny_causal_lm
 
     folder = tmp_path_factory.mktemp("tiny_model")
     model, tokenizer = tiny_causal_lm("llama", seed=0)
@@ -198,7 +198,7 @@ def test_tiny_run_comparisons_and_timings(tiny_run):
 
 
 def config_out(config):
-    from dpolab.cache import from_repo_root
+    from dpolab.data.cache import from_repo_root
 
     return from_repo_root(config.output_dir)
 
@@ -280,8 +280,8 @@ def test_a_stopped_run_keeps_its_curves_and_the_rerun_reuses_them(tmp_path):
     stage, and removes the partial file once the whole run is in results.json."""
     import dpolab.experiments.sentiment.pipeline as experiment
     import dpolab.experiments.sentiment.setup as experiment_setup
+    from dpolab.models.tiny import tiny_causal_lm
     from dpolab.sample.judges import get_judge
-    from dpolab.tiny import tiny_causal_lm
 
     folder = tmp_path / "model"
     model, tokenizer = tiny_causal_lm("llama", seed=0)
@@ -397,8 +397,8 @@ def test_training_seeds_vary_training_only_and_merge(tmp_path):
     seed 1 alone merges with the seed-0 run into the same curves (same names, policies and numbers), and the
     matched-KL comparisons then average each method over its two seeds."""
     import dpolab.experiments.sentiment.setup as experiment_setup
+    from dpolab.models.tiny import tiny_causal_lm
     from dpolab.sample.judges import get_judge
-    from dpolab.tiny import tiny_causal_lm
 
     folder = tmp_path / "model"
     model, tokenizer = tiny_causal_lm("llama", seed=0)

@@ -15,7 +15,7 @@ from tiny_runs import FAST, make_examples
 
 from dpolab.data.batch import collate_pairs
 from dpolab.data.prepare import prepare_pairs, tokenize_config
-from dpolab.tiny import tiny_causal_lm
+from dpolab.models.tiny import tiny_causal_lm
 from dpolab.train import checkpoint as ckpt
 from dpolab.train.config import TrainConfig
 from dpolab.train.metrics import NonFiniteLossError, read_metrics

@@ -13,8 +13,8 @@ from dpolab.data.batch import PairBatch
 from dpolab.fast.paths import FastPaths
 from dpolab.logprobs import concatenated_forward
 from dpolab.losses import TRL_LOSS_TYPES, combined_loss
+from dpolab.models.tiny import tiny_causal_lm
 from dpolab.rewards import pair_metrics
-from dpolab.tiny import tiny_causal_lm
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")

@@ -36,8 +36,8 @@ def rl_reward_gain(train_fn, steps: int = 20):
     and the standard error of that difference (the same seeds before and after)."""
     import math
 
+    from dpolab.models.tiny import tiny_causal_lm
     from dpolab.sample.generate import sample
-    from dpolab.tiny import tiny_causal_lm
 
     policy, tok = tiny_causal_lm("gpt2", seed=2)
     reference, _ = tiny_causal_lm("gpt2", seed=2)

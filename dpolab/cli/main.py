@@ -212,8 +212,8 @@ def cmd_data_axis(args) -> int:
     if args.figure:
         import matplotlib.pyplot as plt
 
-        from dpolab.cache import from_repo_root
-        from dpolab.plotting import data_axis_figure, save_figure
+        from dpolab.data.cache import from_repo_root
+        from dpolab.evaluate.plotting import data_axis_figure, save_figure
 
         fig = data_axis_figure(axis["rows"])
         print(f"figure: {save_figure(fig, from_repo_root(args.figure))}")
@@ -276,8 +276,8 @@ def add_notebooks(sub) -> None:
 def cmd_notebooks(args) -> int:
     import nbformat
 
-    from dpolab.cache import REPO_ROOT
     from dpolab.cli.notebook_output import execute_notebook, missing_figures, write_html
+    from dpolab.data.cache import REPO_ROOT
     from dpolab.train.overrides import read_yaml
 
     out = REPO_ROOT / args.out

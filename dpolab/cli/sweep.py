@@ -21,8 +21,8 @@ import time
 import warnings
 from pathlib import Path
 
-from dpolab.cache import from_repo_root, sha256_file
 from dpolab.cli.sweep_manifest import MANIFEST_NAME, Manifest, Point, repo_relative, row_files, written_rows
+from dpolab.data.cache import from_repo_root, sha256_file
 from dpolab.evaluate.results import ModelRow
 from dpolab.train.overrides import parse_value, read_yaml
 

@@ -23,7 +23,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dpolab.cache import REPO_ROOT, atomic_write_text, from_repo_root, sha256_file
+from dpolab.data.cache import REPO_ROOT, atomic_write_text, from_repo_root, sha256_file
 
 FORMAT = "dpolab.sweep/1"
 MANIFEST_NAME = "manifest.json"

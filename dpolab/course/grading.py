@@ -214,7 +214,7 @@ def grade_submissions(submissions: Path, source: Path | None = None, *, timeout:
     Every source notebook with exercises gets one row per student: graded, or ``not submitted`` with zero points.
     """
     if source is None:
-        from dpolab.cache import REPO_ROOT
+        from dpolab.data.cache import REPO_ROOT
 
         source = REPO_ROOT / "notebooks"
     submissions = Path(submissions)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpolab.cache import atomic_write_text, from_repo_root
+from dpolab.data.cache import atomic_write_text, from_repo_root
 
 OLD_ACCURACY_KEYS = ("implicit_accuracy", "eval_rewards/accuracies", "eval/rewards/accuracies")
 """Earlier names of :attr:`ModelRow.heldout_acc`, looked up in the row, then in its ``final_metrics``:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpolab.cache import atomic_write_text
+from dpolab.data.cache import atomic_write_text
 from dpolab.data.tokenize import TokenizedPair
 from dpolab.experiments.sentiment.curves import evaluate_checkpoint
 from dpolab.experiments.sentiment.evaluation import full_texts

@@ -94,7 +94,7 @@ class TrainConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """trl's name: modules that get an adapter, by name or suffix (e.g. [q_proj, v_proj]), or "all-linear"."""
     lora_dropout: float = 0.0
-    """trl's name: dropout on the adapter's input in training steps (the model's own dropout stays off; dpolab.lora)."""
+    """trl's name: dropout on the adapter's input in training steps (the model's own dropout stays off; dpolab.models.lora)."""
     lora_bias: Literal["none", "all", "lora_only"] = "none"
     """dpolab's name for peft's `bias` (not peft's lora_bias): biases that train too; other than "none", the adapter
     switched off is no longer the starting model, so reference "adapter" is refused."""
@@ -300,7 +300,7 @@ class TrainConfig:
             raise ConfigError("early_stopping_patience needs evaluations during the run: set 'eval_every' > 0")
 
 
-# The LoRA settings passed to peft beside lora_r and lora_alpha (dpolab.lora.add_lora).
+# The LoRA settings passed to peft beside lora_r and lora_alpha (dpolab.models.lora.add_lora).
 LORA_FIELDS = ("lora_target_modules", "lora_dropout", "lora_bias", "use_rslora", "use_dora", "lora_modules_to_save")
 
 # Where report_to can send metrics (dpolab.train.trackers).

@@ -27,7 +27,7 @@ from dpolab.data.batch import PairBatch, SequenceBatch
 from dpolab.data.prepare import tokenize_config
 from dpolab.fast.paths import DEFAULT_FAST_PATHS, FastPaths
 from dpolab.logprobs import PairLogps, concatenated_forward, sequence_forward
-from dpolab.lora import add_lora
+from dpolab.models.lora import add_lora
 from dpolab.train.reference_table import precompute_reference
 from dpolab.train.token_scores import token_scores
 
@@ -109,7 +109,7 @@ class AdapterReference(FrozenReference):
 @contextlib.contextmanager
 def _eval_mode(module: torch.nn.Module):
     """Within the block ``module`` is in eval mode (dropout off); each submodule's mode is restored afterwards (the
-    policy's LoRA dropout is on during a training step: :func:`dpolab.lora.adapter_dropout`)."""
+    policy's LoRA dropout is on during a training step: :func:`dpolab.models.lora.adapter_dropout`)."""
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:

@@ -24,7 +24,7 @@ import torch
 from dpolab.data.batch import collate_pairs, length_bucketed_batches, to_device
 from dpolab.data.tokenize import pad_token_id
 from dpolab.fast.paths import DEFAULT_FAST_PATHS, FastPaths
-from dpolab.lora import adapter_dropout
+from dpolab.models.lora import adapter_dropout
 from dpolab.train import distributed as dist
 from dpolab.train.config import TrainConfig
 from dpolab.train.metrics import NonFiniteLossError

@@ -11,7 +11,7 @@ what each side spent: ground-truth reward queries and optimizer steps.
         --against results/sentiment_baselines.json results/sentiment_online.json results/sentiment_rlhf.json \\
         --figure figures/sentiment_data_axis.png --save results/sentiment_data_axis.json
 
-The figure is :func:`dpolab.plotting.data_axis_figure`; ``--save`` writes the rows with
+The figure is :func:`dpolab.evaluate.plotting.data_axis_figure`; ``--save`` writes the rows with
 :func:`dpolab.experiments.sentiment.report.save_results`.
 """
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from dpolab.cache import atomic_write_text, from_repo_root
+from dpolab.data.cache import atomic_write_text, from_repo_root
 from dpolab.evaluate.results import save_model_row
 from dpolab.experiments.sentiment import curves
 from dpolab.experiments.sentiment.config import RL_METHODS, SentimentConfig

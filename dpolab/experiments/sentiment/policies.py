@@ -22,7 +22,7 @@ from dpolab.baselines.ppo import ppo_train
 from dpolab.baselines.rloo import rloo_train
 from dpolab.baselines.rollout import RolloutSettings
 from dpolab.baselines.unlikelihood import unlikelihood_train
-from dpolab.cache import build_artifact, cache_dir
+from dpolab.data.cache import build_artifact, cache_dir
 from dpolab.data.tokenize import TokenizedPair, pad_token_id
 from dpolab.experiments.sentiment.config import SentimentConfig
 from dpolab.sample.pairs import json_hash

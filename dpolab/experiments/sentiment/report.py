@@ -130,7 +130,7 @@ def assemble(config, rows: list[dict], learning_curves: dict, timings: dict, pai
 
 def write_results(results: dict, path: Path, copy_to: Path | None, figure: Path | None) -> dict:
     """Write the results JSON (atomically, to ``path`` and ``copy_to``), the Markdown tables and the figure."""
-    from dpolab.cache import atomic_write_text
+    from dpolab.data.cache import atomic_write_text
 
     text = json.dumps(results, indent=1, default=float)
     for target in (path, copy_to):
@@ -147,13 +147,13 @@ def draw_figures(results: dict, figure: Path) -> Path:
     when the results hold any. Returns the frontier figure's path."""
     import matplotlib.pyplot as plt
 
-    from dpolab.plotting import frontier_curves_figure, rl_learning_curves_figure, save_figure
+    from dpolab.evaluate.plotting import frontier_curves_figure, rl_learning_curves_figure, save_figure
 
     fig = frontier_curves_figure(results["policies"])
     written = save_figure(fig, figure)
     plt.close(fig)
     if results.get("temperature_win_rates"):
-        from dpolab.plotting import temperature_win_rate_figure
+        from dpolab.evaluate.plotting import temperature_win_rate_figure
 
         fig = temperature_win_rate_figure(results["temperature_win_rates"])
         save_figure(fig, figure.with_name(figure.stem + "_temperature.png"))
@@ -197,7 +197,7 @@ def results_from_partial(partial: dict, source: str) -> dict:
     only at its end is absent and said so in ``stopped_early``: the Best-of-N rows and π_ref's temperature sweep."""
     import dataclasses
 
-    from dpolab.cache import from_repo_root
+    from dpolab.data.cache import from_repo_root
     from dpolab.experiments.sentiment.config import SentimentConfig
 
     curves = partial.get("curves") or {}
@@ -229,7 +229,7 @@ def results_from_partial(partial: dict, source: str) -> dict:
 
 def load_results(path: str | Path) -> dict:
     """Read and validate one results file."""
-    from dpolab.cache import from_repo_root
+    from dpolab.data.cache import from_repo_root
 
     path = from_repo_root(path)
     try:
@@ -302,7 +302,7 @@ def from_results(paths, figure: str | Path | None = None) -> dict:
 
     Returns ``{"results", "table_md", "figure"}``.
     """
-    from dpolab.cache import from_repo_root
+    from dpolab.data.cache import from_repo_root
 
     paths = [paths] if isinstance(paths, str | Path) else list(paths)
     parts = [load_results(p) for p in paths]
@@ -313,7 +313,7 @@ def from_results(paths, figure: str | Path | None = None) -> dict:
 
 def save_results(results: dict, path: str | Path) -> Path:
     """Write a (merged or assembled) results dict as JSON, atomically (``dpolab reproduce --from-results ... --save``)."""
-    from dpolab.cache import atomic_write_text, from_repo_root
+    from dpolab.data.cache import atomic_write_text, from_repo_root
 
     path = from_repo_root(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpolab.cache import from_repo_root
+from dpolab.data.cache import from_repo_root
 from dpolab.data.tokenize import pad_token_id
 from dpolab.experiments.sentiment.config import SentimentConfig
 from dpolab.experiments.sentiment.evaluation import (
