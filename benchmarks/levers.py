@@ -82,13 +82,14 @@ class Setup:
     def step(self, i: int) -> tuple[float, float, int, float]:
         """Optimizer step ``i`` (on the ``i``-th planned batches, cyclically): wall s, mean loss, tokens, CPU s."""
         from dpolab.train.distributed import DistributedContext
-        from dpolab.train.objective import STATS
+        from dpolab.train.objective import STATS, Objective
         from dpolab.train.step import optimizer_step
 
         batches = self.batches[i % len(self.batches)]
         start, cpu = time.perf_counter(), time.process_time()
         totals, _ = optimizer_step(self.policy, self.reference, batches, self.optimizer, self.params,
-                                   config=self.config, ctx=DistributedContext(), fast=self.fast,
+                                   objective=Objective.from_config(self.config),
+                                   max_grad_norm=self.config.max_grad_norm, ctx=DistributedContext(), fast=self.fast,
                                    scale=1.0 / (self.config.micro_batch_size * self.config.grad_accum_steps))
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         loss = float(totals[STATS.index("loss")] / totals[STATS.index("pairs")])

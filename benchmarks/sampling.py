@@ -29,7 +29,7 @@ import torch
 def load(quick: bool, prompts: int):
     """``(model, tokenizer, prompt texts)``: SmolLM2 and review prefixes, or a tiny Llama and fixed texts."""
     if quick:
-        from dpolab.tiny import tiny_causal_lm
+        from dpolab.models.tiny import tiny_causal_lm
 
         model, tokenizer = tiny_causal_lm("llama", num_layers=2)
         texts = ["The movie", "A dull film", "Hello! How are", "My name is Ada and my"] * (prompts // 4 + 1)

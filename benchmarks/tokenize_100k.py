@@ -58,7 +58,7 @@ def load_tokenizer(name: str):
         from dpolab.models import default_model_dir
 
         return AutoTokenizer.from_pretrained(default_model_dir())
-    from dpolab.tiny import tiny_tokenizer
+    from dpolab.models.tiny import tiny_tokenizer
 
     return tiny_tokenizer(name.removeprefix("tiny-"))
 

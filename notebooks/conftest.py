@@ -3,12 +3,12 @@
 nbval executes each cell and keeps what the kernel sent in ``item.test_outputs``. A figure that never reaches
 the notebook (a library that switched the kernel to a non-interactive backend, a figure closed before the cell
 ends) leaves a cell that draws without an ``image/png`` output; this hook fails that cell. The same check runs
-on the executed copies of ``dpolab notebooks`` (:func:`dpolab.notebook_output.missing_figures`).
+on the executed copies of ``dpolab notebooks`` (:func:`dpolab.cli.notebook_output.missing_figures`).
 """
 
 import pytest
 
-from dpolab.notebook_output import count_images, figures_drawn
+from dpolab.cli.notebook_output import count_images, figures_drawn
 
 
 @pytest.hookimpl(wrapper=True)

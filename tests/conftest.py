@@ -8,7 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 from dpolab.models import default_model_dir
-from dpolab.tiny import tiny_tokenizer
+from dpolab.models.tiny import tiny_tokenizer
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpolab.tiny import tiny_causal_lm
+from dpolab.models.tiny import tiny_causal_lm
 from dpolab.train import checkpoint as ckpt
 from dpolab.train.resume import config_differences
 

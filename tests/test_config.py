@@ -102,7 +102,7 @@ def test_cli_rejects_a_bad_key_before_any_work(tmp_path, capsys):
 
 
 def test_list_fields_take_a_comma_list_too():
-    """The one override syntax of every config (dpolab.overrides): a list field takes [a, b] or a,b."""
+    """The one override syntax of every config (dpolab.train.overrides): a list field takes [a, b] or a,b."""
     config = TrainConfig.load(None, ["loss_type=sigmoid,sft", "loss_weights=0.8,1", "report_to=jsonl"])
     assert config.loss_type == ["sigmoid", "sft"] and config.loss_weights == [0.8, 1] and config.report_to == ["jsonl"]
     assert config == TrainConfig.load(None, ["loss_type=[sigmoid, sft]", "loss_weights=[0.8, 1]"])

@@ -13,7 +13,6 @@ import json
 
 import pytest
 
-from dpolab.cache import REPO_ROOT
 from dpolab.course.edition import (
     DEFAULT_NOTEBOOKS,
     CourseError,
@@ -27,6 +26,7 @@ from dpolab.course.edition import (
     student_notebook,
     write_notebook,
 )
+from dpolab.data.cache import REPO_ROOT
 
 
 def code(source: str, **nbgrader) -> dict:

@@ -1,4 +1,4 @@
-"""The data axis (dpolab.experiments.sentiment_data_axis): DPO at several data sizes against the same comparators,
+"""The data axis (dpolab.experiments.sentiment.data_axis): DPO at several data sizes against the same comparators,
 numbers by hand on hand-made results files."""
 
 import json
@@ -6,8 +6,8 @@ import json
 import pytest
 
 from dpolab.cli import main
-from dpolab.experiments.sentiment_curves import RESULTS_FORMAT
-from dpolab.experiments.sentiment_data_axis import data_axis, data_axis_markdown
+from dpolab.experiments.sentiment.curves import RESULTS_FORMAT
+from dpolab.experiments.sentiment.data_axis import data_axis, data_axis_markdown
 
 
 def _row(method, step, kl, reward, queries=None, knob=0.1):

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from dpolab.models.tiny import tiny_causal_lm
 from dpolab.sample.completions import completion_logprobs
 from dpolab.sample.decode import inverse_cdf
 from dpolab.sample.generate import sample
-from dpolab.tiny import tiny_causal_lm
 
 PROMPTS = ["The movie was", "A dull, plodding film that never", "Hello!", "My name is Ada and my favourite colour"]
 SETTINGS = [{}, {"temperature": 0.7, "top_k": 40}, {"top_p": 0.9}, {"temperature": 1.3, "top_k": 60, "top_p": 0.8}]

@@ -21,9 +21,9 @@ from dpolab.data.prepare import prepare_pairs
 from dpolab.data.readers import load_jsonl
 from dpolab.data.records import DataError, PreferenceExample, example_from_record
 from dpolab.data.tokenize import TokenizationError, TokenizeConfig, tokenize_pair
-from dpolab.lora import add_lora
 from dpolab.models import load_policy
-from dpolab.tiny import tiny_causal_lm, tiny_tokenizer
+from dpolab.models.lora import add_lora
+from dpolab.models.tiny import tiny_causal_lm, tiny_tokenizer
 from dpolab.train import checkpoint as ckpt
 from dpolab.train import metrics
 from dpolab.train.config import ConfigError, TrainConfig
@@ -182,7 +182,7 @@ def test_local_looking_model_path_that_does_not_exist_fails_fast(tmp_path):
 # ---- 3. lost data: metrics rewrite, resume_from=auto, failed runs, pruning ------------------------------------
 
 def test_resume_rewrite_of_metrics_is_atomic_on_a_full_disk(tmp_path, monkeypatch):
-    import dpolab.cache
+    import dpolab.data.cache
 
     path = tmp_path / "metrics.jsonl"
     before = '{"step": 1, "loss": 0.7}\n{"step": 2, "loss": 0.6}\n{"step": 3, "loss": 0.5}\n'
@@ -191,7 +191,7 @@ def test_resume_rewrite_of_metrics_is_atomic_on_a_full_disk(tmp_path, monkeypatc
     def full_disk(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(dpolab.cache.os, "fsync", full_disk)
+    monkeypatch.setattr(dpolab.data.cache.os, "fsync", full_disk)
     with pytest.raises(OSError, match="No space left"):
         MetricsWriter(path, resume_step=2)
     assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]

@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from dpolab.cache import REPO_ROOT, atomic_write_text, build_artifact, from_repo_root, is_complete
+from dpolab.data.cache import REPO_ROOT, atomic_write_text, build_artifact, from_repo_root, is_complete
+from dpolab.models.tiny import tiny_causal_lm, tiny_tokenizer
 from dpolab.sample.sentiment import parse_snippets
-from dpolab.tiny import tiny_causal_lm, tiny_tokenizer
 
 
 def test_build_artifact_interrupted_leaves_nothing_usable(tmp_path):

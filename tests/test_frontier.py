@@ -1,4 +1,4 @@
-"""Tests of dpolab.frontier: envelopes, interpolation, matched-KL comparisons and Best-of-N, numbers by hand."""
+"""Tests of dpolab.evaluate.frontier: envelopes, interpolation, matched-KL comparisons and Best-of-N, numbers by hand."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from dpolab.frontier import (
+from dpolab.evaluate.frontier import (
     best_of_n_curve,
     best_of_n_kl,
     compare_all,

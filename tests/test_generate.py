@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from dpolab.models.tiny import tiny_causal_lm
 from dpolab.sample.generate import check_sampling_request, sample
 from dpolab.sample.warp import warp_logits
-from dpolab.tiny import tiny_causal_lm
 
 PROMPTS = ["The movie was", "A dull, plodding film that never", "Hello!"]  # three lengths: left padding in a batch
 

@@ -18,7 +18,7 @@ def letter_e_reward(texts):
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    from dpolab.tiny import tiny_causal_lm
+    from dpolab.models.tiny import tiny_causal_lm
 
     folder = tmp_path_factory.mktemp("tiny_model")
     model, tokenizer = tiny_causal_lm("llama", seed=0)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from dpolab.models.tiny import tiny_tokenizer
 from dpolab.sample.judges import RewardFunction, RewardFunctionError, classifier_judge, get_judge, score_completions
 from dpolab.sample.sentiment import textblob_reward, vader_reward
-from dpolab.tiny import tiny_tokenizer
 
 TEXTS = ["a fine film", "a dull film", "bad movie", "great fun"]
 

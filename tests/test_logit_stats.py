@@ -12,8 +12,8 @@ from dpolab.fast import label_logprob, output_layer
 from dpolab.fast.logit_stats import logit_stats
 from dpolab.fast.paths import FastPaths
 from dpolab.logprobs import concatenated_forward, shift_labels
-from dpolab.tiny import tiny_causal_lm
-from dpolab.train.objective import batch_objective, mean_metrics
+from dpolab.models.tiny import tiny_causal_lm
+from dpolab.train.objective import Objective, batch_objective, mean_metrics
 from dpolab.train.reference import make_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -94,7 +94,7 @@ def test_the_step_metrics_are_the_token_means_of_trl(model, settings):
     both sides, as trl's DPOTrainer computes them; WPO scores tokens on its own full-logits path."""
     batch = collate_pairs(PAIRS, pad_token_id=0)
     reference = make_reference("copy", model)
-    _, sums = batch_objective(model, reference, batch, stage="dpo", **settings)
+    _, sums = batch_objective(model, reference, batch, Objective(**settings))
     metrics = mean_metrics(sums, "dpo")
     slow = slow_stats(model, batch)
     lengths = (shift_labels(batch.labels) != -100).sum(-1).double()

@@ -17,7 +17,7 @@ from dpolab.logprobs import (
     sequence_logprobs,
     token_logprobs,
 )
-from dpolab.tiny import tiny_causal_lm
+from dpolab.models.tiny import tiny_causal_lm
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])

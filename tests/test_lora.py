@@ -19,9 +19,9 @@ from dpolab.data.batch import collate_pairs
 from dpolab.data.prepare import prepare_pairs
 from dpolab.data.tokenize import TokenizeConfig
 from dpolab.logprobs import concatenated_forward
-from dpolab.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_dropout, add_lora, attach_adapter
 from dpolab.models import load_model
-from dpolab.tiny import tiny_causal_lm
+from dpolab.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_dropout, add_lora, attach_adapter
+from dpolab.models.tiny import tiny_causal_lm
 from dpolab.train import checkpoint as ckpt
 from dpolab.train.config import ConfigError, TrainConfig
 from dpolab.train.metrics import read_metrics
@@ -238,7 +238,7 @@ def test_a_missing_base_model_is_named_in_the_error(tmp_path):
 def test_an_adapter_on_an_in_memory_base_says_how_to_reload_it(tmp_path):
     result = train({**FAST, "lora_r": 4, "max_steps": 1, "micro_batch_size": 4, "lr": 1e-2,
                     "output_dir": str(tmp_path)}, train_pairs=make_examples(8))
-    with pytest.raises(ValueError, match="names no base model .* dpolab.lora.attach_adapter"):
+    with pytest.raises(ValueError, match="names no base model .* dpolab.models.lora.attach_adapter"):
         load_model(str(result.checkpoint))
     batch = _batch(result.tokenizer)
     reloaded = attach_adapter(tiny_causal_lm("gpt2", seed=FAST.get("seed", 0))[0], result.checkpoint)

@@ -18,9 +18,9 @@ from dpolab.data.batch import collate_pairs
 from dpolab.data.prepare import prepare_pairs, tokenize_config
 from dpolab.data.records import PreferenceExample
 from dpolab.losses import LOSSES
-from dpolab.tiny import tiny_causal_lm
+from dpolab.models.tiny import tiny_causal_lm
 from dpolab.train.config import TrainConfig
-from dpolab.train.objective import batch_objective
+from dpolab.train.objective import Objective, batch_objective
 from dpolab.train.reference import make_reference
 from dpolab.train.step import accumulate_gradients
 from dpolab.train.trainer import train
@@ -60,13 +60,13 @@ def grads(model, reference, batches, config, *, exact=True):
     model.zero_grad(set_to_none=True)
     n = sum(b.num_pairs for b in batches)
     if exact:
-        totals, bad = accumulate_gradients(model, reference, batches, config=config, scale=1.0 / n)
+        totals, bad = accumulate_gradients(model, reference, batches, objective=Objective.from_config(config),
+                                           scale=1.0 / n)
         assert bad is None
     else:  # each micro-batch taken as if it were the whole batch
         totals = 0
         for batch in batches:
-            losses, sums = batch_objective(model, reference, batch, stage="dpo", loss=config.loss, beta=config.beta,
-                                           loss_params=config.loss_params, loss_type=config.loss_type)
+            losses, sums = batch_objective(model, reference, batch, Objective.from_config(config))
             (losses.sum() / n).backward()
             totals = totals + sums
     return totals, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
@@ -127,7 +127,7 @@ def test_default_objective_is_unchanged(setup):
 
     model, tok, pairs, reference = setup
     batch = split(pairs, tok, 8)[0]
-    losses, _ = batch_objective(model, reference, batch, stage="dpo", beta=0.1)
+    losses, _ = batch_objective(model, reference, batch, Objective(beta=0.1))
     with torch.no_grad():
         policy = concatenated_forward(model, batch)
         ref = reference.pair_logps(batch)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import transformers
 
-import dpolab.models as models
+import dpolab.models.loading as models
 from dpolab.models import DEFAULT_MODEL, load_model, load_policy
-from dpolab.tiny import tiny_causal_lm
+from dpolab.models.tiny import tiny_causal_lm
 from dpolab.train.config import TrainConfig
 from dpolab.train.trainer import train
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dpolab.notebook_output import count_images, missing_figures, write_html
+from dpolab.cli.notebook_output import count_images, missing_figures, write_html
 
 pytestmark = pytest.mark.slow
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "01_derivation.ipynb"

@@ -1,4 +1,4 @@
-"""dpolab.notebook_output: which cells draw, the missing-figure check, the offline HTML page; and that no library
+"""dpolab.cli.notebook_output: which cells draw, the missing-figure check, the offline HTML page; and that no library
 import picks a matplotlib backend (a Jupyter kernel must keep its inline one, or its figures never show)."""
 
 import os
@@ -8,7 +8,7 @@ import sys
 import nbformat
 import pytest
 
-from dpolab.notebook_output import count_images, figures_drawn, missing_figures, notebook_html
+from dpolab.cli.notebook_output import count_images, figures_drawn, missing_figures, notebook_html
 
 PNG = "iVBORw0KGgo="  # stands for image data; nothing here decodes it
 
@@ -28,7 +28,7 @@ def table():
 @pytest.mark.parametrize("source, expected", [
     ("fig, ax = plt.subplots()\nax.plot([1, 2])", 1),
     ("fig = plt.figure()\nfig2, (a, b) = plt.subplots(1, 2)", 2),  # one per new figure
-    ("fig = frontier_figure(rows)\nsave_figure(fig, path)", 1),  # dpolab.plotting constructors; the saver is not one
+    ("fig = frontier_figure(rows)\nsave_figure(fig, path)", 1),  # dpolab.evaluate.plotting constructors; the saver is not one
     ("history.plot(x='step', y='loss')", 1),  # pandas opens a figure of its own
     ("plt.hist(values)", 1),
     ("optimizer.step()\nprint(table.round(3))\nsave_figure(fig, path)", 0),
@@ -100,7 +100,7 @@ def test_command_line_draws_headless():
 def test_kernels_run_on_ipc_and_do_not_print_the_tcp_advice(tmp_path, capfd):
     """dpolab notebooks / dpolab sweep start kernels over IPC (issue 28): the kernel computes as before, and its
     "running over TCP without encryption" line (written to the terminal, once per notebook) is not printed."""
-    from dpolab.notebook_output import execute_notebook, kernel_manager_class
+    from dpolab.cli.notebook_output import execute_notebook, kernel_manager_class
 
     manager = kernel_manager_class()
     if manager is None:

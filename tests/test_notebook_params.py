@@ -1,4 +1,4 @@
-"""Each notebook's parameter check (dpolab.notebook_params.check), run on the notebook's real cells without executing
+"""Each notebook's parameter check (dpolab.cli.notebook_params.check), run on the notebook's real cells without executing
 the rest: the ``parameters`` cell, the cell papermill injects for ``-p``/``-y`` (built by papermill itself, with
 the values its command line would parse), then the check cell, in one namespace with IPython's input history as a
 kernel keeps it. A string for a list, a negative β (or another out-of-range value) and a misspelt name must each
@@ -12,7 +12,7 @@ from papermill.cli import _resolve_type
 from papermill.iorw import load_notebook_node
 from papermill.parameterize import parameterize_notebook
 
-from dpolab.notebook_params import ParameterError, check
+from dpolab.cli.notebook_params import ParameterError, check
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 

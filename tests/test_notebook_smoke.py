@@ -14,7 +14,7 @@ import pytest
 
 papermill = pytest.importorskip("papermill")
 
-from dpolab.cache import REPO_ROOT  # noqa: E402
+from dpolab.data.cache import REPO_ROOT  # noqa: E402
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
 
@@ -23,7 +23,7 @@ NOTEBOOKS = REPO_ROOT / "notebooks"
 def fresh_cache(tmp_path, monkeypatch):
     """A dpolab cache of its own for the notebooks' kernels (they inherit the environment), with the review snippets
     copied from the usual cache so that nothing is fetched."""
-    from dpolab.cache import cache_dir
+    from dpolab.data.cache import cache_dir
     from dpolab.sample.sentiment import review_snippets
 
     review_snippets()  # built once in the usual cache
@@ -76,7 +76,7 @@ def test_02_training_with_a_tiny_model_and_a_local_parquet_file(fresh_cache, tmp
 
 
 def test_03_sweep_reuses_the_reference_and_the_pairs_of_its_first_beta(fresh_cache, tmp_path):
-    from dpolab.sweep import collect, run_sweep
+    from dpolab.cli.sweep import collect, run_sweep
 
     fixed = dict(model="tiny-llama", n_train_prompts=12, n_eval_prompts=2, samples_per_prompt=4, max_new_tokens=8,
                  sft_steps=1, dpo_steps=1, eval_samples_per_prompt=1, output_dir=str(tmp_path / "run"))

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from dpolab.baselines.online_dpo import online_dpo_train, online_pairs
+from dpolab.baselines.rollout import RolloutSettings
+from dpolab.models.tiny import tiny_causal_lm
 from dpolab.sample.judges import RewardFunctionError, get_judge
-from dpolab.tiny import tiny_causal_lm
 from tests.tiny_runs import rl_reward_gain
 
 
@@ -46,9 +47,8 @@ def test_pairs_come_from_the_current_policy_and_the_judge_given_once_per_sample(
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(module, "rollout", spy)
-        history = online_dpo_train(policy, reference, tokenizer, ["a b", "c", "d e f"], judge, steps=3,
-                                   prompts_per_step=2, k=3, beta=0.1, lr=1e-3, max_new_tokens=4, seed=1,
-                                   progress=False)
+        settings = RolloutSettings(steps=3, prompts_per_step=2, k=3, lr=1e-3, max_new_tokens=4, seed=1, progress=False)
+        history = online_dpo_train(policy, reference, tokenizer, ["a b", "c", "d e f"], judge, settings, beta=0.1)
     assert all(model is policy for model in seen) and len(seen) == 3
     assert calls == [2 * 3] * 3
     assert all(r["pairs"] + r["ties"] == 2 * 3 for r in history)
@@ -58,9 +58,9 @@ def test_online_dpo_raises_a_dense_reward():
     """With the letters-'e' reward on a tiny GPT-2 (the RL baselines' helper, same seeds and threshold), the mean
     reward of 96 samples rises by more than 3 standard errors."""
 
-    def train(policy, reference, tok, prompts, reward_fn, *, kl_coef, **kw):
+    def train(policy, reference, tok, prompts, reward_fn, settings, *, kl_coef):
         assert kl_coef == 0.0  # the helper's RL setting; online DPO's regulariser is β and the fixed π_ref
-        return online_dpo_train(policy, reference, tok, prompts, reward_fn, beta=0.1, **kw)
+        return online_dpo_train(policy, reference, tok, prompts, reward_fn, settings, beta=0.1)
 
     history, gain, se = rl_reward_gain(train)
     assert gain > 3 * se, (gain, se)
@@ -70,12 +70,13 @@ def test_online_dpo_raises_a_dense_reward():
 def test_bad_judge_and_k_are_refused():
     policy, tokenizer = tiny_causal_lm("llama", seed=0)
     with pytest.raises(ValueError, match="k >= 2"):
-        online_dpo_train(policy, policy, tokenizer, ["a"], lambda t: np.zeros(len(t)), k=1, progress=False)
+        online_dpo_train(policy, policy, tokenizer, ["a"], lambda t: np.zeros(len(t)),
+                         RolloutSettings(k=1, progress=False))
     nan_at_3 = get_judge(lambda texts: np.where(np.arange(len(texts)) == 3, np.nan, 0.0), name="broken")
     with pytest.raises(RewardFunctionError, match="'broken' returned nan for text 3"):
-        online_dpo_train(policy, copy.deepcopy(policy), tokenizer, ["a", "b"], nan_at_3, steps=1, prompts_per_step=2,
-                         k=2, max_new_tokens=2, progress=False)
-    from dpolab.experiments.sentiment_config import SentimentConfig
+        online_dpo_train(policy, copy.deepcopy(policy), tokenizer, ["a", "b"], nan_at_3,
+                         RolloutSettings(steps=1, prompts_per_step=2, k=2, max_new_tokens=2, progress=False))
+    from dpolab.experiments.sentiment.config import SentimentConfig
 
     with pytest.raises(ValueError, match="rloo_k must be >= 2"):
         SentimentConfig(methods=("online_dpo",), rloo_k=1)
@@ -95,8 +96,8 @@ def test_rollout_scores_the_prompt_and_the_completion_once_per_sample():
         return np.zeros(len(texts))
 
     order = prompt_order(len(prompts), seed=3)
-    samples, _ = rollout(policy, tokenizer, prompts, order, 1, judge, prompts_per_step=2, k=2, max_new_tokens=3,
-                         seed=0)
+    samples, _ = rollout(policy, tokenizer, prompts, order, 1, judge,
+                         RolloutSettings(prompts_per_step=2, k=2, max_new_tokens=3, seed=0))
     expected = [prompts[order[(2 + j) % 3]] for j in range(2)]
     assert samples.prompts == expected
     assert seen == [p + t for p, row in zip(expected, samples.texts) for t in row] and len(seen) == 4

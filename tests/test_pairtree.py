@@ -10,7 +10,7 @@ from dpolab.data.tokenize import TokenizedPair
 from dpolab.fast.pairtree import pair_tree
 from dpolab.fast.paths import FastPaths, supports_shared_prompt
 from dpolab.logprobs import concatenated_forward
-from dpolab.tiny import tiny_causal_lm
+from dpolab.models.tiny import tiny_causal_lm
 
 
 def _two_pairs():

@@ -8,9 +8,10 @@ import torch
 from tiny_runs import letter_e_reward, rl_reward_gain
 
 from dpolab.baselines.ppo import ValueHead, gae, policy_and_values, ppo_loss, ppo_train, token_rewards, whiten
+from dpolab.baselines.rollout import RolloutSettings
+from dpolab.models.tiny import tiny_causal_lm
 from dpolab.sample.completions import completion_batch, completion_logprobs, completion_token_logprobs
 from dpolab.sample.generate import sample
-from dpolab.tiny import tiny_causal_lm
 
 
 def test_token_rewards_by_hand():
@@ -110,4 +111,5 @@ def test_ppo_raises_the_reward_and_starts_at_zero_kl():
     assert gain > 3 * se, (gain, se)
     policy, tok = tiny_causal_lm("gpt2", seed=2)
     with pytest.raises(ValueError, match="num_ppo_epochs"):
-        ppo_train(policy, policy, tok, ["It is"], letter_e_reward, steps=1, num_ppo_epochs=0, progress=False)
+        ppo_train(policy, policy, tok, ["It is"], letter_e_reward, RolloutSettings(steps=1, progress=False),
+                  num_ppo_epochs=0)

@@ -8,8 +8,8 @@ import pytest
 from scipy.optimize import minimize
 from scipy.stats import binom
 
-from dpolab.logistic import fit_logistic
-from dpolab.rank import bradley_terry, kendall_tau, online_elo, select_best
+from dpolab.evaluate.logistic import fit_logistic
+from dpolab.evaluate.rank import bradley_terry, kendall_tau, online_elo, select_best
 
 ELO_PER_NAT = 400 / np.log(10)  # rating points per unit of natural-log strength
 

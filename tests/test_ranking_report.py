@@ -7,17 +7,19 @@ import pytest
 import torch
 
 from dpolab.evaluate import length_controlled_win_rate, win_rate
+from dpolab.evaluate.rank import bradley_terry
+from dpolab.evaluate.results import ModelRow
 from dpolab.experiments.ranking_report import (
     align_rows,
     construction_keys,
     dominance_pairs,
     model_name,
     pairwise_comparisons,
+    rank_against_reference,
+    results_file_models,
     win_rate_table,
     worst_of_n_rows,
 )
-from dpolab.rank import bradley_terry
-from dpolab.results import ModelRow
 from dpolab.sample.generate import Samples
 
 
@@ -128,7 +130,7 @@ def _samples(rewards_by_prompt):
 def test_worst_of_n_and_construction_keys():
     """Samples (0.5, −0.2, 0.9, 0.1) and (0.0, 0.3, −0.4, −0.1): worst of the first 2 is −0.2 and 0.0,
     worst of 4 is −0.2 and −0.4; best of 4 is 0.9 and 0.3."""
-    from dpolab.experiments.sentiment_eval import best_of_n_rows
+    from dpolab.experiments.sentiment.evaluation import best_of_n_rows
 
     def reward_fn(texts):
         return np.array([float(t.split()[-1]) for t in texts])  # prompt + continuation
@@ -154,8 +156,8 @@ def test_worst_of_n_and_construction_keys():
 
 
 def test_saved_rows_rank_as_their_dicts(tmp_path):
-    """Rows saved and loaded back (dpolab.results) align exactly as the dicts they were saved from."""
-    from dpolab.results import load_model_rows, save_model_row
+    """Rows saved and loaded back (dpolab.evaluate.results) align exactly as the dicts they were saved from."""
+    from dpolab.evaluate.results import load_model_rows, save_model_row
 
     rows = [row("a", ["p1", "p2", "p3"], [0.1, 0.2, 0.3], [5, 6, 7], method="DPO"),
             row("b", ["p3", "p1"], [1.0, 3.0], [1, 3], method="Best of N", n=2)]
@@ -165,3 +167,35 @@ def test_saved_rows_rank_as_their_dicts(tmp_path):
     assert saved.models == direct.models and saved.prompts == direct.prompts
     assert saved.rewards.tolist() == direct.rewards.tolist() and saved.lengths.tolist() == direct.lengths.tolist()
     assert [r.method for r in saved.rows] == ["DPO", "Best of N"] and saved.rows[1].n == 2
+
+
+def test_rank_against_reference_joins_win_rates_and_ratings():
+    """A results file's π_ref, final checkpoints and Best-of-N (N > 1) rows: each model but π_ref gets its win rate
+    against π_ref (the library's win_rate on the shared prompts) joined with its Bradley–Terry rating; the first
+    checkpoint of a curve and Best-of-1 are not ranked."""
+    prompts = ["p1", "p2", "p3", "p4"]
+    results = {"policies": [
+        {"method": "Reference", "knob": 0.0, "policy": "reference", "prompts": prompts, "kl": 0.0,
+         "prompt_rewards": [0.1, 0.2, 0.3, 0.4]},
+        {"method": "DPO", "knob": 0.1, "policy": "dpo_0.1_step0", "kl": 0.0, "prompt_rewards": [0.1, 0.2, 0.3, 0.4]},
+        {"method": "DPO", "knob": 0.1, "policy": "dpo_0.1_step8", "kl": 1.5, "final": True,
+         "prompt_rewards": [0.5, 0.1, 0.6, 0.9]},
+        {"method": "Best of N", "knob": 1.0, "policy": "best_of_1", "kl": 0.0, "prompt_rewards": [0.1, 0.2, 0.3, 0.4]},
+        {"method": "Best of N", "knob": 4.0, "policy": "best_of_4", "kl": 0.64, "prompt_rewards": [0.3, 0.4, 0.5, 0.2]},
+    ]}
+    rows = results_file_models(results)
+    assert [r["policy"] for r in rows] == ["reference", "dpo_0.1_step8", "best_of_4"]
+    assert all(r["prompts"] == prompts and r["source"] == "frontier" for r in rows)
+    ranking = rank_against_reference(rows, n_bootstrap=200, seed=3)
+    assert ranking.reference == "frontier/reference"
+    assert list(ranking.table.index) == ["frontier/dpo_0.1_step8", "frontier/best_of_4"]
+    ratings = bradley_terry(pairwise_comparisons(ranking.aligned), n_bootstrap=200, seed=3).set_index("model")
+    assert ranking.reference_rating == ratings.loc["frontier/reference", "rating"]
+    reference = np.array([0.1, 0.2, 0.3, 0.4])
+    for name, rewards, kl in (("frontier/dpo_0.1_step8", [0.5, 0.1, 0.6, 0.9], 1.5),
+                              ("frontier/best_of_4", [0.3, 0.4, 0.5, 0.2], 0.64)):
+        got, want = ranking.table.loc[name], win_rate(np.array(rewards), reference, n_bootstrap=200, seed=3)
+        assert got["KL"] == kl and got["mean reward"] == pytest.approx(np.mean(rewards))
+        assert (got["win_rate"], got["ci_low"], got["ci_high"]) == (want["win_rate"], want["ci_low"], want["ci_high"])
+        assert (got["rating"], got["rating ci_low"], got["rating ci_high"]) == tuple(
+            ratings.loc[name, ["rating", "ci_low", "ci_high"]])

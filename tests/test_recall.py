@@ -25,7 +25,7 @@ from dpolab.experiments.recall import (
     save_results,
     user,
 )
-from dpolab.tiny import tiny_causal_lm
+from dpolab.models.tiny import tiny_causal_lm
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,11 @@ from tiny_runs import FAST, make_examples
 
 from dpolab.data.batch import collate_pairs
 from dpolab.data.prepare import prepare_pairs, tokenize_config
-from dpolab.lora import add_lora
 from dpolab.models import load_model, load_policy
-from dpolab.tiny import tiny_causal_lm
+from dpolab.models.lora import add_lora
+from dpolab.models.tiny import tiny_causal_lm
 from dpolab.train.config import TrainConfig
+from dpolab.train.objective import Objective
 from dpolab.train.recompute import checkpointed_layers, enable_gradient_checkpointing, recomputing
 from dpolab.train.reference import make_reference
 from dpolab.train.step import accumulate_gradients
@@ -38,8 +39,8 @@ def _step_grads(kind: str, stage: str, checkpointing: bool, lora: bool = False):
     forward = first_mlp.forward
     first_mlp.forward = lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)
     with recomputing(model):
-        totals, bad = accumulate_gradients(model, None if stage == "sft" else reference, batches, config=config,
-                                           scale=1 / 6)
+        totals, bad = accumulate_gradients(model, None if stage == "sft" else reference, batches,
+                                           objective=Objective.from_config(config), scale=1 / 6)
     assert bad is None
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return totals, grads, len(calls)

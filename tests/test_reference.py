@@ -14,8 +14,8 @@ from dpolab.data.prepare import prepare_pairs
 from dpolab.data.tokenize import TokenizeConfig
 from dpolab.fast.paths import pair_layout
 from dpolab.logprobs import concatenated_forward
-from dpolab.lora import add_lora
-from dpolab.tiny import tiny_causal_lm
+from dpolab.models.lora import add_lora
+from dpolab.models.tiny import tiny_causal_lm
 from dpolab.train.reference import AdapterReference, make_reference
 from dpolab.train.reference_table import precompute_reference, reference_key
 from dpolab.train.trainer import train
@@ -172,3 +172,21 @@ def test_sampled_kl_is_zero_when_the_policy_is_its_reference(tiny):
                     chat=False)
     assert abs(out["eval_kl"]) < 1e-4 and out["eval_kl_se"] < 1e-4
     assert 1 <= out["eval_sample_length"] <= 6
+
+
+def test_every_strategy_is_a_reference(tiny, tmp_path):
+    """The four strategies behind ``pair_logps`` satisfy the :class:`Reference` protocol that ``Run.train_ref`` is
+    typed with, and give the same log-probs of the same pairs (θ_ref = the initial policy)."""
+    from dpolab.train.reference import Reference
+
+    model, tok, pairs = tiny
+    batch, expected = _logps(model, tok, pairs)
+    peft_policy = add_lora(copy.deepcopy(model), 4, 8.0).eval()
+    strategies = {"copy": make_reference("copy", model), "adapter": make_reference("adapter", peft_policy),
+                  "starting adapter": make_reference("adapter", peft_policy, adapter_start=True),
+                  "precomputed": precompute_reference(model, tok, pairs, batch_size=4, root=tmp_path)}
+    for name, reference in strategies.items():
+        assert isinstance(reference, Reference), name
+        got = reference.pair_logps(batch)
+        torch.testing.assert_close(torch.cat([got.chosen, got.rejected]),
+                                   torch.cat([expected.chosen, expected.rejected]), atol=1e-5, rtol=1e-5, msg=name)

@@ -1,11 +1,12 @@
-"""Saved model rows (dpolab.results): one field per quantity, a save/load round trip, and files of earlier versions."""
+"""Saved model rows (dpolab.evaluate.results): one field per quantity, a save/load round trip, and files of earlier
+versions."""
 
 import json
 import math
 
 import pytest
 
-from dpolab.results import ModelRow, load_model_rows, save_model_row
+from dpolab.evaluate.results import ModelRow, load_model_rows, save_model_row
 
 
 def test_round_trip_keeps_every_field_and_the_extra_keys(tmp_path):
@@ -56,7 +57,7 @@ def test_bad_files_and_rows_name_the_file_and_field(tmp_path):
 
 def test_committed_results_rows_load():
     """Every final row of the committed frontier results reads as a ModelRow (the files on disk stay readable)."""
-    from dpolab.cache import REPO_ROOT
+    from dpolab.data.cache import REPO_ROOT
 
     results = json.loads((REPO_ROOT / "results" / "sentiment_default.json").read_text())
     reference = next(r for r in results["policies"] if r["method"] == "Reference")

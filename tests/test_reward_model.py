@@ -11,7 +11,7 @@ import torch
 
 from dpolab.data.tokenize import TokenizedPair, pad_token_id
 from dpolab.losses.reward_model import reward_model_loss
-from dpolab.tiny import tiny_causal_lm
+from dpolab.models.tiny import tiny_causal_lm
 from dpolab.train.reward import (
     RewardModelJudge,
     pair_rewards,
@@ -148,6 +148,10 @@ def test_rl_arms_with_a_reward_model_query_it_once_per_sample_on_the_ground_trut
     from dpolab.baselines import rollout as rollout_module
     from dpolab.baselines.ppo import ppo_train
     from dpolab.baselines.rloo import rloo_train
+    from dpolab.baselines.rollout import RolloutSettings
+
+    def settings(steps):
+        return RolloutSettings(steps=steps, prompts_per_step=2, k=2, max_new_tokens=3, seed=4, progress=False)
 
     model, tokenizer = tiny_causal_lm("llama", seed=0)
     rm = reward_model_from_causal_lm(model, tokenizer, seed=1)
@@ -155,8 +159,8 @@ def test_rl_arms_with_a_reward_model_query_it_once_per_sample_on_the_ground_trut
     seen = {}
     real = rollout_module.rollout
 
-    def spy(policy, tok, ps, order, step, reward_fn, **kw):
-        samples, reward = real(policy, tok, ps, order, step, reward_fn, **kw)
+    def spy(policy, tok, ps, order, step, reward_fn, settings):
+        samples, reward = real(policy, tok, ps, order, step, reward_fn, settings)
         seen.setdefault(type(reward_fn).__name__, []).append((samples.prompts, samples.token_ids))
         return samples, reward
 
@@ -167,14 +171,12 @@ def test_rl_arms_with_a_reward_model_query_it_once_per_sample_on_the_ground_trut
             policy = copy.deepcopy(model)
             with pytest.MonkeyPatch.context() as patch:
                 patch.setattr(f"dpolab.baselines.{name}.rollout", spy)
-                train_fn(policy, model, tokenizer, prompts, reward_fn, steps=2, prompts_per_step=2, k=2,
-                         max_new_tokens=3, seed=4, progress=False)
+                train_fn(policy, model, tokenizer, prompts, reward_fn, settings(steps=2))
         judge_runs, text_runs = seen["RewardModelJudge"], seen["function"]
         assert [p for p, _ in judge_runs] == [p for p, _ in text_runs]  # the same prefixes, step by step
         assert judge_runs[0][1] == text_runs[0][1]  # step 0: same policy, same seeds, same samples
     judge = RewardModelJudge(rm, tokenizer, tokenizer)
-    rloo_train(copy.deepcopy(model), model, tokenizer, prompts, judge, steps=3, prompts_per_step=2, k=2,
-               max_new_tokens=3, seed=4, progress=False)
+    rloo_train(copy.deepcopy(model), model, tokenizer, prompts, judge, settings(steps=3))
     assert judge.calls == 3 * 2 * 2
 
 

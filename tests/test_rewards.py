@@ -8,6 +8,7 @@ import torch
 
 from dpolab.data.batch import collate_sequences
 from dpolab.data.tokenize import tokenize_response
+from dpolab.models.tiny import tiny_causal_lm
 from dpolab.rewards import (
     batch_implicit_rewards,
     implicit_reward,
@@ -21,7 +22,6 @@ from dpolab.rewards import (
     reward_margins,
     sequence_kl,
 )
-from dpolab.tiny import tiny_causal_lm
 
 PROMPTS = ["The movie was", "Hello! How are you", "The movie was", "It is a mess", "My name is"]
 RESPONSES = [" a delight.", " today? I am fine.", " dull", " too long, too loud, and too pleased.", " Ada"]

@@ -8,15 +8,15 @@ import torch
 from tiny_runs import rl_reward_gain
 
 from dpolab.baselines.rloo import leave_one_out_advantages, rloo_train
-from dpolab.experiments.sentiment_eval import (
+from dpolab.experiments.sentiment.evaluation import (
     best_of_n_rows,
     heldout_pair_accuracy,
     mean_and_se,
     slow_heldout_pair_accuracy,
 )
+from dpolab.models.tiny import tiny_causal_lm
 from dpolab.sample.completions import completion_logprobs
 from dpolab.sample.generate import sample
-from dpolab.tiny import tiny_causal_lm
 
 
 def test_leave_one_out_advantages_by_hand():

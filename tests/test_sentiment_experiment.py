@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from dpolab.experiments.sentiment import SentimentConfig, make_pairs, prepare, run
-from dpolab.experiments.sentiment_eval import add_paired_gains
-from dpolab.experiments.sentiment_report import from_results, table_markdown
-from dpolab.overrides import ConfigError
+from dpolab.experiments.sentiment.evaluation import add_paired_gains
+from dpolab.experiments.sentiment.report import from_results, table_markdown
+from dpolab.train.overrides import ConfigError
 
 
 def test_paired_gain_by_hand():
@@ -48,7 +48,7 @@ def test_bad_settings_fail_before_any_model_load(field, value, message):
 
 
 def test_unknown_or_mistyped_cli_key_is_named():
-    """SentimentConfig goes through the loader of every config (dpolab.overrides): the same syntax, the same errors."""
+    """SentimentConfig goes through the loader of every config (dpolab.train.overrides): the same syntax, the same errors."""
     with pytest.raises(ConfigError, match=r"override 'stepz=3': 'stepz' is not a SentimentConfig field \(did you mean "
                                           r"'steps'\?\); see `dpolab reproduce --help`"):
         SentimentConfig.load(None, ["stepz=3"])
@@ -66,7 +66,7 @@ def test_unknown_or_mistyped_cli_key_is_named():
 
 def test_config_files_load_as_before():
     """The committed configs give the values their YAML holds (tuples of floats and ints, strings, numbers)."""
-    from dpolab.cache import REPO_ROOT
+    from dpolab.data.cache import REPO_ROOT
 
     full = SentimentConfig.load(REPO_ROOT / "configs" / "sentiment_full.yaml")
     assert full.methods == ("dpo", "preferred_ft", "unlikelihood", "rloo") and full.betas == (0.05, 0.1, 0.5)
@@ -95,9 +95,9 @@ def tiny_run(tmp_path_factory):
 
     The ground truth is :func:`letter_e_reward` in place of VADER (the second judge stays TextBlob).
     """
-    import dpolab.experiments.sentiment as experiment
+    import dpolab.experiments.sentiment.setup as experiment_setup
+    from dpolab.models.tiny import tiny_causal_lm
     from dpolab.sample.judges import get_judge
-    from dpolab.tiny import tiny_causal_lm
 
     folder = tmp_path_factory.mktemp("tiny_model")
     model, tokenizer = tiny_causal_lm("llama", seed=0)
@@ -115,7 +115,7 @@ def tiny_run(tmp_path_factory):
                              reward_model_epochs=1.0, reward_model_batch_size=2, win_rate_temperatures=(0.5, 1.0),
                              heldout_acc_every_eval=True, progress=False)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(experiment, "get_judge", lambda name: get_judge(letter_e_reward if name == "vader" else name))
+        patch.setattr(experiment_setup, "get_judge", lambda name: get_judge(letter_e_reward if name == "vader" else name))
         return config, run(config)
 
 
@@ -160,10 +160,10 @@ def test_tiny_run_curves_and_invariants(tiny_run):
 
 
 def test_saved_model_rows_rank_on_the_heldout_prefixes(tiny_run):
-    """The run saves Best-of-N and the last checkpoint of every curve as model rows (dpolab.results), on π_ref's
+    """The run saves Best-of-N and the last checkpoint of every curve as model rows (dpolab.evaluate.results), on π_ref's
     held-out prefixes, so the ranking report aligns all of them."""
+    from dpolab.evaluate.results import load_model_rows
     from dpolab.experiments.ranking_report import align_rows
-    from dpolab.results import load_model_rows
 
     config, result = tiny_run
     rows = load_model_rows(config_out(config) / "models")
@@ -198,13 +198,13 @@ def test_tiny_run_comparisons_and_timings(tiny_run):
 
 
 def config_out(config):
-    from dpolab.cache import from_repo_root
+    from dpolab.data.cache import from_repo_root
 
     return from_repo_root(config.output_dir)
 
 
 def test_saved_results_rerender_the_same_tables(tiny_run):
-    from dpolab.experiments.sentiment_report import report_markdown
+    from dpolab.experiments.sentiment.report import report_markdown
 
     config, result = tiny_run
     saved = from_results(result["table"])
@@ -252,7 +252,7 @@ def test_older_results_file_is_refused_naming_the_field(tmp_path):
     old.write_text(json.dumps({"rows": [{"policy": "reference"}], "timings": {}}))
     with pytest.raises(ValueError, match="'policies' is missing"):
         from_results(old)
-    from dpolab.experiments.sentiment_curves import RESULTS_FORMAT
+    from dpolab.experiments.sentiment.curves import RESULTS_FORMAT
 
     row = {k: 0.0 for k in ("method", "knob", "step", "reward", "reward_se", "kl_se", "gain", "gain_se")}
     bad = tmp_path / "bad.json"
@@ -278,9 +278,10 @@ def test_a_stopped_run_keeps_its_curves_and_the_rerun_reuses_them(tmp_path):
     """The RL stage fails after DPO finished: DPO's curve is on disk (results.partial.json). The rerun with the same
     settings does not train DPO again (train_dpo would raise), returns the saved DPO rows unchanged, finishes the RL
     stage, and removes the partial file once the whole run is in results.json."""
-    import dpolab.experiments.sentiment as experiment
+    import dpolab.experiments.sentiment.pipeline as experiment
+    import dpolab.experiments.sentiment.setup as experiment_setup
+    from dpolab.models.tiny import tiny_causal_lm
     from dpolab.sample.judges import get_judge
-    from dpolab.tiny import tiny_causal_lm
 
     folder = tmp_path / "model"
     model, tokenizer = tiny_causal_lm("llama", seed=0)
@@ -297,7 +298,7 @@ def test_a_stopped_run_keeps_its_curves_and_the_rerun_reuses_them(tmp_path):
 
     partial = tmp_path / "run" / "results.partial.json"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(experiment, "get_judge", lambda name: get_judge(letter_e_reward if name == "vader" else name))
+        patch.setattr(experiment_setup, "get_judge", lambda name: get_judge(letter_e_reward if name == "vader" else name))
         patch.setattr(experiment, "train_rloo", fail)
         with pytest.raises(RuntimeError, match="stopped here"):
             run(config)
@@ -310,7 +311,7 @@ def test_a_stopped_run_keeps_its_curves_and_the_rerun_reuses_them(tmp_path):
         assert reference["kl"] == 0.0 and reference["prompt_rewards"] == saved["DPO β=0.1"]["rows"][0]["prompt_rewards"]
         assert "Best-of-N rows" in assembled["stopped_early"]["missing"] and assembled["policies"][-1]["final"]
         patch.undo()
-        patch.setattr(experiment, "get_judge", lambda name: get_judge(letter_e_reward if name == "vader" else name))
+        patch.setattr(experiment_setup, "get_judge", lambda name: get_judge(letter_e_reward if name == "vader" else name))
         patch.setattr(experiment, "train_dpo", fail)
         result = run(config)
     dpo_rows = [r for r in result["results"]["policies"] if r["method"] == "DPO"]
@@ -324,7 +325,7 @@ def test_win_rate_against_the_reference_by_hand():
     """Prefix 1: policy rewards (0.5, 0.1) vs π_ref's (0.1, 0.3, 0.9): pairs win, win, lose / tie, lose, lose →
     (1 + 1 + 0 + 0.5 + 0 + 0)/6 = 5/12. Prefix 2: (1, 1) vs (0, 0, 0) → 1. Win rate (5/12 + 1)/2 = 17/24; its s.e.
     over the two prefixes is |1 − 5/12| / 2 = 7/24."""
-    from dpolab.experiments.sentiment_eval import win_rate_vs_reference
+    from dpolab.experiments.sentiment.evaluation import win_rate_vs_reference
 
     out = win_rate_vs_reference([[0.5, 0.1], [1.0, 1.0]], [[0.1, 0.3, 0.9], [0.0, 0.0, 0.0]])
     assert out["win_rate"] == pytest.approx(17 / 24) and out["win_rate_se"] == pytest.approx(7 / 24)
@@ -367,7 +368,7 @@ def test_tiny_run_reward_model_epochs_and_temperature_sweep(tiny_run):
 def test_format_2_files_are_upgraded_and_sources_must_agree(tmp_path):
     """The committed format-2 file reads with its RL arms renamed by what they read (RLOO → RLOO-GT, curves and
     comparisons too); a file where one method name reads two reward sources is refused."""
-    from dpolab.experiments.sentiment_report import load_results
+    from dpolab.experiments.sentiment.report import load_results
 
     old = json.loads(Path("results/sentiment_full.json").read_text()) if Path("results/sentiment_full.json").exists() \
         else None
@@ -395,9 +396,9 @@ def test_training_seeds_vary_training_only_and_merge(tmp_path):
     other rollouts, so its checkpoints differ, while π_ref, the prefixes and the evaluation stay the same. A run of
     seed 1 alone merges with the seed-0 run into the same curves (same names, policies and numbers), and the
     matched-KL comparisons then average each method over its two seeds."""
-    import dpolab.experiments.sentiment as experiment
+    import dpolab.experiments.sentiment.setup as experiment_setup
+    from dpolab.models.tiny import tiny_causal_lm
     from dpolab.sample.judges import get_judge
-    from dpolab.tiny import tiny_causal_lm
 
     folder = tmp_path / "model"
     model, tokenizer = tiny_causal_lm("llama", seed=0)
@@ -409,7 +410,7 @@ def test_training_seeds_vary_training_only_and_merge(tmp_path):
                     best_of_n=(1, 2), eval_samples_per_prompt=2, heldout_pair_samples=2, figure="", progress=False)
     results = {}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(experiment, "get_judge", lambda name: get_judge(letter_e_reward if name == "vader" else name))
+        patch.setattr(experiment_setup, "get_judge", lambda name: get_judge(letter_e_reward if name == "vader" else name))
         for name, seeds in (("plain", ()), ("both", (0, 1)), ("one", (1,))):
             config = SentimentConfig(**settings, train_seeds=seeds, output_dir=str(tmp_path / name),
                                      results=str(tmp_path / f"{name}.json"))
@@ -449,7 +450,7 @@ def test_training_seeds_vary_training_only_and_merge(tmp_path):
 def test_comparisons_table_with_seeds_by_hand():
     """A comparison of methods trained with several seeds shows the seeds, each seed's own difference and both
     intervals; a table of single-seed comparisons keeps its former columns."""
-    from dpolab.experiments.sentiment_report import comparisons_markdown
+    from dpolab.experiments.sentiment.report import comparisons_markdown
 
     c = {"method_a": "DPO", "method_b": "RLOO", "note": "", "kl_low": 0.0, "kl_high": 6.88, "reward_diff": 0.011,
          "ci_low": -0.05, "ci_high": 0.07, "dominance_share": 0.0, "dominance_share_b": 0.1, "n_seeds_a": 3,

@@ -21,7 +21,7 @@ from dpolab.data.records import DataError
 from dpolab.data.sft_records import CompletionExample, dpo_row, row_form, sft_row
 from dpolab.data.sft_tokenize import tokenize_completion
 from dpolab.data.tokenize import TokenizeConfig
-from dpolab.tiny import tiny_tokenizer
+from dpolab.models.tiny import tiny_tokenizer
 
 USER, BOT = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}
 USER2, BOT2 = {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "Bye."}

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dpolab.sweep import grid_points, parse_grid, run_name
+from dpolab.cli.sweep import grid_points, parse_grid, run_name
 
 
 def test_parse_grid_literals_and_errors():
@@ -29,7 +29,7 @@ def test_run_names_carry_the_parameters(tmp_path):
 
 def test_unknown_grid_parameter_fails_before_running(tmp_path):
     nbformat = pytest.importorskip("nbformat")
-    from dpolab.sweep import run_sweep
+    from dpolab.cli.sweep import run_sweep
 
     book = nbformat.v4.new_notebook()
     cell = nbformat.v4.new_code_cell("beta: float = 0.1  # β")
@@ -44,7 +44,7 @@ def test_unknown_grid_parameter_fails_before_running(tmp_path):
 
 
 def test_grid_values_read_as_override_values():
-    """Grid values go through dpolab.overrides.parse_value, as the train and reproduce overrides do: YAML's reading,
+    """Grid values go through dpolab.train.overrides.parse_value, as the train and reproduce overrides do: YAML's reading,
     plus 1e-5-style numbers (text in YAML 1.1) and Python's None."""
     assert parse_grid(["lr=1e-5,5E-5", "baselines=true,False", "ld_alpha=None,null", "name='0.1',x"]) == {
         "lr": [1e-5, 5e-5], "baselines": [True, False], "ld_alpha": [None, None], "name": ["0.1", "x"]}
@@ -62,7 +62,7 @@ def tiny_notebook(folder):
     params.metadata["tags"] = ["parameters"]
     book.cells = [params, nbformat.v4.new_code_cell(
         "from pathlib import Path\n"
-        "from dpolab.results import save_model_row\n"
+        "from dpolab.evaluate.results import save_model_row\n"
         "with open(log, 'a') as f:\n    f.write(f'{x}\\n')\n"
         "if x == 2 and fail_flag and Path(fail_flag).exists():\n    raise RuntimeError('point 2 fails on purpose')\n"
         "save_model_row({'policy': f'p{x}', 'method': 'DPO', 'beta': x / 10, 'reward': x / 10, 'kl': 0.1},"
@@ -81,7 +81,7 @@ def ran(log):
 @pytest.fixture
 def sweep_setup(tmp_path):
     """The tiny notebook, fixed parameters pointing into tmp_path, and a stale row left by an earlier run."""
-    from dpolab.results import save_model_row
+    from dpolab.evaluate.results import save_model_row
 
     notebook = tiny_notebook(tmp_path)
     fixed = {"output_dir": str(tmp_path / "run"), "fail_flag": str(tmp_path / "flag"), "log": str(tmp_path / "log")}
@@ -94,7 +94,7 @@ def test_manifest_records_grid_fixed_parameters_and_every_point(sweep_setup):
     """Two points that complete: the manifest holds the grid, the fixed parameters, and per point its parameters,
     status, executed copy, error, seconds and the one row it saved; collect shows those two rows, not the stale
     one, best reward first, with the table's usual columns."""
-    from dpolab.sweep import collect, run_sweep
+    from dpolab.cli.sweep import collect, run_sweep
 
     notebook, fixed, tmp = sweep_setup
     manifest = run_sweep(notebook, {"x": [1, 3]}, parameters=fixed, out_dir=tmp / "sweep", progress=False)
@@ -112,7 +112,7 @@ def test_manifest_records_grid_fixed_parameters_and_every_point(sweep_setup):
 
 
 def test_continue_on_error_records_the_failure_and_runs_the_rest(sweep_setup):
-    from dpolab.sweep import collect, run_sweep
+    from dpolab.cli.sweep import collect, run_sweep
 
     notebook, fixed, tmp = sweep_setup
     (tmp / "flag").touch()
@@ -129,8 +129,8 @@ def test_continue_on_error_records_the_failure_and_runs_the_rest(sweep_setup):
 
 def test_without_continue_on_error_the_sweep_stops_at_the_failure(sweep_setup):
     papermill = pytest.importorskip("papermill")
-    from dpolab.sweep import run_sweep
-    from dpolab.sweep_manifest import Manifest
+    from dpolab.cli.sweep import run_sweep
+    from dpolab.cli.sweep_manifest import Manifest
 
     notebook, fixed, tmp = sweep_setup
     (tmp / "flag").touch()
@@ -143,7 +143,7 @@ def test_without_continue_on_error_the_sweep_stops_at_the_failure(sweep_setup):
 def test_resume_skips_completed_points(sweep_setup):
     """After a sweep whose point 2 failed, --resume runs point 2 only (and a point the grid gained); a sweep with
     other fixed parameters is refused."""
-    from dpolab.sweep import collect, run_sweep
+    from dpolab.cli.sweep import collect, run_sweep
 
     notebook, fixed, tmp = sweep_setup
     (tmp / "flag").touch()
@@ -161,7 +161,7 @@ def test_resume_skips_completed_points(sweep_setup):
 
 
 def test_a_new_sweep_in_the_same_folder_collects_only_its_own_rows(sweep_setup):
-    from dpolab.sweep import collect, run_sweep
+    from dpolab.cli.sweep import collect, run_sweep
 
     notebook, fixed, tmp = sweep_setup
     run_sweep(notebook, {"x": [1, 3]}, parameters=fixed, out_dir=tmp / "sweep", progress=False)
@@ -171,7 +171,7 @@ def test_a_new_sweep_in_the_same_folder_collects_only_its_own_rows(sweep_setup):
 
 def test_jobs_run_points_in_parallel_processes(sweep_setup):
     """Three points on two worker processes, one failing: the same manifest as a sweep in turn would write."""
-    from dpolab.sweep import collect, run_sweep
+    from dpolab.cli.sweep import collect, run_sweep
 
     notebook, fixed, tmp = sweep_setup
     (tmp / "flag").touch()
@@ -199,7 +199,7 @@ def test_cli_sweep_exit_code_and_output(sweep_setup, capsys):
 
 
 def test_collect_needs_a_manifest(tmp_path):
-    from dpolab.sweep import collect
+    from dpolab.cli.sweep import collect
 
     with pytest.raises(FileNotFoundError, match="no sweep manifest"):
         collect(tmp_path)

@@ -25,7 +25,7 @@ from dpolab.data.tokenize import (
     tokenize_pair,
     tokenize_response,
 )
-from dpolab.tiny import tiny_causal_lm, tiny_tokenizer
+from dpolab.models.tiny import tiny_causal_lm, tiny_tokenizer
 
 
 def user(text):

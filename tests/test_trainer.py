@@ -15,10 +15,11 @@ from tiny_runs import FAST, make_examples
 
 from dpolab.data.batch import collate_pairs
 from dpolab.data.prepare import prepare_pairs, tokenize_config
-from dpolab.tiny import tiny_causal_lm
+from dpolab.models.tiny import tiny_causal_lm
 from dpolab.train import checkpoint as ckpt
 from dpolab.train.config import TrainConfig
 from dpolab.train.metrics import NonFiniteLossError, read_metrics
+from dpolab.train.objective import Objective
 from dpolab.train.reference import make_reference
 from dpolab.train.step import accumulate_gradients
 from dpolab.train.trainer import train
@@ -33,7 +34,8 @@ def weights(model) -> dict[str, torch.Tensor]:
 def _grads(config, batches, model, reference):
     model.zero_grad(set_to_none=True)
     n_pairs = sum(b.num_pairs for b in batches)
-    totals, bad = accumulate_gradients(model, reference, batches, config=config, scale=1.0 / n_pairs)
+    totals, bad = accumulate_gradients(model, reference, batches, objective=Objective.from_config(config),
+                                       scale=1.0 / n_pairs)
     assert bad is None
     return totals, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

@@ -13,8 +13,8 @@ from dpolab.data.batch import PairBatch
 from dpolab.fast.paths import FastPaths
 from dpolab.logprobs import concatenated_forward
 from dpolab.losses import TRL_LOSS_TYPES, combined_loss
+from dpolab.models.tiny import tiny_causal_lm
 from dpolab.rewards import pair_metrics
-from dpolab.tiny import tiny_causal_lm
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -126,7 +126,7 @@ def test_wpo_and_ld_dpo_match_trl_end_to_end(tmp_path, fields, loss_type):
     (trl 1.16 cannot run WPO with its ``sft`` term: it multiplies the expanded batch scalar in place, which torch
     refuses; the kit computes what that code states, the token-mean NLL times the mean weight, tested against the
     restatement in tests/test_losses_trl.py.)"""
-    from dpolab.train.objective import batch_objective
+    from dpolab.train.objective import Objective, batch_objective
     from dpolab.train.reference import FrozenReference
 
     policy, tokenizer = tiny_causal_lm("gpt2", seed=0)
@@ -141,6 +141,6 @@ def test_wpo_and_ld_dpo_match_trl_end_to_end(tmp_path, fields, loss_type):
     batch = PairBatch(inputs["input_ids"], inputs["attention_mask"], labels, index=torch.arange(4))
     with torch.no_grad():
         trl_value = trainer.compute_loss(trainer.model, inputs)
-        losses, _ = batch_objective(trainer.model, FrozenReference(trainer.ref_model), batch, stage="dpo", beta=BETA,
-                                    loss_type=loss_type, **fields)
+        objective = Objective(losses=tuple(loss_type), beta=BETA, **fields)
+        losses, _ = batch_objective(trainer.model, FrozenReference(trainer.ref_model), batch, objective)
     assert abs(trl_value.item() - losses.mean().item()) < 1e-5 * max(1.0, abs(trl_value.item()))

@@ -41,7 +41,7 @@ def test_training_lowers_the_rejected_and_raises_the_chosen():
     """Eight steps at lr 1e-2 on one pair repeated: the chosen response's mean log-prob rises and the rejected
     one's falls (both terms of the loss act), on a tiny random GPT-2."""
     from dpolab.data.tokenize import TokenizedPair
-    from dpolab.tiny import tiny_causal_lm
+    from dpolab.models.tiny import tiny_causal_lm
 
     model, tokenizer = tiny_causal_lm("gpt2", seed=0)
     pair = TokenizedPair([5, 6, 7], [8, 9, 10], [11, 12], [1, 1, 1], [1, 1])

@@ -36,15 +36,17 @@ def rl_reward_gain(train_fn, steps: int = 20):
     and the standard error of that difference (the same seeds before and after)."""
     import math
 
+    from dpolab.models.tiny import tiny_causal_lm
     from dpolab.sample.generate import sample
-    from dpolab.tiny import tiny_causal_lm
 
     policy, tok = tiny_causal_lm("gpt2", seed=2)
     reference, _ = tiny_causal_lm("gpt2", seed=2)
     prompts = ["The movie was", "It is", "A film that"]
     before = sample(policy, tok, prompts, 32, max_new_tokens=4, top_k=len(tok), seed=5, progress=False)
-    history = train_fn(policy, reference, tok, prompts, letter_e_reward, steps=steps, prompts_per_step=3, k=8,
-                       kl_coef=0.0, lr=3e-3, max_new_tokens=4, seed=0, progress=False)
+    from dpolab.baselines.rollout import RolloutSettings
+
+    settings = RolloutSettings(steps=steps, prompts_per_step=3, k=8, lr=3e-3, max_new_tokens=4, seed=0, progress=False)
+    history = train_fn(policy, reference, tok, prompts, letter_e_reward, settings, kl_coef=0.0)
     after = sample(policy, tok, prompts, 32, max_new_tokens=4, top_k=len(tok), seed=5, progress=False)
     r0, r1 = (letter_e_reward([t for row in s.texts for t in row]) for s in (before, after))
     return history, r1.mean() - r0.mean(), math.sqrt(r0.var(ddof=1) / r0.size + r1.var(ddof=1) / r1.size)

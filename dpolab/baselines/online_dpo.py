@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from dpolab.baselines.rollout import prompt_order, rollout
+from dpolab.baselines.rollout import DEFAULT_ROLLOUT, RolloutSettings, prompt_order, rollout
 from dpolab.data.tokenize import pad_token_id
 from dpolab.logprobs import sequence_forward
 from dpolab.losses import get_loss
@@ -57,46 +57,31 @@ def online_pairs(rewards: np.ndarray, strategy: str = "all_pairs") -> tuple[np.n
     return np.array(chosen, dtype=np.int64), np.array(rejected, dtype=np.int64), ties
 
 
-def online_dpo_train(
-    policy,
-    reference,
-    tokenizer,
-    prompts: Sequence[str],
-    reward_fn: Callable[[list[str]], np.ndarray],
-    *,
-    steps: int = 16,
-    prompts_per_step: int = 4,
-    k: int = 4,
-    beta: float = 0.1,
-    loss_type: str = "sigmoid",
-    pair_strategy: str = "all_pairs",
-    lr: float = 2e-5,
-    max_new_tokens: int = 24,
-    seed: int = 0,
-    progress: bool = True,
-    on_step: Callable[[int, dict], None] | None = None,
-) -> list[dict]:
+def online_dpo_train(policy, reference, tokenizer, prompts: Sequence[str],
+                     reward_fn: Callable[[list[str]], np.ndarray], settings: RolloutSettings = DEFAULT_ROLLOUT, *,
+                     beta: float = 0.1, loss_type: str = "sigmoid", pair_strategy: str = "all_pairs",
+                     on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
     """Train ``policy`` in place with online DPO against the fixed ``reference``; return one record per step.
 
     Names follow trl's ``OnlineDPOConfig`` (``beta``, ``loss_type``, ``max_new_tokens``); the rollout settings are
-    RLOO's (:func:`dpolab.baselines.rloo.rloo_train`), so both arms make ``prompts_per_step · k`` reward queries a
-    step. The record has trl's ``loss``, ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
+    RLOO's (the same :class:`~dpolab.baselines.rollout.RolloutSettings` as :func:`dpolab.baselines.rloo.rloo_train`),
+    so both arms make ``prompts_per_step · k`` reward queries a step. The record has trl's ``loss``, ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
     ``rewards/accuracies``, the judge's mean ``reward``, the samples' ``kl``, and ``pairs`` / ``ties``.
     """
     from tqdm.auto import tqdm
 
+    k = settings.k
     if k < 2:
         raise ValueError(f"online DPO needs k >= 2 samples per prompt to form a pair, got k={k}")
     loss_fn = get_loss(loss_type)
     pad = pad_token_id(tokenizer)
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    order = prompt_order(len(prompts), seed)
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    order = prompt_order(len(prompts), settings.seed)
     history = []
     policy.eval()  # dropout off, as in the DPO trainer; gradients flow as usual
-    for step in tqdm(range(steps), desc="online dpo", disable=not progress):
-        samples, reward = rollout(policy, tokenizer, prompts, order, step, reward_fn, prompts_per_step=prompts_per_step,
-                                  k=k, max_new_tokens=max_new_tokens, seed=seed)
+    for step in tqdm(range(settings.steps), desc="online dpo", disable=not settings.progress):
+        samples, reward = rollout(policy, tokenizer, prompts, order, step, reward_fn, settings)
         chosen, rejected, ties = online_pairs(reward.view(-1, k).numpy(), pair_strategy)
         ref_logps = completion_logprobs(reference, samples, pad).view(-1)
         record = {"step": step + 1, "reward": reward.mean().item(), "pairs": len(chosen), "ties": ties}

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dpolab.baselines.rollout import prompt_order, rollout
+from dpolab.baselines.rollout import DEFAULT_ROLLOUT, RolloutSettings, prompt_order, rollout
 from dpolab.data.batch import IGNORE_INDEX
 from dpolab.data.tokenize import pad_token_id
 from dpolab.logprobs import shift_labels, token_logprobs
@@ -136,33 +136,15 @@ def ppo_loss(logps: Tensor, logps_old: Tensor, values: Tensor, values_old: Tenso
     return pg_loss + vf_coef * vf_loss, stats
 
 
-def ppo_train(
-    policy,
-    reference,
-    tokenizer,
-    prompts: Sequence[str],
-    reward_fn: Callable[[list[str]], np.ndarray],
-    *,
-    steps: int = 16,
-    prompts_per_step: int = 4,
-    k: int = 4,
-    kl_coef: float = 0.05,
-    lr: float = 2e-5,
-    num_ppo_epochs: int = 2,
-    cliprange: float = 0.2,
-    cliprange_value: float = 0.2,
-    vf_coef: float = 0.1,
-    gamma: float = 1.0,
-    lam: float = 0.95,
-    max_grad_norm: float = 10.0,
-    max_new_tokens: int = 24,
-    seed: int = 0,
-    progress: bool = True,
-    on_step: Callable[[int, dict], None] | None = None,
-) -> list[dict]:
+def ppo_train(policy, reference, tokenizer, prompts: Sequence[str], reward_fn: Callable[[list[str]], np.ndarray],
+              settings: RolloutSettings = DEFAULT_ROLLOUT, *, kl_coef: float = 0.05, num_ppo_epochs: int = 2,
+              cliprange: float = 0.2, cliprange_value: float = 0.2, vf_coef: float = 0.1, gamma: float = 1.0,
+              lam: float = 0.95, max_grad_norm: float = 10.0,
+              on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
     """Train ``policy`` in place with PPO; return one metrics dict per step (rollout).
 
-    Each step samples ``k`` completions of ``prompts_per_step`` prompts (as RLOO does), scores them with
+    Each step samples ``k`` completions of ``prompts_per_step`` prompts (as RLOO does, with the same ``settings``:
+    steps, rollouts, learning rate), scores them with
     ``reward_fn``, computes per-token rewards and GAE advantages from π_old (the policy before the step) and
     takes ``num_ppo_epochs`` AdamW steps on the whole rollout. ``on_step(step, record)`` runs after each step;
     the record's ``reward`` and ``kl`` are the rollout's own means (a learning curve).
@@ -174,12 +156,11 @@ def ppo_train(
     pad = pad_token_id(tokenizer)
     head = ValueHead(policy.config.hidden_size)
     params = [p for p in policy.parameters() if p.requires_grad] + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    order = prompt_order(len(prompts), seed)
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    order = prompt_order(len(prompts), settings.seed)
     history = []
-    for step in tqdm(range(steps), desc="ppo", disable=not progress):
-        samples, scores = rollout(policy, tokenizer, prompts, order, step, reward_fn, prompts_per_step=prompts_per_step,
-                                  k=k, max_new_tokens=max_new_tokens, seed=seed)
+    for step in tqdm(range(settings.steps), desc="ppo", disable=not settings.progress):
+        samples, scores = rollout(policy, tokenizer, prompts, order, step, reward_fn, settings)
         ref_logps = completion_token_logprobs(reference, samples, pad)
         batch = completion_batch(samples, pad)
         policy.train()

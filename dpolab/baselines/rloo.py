@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from dpolab.baselines.rollout import prompt_order, rollout
+from dpolab.baselines.rollout import DEFAULT_ROLLOUT, RolloutSettings, prompt_order, rollout
 from dpolab.data.tokenize import pad_token_id
 from dpolab.logprobs import sequence_forward
 from dpolab.sample.completions import completion_batch, completion_logprobs
@@ -32,39 +32,26 @@ def leave_one_out_advantages(rewards: torch.Tensor) -> torch.Tensor:
     return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (k - 1)
 
 
-def rloo_train(
-    policy,
-    reference,
-    tokenizer,
-    prompts: Sequence[str],
-    reward_fn: Callable[[list[str]], np.ndarray],
-    *,
-    steps: int = 16,
-    prompts_per_step: int = 4,
-    k: int = 4,
-    kl_coef: float = 0.1,
-    lr: float = 2e-5,
-    max_new_tokens: int = 24,
-    seed: int = 0,
-    progress: bool = True,
-    on_step: Callable[[int, dict], None] | None = None,
-) -> list[dict]:
+def rloo_train(policy, reference, tokenizer, prompts: Sequence[str], reward_fn: Callable[[list[str]], np.ndarray],
+               settings: RolloutSettings = DEFAULT_ROLLOUT, *, kl_coef: float = 0.1,
+               on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
     """Train ``policy`` in place with RLOO; return one metrics dict per step.
 
-    Each step samples ``k`` completions for ``prompts_per_step`` prompts (cycling through ``prompts``),
+    Each step samples ``k`` completions for ``prompts_per_step`` prompts (cycling through ``prompts``; the steps,
+    rollouts and learning rate are ``settings``),
     scores them with ``reward_fn`` (texts -> scores) and takes one AdamW step on
     −mean(A_i · log π(y_i|x)). ``on_step(step, record)`` runs after each step (e.g. to evaluate the policy
     along training); the record's ``reward`` and ``kl`` are the step's own samples' means (a learning curve).
     """
     from tqdm.auto import tqdm
 
-    pad = pad_token_id(tokenizer)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    order = prompt_order(len(prompts), seed)
+    pad, k = pad_token_id(tokenizer), settings.k
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=settings.lr,
+                                  weight_decay=0.0)
+    order = prompt_order(len(prompts), settings.seed)
     history = []
-    for step in tqdm(range(steps), desc="rloo", disable=not progress):
-        samples, reward = rollout(policy, tokenizer, prompts, order, step, reward_fn, prompts_per_step=prompts_per_step,
-                                  k=k, max_new_tokens=max_new_tokens, seed=seed)
+    for step in tqdm(range(settings.steps), desc="rloo", disable=not settings.progress):
+        samples, reward = rollout(policy, tokenizer, prompts, order, step, reward_fn, settings)
         reward = reward.view(-1, k)
         ref_logps = completion_logprobs(reference, samples, pad)
         policy.train()

@@ -235,7 +235,7 @@ def build_edition(out: Path, notebooks=DEFAULT_NOTEBOOKS, source: Path | None = 
     ``use_nbgrader`` runs nbgrader's ``generate_assignment`` instead of the kit's stripping.
     """
     if source is None:
-        from dpolab.cache import REPO_ROOT
+        from dpolab.data.cache import REPO_ROOT
 
         source = REPO_ROOT / "notebooks"
     paths = [Path(source) / f"{stem}.ipynb" for stem in notebooks]

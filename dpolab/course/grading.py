@@ -142,7 +142,7 @@ def run_cells(nb: dict, cwd: Path, timeout: float, kernel_name: str = "python3")
         content = execute_reply["content"]
         errors[cell_index] = _first_line(f"{content.get('ename', 'Error')}: {content.get('evalue', '')}")
 
-    from dpolab.notebook_output import kernel_manager_class
+    from dpolab.cli.notebook_output import kernel_manager_class
 
     notebook = nbformat.from_dict(nb)
     manager = kernel_manager_class()  # the kit's kernels run over IPC where possible (no TCP warning per notebook)
@@ -214,7 +214,7 @@ def grade_submissions(submissions: Path, source: Path | None = None, *, timeout:
     Every source notebook with exercises gets one row per student: graded, or ``not submitted`` with zero points.
     """
     if source is None:
-        from dpolab.cache import REPO_ROOT
+        from dpolab.data.cache import REPO_ROOT
 
         source = REPO_ROOT / "notebooks"
     submissions = Path(submissions)

@@ -4,7 +4,7 @@ Round r samples ``samples_per_prompt`` continuations of every training prefix fr
 round 1), scores prompt + continuation with the judge, builds pairs (the experiment's ``pair_strategy``, ties
 dropped and counted), writes them as a versioned preference file, trains the policy on them for ``steps_per_round``
 DPO steps against the fixed π_ref, and evaluates it on the held-out prefixes: one point of the reward–KL plane per
-round (:func:`dpolab.experiments.sentiment_curves.evaluate_checkpoint`, the frontier's own evaluation).
+round (:func:`dpolab.experiments.sentiment.curves.evaluate_checkpoint`, the frontier's own evaluation).
 
 Each round's file is ``round_<r>-<first 12 hex of its SHA-256>.jsonl`` (prompt, chosen, rejected, their scores and
 the sampled token ids; ``dpolab train train_data=...`` reads it), listed with its hash in ``rounds.json``. Sampling
@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dpolab.cache import atomic_write_text
+from dpolab.data.cache import atomic_write_text
 from dpolab.data.tokenize import TokenizedPair
-from dpolab.experiments.sentiment_curves import evaluate_checkpoint
-from dpolab.experiments.sentiment_eval import full_texts
-from dpolab.experiments.sentiment_policies import train_config, with_policy
+from dpolab.experiments.sentiment.curves import evaluate_checkpoint
+from dpolab.experiments.sentiment.evaluation import full_texts
+from dpolab.experiments.sentiment.policies import train_config, with_policy
 from dpolab.sample.generate import sample
 from dpolab.sample.judges import get_judge
 from dpolab.sample.pairs import build_pairs
@@ -93,7 +93,7 @@ def iterative_dpo(setup, rounds: int, *, judge="vader", beta: float = 0.1, steps
     out = Path(out) if out is not None else setup.out / "iterative_dpo"
     setup.heldout_samples()
     if setup.reference_row is None:
-        from dpolab.experiments.sentiment_curves import reference_curve_row
+        from dpolab.experiments.sentiment.curves import reference_curve_row
 
         setup.reference_row = reference_curve_row(setup)
     policy = copy.deepcopy(setup.reference)

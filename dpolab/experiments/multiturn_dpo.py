@@ -80,7 +80,7 @@ def masking_invariance(policy, reference, tokenizer, examples: list[PreferenceEx
     """
     from dpolab.data.tokenize import TokenizeConfig, tokenize_examples
     from dpolab.losses import needs_reference
-    from dpolab.train.objective import batch_objective
+    from dpolab.train.objective import Objective, batch_objective
     from dpolab.train.reference import FrozenReference
 
     frozen, rows = FrozenReference(reference), []
@@ -94,7 +94,7 @@ def masking_invariance(policy, reference, tokenizer, examples: list[PreferenceEx
             pairs, _ = tokenize_examples(examples, tokenizer, TokenizeConfig(max_length=192, mask_policy=mask_policy))
             batch = collate_pairs(pairs, tokenizer.pad_token_id)
             policy.zero_grad(set_to_none=True)
-            loss, _ = batch_objective(policy, frozen if needs_ref else None, batch, stage="dpo", loss=name, beta=beta)
+            loss, _ = batch_objective(policy, frozen if needs_ref else None, batch, Objective(losses=(name,), beta=beta))
             loss.mean().backward()
             values[mask_policy] = loss.detach().mean().item()
             grads[mask_policy] = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]

@@ -1,11 +1,12 @@
 """Ranking saved models on shared held-out prompts: alignment, per-prompt comparisons, win-rate tables.
 
-The rows that notebooks save (:class:`dpolab.results.ModelRow`, :func:`dpolab.results.save_model_row`) hold each
-model's mean ground-truth reward per held-out prompt (``prompts``, ``prompt_rewards``, ``prompt_lengths``). Ranking
+The rows that notebooks save (:class:`dpolab.evaluate.results.ModelRow`,
+:func:`dpolab.evaluate.results.save_model_row`) hold each model's mean ground-truth reward per held-out prompt (``prompts``, ``prompt_rewards``, ``prompt_lengths``). Ranking
 them needs the prompts they have in common (:func:`align_rows`); then every pair of models is compared prompt
 by prompt — 1 when A's reward is higher, 0 when lower, ½ for a tie — which feeds the win rates
 (:func:`win_rate_table`, :func:`dpolab.evaluate.win_rate`) and the Bradley–Terry ratings
-(:func:`pairwise_comparisons`, :func:`dpolab.rank.bradley_terry`).
+(:func:`pairwise_comparisons`, :func:`dpolab.evaluate.rank.bradley_terry`); :func:`rank_against_reference` joins
+each model's win rate against π_ref with its rating.
 
 Every pair is compared on the same prompts, a *balanced* round robin, in which the Bradley–Terry ratings
 are ordered exactly as the models' total wins (ties ½): if model i has more wins than j, its rating is
@@ -26,9 +27,9 @@ from itertools import combinations
 import numpy as np
 import pandas as pd
 
-from dpolab.evaluate import length_controlled_win_rate, outcomes, win_rate
-from dpolab.experiments.sentiment_eval import best_of_n_rows
-from dpolab.results import ModelRow
+from dpolab.evaluate import bradley_terry, length_controlled_win_rate, outcomes, win_rate
+from dpolab.evaluate.results import ModelRow
+from dpolab.experiments.sentiment.evaluation import best_of_n_rows
 
 CONSTRUCTED_METHODS = {"Best of N": 1.0, "Worst of N": -1.0}  # method -> sign of its by-construction key
 
@@ -71,7 +72,7 @@ def _per_prompt(row: ModelRow, index: int, source: str) -> dict[str, tuple[float
     for key in ("prompts", "prompt_rewards"):
         if getattr(row, key) is None:
             raise ValueError(f"{source}, row {index} ({name}), field '{key}': missing; save rows with "
-                             "dpolab.results.save_model_row")
+                             "dpolab.evaluate.results.save_model_row")
     prompts, rewards = list(row.prompts), np.asarray(row.prompt_rewards, dtype=float)
     lengths = np.asarray(row.prompt_lengths or [math.nan] * len(prompts), dtype=float)
     for key, values in (("prompt_rewards", rewards), ("prompt_lengths", lengths)):
@@ -95,8 +96,8 @@ def align_rows(rows: Sequence[ModelRow | Mapping], *, min_prompts: int = 2, sour
     are dropped one at a time — each time the one whose removal leaves the most shared prompts — down to two.
 
     Args:
-        rows: saved rows (:func:`dpolab.results.load_model_rows`), or dicts with at least ``policy``, ``prompts``
-            and ``prompt_rewards`` (read by :meth:`dpolab.results.ModelRow.from_dict`).
+        rows: saved rows (:func:`dpolab.evaluate.results.load_model_rows`), or dicts with at least ``policy``, ``prompts``
+            and ``prompt_rewards`` (read by :meth:`dpolab.evaluate.results.ModelRow.from_dict`).
         min_prompts: the fewest shared prompts to rank on.
         source: a name for error messages (e.g. the folder the rows came from).
 
@@ -176,6 +177,60 @@ def win_rate_table(aligned: AlignedRewards, *, tie_tolerance: float = 0.0, n_boo
     return pd.DataFrame(out)
 
 
+@dataclass
+class ReferenceRanking:
+    """Models ranked against π_ref (:func:`rank_against_reference`).
+
+    Attributes:
+        aligned: the models' per-prompt rewards on their shared prompts.
+        ratings: the Bradley–Terry table of :func:`dpolab.evaluate.bradley_terry` (π_ref's row too).
+        reference: π_ref's model name.
+        table: one row per model but π_ref (index ``model``): ``KL``, ``mean reward``, the win rate against π_ref
+            (``win_rate``, ``ci_low``, ``ci_high``) and the rating (``rating``, ``rating ci_low``,
+            ``rating ci_high``).
+    """
+
+    aligned: AlignedRewards
+    ratings: pd.DataFrame
+    reference: str
+    table: pd.DataFrame
+
+    @property
+    def reference_rating(self) -> float:
+        """π_ref's Bradley–Terry rating."""
+        return float(self.ratings.set_index("model").loc[self.reference, "rating"])
+
+
+def results_file_models(results: Mapping) -> list[dict]:
+    """The models of a sentiment results file (:func:`dpolab.experiments.sentiment.report.from_results`) worth
+    ranking: π_ref, the last checkpoint of every curve and the Best-of-N policies with N > 1, each on π_ref's held-out
+    prompts unless it names its own, with source ``frontier``."""
+    policies = results["policies"]
+    reference_row = next(r for r in policies if r["method"] == "Reference")
+    return [{**r, "prompts": r.get("prompts", reference_row["prompts"]), "source": "frontier"} for r in policies
+            if r["method"] == "Reference" or r.get("final") or (r["method"] == "Best of N" and r["knob"] > 1)]
+
+
+def rank_against_reference(rows: Sequence[ModelRow | Mapping], *, min_prompts: int = 2, n_bootstrap: int = 1000,
+                           seed: int = 0, source: str = "rows") -> ReferenceRanking:
+    """Each model's win rate against π_ref (the model whose name says ``reference``) on their shared prompts,
+    joined with the Bradley–Terry ratings of all of them (:func:`align_rows`, :func:`pairwise_comparisons`,
+    :func:`dpolab.evaluate.bradley_terry`, :func:`dpolab.evaluate.win_rate`; the same ``n_bootstrap`` and ``seed``
+    for every interval)."""
+    aligned = align_rows(rows, min_prompts=min_prompts, source=source)
+    ratings = bradley_terry(pairwise_comparisons(aligned), n_bootstrap=n_bootstrap, seed=seed)
+    ref = aligned.models.index(next(m for m in aligned.models if "reference" in m))
+    versus_ref = pd.DataFrame([
+        {"model": name, "KL": row.kl, "mean reward": aligned.rewards[i].mean(),
+         **{k: win_rate(aligned.rewards[i], aligned.rewards[ref], n_bootstrap=n_bootstrap, seed=seed)[k]
+            for k in ("win_rate", "ci_low", "ci_high")}}
+        for i, (name, row) in enumerate(zip(aligned.models, aligned.rows)) if i != ref
+    ]).set_index("model")
+    columns = ratings.set_index("model")[["rating", "ci_low", "ci_high"]].rename(
+        columns={"ci_low": "rating ci_low", "ci_high": "rating ci_high"})
+    return ReferenceRanking(aligned, ratings, aligned.models[ref], versus_ref.join(columns))
+
+
 def dominance_pairs(aligned: AlignedRewards) -> list[tuple[str, str]]:
     """(A, B) for every pair where A's reward is ≥ B's on every shared prompt and > on at least one."""
     r = aligned.rewards
@@ -202,7 +257,7 @@ def worst_of_n_rows(reference_samples, reward_fn: Callable, judge_fn: Callable, 
     """Worst-of-N from the reference's samples: per prompt, the lowest-reward of the first N samples.
 
     A deliberately weak policy with a known place in the ranking (below best-of-1). It is Best-of-N under the
-    negated reward, so it reuses :func:`dpolab.experiments.sentiment_eval.best_of_n_rows`; its KL to the
+    negated reward, so it reuses :func:`dpolab.experiments.sentiment.evaluation.best_of_n_rows`; its KL to the
     reference has the same bound, log N − (N − 1)/N.
     """
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dpolab.cache import atomic_write_text, from_repo_root
+from dpolab.data.cache import atomic_write_text, from_repo_root
 from dpolab.data.records import Message, PreferenceExample
-from dpolab.experiments.sentiment_eval import mean_and_se
+from dpolab.experiments.sentiment.evaluation import mean_and_se
 from dpolab.sample.generate import sample
 from dpolab.sample.pairs import build_pairs
 

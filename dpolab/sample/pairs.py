@@ -14,7 +14,7 @@ dropped and counted. Deterministic rows have confidence 1.
 
 A saved pair set is a folder with the ``datasets`` table in ``data/`` and ``metadata.json`` beside it
 (the settings that produced it, the counts, and a SHA-256 of the rows), built in a temporary folder and
-renamed into place (:func:`dpolab.cache.build_artifact`), so a later run can tell whether it is reusing
+renamed into place (:func:`dpolab.data.cache.build_artifact`), so a later run can tell whether it is reusing
 the same pairs and a crash never leaves a half-written set.
 """
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpolab.cache import build_artifact, is_complete
+from dpolab.data.cache import build_artifact, is_complete
 
 STRATEGIES = ("best_vs_worst", "all_pairs", "bradley_terry")
 FORMAT_VERSION = 1

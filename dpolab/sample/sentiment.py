@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpolab.cache import build_artifact, cache_dir, sha256_file
+from dpolab.data.cache import build_artifact, cache_dir, sha256_file
 
 VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
 VADER_SDIST_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"

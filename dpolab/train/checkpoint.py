@@ -14,7 +14,7 @@ Layout of one checkpoint (``<output_dir>/checkpoints/step-000012/``)::
                           adapter_model.safetensors (its tensors) and peft's README.md; load_model loads the base
                           model that adapter_config.json names, then the adapter
 
-The folder is written under a temporary name and renamed into place (:func:`dpolab.cache.build_artifact`),
+The folder is written under a temporary name and renamed into place (:func:`dpolab.data.cache.build_artifact`),
 so a crash or a kill during saving leaves the previous checkpoints intact and no half-written one. Weights
 that are not finite are never written. Loading verifies every file against its stored digest, so a flipped
 bit is refused with the file named. Old checkpoints are pruned by renaming them out of the ``step-N`` name
@@ -40,7 +40,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dpolab.cache import build_artifact, is_complete, sha256_file
+from dpolab.data.cache import build_artifact, is_complete, sha256_file
 from dpolab.train.metrics import NonFiniteWeightsError
 
 CHECKPOINTS = "checkpoints"

@@ -2,7 +2,7 @@
 
 A run is the defaults, then a YAML file, then ``key=value`` overrides (command line or keyword
 arguments), each checked against the field's type before any work starts by the loader every config of the
-kit shares (:mod:`dpolab.overrides`). A key that is not a field, or a value of the wrong type, stops with an
+kit shares (:mod:`dpolab.train.overrides`). A key that is not a field, or a value of the wrong type, stops with an
 error that names the source and the key::
 
     config = TrainConfig.load("configs/sentiment.yaml", ["beta=0.5", "lr=1e-5"])
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from dpolab.overrides import ConfigError, field_docs, load_config
 from dpolab.train.loss_config import check_loss_fields
+from dpolab.train.overrides import ConfigError, field_docs, load_config
 
 
 @dataclass
@@ -94,7 +94,7 @@ class TrainConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """trl's name: modules that get an adapter, by name or suffix (e.g. [q_proj, v_proj]), or "all-linear"."""
     lora_dropout: float = 0.0
-    """trl's name: dropout on the adapter's input in training steps (the model's own dropout stays off; dpolab.lora)."""
+    """trl's name: dropout on the adapter's input in training steps (the model's own dropout stays off; dpolab.models.lora)."""
     lora_bias: Literal["none", "all", "lora_only"] = "none"
     """dpolab's name for peft's `bias` (not peft's lora_bias): biases that train too; other than "none", the adapter
     switched off is no longer the starting model, so reference "adapter" is refused."""
@@ -221,7 +221,7 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: Mapping[str, Any] | Iterable[str] = ()) -> TrainConfig:
         """Defaults, then the YAML file at ``path``, then ``overrides`` (a dict or ``"key=value"`` strings), each
-        type-checked (:func:`dpolab.overrides.load_config`); then :meth:`validate`."""
+        type-checked (:func:`dpolab.train.overrides.load_config`); then :meth:`validate`."""
         config = load_config(cls, path, overrides, help_command="dpolab train --help")
         config.validate()
         return config
@@ -300,7 +300,7 @@ class TrainConfig:
             raise ConfigError("early_stopping_patience needs evaluations during the run: set 'eval_every' > 0")
 
 
-# The LoRA settings passed to peft beside lora_r and lora_alpha (dpolab.lora.add_lora).
+# The LoRA settings passed to peft beside lora_r and lora_alpha (dpolab.models.lora.add_lora).
 LORA_FIELDS = ("lora_target_modules", "lora_dropout", "lora_bias", "use_rslora", "use_dora", "lora_modules_to_save")
 
 # Where report_to can send metrics (dpolab.train.trackers).

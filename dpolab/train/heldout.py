@@ -23,13 +23,14 @@ from dpolab.fast.paths import DEFAULT_FAST_PATHS, FastPaths, pair_layout
 from dpolab.rewards import sequence_kl
 from dpolab.train.distributed import DistributedContext, all_gather_objects, all_reduce_sum, unwrap
 from dpolab.train.metrics import EVAL_PREFIX
-from dpolab.train.objective import STATS, batch_objective, mean_metrics, objective_settings
+from dpolab.train.objective import STATS, Objective, batch_objective, mean_metrics
 
 
-def heldout_metrics(model, reference, pairs: list[TokenizedPair], *, config, pad_id: int,
+def heldout_metrics(model, reference, pairs: list[TokenizedPair], *, config, objective: Objective, pad_id: int,
                     ctx: DistributedContext, autocast, fast: FastPaths = DEFAULT_FAST_PATHS) -> dict[str, float]:
-    """``eval_loss``, ``eval_rewards/*``, ``eval_logps/*``, ``eval_lengths/*`` over all ``pairs``, the policy's
-    forwards on the speed paths ``fast`` (the trainer's; :class:`dpolab.fast.paths.FastPaths`)."""
+    """``eval_loss``, ``eval_rewards/*``, ``eval_logps/*``, ``eval_lengths/*`` of ``objective`` over all ``pairs``
+    (batched as ``config`` says), the policy's forwards on the speed paths ``fast`` (the trainer's;
+    :class:`dpolab.fast.paths.FastPaths`)."""
     layout = pair_layout(model, config.stage, fast)
     batches = length_bucketed_batches([pair_length(p, layout) for p in pairs], config.eval_batch_size, seed=0,
                                       shuffle=False)
@@ -41,8 +42,7 @@ def heldout_metrics(model, reference, pairs: list[TokenizedPair], *, config, pad
         for rows in batches if config.fsdp else batches[ctx.rank :: ctx.world_size]:
             batch = to_device(collate_pairs([pairs[i] for i in rows], pad_id, index=rows), ctx.device)
             with autocast():
-                _, sums = batch_objective(model, reference, batch, stage=config.stage, fast=fast,
-                                          **objective_settings(config))
+                _, sums = batch_objective(model, reference, batch, objective, fast=fast)
             totals = sums if totals is None else totals + sums
     if totals is None:  # more processes than evaluation batches
         totals = torch.zeros(len(STATS), dtype=torch.float64)

@@ -28,6 +28,8 @@ from dpolab.train.callbacks import BestCheckpointCallback, CallbackList
 from dpolab.train.config import TrainConfig
 from dpolab.train.heldout import heldout_metrics, sample_kl
 from dpolab.train.metrics import MetricsWriter, Monitor, logged_record, read_metrics
+from dpolab.train.objective import Objective
+from dpolab.train.reference import Reference
 from dpolab.train.step import BatchPlan, train_step
 from dpolab.train.trackers import Trackers
 
@@ -52,11 +54,12 @@ class TrainResult:
     stop_reason: str | None = None  # why the callbacks stopped the run before its last step (None: it ran to the end)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
-    """Everything the loop of one run works with, set up by :func:`dpolab.train.trainer.train`."""
+    """Everything the loop of one run works with, set up by :func:`dpolab.train.trainer.train` (by keyword)."""
 
     config: TrainConfig
+    objective: Objective  # the loss of every step and evaluation, built once from the config
     ctx: dist.DistributedContext
     model: torch.nn.Module  # the policy itself
     wrapped: torch.nn.Module  # the policy as trained on this process (itself, DDP or FSDP)
@@ -65,8 +68,8 @@ class Run:
     tokenizer: Any
     train_data: PairData
     eval_data: PairData
-    train_ref: Any
-    eval_ref: Any
+    train_ref: Reference | None  # None: SFT, or a reference-free loss
+    eval_ref: Reference | None  # None: no reference, or no evaluation pairs for a precomputed table
     plan: BatchPlan
     resume: ckpt.Checkpoint | None
     callbacks: CallbackList
@@ -98,7 +101,6 @@ def train_loop(run: Run, step: int) -> TrainResult:
         monitor.observe(record, emit=False)  # a resumed run's detectors continue from the earlier steps
     if run.resume is not None:  # the callbacks continue from the earlier evaluations (rank 0 read them)
         _replay(run, dist.broadcast_object(eval_history, ctx))
-    scale = ctx.world_size / run.plan.global_size  # DDP averages over processes; we want the mean over pairs
     last_checkpoint = run.resume.folder if run.resume is not None else None
     total = run.plan.total_steps(config)
     num_tokens = run.plan.tokens_before(step, run.train_data.pairs, config.stage)  # trl's num_tokens: cumulative
@@ -118,12 +120,10 @@ def train_loop(run: Run, step: int) -> TrainResult:
     bar = tqdm(total=total, initial=step, desc=config.stage, disable=not (config.progress and ctx.is_main))
     try:
         while step < total and not control.should_stop:
-            step, record = train_step(config, ctx, run.wrapped, run.params, run.optimizer, run.train_data.pairs,
-                                      run.train_ref, run.plan, pad, step, total, scale=scale, autocast=run.autocast,
-                                      num_tokens=num_tokens, fast=run.fast)
+            step, record = train_step(run, step)
+            num_tokens = record["num_tokens"] = num_tokens + record["num_tokens"]  # trl's: cumulative
             if step == 1 and touched:  # what truncation did to the data, once per run
                 _note_data(record, run.data_report, monitor)
-            num_tokens = record["num_tokens"]
             history.append(record)
             window.append(record)
             if step % config.logging_steps == 0 or step == total:
@@ -181,7 +181,8 @@ def _evaluate(run: Run, step: int, pad: int) -> dict[str, Any]:
     """The held-out metrics (``eval_`` names) and, with ``kl_samples``, the sampled KL of the policy now."""
     config = run.config
     evaluation = {"step": step, **heldout_metrics(run.wrapped, run.eval_ref, run.eval_data.pairs, config=config,
-                                                  pad_id=pad, ctx=run.ctx, autocast=run.autocast, fast=run.fast)}
+                                                  objective=run.objective, pad_id=pad, ctx=run.ctx,
+                                                  autocast=run.autocast, fast=run.fast)}
     if config.kl_samples:
         evaluation.update(sample_kl(run.wrapped, run.eval_ref, run.tokenizer,
                                     run.eval_data.prompts[: config.kl_samples], config=config, ctx=run.ctx,

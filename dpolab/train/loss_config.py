@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from dpolab.overrides import ConfigError
+from dpolab.train.overrides import ConfigError
 
 # Arguments the trainer passes to every loss itself; loss_params cannot set them.
 TRAINER_ARGS = frozenset({"policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps",

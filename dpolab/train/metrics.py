@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from dpolab.cache import atomic_write_text
+from dpolab.data.cache import atomic_write_text
 
 
 class TrainingWarning(UserWarning):

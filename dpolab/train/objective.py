@@ -20,6 +20,10 @@ the vocabulary) and ``entropy`` (of π) are sums over response tokens, divided b
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -40,6 +44,10 @@ from dpolab.losses import (
 )
 from dpolab.train.token_scores import token_scores
 
+if TYPE_CHECKING:
+    from dpolab.train.config import TrainConfig
+    from dpolab.train.reference import Reference
+
 # Sums over pairs (plus counts, and sums over response tokens) that one batch contributes to a step's metrics.
 STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
          "logps/rejected", "lengths/chosen", "lengths/rejected", "pairs", "tokens", "nonfinite", "logits/chosen",
@@ -49,14 +57,51 @@ _SFT_STATS = ("loss", "logps/chosen", "lengths/chosen")
 # token sums -> the token counts (sums of response lengths) they are divided by (trl: chosen, rejected, both sides)
 _TOKEN_MEANS = {"logits/chosen": ("lengths/chosen",), "logits/rejected": ("lengths/rejected",),
                 "entropy": ("lengths/chosen", "lengths/rejected")}
-# The config fields that define the DPO objective (TrainConfig names, which are trl's where trl has them).
-OBJECTIVE_FIELDS = ("loss", "beta", "loss_params", "sft_weight", "loss_type", "loss_weights", "use_weighting",
-                    "ld_alpha", "f_divergence_type", "f_alpha_divergence_coef")
 
 
-def objective_settings(config) -> dict:
-    """The keyword arguments of :func:`batch_objective` and :func:`global_contexts` from a TrainConfig."""
-    return {name: getattr(config, name) for name in OBJECTIVE_FIELDS if hasattr(config, name)}
+@dataclass(frozen=True)
+class Objective:
+    """What a batch's loss is: built once from the config (:meth:`from_config`) and passed down to the loss.
+
+    The names are the :class:`~dpolab.train.config.TrainConfig` fields it comes from (trl's where trl has them),
+    except that ``losses`` and ``weights`` are the resolved list of losses: trl's ``loss_type`` and
+    ``loss_weights``, or the single ``loss`` with no weights.
+    """
+
+    stage: str = "dpo"
+    """``"sft"`` (the per-token NLL of the chosen responses) or ``"dpo"`` (the losses below)."""
+    losses: tuple[str, ...] = ("sigmoid",)
+    """Names in :data:`dpolab.losses.LOSSES`; several are added with ``weights``."""
+    weights: tuple[float, ...] | None = None
+    """One weight per loss, or None for weight 1 each."""
+    beta: float = 0.1
+    """β of every loss (paper Eq. 7)."""
+    loss_params: Mapping[str, Any] = field(default_factory=dict)
+    """The losses' own keyword arguments (``label_smoothing``, ``delta``, ...); held read-only."""
+    sft_weight: float = 0.0
+    """Weight of the kit's per-sequence NLL of the chosen responses added to the loss."""
+    use_weighting: bool = False
+    """trl's WPO: each pair's loss weighted by its (length-normalised) probability under the policy."""
+    ld_alpha: float | None = None
+    """trl's LD-DPO: the weight of the log-probs of the tokens past the shorter response's length."""
+    f_divergence_type: str = "reverse_kl"
+    """trl's f-DPO: the divergence whose derivative replaces the log-ratio."""
+    f_alpha_divergence_coef: float = 0.5
+    """α of ``f_divergence_type="alpha_divergence"``."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "losses", tuple(self.losses))
+        object.__setattr__(self, "weights", tuple(self.weights) if self.weights else None)
+        object.__setattr__(self, "loss_params", MappingProxyType(dict(self.loss_params or {})))
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> Objective:
+        """The objective that ``config`` (a validated TrainConfig) asks for."""
+        return cls(stage=config.stage, losses=tuple(config.loss_type) or (config.loss,),
+                   weights=tuple(config.loss_weights) or None, beta=config.beta, loss_params=config.loss_params,
+                   sft_weight=config.sft_weight, use_weighting=config.use_weighting, ld_alpha=config.ld_alpha,
+                   f_divergence_type=config.f_divergence_type,
+                   f_alpha_divergence_coef=config.f_alpha_divergence_coef)
 
 
 def chosen_rows(batch: PairBatch) -> SequenceBatch:
@@ -66,22 +111,19 @@ def chosen_rows(batch: PairBatch) -> SequenceBatch:
     return SequenceBatch(batch.input_ids[:b, :width], batch.attention_mask[:b, :width], batch.labels[:b, :width])
 
 
-def _loss_names(loss: str, loss_type) -> list[str]:
-    return list(loss_type) if loss_type else [loss]
+def _needs_tokens(objective: Objective) -> bool:
+    return (objective.use_weighting or objective.ld_alpha is not None
+            or any(LOSS_SPECS[n].token_inputs for n in objective.losses))
 
 
-def _needs_tokens(names, use_weighting, ld_alpha) -> bool:
-    return use_weighting or ld_alpha is not None or any(LOSS_SPECS[n].token_inputs for n in names)
-
-
-def _pair_inputs(model, reference, batch: PairBatch, names, *, use_weighting=False, ld_alpha=None,
+def _pair_inputs(model, reference: Reference | None, batch: PairBatch, objective: Objective, *,
                  fast: FastPaths = DEFAULT_FAST_PATHS, with_stats: bool = False):
     """Policy and reference log-probs (2B,) as the losses see them, response lengths (2B,), WPO pair weights (B,)
     or None, and the extra per-pair inputs some losses take (unweighted NLL log-probs, rejected-token log-probs);
     with ``with_stats`` the extras hold the policy's ``logit_stats`` (2B, 2) (:class:`dpolab.logprobs.PairLogps`)."""
-    b = batch.num_pairs
+    b, use_weighting, ld_alpha = batch.num_pairs, objective.use_weighting, objective.ld_alpha
     extra = {}
-    if not _needs_tokens(names, use_weighting, ld_alpha):
+    if not _needs_tokens(objective):
         policy = concatenated_forward(model, batch, fast=fast, with_stats=with_stats)
         logps = torch.cat([policy.chosen, policy.rejected])
         lengths = torch.cat([policy.chosen_lengths, policy.rejected_lengths])
@@ -116,24 +158,17 @@ def _pair_inputs(model, reference, batch: PairBatch, names, *, use_weighting=Fal
     return logps, ref_logps, lengths, weights, extra
 
 
-def batch_objective(model, reference, batch: PairBatch, *, stage: str, loss: str = "sigmoid", beta: float = 0.1,
-                    loss_params: dict | None = None, sft_weight: float = 0.0, loss_type=None, loss_weights=None,
-                    use_weighting: bool = False, ld_alpha: float | None = None,
-                    f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
+def batch_objective(model, reference: Reference | None, batch: PairBatch, objective: Objective, *,
                     context: dict | None = None, fast: FastPaths = DEFAULT_FAST_PATHS,
                     with_stats: bool = True) -> tuple[Tensor, Tensor]:
     """Per-pair losses (with grad) and the batch's metric sums.
 
     Args:
         model: the policy (possibly wrapped in DDP).
-        reference: an object with ``pair_logps(batch)`` (see :mod:`dpolab.train.reference`), or None for a
-            reference-free loss (and for SFT).
+        reference: π_ref (:class:`dpolab.train.reference.Reference`), or None for a reference-free loss (and for
+            SFT).
         batch: B pairs.
-        stage: ``"sft"`` or ``"dpo"``.
-        loss, beta, loss_params, sft_weight: the DPO loss, its β and own parameters, and the weight of
-            the kit's per-sequence NLL term added to it.
-        loss_type, loss_weights: trl's list of losses and their weights (overrides ``loss`` when given).
-        use_weighting, ld_alpha, f_divergence_type, f_alpha_divergence_coef: trl's WPO, LD-DPO and f-DPO.
+        objective: the stage, losses, β and loss parameters (:class:`Objective`).
         context: this micro-batch's share of the global batch (:func:`global_contexts`); None treats the batch
             as the whole global batch.
         fast: the speed paths of the policy's forward (:class:`dpolab.fast.paths.FastPaths`); the reference
@@ -147,7 +182,7 @@ def batch_objective(model, reference, batch: PairBatch, *, stage: str, loss: str
     """
     sums = dict.fromkeys(STATS, 0.0)
     sums["pairs"] = float(batch.num_pairs)
-    if stage == "sft":
+    if objective.stage == "sft":
         seq = chosen_rows(batch)
         logps, lengths = sequence_forward(model, seq, fast=fast)
         losses = sft_loss(logps, lengths)
@@ -155,23 +190,23 @@ def batch_objective(model, reference, batch: PairBatch, *, stage: str, loss: str
         for name, value in zip(_SFT_STATS, (losses, logps, lengths)):
             sums[name] = float(value.detach().double().sum())
     else:
-        names = _loss_names(loss, loss_type)
+        names = list(objective.losses)
         b = batch.num_pairs
-        logps, ref_logps, lengths, weights, extra = _pair_inputs(model, reference, batch, names,
-                                                                 use_weighting=use_weighting, ld_alpha=ld_alpha,
-                                                                 fast=fast, with_stats=with_stats)
+        logps, ref_logps, lengths, weights, extra = _pair_inputs(model, reference, batch, objective, fast=fast,
+                                                                 with_stats=with_stats)
         stats = extra.pop("logit_stats").double() if with_stats else None
-        params = {**(loss_params or {}), **(context or {})}
+        params = {**objective.loss_params, **(context or {})}
         params.update({k: v for k, v in extra.items()
                        if any(k in loss_parameters(n) for n in names)})
         losses, chosen_rewards, rejected_rewards = combined_loss(
             logps[:b], logps[b:], None if ref_logps is None else ref_logps[:b],
-            None if ref_logps is None else ref_logps[b:], beta, loss_type=names,
-            loss_weights=list(loss_weights) if loss_weights else None, pair_weights=weights,
-            f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+            None if ref_logps is None else ref_logps[b:], objective.beta, loss_type=names,
+            loss_weights=list(objective.weights) if objective.weights else None, pair_weights=weights,
+            f_divergence_type=objective.f_divergence_type, f_alpha_divergence_coef=objective.f_alpha_divergence_coef,
             chosen_lengths=lengths[:b], rejected_lengths=lengths[b:], **params)
-        if sft_weight:
-            losses = losses + sft_weight * sft_loss(extra.get("unweighted_chosen_logps", logps[:b]), lengths[:b])
+        if objective.sft_weight:
+            losses = losses + objective.sft_weight * sft_loss(extra.get("unweighted_chosen_logps", logps[:b]),
+                                                              lengths[:b])
         margins = chosen_rewards - rejected_rewards
         sums["tokens"] = float(batch.num_tokens)
         values = {
@@ -192,9 +227,8 @@ def batch_objective(model, reference, batch: PairBatch, *, stage: str, loss: str
     return losses, torch.tensor([sums[name] for name in STATS], dtype=torch.float64)
 
 
-def global_contexts(model, reference, batches: list[PairBatch], *, stage: str, loss: str = "sigmoid",
-                    loss_type=None, use_weighting: bool = False, ld_alpha: float | None = None,
-                    fast: FastPaths = DEFAULT_FAST_PATHS, **_settings) -> list[dict]:
+def global_contexts(model, reference: Reference | None, batches: list[PairBatch], objective: Objective, *,
+                    fast: FastPaths = DEFAULT_FAST_PATHS) -> list[dict]:
     """Each micro-batch's share of the global batch's numbers, for the losses that are not per-pair sums.
 
     - ``sft`` (trl's): ``mean_chosen_length``, chosen tokens / pairs of the global batch (from the labels);
@@ -208,9 +242,9 @@ def global_contexts(model, reference, batches: list[PairBatch], *, stage: str, l
         One dict per micro-batch (empty when nothing is needed), the ``context`` of :func:`batch_objective`.
     """
     contexts = [{} for _ in batches]
-    if stage != "dpo" or not batches:
+    if objective.stage != "dpo" or not batches:
         return contexts
-    names = _loss_names(loss, loss_type)
+    names = list(objective.losses)
     if "sft" in names:
         counts = torch.tensor([[float((shift_labels(b.labels[: b.num_pairs]) != IGNORE_INDEX).sum()),
                                 float(b.num_pairs)] for b in batches], dtype=torch.float64).sum(0)
@@ -220,15 +254,13 @@ def global_contexts(model, reference, batches: list[PairBatch], *, stage: str, l
     sorted_names = [n for n in names if n in SORTED_LOSSES]
     if len(sorted_names) > 1:
         raise ValueError(f"at most one sorted loss per objective, got {sorted_names}")
-    mean_weight = use_weighting and any(LOSS_SPECS[n].batch_mean for n in names)
+    mean_weight = objective.use_weighting and any(LOSS_SPECS[n].batch_mean for n in names)
     if not (sorted_names or mean_weight):
         return contexts
     firsts, seconds, weights = [], [], []
     with torch.no_grad():
         for batch in batches:
-            logps, ref_logps, _, pair_weights, _ = _pair_inputs(model, reference, batch, names,
-                                                                 use_weighting=use_weighting, ld_alpha=ld_alpha,
-                                                                 fast=fast)
+            logps, ref_logps, _, pair_weights, _ = _pair_inputs(model, reference, batch, objective, fast=fast)
             b = batch.num_pairs
             if sorted_names:
                 first, second = aot_sorted_values(sorted_names[0], logps[:b], logps[b:], ref_logps[:b], ref_logps[b:])

@@ -9,15 +9,17 @@
 - precomputed: log π_ref of every training response, computed once and stored as a content-addressed cache
   artifact (:mod:`dpolab.train.reference_table`). It has no model, so it cannot score new samples.
 
-:func:`policy_and_references` picks among them as a training config asks. Every strategy returns
-:class:`dpolab.logprobs.PairLogps` without autograd history. The model-based ones take the speed paths of their
-forwards as a :class:`dpolab.fast.paths.FastPaths` (default: all that the model allows).
+:func:`policy_and_references` picks among them as a training config asks. Every strategy is a
+:class:`Reference`: it returns :class:`dpolab.logprobs.PairLogps` without autograd history. The model-based ones
+take the speed paths of their forwards as a :class:`dpolab.fast.paths.FastPaths` (default: all that the model allows).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -25,9 +27,27 @@ from dpolab.data.batch import PairBatch, SequenceBatch
 from dpolab.data.prepare import tokenize_config
 from dpolab.fast.paths import DEFAULT_FAST_PATHS, FastPaths
 from dpolab.logprobs import PairLogps, concatenated_forward, sequence_forward
-from dpolab.lora import add_lora
+from dpolab.models.lora import add_lora
 from dpolab.train.reference_table import precompute_reference
 from dpolab.train.token_scores import token_scores
+
+
+@runtime_checkable
+class Reference(Protocol):
+    """π_ref as the objective reads it: what the four strategies (:class:`FrozenReference`,
+    :class:`AdapterReference`, :class:`StartingAdapterReference`,
+    :class:`~dpolab.train.reference_table.PrecomputedReference`) have in common.
+
+    Beyond it, by strategy: ``token_logps`` (per-token log-probs, for LD-DPO) on the model-based ones, and
+    ``mix_in`` (TR-DPO's update) on a reference with weights of its own.
+    """
+
+    def pair_logps(self, batch: PairBatch) -> PairLogps:
+        """Summed log π_ref of the chosen and rejected responses of a batch, no autograd history. Shape: (B,) each."""
+        ...
+
+    sequence_logps: Callable[[SequenceBatch], torch.Tensor] | None
+    """Summed log π_ref of new responses (samples, for the KL), or None where there is no model to score them."""
 
 
 class FrozenReference:
@@ -89,7 +109,7 @@ class AdapterReference(FrozenReference):
 @contextlib.contextmanager
 def _eval_mode(module: torch.nn.Module):
     """Within the block ``module`` is in eval mode (dropout off); each submodule's mode is restored afterwards (the
-    policy's LoRA dropout is on during a training step: :func:`dpolab.lora.adapter_dropout`)."""
+    policy's LoRA dropout is on during a training step: :func:`dpolab.models.lora.adapter_dropout`)."""
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
@@ -142,7 +162,7 @@ class StartingAdapterReference(FrozenReference):
 
 
 def make_reference(kind: str, policy: torch.nn.Module, reference_model: torch.nn.Module | None = None, *,
-                   adapter_start: bool = False, fast: FastPaths = DEFAULT_FAST_PATHS):
+                   adapter_start: bool = False, fast: FastPaths = DEFAULT_FAST_PATHS) -> Reference | None:
     """A model-based reference: ``"copy"`` (of ``reference_model`` if given, else of the policy now) or
     ``"adapter"`` (the adapter switched off, or with ``adapter_start`` at its current weights: for a policy that
     arrived with a trained adapter), its forwards on the speed paths ``fast``; None for ``"none"``.
@@ -157,7 +177,8 @@ def make_reference(kind: str, policy: torch.nn.Module, reference_model: torch.nn
 
 
 def policy_and_references(config, ctx, model, tokenizer, reference_model, train_data, eval_data,
-                          fast: FastPaths = DEFAULT_FAST_PATHS):
+                          fast: FastPaths = DEFAULT_FAST_PATHS
+                          ) -> tuple[torch.nn.Module, Reference | None, Reference | None]:
     """The policy on its device (in eval mode: dropout off; a LoRA adapter added if asked), and π_ref for
     training and for evaluation as ``config.reference`` asks, taken from the initial weights (before a resumed run
     loads its own). ``train_data``/``eval_data`` are :class:`dpolab.data.prepare.PairData` (a precomputed table

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dpolab.cache import build_artifact, cache_dir, sha256_file
 from dpolab.data.batch import IGNORE_INDEX, PairBatch, collate_pairs, pair_length, to_device
+from dpolab.data.cache import build_artifact, cache_dir, sha256_file
 from dpolab.data.tokenize import TokenizedPair, pad_token_id
 from dpolab.fast.paths import DEFAULT_FAST_PATHS, FastPaths, pair_layout
 from dpolab.logprobs import PairLogps, concatenated_forward, shift_labels

@@ -19,7 +19,7 @@ import math
 import sys
 from pathlib import Path
 
-from dpolab.cache import atomic_write_text
+from dpolab.data.cache import atomic_write_text
 
 
 def train_reward(config, *, model=None, tokenizer=None, train_pairs=None, eval_pairs=None):

@@ -17,19 +17,24 @@ import dataclasses
 import math
 import random
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dpolab.data.batch import collate_pairs, length_bucketed_batches, to_device
+from dpolab.data.tokenize import pad_token_id
 from dpolab.fast.paths import DEFAULT_FAST_PATHS, FastPaths
-from dpolab.lora import adapter_dropout
+from dpolab.models.lora import adapter_dropout
 from dpolab.train import distributed as dist
 from dpolab.train.config import TrainConfig
 from dpolab.train.metrics import NonFiniteLossError
-from dpolab.train.objective import STATS, batch_objective, global_contexts, mean_metrics, objective_settings
+from dpolab.train.objective import STATS, Objective, batch_objective, global_contexts, mean_metrics
 from dpolab.train.recompute import recomputing
+from dpolab.train.reference import Reference
 from dpolab.train.schedule import learning_rate
+
+if TYPE_CHECKING:
+    from dpolab.train.loop import Run
 
 
 class BatchPlan:
@@ -100,61 +105,66 @@ class BatchPlan:
         return sum(tokens(pairs[i]) for s in range(step) for i in self.global_batch(s)[1])
 
 
-def train_step(config: TrainConfig, ctx: dist.DistributedContext, model, params, optimizer, pairs: list,
-               reference, plan: BatchPlan, pad: int, step: int, total: int, *, scale: float, autocast,
-               num_tokens: int, fast: FastPaths) -> tuple[int, dict[str, Any]]:
-    """The loop's optimizer step ``step`` (0-based): the schedule's learning rate, this process's micro-batches of
-    ``pairs`` (:meth:`BatchPlan.micro_batches`), :func:`optimizer_step` on ``model`` (as wrapped for training), and
-    TR-DPO's reference update when it is due.
+def train_step(run: Run, step: int) -> tuple[int, dict[str, Any]]:
+    """The loop's optimizer step ``step`` (0-based) of ``run``: the schedule's learning rate, this process's
+    micro-batches of the training pairs (:meth:`BatchPlan.micro_batches`), :func:`optimizer_step` on the policy as
+    wrapped for training, and TR-DPO's reference update when it is due.
 
     The policy's logit and entropy statistics (``logits/*``, ``entropy``) are measured only on the steps the loop
     logs (every ``logging_steps`` and the last): they cost a pass over the logits and change nothing else.
 
     Returns:
-        ``(step + 1, record)``: the 1-based step and its metrics record (trl's names; ``num_tokens`` continues
-        from ``num_tokens``).
+        ``(step + 1, record)``: the 1-based step and its metrics record (trl's names); its ``num_tokens`` counts
+        this step's tokens, all processes together (the loop makes it cumulative, as trl logs it).
     """
+    config, ctx, pairs, plan = run.config, run.ctx, run.train_data.pairs, run.plan
     started = time.perf_counter()
+    total = plan.total_steps(config)
     lr = learning_rate(step, config, total)  # a function of the step: a resumed run continues it exactly
-    for group in optimizer.param_groups:
+    for group in run.optimizer.param_groups:
         group["lr"] = lr
     epoch, micro_batches = plan.micro_batches(step, ctx.rank)
+    pad = pad_token_id(run.tokenizer)
     batches = [to_device(collate_pairs([pairs[j] for j in rows], pad, index=rows), ctx.device) for rows in micro_batches]
     logged = (step + 1) % config.logging_steps == 0 or step + 1 == total  # the loop logs this step's record
-    totals, grad_norm = optimizer_step(model, reference, batches, optimizer, params, config=config, scale=scale,
-                                       ctx=ctx, autocast=autocast, fast=fast, where=f"step {step + 1} (epoch {epoch})",
-                                       with_stats=logged)
+    scale = ctx.world_size / plan.global_size  # DDP averages over processes; we want the mean over pairs
+    totals, grad_norm = optimizer_step(run.wrapped, run.train_ref, batches, run.optimizer, run.params,
+                                       objective=run.objective, max_grad_norm=config.max_grad_norm, scale=scale,
+                                       ctx=ctx, autocast=run.autocast, fast=run.fast,
+                                       where=f"step {step + 1} (epoch {epoch})", with_stats=logged)
     step += 1
     if config.sync_ref_model and step % config.ref_model_sync_steps == 0:  # TR-DPO
-        reference.mix_in(dist.unwrap(model), config.ref_model_mixup_alpha)
+        run.train_ref.mix_in(dist.unwrap(run.wrapped), config.ref_model_mixup_alpha)
 
     tokens = float(totals[STATS.index("tokens")])
     record = {"step": step, "epoch": epoch, "learning_rate": lr, "grad_norm": grad_norm,
-              **mean_metrics(totals, config.stage), "num_tokens": num_tokens + int(tokens),
+              **mean_metrics(totals, config.stage), "num_tokens": int(tokens),
               "tokens_per_s": tokens / (time.perf_counter() - started)}
     return step, record
 
 
-def optimizer_step(model, reference, batches: list, optimizer, params, *, config: TrainConfig, scale: float,
-                   ctx: dist.DistributedContext, autocast=contextlib.nullcontext, fast: FastPaths = DEFAULT_FAST_PATHS,
-                   where: str = "this step", with_stats: bool = True) -> tuple[torch.Tensor, float]:
-    """One optimizer step on this process's micro-batches: gradients (:func:`accumulate_gradients`, with the
-    checkpointed layers recomputing and a LoRA adapter's dropout on), the metric sums reduced over processes, a stop
-    before the update if the loss or the gradient norm is not finite (``where`` names the step in the error),
-    clipping at ``config.max_grad_norm``, the update, and the gradients cleared.
+def optimizer_step(model, reference: Reference | None, batches: list, optimizer, params, *, objective: Objective,
+                   max_grad_norm: float, scale: float, ctx: dist.DistributedContext,
+                   autocast=contextlib.nullcontext, fast: FastPaths = DEFAULT_FAST_PATHS, where: str = "this step",
+                   with_stats: bool = True) -> tuple[torch.Tensor, float]:
+    """One optimizer step on this process's micro-batches: gradients of ``objective``
+    (:func:`accumulate_gradients`, with the checkpointed layers recomputing and a LoRA adapter's dropout on), the
+    metric sums reduced over processes, a stop before the update if the loss or the gradient norm is not finite
+    (``where`` names the step in the error), clipping at ``max_grad_norm`` (0: none), the update, and the gradients
+    cleared.
 
     Returns:
         ``(sums, grad_norm)``: the metric sums of all processes (aligned with ``objective.STATS``) and the
         gradient norm before clipping.
     """
     with recomputing(model), adapter_dropout(model):  # gradient checkpointing and LoRA dropout, when they are on
-        totals, first_bad = accumulate_gradients(model, reference, batches, config=config, scale=scale,
+        totals, first_bad = accumulate_gradients(model, reference, batches, objective=objective, scale=scale,
                                                  autocast=autocast, fast=fast, with_stats=with_stats)
     totals = dist.all_reduce_sum(totals, ctx)
     if totals[STATS.index("nonfinite")]:
         raise NonFiniteLossError(f"non-finite loss at {where}, {first_bad or 'a micro-batch of another process'}; "
                                  "training stopped before the optimizer step, no checkpoint written for this step")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf")))
     if not math.isfinite(grad_norm):
         raise NonFiniteLossError(f"gradient norm is {grad_norm} at {where} although the loss is finite; stopped "
                                  "before the optimizer step")
@@ -163,7 +173,7 @@ def optimizer_step(model, reference, batches: list, optimizer, params, *, config
     return totals, grad_norm
 
 
-def accumulate_gradients(model, reference, batches: list, *, config: TrainConfig, scale: float,
+def accumulate_gradients(model, reference: Reference | None, batches: list, *, objective: Objective, scale: float,
                          autocast=contextlib.nullcontext, fast: FastPaths = DEFAULT_FAST_PATHS,
                          with_stats: bool = True) -> tuple[torch.Tensor, str | None]:
     """Backward pass of every micro-batch of one optimizer step; gradients add up in ``.grad``.
@@ -180,14 +190,13 @@ def accumulate_gradients(model, reference, batches: list, *, config: TrainConfig
         description of the first micro-batch whose loss was not finite (None if all were).
     """
     totals, first_bad = torch.zeros(len(STATS), dtype=torch.float64), None
-    settings = objective_settings(config)
     with autocast():  # the global batch's numbers for losses that are not per-pair sums (trl's sft, AOT, WPO)
-        contexts = global_contexts(model, reference, batches, stage=config.stage, fast=fast, **settings)
+        contexts = global_contexts(model, reference, batches, objective, fast=fast)
     policy_paths = dataclasses.replace(fast, grad_into_weight=True)
     for i, batch in enumerate(batches):
         with dist.gradient_sync(model, sync=i == len(batches) - 1), autocast():
-            losses, sums = batch_objective(model, reference, batch, stage=config.stage, context=contexts[i],
-                                           fast=policy_paths, with_stats=with_stats, **settings)
+            losses, sums = batch_objective(model, reference, batch, objective, context=contexts[i],
+                                           fast=policy_paths, with_stats=with_stats)
             (losses.sum() * scale).backward()
         totals += sums
         if first_bad is None and sums[STATS.index("nonfinite")]:

@@ -49,6 +49,7 @@ from dpolab.train.callbacks import TrainerCallback, config_callbacks
 from dpolab.train.config import TrainConfig
 from dpolab.train.fingerprint import pairs_digest, weights_digest
 from dpolab.train.loop import METRICS, Run, TrainResult, data_line, train_loop
+from dpolab.train.objective import Objective
 from dpolab.train.recompute import enable_gradient_checkpointing
 from dpolab.train.reference import policy_and_references
 from dpolab.train.resume import check_resume_state, resume_point
@@ -162,8 +163,10 @@ def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs
     if resume is not None:
         dist.load_optimizer_state(wrapped, optimizer, resume.optimizer_state, ctx, config.fsdp)
 
-    run = Run(config, ctx, model, wrapped, params, optimizer, tokenizer, train_data, eval_data, train_ref, eval_ref,
-              plan, resume, hooks, best, data_report, {"model": provenance, "data": fingerprint}, fast)
+    run = Run(config=config, objective=Objective.from_config(config), ctx=ctx, model=model, wrapped=wrapped,
+              params=params, optimizer=optimizer, tokenizer=tokenizer, train_data=train_data, eval_data=eval_data,
+              train_ref=train_ref, eval_ref=eval_ref, plan=plan, resume=resume, callbacks=hooks, best=best,
+              data_report=data_report, state_extra={"model": provenance, "data": fingerprint}, fast=fast)
     try:
         return train_loop(run, step)
     except BaseException as err:

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-# pyplot calls that open a new figure; any call to a function named ``*_figure`` (dpolab.plotting's
+# pyplot calls that open a new figure; any call to a function named ``*_figure`` (dpolab.evaluate.plotting's
 # constructors, e.g. ``frontier_figure``) does too, except the saver
 NEW_FIGURE_CALLS = {"subplots", "figure", "subplot_mosaic"}
 # pyplot calls that draw (into a new figure when none is open); any ``.plot(...)`` (pandas) draws too

@@ -3,7 +3,7 @@ compared at matched KL with the same on-policy arms (issue "On-policy or more da
 
 Each DPO results file is one run at one ``n_train_prompts`` (``configs/sentiment_data_*.yaml``); its held-out
 prefixes are drawn before the training prefixes, so every size shares π_ref's rows with the comparison files and
-:func:`dpolab.experiments.sentiment_report.merge_results` checks that they do. For every size, DPO's curve is set
+:func:`dpolab.experiments.sentiment.report.merge_results` checks that they do. For every size, DPO's curve is set
 against every other method of the comparison files (RLOO-GT, Online DPO-GT, the RLHF arm, ...), and each row says
 what each side spent: ground-truth reward queries and optimizer steps.
 
@@ -11,13 +11,13 @@ what each side spent: ground-truth reward queries and optimizer steps.
         --against results/sentiment_baselines.json results/sentiment_online.json results/sentiment_rlhf.json \\
         --figure figures/sentiment_data_axis.png --save results/sentiment_data_axis.json
 
-The figure is :func:`dpolab.plotting.data_axis_figure`; ``--save`` writes the rows with
-:func:`dpolab.experiments.sentiment_report.save_results`.
+The figure is :func:`dpolab.evaluate.plotting.data_axis_figure`; ``--save`` writes the rows with
+:func:`dpolab.experiments.sentiment.report.save_results`.
 """
 
 from __future__ import annotations
 
-from dpolab.experiments.sentiment_report import load_results, merge_results
+from dpolab.experiments.sentiment.report import load_results, merge_results
 
 DATA_AXIS_FORMAT = "dpolab.sentiment_data_axis/1"
 
@@ -48,7 +48,7 @@ def data_axis(dpo_paths, against_paths, method: str = "DPO") -> dict:
     Returns:
         ``{"format", "rows", "sources"}``; ``rows`` (ordered by pairs, then comparator): ``n_train_prompts``,
         ``pairs``, ``method_a`` (= ``method``), ``method_b``, the matched-KL fields of
-        :func:`dpolab.frontier.matched_kl_comparison` (``reward_diff``, ``ci_low``, ``ci_high``, ``kl_low``,
+        :func:`dpolab.evaluate.frontier.matched_kl_comparison` (``reward_diff``, ``ci_low``, ``ci_high``, ``kl_low``,
         ``kl_high``, ``note``, ...), ``reward_queries_a/b`` and ``steps_a/b`` (what each side used), and DPO's final
         checkpoint (``final_reward``, ``final_kl``, ``final_epoch``).
     """

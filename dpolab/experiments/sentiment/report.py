@@ -2,9 +2,9 @@
 
 Format ``dpolab.sentiment/2`` (a JSON object):
 
-- ``policies``: one row per evaluated checkpoint (:mod:`dpolab.experiments.sentiment_curves`) with at least
+- ``policies``: one row per evaluated checkpoint (:mod:`dpolab.experiments.sentiment.curves`) with at least
   :data:`POLICY_FIELDS` and the per-prefix means ``prompt_rewards`` and ``prompt_kls``;
-- ``comparisons``: one row per pair of methods (:func:`dpolab.frontier.compare_all`) with at least
+- ``comparisons``: one row per pair of methods (:func:`dpolab.evaluate.frontier.compare_all`) with at least
   :data:`COMPARISON_FIELDS`: the reward difference at matched KL over the common KL range with its bootstrap CI;
 - ``learning_curves``: per trained curve, the per-step training records (RLOO's ``reward`` and ``kl`` are the
   reward and KL of its own training samples, so a reader sees whether it plateaued);
@@ -19,7 +19,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from dpolab.experiments.sentiment_curves import COMPARISON_FIELDS, OLD_FORMATS, POLICY_FIELDS, RESULTS_FORMAT
+from dpolab.experiments.sentiment.curves import COMPARISON_FIELDS, OLD_FORMATS, POLICY_FIELDS, RESULTS_FORMAT
 
 METHOD_ORDER = ("DPO", "PPO", "RLOO", "Online DPO", "Online DPO-GT", "PPO-GT", "RLOO-GT", "Preferred-FT",
                 "Unlikelihood", "Best of N")
@@ -109,7 +109,7 @@ def assemble(config, rows: list[dict], learning_curves: dict, timings: dict, pai
     import torch
     import transformers
 
-    from dpolab.frontier import compare_all
+    from dpolab.evaluate.frontier import compare_all
 
     last = {}
     for row in rows:
@@ -130,7 +130,7 @@ def assemble(config, rows: list[dict], learning_curves: dict, timings: dict, pai
 
 def write_results(results: dict, path: Path, copy_to: Path | None, figure: Path | None) -> dict:
     """Write the results JSON (atomically, to ``path`` and ``copy_to``), the Markdown tables and the figure."""
-    from dpolab.cache import atomic_write_text
+    from dpolab.data.cache import atomic_write_text
 
     text = json.dumps(results, indent=1, default=float)
     for target in (path, copy_to):
@@ -147,13 +147,13 @@ def draw_figures(results: dict, figure: Path) -> Path:
     when the results hold any. Returns the frontier figure's path."""
     import matplotlib.pyplot as plt
 
-    from dpolab.plotting import frontier_curves_figure, rl_learning_curves_figure, save_figure
+    from dpolab.evaluate.plotting import frontier_curves_figure, rl_learning_curves_figure, save_figure
 
     fig = frontier_curves_figure(results["policies"])
     written = save_figure(fig, figure)
     plt.close(fig)
     if results.get("temperature_win_rates"):
-        from dpolab.plotting import temperature_win_rate_figure
+        from dpolab.evaluate.plotting import temperature_win_rate_figure
 
         fig = temperature_win_rate_figure(results["temperature_win_rates"])
         save_figure(fig, figure.with_name(figure.stem + "_temperature.png"))
@@ -197,8 +197,8 @@ def results_from_partial(partial: dict, source: str) -> dict:
     only at its end is absent and said so in ``stopped_early``: the Best-of-N rows and π_ref's temperature sweep."""
     import dataclasses
 
-    from dpolab.cache import from_repo_root
-    from dpolab.experiments.sentiment_config import SentimentConfig
+    from dpolab.data.cache import from_repo_root
+    from dpolab.experiments.sentiment.config import SentimentConfig
 
     curves = partial.get("curves") or {}
     if not curves:
@@ -229,7 +229,7 @@ def results_from_partial(partial: dict, source: str) -> dict:
 
 def load_results(path: str | Path) -> dict:
     """Read and validate one results file."""
-    from dpolab.cache import from_repo_root
+    from dpolab.data.cache import from_repo_root
 
     path = from_repo_root(path)
     try:
@@ -248,7 +248,7 @@ def merge_results(parts: list[dict], names: list[str]) -> dict:
     that has it, and the matched-KL comparisons are recomputed over all methods. Timings keep each run's own
     stages, prefixed by its file name.
     """
-    from dpolab.frontier import compare_all
+    from dpolab.evaluate.frontier import compare_all
 
     def reference(results, name):
         rows = [r for r in results["policies"] if r["method"] == "Reference"]
@@ -302,7 +302,7 @@ def from_results(paths, figure: str | Path | None = None) -> dict:
 
     Returns ``{"results", "table_md", "figure"}``.
     """
-    from dpolab.cache import from_repo_root
+    from dpolab.data.cache import from_repo_root
 
     paths = [paths] if isinstance(paths, str | Path) else list(paths)
     parts = [load_results(p) for p in paths]
@@ -313,7 +313,7 @@ def from_results(paths, figure: str | Path | None = None) -> dict:
 
 def save_results(results: dict, path: str | Path) -> Path:
     """Write a (merged or assembled) results dict as JSON, atomically (``dpolab reproduce --from-results ... --save``)."""
-    from dpolab.cache import atomic_write_text, from_repo_root
+    from dpolab.data.cache import atomic_write_text, from_repo_root
 
     path = from_repo_root(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,10 +20,11 @@ from safetensors.torch import save_model as save_weights
 from dpolab.baselines.online_dpo import online_dpo_train
 from dpolab.baselines.ppo import ppo_train
 from dpolab.baselines.rloo import rloo_train
+from dpolab.baselines.rollout import RolloutSettings
 from dpolab.baselines.unlikelihood import unlikelihood_train
-from dpolab.cache import build_artifact, cache_dir
+from dpolab.data.cache import build_artifact, cache_dir
 from dpolab.data.tokenize import TokenizedPair, pad_token_id
-from dpolab.experiments.sentiment_config import SentimentConfig
+from dpolab.experiments.sentiment.config import SentimentConfig
 from dpolab.sample.pairs import json_hash
 from dpolab.sample.sentiment import review_snippets
 from dpolab.train.trainer import train
@@ -81,17 +82,22 @@ def train_unlikelihood(setup, pairs: list[TokenizedPair], on_step=None, steps: i
     return policy.eval(), history
 
 
-def _rl_policy(setup, train_fn, on_step, reward_fn=None, seed: int | None = None, **settings):
-    """An RL baseline (``train_fn``: :func:`rloo_train` or :func:`ppo_train`) from a copy of π_ref on the training
-    prefixes, reading ``reward_fn`` (default: the ground truth; a :class:`dpolab.train.reward.RewardModelJudge` for
-    the RLHF arms), with the experiment's shared settings; ``seed`` is the training seed (prompt order and rollout
-    samples; default: the experiment's). Returns ``(policy, history)``."""
+def _rl_policy(setup, train_fn, on_step, reward_fn=None, seed: int | None = None, *, steps: int,
+               prompts_per_step: int, k: int, lr: float, **arm):
+    """An on-policy arm (``train_fn``: :func:`rloo_train`, :func:`ppo_train` or :func:`online_dpo_train`) from a copy
+    of π_ref on the training prefixes, reading ``reward_fn`` (default: the ground truth; a
+    :class:`dpolab.train.reward.RewardModelJudge` for the RLHF arms), its rollouts the arm's ``steps``,
+    ``prompts_per_step``, ``k`` and ``lr`` with the experiment's sample length; ``seed`` is the training seed (prompt
+    order and rollout samples; default: the experiment's); ``arm``: the trainer's own settings (``kl_coef``, ...).
+    Returns ``(policy, history)``."""
     c = setup.config
     policy = copy.deepcopy(setup.reference)
+    settings = RolloutSettings(steps=steps, prompts_per_step=prompts_per_step, k=k, lr=lr,
+                               max_new_tokens=c.max_new_tokens, seed=c.seed if seed is None else seed,
+                               progress=c.progress)
     history = train_fn(policy, setup.reference, setup.tokenizer, setup.train_prefixes,
-                       setup.reward_fn if reward_fn is None else reward_fn,
-                       max_new_tokens=c.max_new_tokens, seed=c.seed if seed is None else seed, progress=c.progress,
-                       on_step=with_policy(policy, on_step), **settings)
+                       setup.reward_fn if reward_fn is None else reward_fn, settings,
+                       on_step=with_policy(policy, on_step), **arm)
     return policy.eval(), history
 
 
@@ -129,8 +135,8 @@ def train_reward_model_on_pairs(setup, pairs: list[TokenizedPair]):
     Saved as a Hugging Face folder under ``output_dir/reward_model``. Returns ``(judge, summary)``: a
     :class:`dpolab.train.reward.RewardModelJudge` for the RL arms and a dict for the results file.
     """
-    from dpolab.experiments.sentiment_curves import first_samples
-    from dpolab.experiments.sentiment_eval import heldout_pair_accuracy
+    from dpolab.experiments.sentiment.curves import first_samples
+    from dpolab.experiments.sentiment.evaluation import heldout_pair_accuracy
     from dpolab.train.reward import (
         RewardModelJudge,
         reward_model_from_causal_lm,

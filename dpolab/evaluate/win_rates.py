@@ -4,8 +4,8 @@ Every number comes with its uncertainty and the counts behind it (the AlpacaEval
 outcome is 1 when the judge prefers A's response, 0 when it prefers B's, ½ for a tie; the win rate
 is their mean, its standard error the sample standard deviation over √n, and its confidence
 interval a percentile bootstrap that resamples *prompts* (so A's and B's responses to a prompt stay
-together: the paired bootstrap). Ratings of many models live in :mod:`dpolab.rank` and are
-re-exported here.
+together: the paired bootstrap). Ratings of many models live in :mod:`dpolab.evaluate.rank`; both are
+re-exported by :mod:`dpolab.evaluate`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ import numpy as np
 from scipy.special import expit
 from scipy.stats import norm
 
-from dpolab.logistic import fit_logistic
-from dpolab.rank import bradley_terry, kendall_tau, online_elo, select_best  # noqa: F401 (re-export)
-from dpolab.scores import align_by_label, common_length, score_array
+from dpolab.evaluate.logistic import fit_logistic
+from dpolab.evaluate.scores import align_by_label, common_length, score_array
 
 
 def _bootstrap_means(values: np.ndarray, n_bootstrap: int, rng: np.random.Generator) -> np.ndarray:

@@ -13,7 +13,7 @@ Ratings are only defined up to a common shift, so they are anchored: the anchor 
 half a win to each side (target ½ in the likelihood).
 
 The fit is one penalised logistic regression solved by Newton's method, batched over bootstrap
-resamples (:func:`dpolab.logistic.fit_logistic`); resampling comparisons with replacement is a multinomial draw of
+resamples (:func:`dpolab.evaluate.logistic.fit_logistic`); resampling comparisons with replacement is a multinomial draw of
 counts over the distinct (pair, outcome) rows, which makes the whole result, intervals included,
 independent of the order (and orientation) in which the comparisons arrive.
 """
@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import kendalltau
 
-from dpolab.comparisons import as_python, braced, comparison_components, comparison_table, rated_models
-from dpolab.logistic import fit_logistic
+from dpolab.evaluate.comparisons import as_python, braced, comparison_components, comparison_table, rated_models
+from dpolab.evaluate.logistic import fit_logistic
 
 ELO_SCALE = 400.0  # rating points per factor of ten in odds
 ELO_BASE = 1000.0

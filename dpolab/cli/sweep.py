@@ -3,9 +3,9 @@
 ``dpolab sweep notebooks/03_beta_sweep.ipynb --grid beta=0.05,0.1,0.5`` executes the notebook once per point
 of the grid (the Cartesian product of the listed values), writes each executed copy to
 ``<out>/<notebook>__<key>=<value>….ipynb`` (never over the source; ``out`` is ``runs/sweeps/<notebook>`` unless
-given), records the sweep in ``<out>/manifest.json`` (:mod:`dpolab.sweep_manifest`), and prints one table of the
-results that its points saved with :func:`dpolab.results.save_model_row`. Grid values read as override values do
-(:func:`dpolab.overrides.parse_value`): ``0.1`` is a number, ``true`` a bool, ``sigmoid`` a string.
+given), records the sweep in ``<out>/manifest.json`` (:mod:`dpolab.cli.sweep_manifest`), and prints one table of the
+results that its points saved with :func:`dpolab.evaluate.results.save_model_row`. Grid values read as override values do
+(:func:`dpolab.train.overrides.parse_value`): ``0.1`` is a number, ``true`` a bool, ``sigmoid`` a string.
 
 A failing point stops the sweep once the manifest records it, unless ``continue_on_error`` is set: then it is
 recorded with its error and the other points run. ``resume`` skips the points that the folder's manifest records
@@ -21,10 +21,10 @@ import time
 import warnings
 from pathlib import Path
 
-from dpolab.cache import from_repo_root, sha256_file
-from dpolab.overrides import parse_value, read_yaml
-from dpolab.results import ModelRow
-from dpolab.sweep_manifest import MANIFEST_NAME, Manifest, Point, repo_relative, row_files, written_rows
+from dpolab.cli.sweep_manifest import MANIFEST_NAME, Manifest, Point, repo_relative, row_files, written_rows
+from dpolab.data.cache import from_repo_root, sha256_file
+from dpolab.evaluate.results import ModelRow
+from dpolab.train.overrides import parse_value, read_yaml
 
 TABLE_COLUMNS = ["policy", "method", "beta", "reward", "reward_se", "kl", "kl_se", "judge", "judge_se", "n_samples",
                  "source"]
@@ -38,7 +38,7 @@ class SweepPointError(RuntimeError):
 
 def parse_grid(items: list[str]) -> dict[str, list]:
     """``["beta=0.05,0.1", "seed=0,1"]`` → ``{"beta": [0.05, 0.1], "seed": [0, 1]}`` (each value by
-    :func:`dpolab.overrides.parse_value`)."""
+    :func:`dpolab.train.overrides.parse_value`)."""
     grid = {}
     for item in items:
         key, sep, values = item.partition("=")
@@ -76,9 +76,9 @@ def describe_error(err: BaseException) -> str:
 
 def execute_point(notebook: str, output: str, params: dict, models_folder: str | None,
                   progress: bool) -> tuple[dict, Exception | None]:
-    """Execute one point with papermill; return its outcome (the :class:`~dpolab.sweep_manifest.Point` fields
+    """Execute one point with papermill; return its outcome (the :class:`~dpolab.cli.sweep_manifest.Point` fields
     status, error, seconds, rows) and the exception when it failed (recorded, not raised)."""
-    from dpolab.notebook_output import execute_notebook
+    from dpolab.cli.notebook_output import execute_notebook
 
     folder = Path(models_folder) if models_folder else None
     before, started, error = row_files(folder), time.perf_counter(), None

@@ -20,7 +20,7 @@ from pathlib import Path
 from filelock import FileLock
 
 COMPLETE_MARKER = "COMPLETE"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 """The repository root: relative paths of notebooks, configs and results resolve from here, because nbval runs a
 notebook in its own folder and papermill in the caller's."""
 

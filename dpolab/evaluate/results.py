@@ -1,7 +1,7 @@
 """Evaluated models as typed rows, saved one per small JSON file, for sweeps and rankings to collect.
 
 A notebook or an experiment samples a policy on held-out prompts and saves what it measured as a
-:class:`ModelRow` (:func:`save_model_row`); the sweep table (:func:`dpolab.sweep.collect`) and the ranking report
+:class:`ModelRow` (:func:`save_model_row`); the sweep table (:func:`dpolab.cli.sweep.collect`) and the ranking report
 (:mod:`dpolab.experiments.ranking_report`) read them back with :func:`load_model_rows`. A file holds the row's flat
 JSON object (:meth:`ModelRow.to_dict`): one key per field that is set, plus what else the row carried.
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpolab.cache import atomic_write_text, from_repo_root
+from dpolab.data.cache import atomic_write_text, from_repo_root
 
 OLD_ACCURACY_KEYS = ("implicit_accuracy", "eval_rewards/accuracies", "eval/rewards/accuracies")
 """Earlier names of :attr:`ModelRow.heldout_acc`, looked up in the row, then in its ``final_metrics``:
@@ -86,7 +86,7 @@ class ModelRow:
         (:data:`OLD_ACCURACY_KEYS`) becomes ``heldout_acc``.
         """
         if "policy" not in data:
-            raise ValueError(f"{where} (?), field 'policy': missing; save rows with dpolab.results.save_model_row")
+            raise ValueError(f"{where} (?), field 'policy': missing; save rows with dpolab.evaluate.results.save_model_row")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         values = {k: v for k, v in data.items() if k in names}
         extra = {k: v for k, v in data.items() if k not in names and k not in OLD_ACCURACY_KEYS}

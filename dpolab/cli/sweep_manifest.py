@@ -10,9 +10,9 @@ atomically after every point, so an interrupted sweep still says which points fi
         ...]}
 
 A point's ``status`` is ``pending`` (not started), ``running`` (started and not finished: the sweep was stopped),
-``completed`` or ``failed`` (with ``error``). Its ``rows`` are the model-row files (:func:`dpolab.results.save_model_row`)
-that were created or rewritten in its models folder while it ran, with their SHA-256; they are how
-:func:`dpolab.sweep.collect` reads this sweep's results and no stale row of an earlier run. Points that run at the
+``completed`` or ``failed`` (with ``error``). Its ``rows`` are the model-row files
+(:func:`dpolab.evaluate.results.save_model_row`) that were created or rewritten in its models folder while it ran, with their SHA-256; they are how
+:func:`dpolab.cli.sweep.collect` reads this sweep's results and no stale row of an earlier run. Points that run at the
 same time (``--jobs``) may each list the rows of the others: the sweep's results are the union over its completed
 points either way.
 """
@@ -23,7 +23,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dpolab.cache import REPO_ROOT, atomic_write_text, from_repo_root, sha256_file
+from dpolab.data.cache import REPO_ROOT, atomic_write_text, from_repo_root, sha256_file
 
 FORMAT = "dpolab.sweep/1"
 MANIFEST_NAME = "manifest.json"

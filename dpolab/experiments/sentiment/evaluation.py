@@ -5,8 +5,8 @@ the KL estimate requires) on held-out prompts. The ground-truth reward and the s
 review text, prompt + continuation. KL(π‖π_ref) is the sample mean of log π(y|x) − log π_ref(y|x)
 (:func:`dpolab.rewards.sequence_kl`), with its standard error.
 
-A row of results is a dict of the fields of :class:`dpolab.results.ModelRow` (plus ``examples``), ready for
-:func:`dpolab.results.save_model_row`.
+A row of results is a dict of the fields of :class:`dpolab.evaluate.results.ModelRow` (plus ``examples``), ready for
+:func:`dpolab.evaluate.results.save_model_row`.
 """
 
 from __future__ import annotations

@@ -221,7 +221,7 @@ def _range_problem(name: str, value: Any, holds, bound: str, default: Any) -> st
 
 
 def _model_problem(name: str, value: Any) -> str | None:
-    from dpolab.cache import REPO_ROOT
+    from dpolab.data.cache import REPO_ROOT
     from dpolab.models import DEFAULT_MODEL, TINY_MODELS, looks_local
 
     known = [DEFAULT_MODEL, *TINY_MODELS]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dpolab.models import DEFAULT_MODEL
-from dpolab.overrides import load_config
+from dpolab.train.overrides import load_config
 
 METHODS = ("dpo", "preferred_ft", "unlikelihood", "rloo", "ppo", "rloo_rm", "ppo_rm", "reward_model", "online_dpo",
            "online_dpo_rm")
@@ -146,7 +146,7 @@ class SentimentConfig:
     def load(cls, path: str | Path | None = None, overrides: Mapping[str, Any] | Iterable[str] = ()) -> SentimentConfig:
         """Defaults, then the YAML file at ``path`` (e.g. ``configs/sentiment_full.yaml``), then ``overrides`` (a dict
         or ``"key=value"`` strings; ``betas=0.1,0.5``, ``methods=dpo,rloo``), type-checked as
-        :func:`dpolab.overrides.load_config` does for every config."""
+        :func:`dpolab.train.overrides.load_config` does for every config."""
         return load_config(cls, path, overrides, help_command="dpolab reproduce --help")
 
     def __post_init__(self):

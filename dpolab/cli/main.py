@@ -15,7 +15,7 @@
 Each subcommand is an ``add_*`` function in :data:`SUBCOMMANDS`: it receives the argparse sub-parsers object,
 adds its parser and sets ``func`` (a callable of the parsed args that returns an exit code). The library
 modules a subcommand needs are imported when it runs, so ``dpolab --help`` stays quick. Config files and
-``key=value`` overrides of ``train`` and ``reproduce`` go through one typed loader (:mod:`dpolab.overrides`).
+``key=value`` overrides of ``train`` and ``reproduce`` go through one typed loader (:mod:`dpolab.train.overrides`).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def add_train(subparsers) -> None:
 
 def load_or_exit(parser: argparse.ArgumentParser, cls, path: str | None, overrides: list[str]):
     """``cls.load(path, overrides)``; a bad key, value or file ends the command as a usage error (exit code 2)."""
-    from dpolab.overrides import ConfigError
+    from dpolab.train.overrides import ConfigError
 
     try:
         return cls.load(path, overrides)
@@ -139,7 +139,7 @@ def cmd_train(args) -> int:
 
 def add_reproduce(sub) -> None:
     """Register ``dpolab reproduce``."""
-    from dpolab.experiments.sentiment_config import SentimentConfig
+    from dpolab.experiments.sentiment.config import SentimentConfig
 
     p = sub.add_parser("reproduce", help="the controlled-sentiment experiment (paper §6.1, Fig. 2 left)",
                        description="Run the controlled-sentiment reproduction on the embedded default and write the "
@@ -158,7 +158,7 @@ def add_reproduce(sub) -> None:
 
 def cmd_reproduce(args) -> int:
     from dpolab.experiments.sentiment import run
-    from dpolab.experiments.sentiment_report import from_results, report_markdown
+    from dpolab.experiments.sentiment.report import from_results, report_markdown
 
     if args.from_results:
         try:
@@ -167,13 +167,13 @@ def cmd_reproduce(args) -> int:
             raise SystemExit(f"dpolab reproduce --from-results: {err}") from None
         print(out["table_md"])
         if args.save:
-            from dpolab.experiments.sentiment_report import save_results
+            from dpolab.experiments.sentiment.report import save_results
 
             print(f"results: {save_results(out['results'], args.save)}")
         if out["figure"]:
             print(f"figure: {out['figure']}")
         return 0
-    from dpolab.experiments.sentiment_config import SentimentConfig
+    from dpolab.experiments.sentiment.config import SentimentConfig
 
     config = load_or_exit(args.parser, SentimentConfig, args.config, args.overrides)
     result = run(config)
@@ -199,8 +199,8 @@ def add_data_axis(sub) -> None:
 
 
 def cmd_data_axis(args) -> int:
-    from dpolab.experiments.sentiment_data_axis import data_axis, data_axis_markdown
-    from dpolab.experiments.sentiment_report import save_results
+    from dpolab.experiments.sentiment.data_axis import data_axis, data_axis_markdown
+    from dpolab.experiments.sentiment.report import save_results
 
     try:
         axis = data_axis(args.dpo, args.against)
@@ -212,8 +212,8 @@ def cmd_data_axis(args) -> int:
     if args.figure:
         import matplotlib.pyplot as plt
 
-        from dpolab.cache import from_repo_root
-        from dpolab.plotting import data_axis_figure, save_figure
+        from dpolab.data.cache import from_repo_root
+        from dpolab.evaluate.plotting import data_axis_figure, save_figure
 
         fig = data_axis_figure(axis["rows"])
         print(f"figure: {save_figure(fig, from_repo_root(args.figure))}")
@@ -246,8 +246,8 @@ def add_sweep(sub) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from dpolab.overrides import parse_value
-    from dpolab.sweep import collect, parse_grid, run_sweep
+    from dpolab.cli.sweep import collect, parse_grid, run_sweep
+    from dpolab.train.overrides import parse_value
 
     fixed = {k: parse_value(v) for k, v in args.parameter}
     manifest = run_sweep(args.notebook, parse_grid(args.grid), parameters=fixed, parameters_file=args.parameters_file,
@@ -276,9 +276,9 @@ def add_notebooks(sub) -> None:
 def cmd_notebooks(args) -> int:
     import nbformat
 
-    from dpolab.cache import REPO_ROOT
-    from dpolab.notebook_output import execute_notebook, missing_figures, write_html
-    from dpolab.overrides import read_yaml
+    from dpolab.cli.notebook_output import execute_notebook, missing_figures, write_html
+    from dpolab.data.cache import REPO_ROOT
+    from dpolab.train.overrides import read_yaml
 
     out = REPO_ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -335,7 +335,7 @@ def cmd_course(args) -> int:
 
     from dpolab.course.edition import DEFAULT_NOTEBOOKS, build_edition
     from dpolab.course.grading import grade_submissions, problems, report_table, write_json
-    from dpolab.overrides import parse_value
+    from dpolab.train.overrides import parse_value
 
     source = Path(args.source) if args.source else None
     if args.action == "build":

@@ -16,7 +16,7 @@ from dpolab.data.prepare import prepare_pairs
 from dpolab.data.readers import iter_dataset
 from dpolab.data.sources import open_dataset
 from dpolab.data.tokenize import TokenizeConfig, TokenizedPair, pad_token_id
-from dpolab.experiments.sentiment_eval import full_texts
+from dpolab.experiments.sentiment.evaluation import full_texts
 from dpolab.sample.completions import completion_logprobs
 from dpolab.sample.generate import sample
 from dpolab.sample.pairs import build_pairs, load_pairs, pair_settings, pairs_match, read_metadata, save_pairs

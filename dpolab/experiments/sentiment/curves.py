@@ -3,7 +3,7 @@
 A *checkpoint row* is one policy evaluated on the held-out prefixes: ``method``, ``knob`` (β for DPO, the KL
 coefficient for RLOO, N for Best-of-N, 0 for Preferred-FT and Unlikelihood), ``step``, the ground-truth reward and
 KL(π‖π_ref) with their standard errors over prefixes, the second judge, the paired gain over π_ref, and the
-per-prefix means (``prompt_rewards``, ``prompt_kls``) that the matched-KL bootstrap (:mod:`dpolab.frontier`)
+per-prefix means (``prompt_rewards``, ``prompt_kls``) that the matched-KL bootstrap (:mod:`dpolab.evaluate.frontier`)
 resamples. Every curve starts at step 0, which is π_ref itself (reward of π_ref's held-out samples, KL 0).
 
 Evaluating a checkpoint samples ``eval_samples_per_prompt`` continuations of every held-out prefix with the
@@ -22,14 +22,14 @@ import time
 import numpy as np
 
 from dpolab.data.tokenize import pad_token_id
-from dpolab.experiments.sentiment_eval import full_texts, heldout_pair_accuracy
+from dpolab.experiments.sentiment.evaluation import full_texts, heldout_pair_accuracy
 from dpolab.sample.completions import completion_logprobs
 from dpolab.sample.generate import Samples, sample
 
 RESULTS_FORMAT = "dpolab.sentiment/3"
 """Format 3 names the RL arms by what they read (RLOO-GT / PPO-GT: the ground truth; RLOO / PPO: a learned reward
 model) and records each row's ``reward_source``; files of format 2, whose RL arms all read the ground truth, are
-read and upgraded (:func:`dpolab.experiments.sentiment_report.upgrade`)."""
+read and upgraded (:func:`dpolab.experiments.sentiment.report.upgrade`)."""
 OLD_FORMATS = ("dpolab.sentiment/2",)
 POLICY_FIELDS = ("method", "knob", "step", "reward", "reward_se", "kl", "kl_se", "gain", "gain_se")
 COMPARISON_FIELDS = ("method_a", "method_b", "kl_low", "kl_high", "reward_diff", "ci_low", "ci_high",
@@ -83,7 +83,7 @@ def evaluate_checkpoint(setup, policy, method: str, knob: float, step: int, *, p
     """Sample ``policy`` on the held-out prefixes and return its checkpoint row (see the module docstring).
 
     ``pair_accuracy`` adds the implicit-reward accuracy on the held-out pairs of π_ref's samples
-    (:func:`dpolab.experiments.sentiment_eval.heldout_pair_accuracy`; one extra teacher-forced pass).
+    (:func:`dpolab.experiments.sentiment.evaluation.heldout_pair_accuracy`; one extra teacher-forced pass).
     """
     c, t = setup.config, time.perf_counter()
     pad = pad_token_id(setup.tokenizer)
@@ -127,8 +127,8 @@ def checkpoint_steps(steps: int, every: int) -> set[int]:
 
 def best_of_n_curve_rows(setup, ns) -> list[dict]:
     """Best-of-N for each N from π_ref's held-out samples: the unbiased expected best of N draws per prefix
-    (:func:`dpolab.frontier.expected_best_of_n`), at the analytic KL log N − (N − 1)/N."""
-    from dpolab.frontier import best_of_n_kl, best_of_n_weights, expected_best_of_n
+    (:func:`dpolab.evaluate.frontier.expected_best_of_n`), at the analytic KL log N − (N − 1)/N."""
+    from dpolab.evaluate.frontier import best_of_n_kl, best_of_n_weights, expected_best_of_n
 
     held = setup.heldout_samples()
     rewards = held["rewards"]

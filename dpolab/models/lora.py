@@ -114,7 +114,7 @@ def adapter_base(folder: str | Path) -> tuple[str, str | None]:
     if not base:
         raise ValueError(f"{path} names no base model (base_model_name_or_path is empty: the run started from a "
                          "model built in memory, such as tiny-gpt2). Load that base model yourself and add the "
-                         f"adapter with dpolab.lora.attach_adapter(base, {str(folder)!r})")
+                         f"adapter with dpolab.models.lora.attach_adapter(base, {str(folder)!r})")
     return base, revision
 
 

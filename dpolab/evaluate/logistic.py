@@ -1,5 +1,5 @@
 """A penalised, weighted logistic regression solved by damped Newton steps, batched over many weightings (the
-Bradley–Terry fit of :mod:`dpolab.rank` and its bootstrap resamples in one call)."""
+Bradley–Terry fit of :mod:`dpolab.evaluate.rank` and its bootstrap resamples in one call)."""
 
 from __future__ import annotations
 

@@ -70,7 +70,7 @@ def frontier_curves_figure(rows: Sequence[dict], title: str = "Reward vs KL(Ï€â€
     bars (the seeds of one setting share its colour and label).
 
     Args:
-        rows: checkpoint rows (:mod:`dpolab.experiments.sentiment_curves`) with ``method``, ``knob``, ``step``,
+        rows: checkpoint rows (:mod:`dpolab.experiments.sentiment.curves`) with ``method``, ``knob``, ``step``,
             ``reward``, ``reward_se``, ``kl``, ``kl_se``; Best-of-N rows form one line over N.
     """
     fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=120)
@@ -155,7 +155,7 @@ def temperature_win_rate_figure(sweeps: dict):
 
 def data_axis_figure(rows: Sequence[dict]):
     """Offline DPO by amount of preference data: its reward difference at matched KL against each comparator
-    (rows of :func:`dpolab.experiments.sentiment_data_axis.data_axis`) by the number of pairs, log scale, 95% CI
+    (rows of :func:`dpolab.experiments.sentiment.data_axis.data_axis`) by the number of pairs, log scale, 95% CI
     bars; comparisons without a common KL range are left out."""
     from matplotlib.ticker import NullFormatter
 

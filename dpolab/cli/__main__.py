@@ -1,0 +1,5 @@
+"""``python -m dpolab.cli``: the ``dpolab`` command (``torchrun -m dpolab.cli train ...`` starts it this way)."""
+
+from dpolab.cli.main import main
+
+raise SystemExit(main())
