@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from dpolab.baselines.rollout import prompt_order, rollout
+from dpolab.data.batch import to_device
 from dpolab.data.tokenize import pad_token_id
+from dpolab.device import module_device
 from dpolab.logprobs import sequence_forward
 from dpolab.losses import get_loss
 from dpolab.sample.completions import completion_batch, completion_logprobs
@@ -98,11 +100,12 @@ def online_dpo_train(
         samples, reward = rollout(policy, tokenizer, prompts, order, step, reward_fn, prompts_per_step=prompts_per_step,
                                   k=k, max_new_tokens=max_new_tokens, seed=seed)
         chosen, rejected, ties = online_pairs(reward.view(-1, k).numpy(), pair_strategy)
-        ref_logps = completion_logprobs(reference, samples, pad).view(-1)
+        device = module_device(policy)  # π_ref's log-probs come back on the CPU
+        ref_logps = completion_logprobs(reference, samples, pad).view(-1).to(device)
         record = {"step": step + 1, "reward": reward.mean().item(), "pairs": len(chosen), "ties": ties}
         if len(chosen):
-            logps, _ = sequence_forward(policy, completion_batch(samples, pad))
-            c, r = torch.as_tensor(chosen), torch.as_tensor(rejected)
+            logps, _ = sequence_forward(policy, to_device(completion_batch(samples, pad), device))
+            c, r = torch.as_tensor(chosen, device=device), torch.as_tensor(rejected, device=device)
             losses, chosen_rewards, rejected_rewards = loss_fn(logps[c], logps[r], ref_logps[c], ref_logps[r],
                                                                beta=beta)
             loss = losses.mean()
@@ -116,7 +119,7 @@ def online_dpo_train(
                            "rewards/accuracies": (margins > 0).float().mean().item(), "grad_norm": float(grad_norm),
                            "kl": (logps.detach() - ref_logps).mean().item()})
         else:
-            record["kl"] = (samples.model_logps.view(-1) - ref_logps).mean().item()
+            record["kl"] = (samples.model_logps.view(-1) - ref_logps.cpu()).mean().item()
         history.append(record)
         if on_step is not None:
             on_step(step + 1, record)

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 from dpolab.baselines.rollout import prompt_order, rollout
+from dpolab.data.batch import to_device
 from dpolab.data.tokenize import pad_token_id
+from dpolab.device import module_device
 from dpolab.logprobs import sequence_forward
 from dpolab.sample.completions import completion_batch, completion_logprobs
 
@@ -65,10 +67,11 @@ def rloo_train(
     for step in tqdm(range(steps), desc="rloo", disable=not progress):
         samples, reward = rollout(policy, tokenizer, prompts, order, step, reward_fn, prompts_per_step=prompts_per_step,
                                   k=k, max_new_tokens=max_new_tokens, seed=seed)
-        reward = reward.view(-1, k)
-        ref_logps = completion_logprobs(reference, samples, pad)
+        device = module_device(policy)  # rewards and π_ref's log-probs come back on the CPU
+        reward = reward.view(-1, k).to(device)
+        ref_logps = completion_logprobs(reference, samples, pad).to(device)
         policy.train()
-        batch = completion_batch(samples, pad)
+        batch = to_device(completion_batch(samples, pad), device)
         logps, _ = sequence_forward(policy, batch)
         logps = logps.view(-1, k)
         kl = (logps.detach() - ref_logps)
