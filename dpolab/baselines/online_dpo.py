@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from dpolab.baselines.rollout import DEFAULT_ROLLOUT, RolloutSettings, prompt_order, rollout
+from dpolab.data.batch import to_device
+from dpolab.data.device import module_device
 from dpolab.data.tokenize import pad_token_id
 from dpolab.logprobs import sequence_forward
 from dpolab.losses import get_loss
@@ -83,11 +85,12 @@ def online_dpo_train(policy, reference, tokenizer, prompts: Sequence[str],
     for step in tqdm(range(settings.steps), desc="online dpo", disable=not settings.progress):
         samples, reward = rollout(policy, tokenizer, prompts, order, step, reward_fn, settings)
         chosen, rejected, ties = online_pairs(reward.view(-1, k).numpy(), pair_strategy)
-        ref_logps = completion_logprobs(reference, samples, pad).view(-1)
+        device = module_device(policy)  # π_ref's log-probs come back on the CPU
+        ref_logps = completion_logprobs(reference, samples, pad).view(-1).to(device)
         record = {"step": step + 1, "reward": reward.mean().item(), "pairs": len(chosen), "ties": ties}
         if len(chosen):
-            logps, _ = sequence_forward(policy, completion_batch(samples, pad))
-            c, r = torch.as_tensor(chosen), torch.as_tensor(rejected)
+            logps, _ = sequence_forward(policy, to_device(completion_batch(samples, pad), device))
+            c, r = torch.as_tensor(chosen, device=device), torch.as_tensor(rejected, device=device)
             losses, chosen_rewards, rejected_rewards = loss_fn(logps[c], logps[r], ref_logps[c], ref_logps[r],
                                                                beta=beta)
             loss = losses.mean()
@@ -101,7 +104,7 @@ def online_dpo_train(policy, reference, tokenizer, prompts: Sequence[str],
                            "rewards/accuracies": (margins > 0).float().mean().item(), "grad_norm": float(grad_norm),
                            "kl": (logps.detach() - ref_logps).mean().item()})
         else:
-            record["kl"] = (samples.model_logps.view(-1) - ref_logps).mean().item()
+            record["kl"] = (samples.model_logps.view(-1) - ref_logps.cpu()).mean().item()
         history.append(record)
         if on_step is not None:
             on_step(step + 1, record)

@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 from dpolab.baselines.rollout import DEFAULT_ROLLOUT, RolloutSettings, prompt_order, rollout
-from dpolab.data.batch import IGNORE_INDEX
+from dpolab.data.batch import IGNORE_INDEX, to_device
+from dpolab.data.device import module_device
 from dpolab.data.tokenize import pad_token_id
 from dpolab.logprobs import shift_labels, token_logprobs
 from dpolab.sample.completions import completion_batch, completion_token_logprobs
@@ -154,15 +155,17 @@ def ppo_train(policy, reference, tokenizer, prompts: Sequence[str], reward_fn: C
     if num_ppo_epochs < 1:
         raise ValueError(f"num_ppo_epochs must be >= 1, got {num_ppo_epochs}")
     pad = pad_token_id(tokenizer)
-    head = ValueHead(policy.config.hidden_size)
+    device = module_device(policy)  # rewards and π_ref's log-probs come back on the CPU
+    head = ValueHead(policy.config.hidden_size).to(device)
     params = [p for p in policy.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     order = prompt_order(len(prompts), settings.seed)
     history = []
     for step in tqdm(range(settings.steps), desc="ppo", disable=not settings.progress):
         samples, scores = rollout(policy, tokenizer, prompts, order, step, reward_fn, settings)
-        ref_logps = completion_token_logprobs(reference, samples, pad)
-        batch = completion_batch(samples, pad)
+        scores = scores.to(device)
+        ref_logps = completion_token_logprobs(reference, samples, pad).to(device)
+        batch = to_device(completion_batch(samples, pad), device)
         policy.train()
         record = {"step": step + 1, "reward": scores.mean().item()}
         for epoch in range(num_ppo_epochs):

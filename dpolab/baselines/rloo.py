@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from dpolab.baselines.rollout import DEFAULT_ROLLOUT, RolloutSettings, prompt_order, rollout
+from dpolab.data.batch import to_device
+from dpolab.data.device import module_device
 from dpolab.data.tokenize import pad_token_id
 from dpolab.logprobs import sequence_forward
 from dpolab.sample.completions import completion_batch, completion_logprobs
@@ -52,10 +54,11 @@ def rloo_train(policy, reference, tokenizer, prompts: Sequence[str], reward_fn: 
     history = []
     for step in tqdm(range(settings.steps), desc="rloo", disable=not settings.progress):
         samples, reward = rollout(policy, tokenizer, prompts, order, step, reward_fn, settings)
-        reward = reward.view(-1, k)
-        ref_logps = completion_logprobs(reference, samples, pad)
+        device = module_device(policy)  # rewards and π_ref's log-probs come back on the CPU
+        reward = reward.view(-1, k).to(device)
+        ref_logps = completion_logprobs(reference, samples, pad).to(device)
         policy.train()
-        batch = completion_batch(samples, pad)
+        batch = to_device(completion_batch(samples, pad), device)
         logps, _ = sequence_forward(policy, batch)
         logps = logps.view(-1, k)
         kl = (logps.detach() - ref_logps)

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dpolab.data.batch import IGNORE_INDEX, collate_sequences
+from dpolab.data.batch import IGNORE_INDEX, collate_sequences, to_device
+from dpolab.data.device import module_device
 from dpolab.logprobs import shift_labels, token_logprobs
 
 
@@ -44,7 +45,7 @@ def unlikelihood_loss(chosen_token_logps: Tensor, chosen_mask: Tensor, rejected_
 def response_token_logps(model, prompt_ids: list[list[int]], response_ids: list[list[int]],
                          pad_token_id: int) -> tuple[Tensor, Tensor]:
     """log π of every response token (teacher-forced) and the mask of response positions. Shape: (N, T), (N, T)."""
-    batch = collate_sequences(prompt_ids, response_ids, None, pad_token_id)
+    batch = to_device(collate_sequences(prompt_ids, response_ids, None, pad_token_id), module_device(model))
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     targets = shift_labels(batch.labels)
     return token_logprobs(logits, targets), targets != IGNORE_INDEX

@@ -183,6 +183,29 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def add_plan(sub) -> None:
+    """Register ``dpolab plan``."""
+    p = sub.add_parser("plan", help="estimate a config's memory (weights, gradients, optimizer, reference, "
+                                    "activations) and whether it fits a device, before running it",
+                       description="Count the model's parameters (built on the meta device: nothing is loaded) and "
+                                   "estimate each stage's peak memory for a `dpolab train` or `dpolab reproduce` "
+                                   "config (dpolab.cli.plan). Estimates, not measurements.")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the config's fields")
+    p.add_argument("--config", required=True, help="YAML file of TrainConfig or SentimentConfig fields")
+    p.add_argument("--device-memory", metavar="SIZE", help="e.g. 80GB or 24GiB (default: CUDA device 0, if any)")
+    p.add_argument("--readable-paths", action="store_true",
+                   help="estimate the output layer of the readable path (logits at every position), not the fast one")
+    p.set_defaults(func=cmd_plan, parser=p)
+
+
+def cmd_plan(args) -> int:
+    from dpolab.cli.plan import default_device_memory, parse_memory, plan_config, report
+
+    memory = parse_memory(args.device_memory) if args.device_memory else default_device_memory()
+    print(report(plan_config(args.config, args.overrides, fast=not args.readable_paths), memory))
+    return 0
+
+
 def add_data_axis(sub) -> None:
     """Register ``dpolab data-axis``."""
     p = sub.add_parser("data-axis", help="offline DPO by amount of preference data against the on-policy arms",
@@ -354,7 +377,7 @@ def cmd_course(args) -> int:
     return 0
 
 
-SUBCOMMANDS = {"train": add_train, "reproduce": add_reproduce, "data-axis": add_data_axis, "sweep": add_sweep,
+SUBCOMMANDS = {"train": add_train, "reproduce": add_reproduce, "plan": add_plan, "data-axis": add_data_axis, "sweep": add_sweep,
                "notebooks": add_notebooks, "course": add_course}
 
 

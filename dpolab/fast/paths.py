@@ -8,6 +8,11 @@ between, since DDP and FSDP own the parameters and their gradients otherwise.
 
 Callers pass the setting in (``fast=``); :func:`model_paths` looks under the model's wrappers once per forward
 and decides every path at once.
+
+On a GPU (see :data:`CUDA_STATUS`): the pair tree, the scored logits and the fused output layer are plain tensor
+code and run on CUDA; ``tests/test_cuda_paths.py`` holds each to the readable path there, and is skipped on a
+machine without CUDA. The sparse embedding gradient is CPU-only (its gain is CPU memory traffic), as is the glibc
+allocator setting of :mod:`dpolab.fast.allocator`.
 """
 
 from __future__ import annotations
@@ -19,12 +24,29 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dpolab.data.device import is_cpu
 from dpolab.fast.embedding import tied_trained_embedding
 from dpolab.fast.output_layer import fusable_output_weight
 
 # Model families whose forward is verified (tests/test_pairtree.py) to honour a custom 4-D attention mask
 # together with explicit position ids, and which have no other positional masking (no sliding window).
 SHARED_PROMPT_MODELS = ("gpt2", "llama")
+
+
+CUDA_STATUS = {
+    "pair_tree": "runs on CUDA (a 4-D boolean mask with sdpa or eager attention); tests/test_cuda_paths.py",
+    "scored_logits": "runs on CUDA (transformers' logits_to_keep); tests/test_cuda_paths.py",
+    "fused_output_layer": "runs on CUDA (plain matmuls and logsumexp; off under autocast, as on the CPU); "
+                          "tests/test_cuda_paths.py",
+    "sparse_embedding": "off on CUDA: it saves a zero-fill and an add of a vocabulary-sized matrix in CPU memory "
+                        "per micro-batch, which a GPU does in microseconds, while a sparse gradient costs a sort "
+                        "(coalesce) there; never measured on a device",
+    "fast_sampler": "runs on CUDA (dpolab.sample.decode; its uniforms are drawn on the CPU and moved, so the "
+                    "completions are those of a CPU run up to float rounding); tests/test_cuda_paths.py",
+    "keep_freed_memory": "off on CUDA: glibc's heap holds no tensor of a GPU run (dpolab.fast.allocator)",
+}
+"""Each speed path on a CUDA device: runs there (with the test that holds it to the readable path), or is off and
+why. No test of these has run on a GPU yet (README, "GPU runs"): a CUDA run of the tests is the first check."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +59,7 @@ class FastPaths:
         fused_output_layer: dpolab applies the output layer to the hidden states itself
             (:mod:`dpolab.fast.output_layer`); single process, no wrapper.
         sparse_embedding: a tied input embedding that trains is looked up with a sparse gradient
-            (:mod:`dpolab.fast.embedding`); single process.
+            (:mod:`dpolab.fast.embedding`); single process, and only on the CPU (:data:`CUDA_STATUS`).
         grad_into_weight: the fused output layer adds its weight gradient into ``weight.grad`` itself, which
             saves a vocabulary-sized matrix; only for callers that run ``loss.backward()`` (the trainer turns it
             on), since ``torch.autograd.grad`` never reads ``.grad``.
@@ -134,6 +156,8 @@ def model_paths(model, fast: FastPaths) -> ModelPaths:
     embedding = None
     if fast.sparse_embedding and owns_grads and torch.is_grad_enabled():
         embedding = tied_trained_embedding(net)
+        if embedding is not None and not is_cpu(embedding.weight.device):  # CPU-only (CUDA_STATUS)
+            embedding = None
     return ModelPaths(pair_tree=fast.pair_tree and _shared_prompt(net),
                       scored_logits=fast.scored_logits and _takes_logits_to_keep(net), output_weight=weight,
                       sparse_embedding=embedding, grad_into_weight=fast.grad_into_weight,

@@ -175,11 +175,18 @@ def classifier_judge(model, tokenizer, *, label: int | str | None = None, output
                           score, batch_size)
 
 
-def load_classifier_judge(name_or_path: str, **kwargs) -> RewardFunction:
-    """:func:`classifier_judge` for a saved classifier folder or hub id (loaded on CPU, float32)."""
+def load_classifier_judge(name_or_path: str, device: str | torch.device = "cpu", **kwargs) -> RewardFunction:
+    """:func:`classifier_judge` for a saved classifier folder or hub id (float32, on ``device``; e.g.
+    ``lvwerra/distilbert-imdb``, the paper's IMDb sentiment classifier, with ``label="POSITIVE"``). A hub id on a
+    machine that cannot reach the hub is read from the local Hugging Face cache only."""
+    from pathlib import Path
+
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    model = AutoModelForSequenceClassification.from_pretrained(name_or_path)
+    from dpolab.models import hub_reachable
+
+    offline = not Path(name_or_path).expanduser().exists() and not hub_reachable()
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=offline)
+    model = AutoModelForSequenceClassification.from_pretrained(name_or_path, local_files_only=offline).to(device)
     kwargs.setdefault("name", name_or_path)
     return classifier_judge(model, tokenizer, **kwargs)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from dpolab.data.device import check_device
 from dpolab.train.loss_config import check_loss_fields
 from dpolab.train.overrides import ConfigError, field_docs, load_config
 
@@ -166,7 +167,10 @@ class TrainConfig:
     """HF's name: recompute each decoder layer's activations in the backward pass instead of keeping them (less
     memory, about one more forward of time); same loss and gradients to float rounding (dpolab.train.recompute)."""
     device: str = "auto"
-    """"auto" (CUDA if available, else CPU), "cpu", or "cuda"; under torchrun each process uses its local GPU."""
+    """"auto" (CUDA if available, else CPU), "cpu", or "cuda[:N]"; under torchrun each process uses its local GPU
+    (dpolab.data.device)."""
+    use_cpu: bool = False
+    """HF TrainingArguments' name: true trains on the CPU even where CUDA is available (the same as device: cpu)."""
     fsdp: bool = False
     """Under torchrun, shard the model with FSDP instead of replicating it with DDP (for models that do not fit)."""
     output_dir: str = "runs/train"
@@ -269,8 +273,10 @@ class TrainConfig:
                               "LoRA adapter to switch off (set lora_r > 0)")
         self._check_lora_fields()
         self._check_best_model_fields()
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise ConfigError(f"config field 'device' must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        try:
+            check_device(self.device, self.use_cpu)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         check_loss_fields(self)  # loss, loss_type, loss_weights, loss_params and the other trl fields
 
     def _check_lora_fields(self) -> None:

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dpolab.data.device import resolve_device
+
 
 @dataclass
 class DistributedContext:
@@ -51,12 +53,10 @@ def setup(device: str = "auto") -> DistributedContext:
             a CUDA process uses GPU ``LOCAL_RANK``.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device!r} but CUDA is not available on this machine")
+    single = resolve_device(device)  # checks the setting, and that CUDA exists where it is asked for
     if world_size == 1:
-        return DistributedContext(device=torch.device(device if device.startswith("cuda") else
-                                                      "cuda" if use_cuda else "cpu"))
+        return DistributedContext(device=single)
+    use_cuda = single.type == "cuda"
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     owns = not dist.is_initialized()
     if use_cuda:

@@ -26,7 +26,7 @@ from dpolab.train.metrics import read_metrics
 # Fields that may change between an interrupted run and its resumption without changing its trajectory.
 RESUMABLE_FIELDS = frozenset(
     {"max_steps", "resume_from", "progress", "keep_freed_memory", "save_every", "keep_last", "eval_every", "output_dir", "overwrite",
-     "device", "train_data", "eval_data", "eval_batch_size", "kl_samples", "kl_max_new_tokens", "num_train_epochs",
+     "device", "use_cpu", "train_data", "eval_data", "eval_batch_size", "kl_samples", "kl_max_new_tokens", "num_train_epochs",
      "report_to", "logging_steps", "train_split", "eval_split", "dataset_num_proc"}
 )
 # The fields that set a run's length: free to change on resume only while the learning-rate schedule ignores it.

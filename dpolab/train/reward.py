@@ -46,7 +46,8 @@ def reward_model_from_causal_lm(model, tokenizer, *, seed: int = 0):
     torch.manual_seed(seed)
     reward_model = AutoModelForSequenceClassification.from_config(config)
     reward_model.base_model.load_state_dict(model.base_model.state_dict(), strict=True)  # raises on any mismatch
-    return reward_model.to(dtype=next(model.parameters()).dtype)
+    first = next(model.parameters())
+    return reward_model.to(device=first.device, dtype=first.dtype)
 
 
 def sequences_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
@@ -215,7 +216,7 @@ class RewardModelJudge:
             for ids in rows:
                 prompts.append(samples.prompt_ids[p])
                 responses.append(ids)
-        scores = sequence_rewards(self.model, prompts, responses, self.pad, batch_size=self.batch_size).numpy()
+        scores = sequence_rewards(self.model, prompts, responses, self.pad, batch_size=self.batch_size).cpu().numpy()
         self.calls += len(responses)
         bad = np.flatnonzero(~np.isfinite(scores))
         if len(bad):

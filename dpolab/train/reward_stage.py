@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from dpolab.data.cache import atomic_write_text
+from dpolab.data.device import resolve_device
 
 
 def train_reward(config, *, model=None, tokenizer=None, train_pairs=None, eval_pairs=None):
@@ -42,6 +43,7 @@ def train_reward(config, *, model=None, tokenizer=None, train_pairs=None, eval_p
         model, loaded = load_policy(config.model, seed=config.seed, dtype=config.dtype,
                                     revision=config.model_revision, trust_remote_code=config.trust_remote_code)
         tokenizer = tokenizer or loaded
+    model = model.to(resolve_device(config.device, config.use_cpu))
     settings = tokenize_config(config)
     rows = {"stage": "dpo", "num_proc": config.dataset_num_proc, "on_truncation": config.on_truncation}
     train_data = prepare_pairs(train_pairs if train_pairs is not None else config.train_data or None, tokenizer,
@@ -57,6 +59,7 @@ def train_reward(config, *, model=None, tokenizer=None, train_pairs=None, eval_p
 
     def evaluate(reward_model) -> dict:
         chosen, rejected = pair_rewards(reward_model, eval_data.pairs, pad, batch_size=config.eval_batch_size)
+        chosen, rejected = chosen.cpu(), rejected.cpu()
         acc = preference_accuracy(chosen.numpy(), rejected.numpy(), source=config.eval_data or "eval_pairs")
         return {"eval_loss": reward_model_loss(chosen, rejected, center_rewards_coefficient=config.center_rewards_coefficient
                                                ).mean().item(),

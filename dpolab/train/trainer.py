@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from dpolab.data.batch import pair_length
+from dpolab.data.device import is_cpu
 from dpolab.data.prepare import prepare_pairs, tokenize_config
 from dpolab.fast.allocator import keep_freed_memory
 from dpolab.fast.paths import DEFAULT_FAST_PATHS, FastPaths, pair_layout
@@ -95,10 +96,10 @@ def train(
 
         return train_reward(config, model=model, tokenizer=tokenizer, train_pairs=train_pairs, eval_pairs=eval_pairs)
     hooks, best = config_callbacks(config, callbacks, on_step)
-    ctx = dist.setup(config.device)
+    ctx = dist.setup("cpu" if config.use_cpu else config.device)
     finished = False
-    try:
-        with keep_freed_memory(config.keep_freed_memory and ctx.device.type == "cpu"):
+    try:  # glibc's allocator tuning is for CPU runs only: a GPU run's tensors are not in the C heap
+        with keep_freed_memory(config.keep_freed_memory and is_cpu(ctx.device)):
             result = _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs, hooks, best, fast)
         finished = True
         return result

@@ -23,6 +23,9 @@ the same preference pairs as DPO (curves RLOO and PPO: the RLHF pipeline DPO rep
 reports the reward model alone (the RM arms train it too). "online_dpo" (curve Online DPO-GT, the ground truth as
 judge) and "online_dpo_rm" (Online DPO, the learned reward model as judge) take RLOO's rollouts and DPO's loss."""
 
+OPTIMS = {"adamw_torch": "adamw", "rmsprop": "rmsprop"}
+"""HF's ``optim`` names the experiment takes -> dpolab.train.config.TrainConfig's ``optimizer``."""
+
 RL_METHODS = {"rloo": "RLOO-GT", "ppo": "PPO-GT", "rloo_rm": "RLOO", "ppo_rm": "PPO", "online_dpo": "Online DPO-GT",
               "online_dpo_rm": "Online DPO"}
 """Config name of each RL arm -> its curve's name (named by what it reads)."""
@@ -34,6 +37,30 @@ class SentimentConfig:
 
     model: str = DEFAULT_MODEL
     """Initial model (the embedded SmolLM2-135M-Instruct, a local folder, or a hub id)."""
+    dataset_name: str = ""
+    """trl's name: the review texts the prefixes (and the SFT on reviews) come from: "" = the embedded Rotten
+    Tomatoes snippets; a hub id of IMDb's shape (text, label), e.g. stanfordnlp/imdb (the paper's), or a local
+    .parquet/.csv/.jsonl file or folder of that shape (dpolab.sample.review_text)."""
+    dataset_train_split: str = "train"
+    """trl's name: the split of dataset_name to read (a single file has only "train")."""
+    dataset_text_field: str = "text"
+    """trl's name: the column of dataset_name that holds the review text."""
+    judge: str = "vader"
+    """The ground-truth reward: "vader" (the embedded default), "textblob", or a sequence classifier (local folder or
+    hub id, e.g. lvwerra/distilbert-imdb, the paper's) scoring prefix + continuation."""
+    judge_label: str = "POSITIVE"
+    """With a classifier judge: the class whose score is the reward (a name of its id2label, or an index)."""
+    judge_output: str = "logit"
+    """With a classifier judge: "logit" (the class logit) or "probability" (its softmax probability)."""
+    optim: str = "adamw_torch"
+    """HF's name: optimizer of DPO, Preferred-FT and the SFT on reviews: "adamw_torch" or "rmsprop" (the paper's,
+    §B); Unlikelihood, the reward model and the RL arms keep AdamW."""
+    warmup_steps: int = 2
+    """HF's name: linear warm-up steps of DPO, Preferred-FT and the SFT on reviews (the paper: 150)."""
+    device: str = "auto"
+    """Where models train, sample and score: "auto" (CUDA if available, else CPU), "cpu" or "cuda[:N]" (dpolab.data.device)."""
+    use_cpu: bool = False
+    """HF TrainingArguments' name: true keeps everything on the CPU even where CUDA is available."""
     n_train_prompts: int = 64
     """Training prefixes (each gets ``samples_per_prompt`` reference samples)."""
     n_eval_prompts: int = 32
@@ -150,6 +177,15 @@ class SentimentConfig:
         return load_config(cls, path, overrides, help_command="dpolab reproduce --help")
 
     def __post_init__(self):
+        from dpolab.data.device import check_device
+
+        check_device(self.device, self.use_cpu)
+        if self.optim not in OPTIMS:
+            raise ValueError(f"optim must be one of {sorted(OPTIMS)} (HF's names), got {self.optim!r}")
+        if self.judge_output not in ("logit", "probability"):
+            raise ValueError(f"judge_output must be 'logit' or 'probability', got {self.judge_output!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.n_train_prompts < 1 or self.n_eval_prompts < 1:
             raise ValueError("n_train_prompts and n_eval_prompts must be >= 1 (an empty prompt set)")
         if self.samples_per_prompt < 2:

@@ -324,7 +324,16 @@ def _rl_arm(config: SentimentConfig, key: str):
 
 def _reuse_key(config: SentimentConfig) -> dict:
     """The settings that decide a curve's numbers (not where files go or whether bars are shown)."""
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("progress", "figure", "results")}
+    defaults = SentimentConfig()
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("progress", "figure", "results", "device",
+                                                                             "use_cpu")
+            and not (k in LATER_FIELDS and v == getattr(defaults, k))}
+
+
+# fields added after results.partial.json files were written: in the reuse key only when changed, so an earlier
+# stopped run of the same settings still resumes
+LATER_FIELDS = ("dataset_name", "dataset_train_split", "dataset_text_field", "judge", "judge_label", "judge_output",
+                "optim", "warmup_steps")
 
 
 def _finished_curves(path: Path, config: SentimentConfig) -> dict:

@@ -24,9 +24,9 @@ from dpolab.baselines.rollout import RolloutSettings
 from dpolab.baselines.unlikelihood import unlikelihood_train
 from dpolab.data.cache import build_artifact, cache_dir
 from dpolab.data.tokenize import TokenizedPair, pad_token_id
-from dpolab.experiments.sentiment.config import SentimentConfig
+from dpolab.experiments.sentiment.config import OPTIMS, SentimentConfig
 from dpolab.sample.pairs import json_hash
-from dpolab.sample.sentiment import review_snippets
+from dpolab.sample.review_text import review_texts
 from dpolab.train.trainer import train
 
 
@@ -38,7 +38,12 @@ def train_config(setup, name: str, steps: int | None = None, seed: int | None = 
     return dict(max_steps=steps or c.steps, lr=c.lr, micro_batch_size=micro, grad_accum_steps=max(1, c.batch_size // micro),
                 seed=c.seed if seed is None else seed, progress=c.progress, kl_samples=0, overwrite=True,
                 output_dir=str(setup.out / (name if seed is None or seed == c.seed else f"{name}_seed{seed}")),
-                **fields)
+                **run_fields(c), **fields)
+
+
+def run_fields(c: SentimentConfig) -> dict:
+    """The trainer fields every run of the experiment shares: optimizer, warm-up and device."""
+    return dict(optimizer=OPTIMS[c.optim], warmup_steps=c.warmup_steps, device=c.device, use_cpu=c.use_cpu)
 
 
 def with_policy(policy, on_step):
@@ -179,7 +184,7 @@ def train_reward_model_on_pairs(setup, pairs: list[TokenizedPair]):
 
 def sft_on_reviews(model, tokenizer, config: SentimentConfig, out: Path):
     """Short SFT on review snippets (prefix → rest of the snippet), so π_ref writes reviews; returns the model."""
-    texts = review_snippets()["text"]
+    texts = review_texts(config.dataset_name, config.dataset_train_split, config.dataset_text_field)
     rng = np.random.default_rng(config.seed + 7)
     examples = []
     for i in rng.permutation(len(texts))[: config.sft_steps * config.batch_size]:
@@ -190,7 +195,8 @@ def sft_on_reviews(model, tokenizer, config: SentimentConfig, out: Path):
             examples.append(TokenizedPair(ids[:k], rest, rest, [1] * len(rest), [1] * len(rest)))
     train(dict(stage="sft", max_steps=config.sft_steps, lr=config.lr, seed=config.seed, progress=config.progress,
                micro_batch_size=4, grad_accum_steps=max(1, config.batch_size // 4), kl_samples=0, overwrite=True,
-               output_dir=str(out / "sft")), model=model, tokenizer=tokenizer, train_pairs=examples)
+               output_dir=str(out / "sft"), **run_fields(config)),
+          model=model, tokenizer=tokenizer, train_pairs=examples)
     return model.eval()
 
 
@@ -201,7 +207,16 @@ def sft_settings(config: SentimentConfig, tokenizer, weights_sha256: str) -> dic
             "vocab_sha256": json_hash(sorted(tokenizer.get_vocab().items())), "sft_steps": config.sft_steps,
             "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed,
             "min_prefix_tokens": config.min_prefix_tokens, "max_prefix_tokens": config.max_prefix_tokens,
-            "max_new_tokens": config.max_new_tokens}
+            "max_new_tokens": config.max_new_tokens, **_non_default(config, SFT_SOURCE_FIELDS)}
+
+
+SFT_SOURCE_FIELDS = ("dataset_name", "dataset_train_split", "dataset_text_field", "optim", "warmup_steps")
+"""Later fields that decide the SFT on reviews; in its cache key only when changed, so earlier caches stay valid."""
+
+
+def _non_default(config: SentimentConfig, names) -> dict:
+    defaults = SentimentConfig()
+    return {n: getattr(config, n) for n in names if getattr(config, n) != getattr(defaults, n)}
 
 
 def sft_reference(model, tokenizer, config: SentimentConfig, out: Path, weights_sha256: str):

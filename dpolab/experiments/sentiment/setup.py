@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from dpolab.data.cache import from_repo_root
+from dpolab.data.device import resolve_device
 from dpolab.data.tokenize import pad_token_id
 from dpolab.experiments.sentiment.config import SentimentConfig
 from dpolab.experiments.sentiment.evaluation import (
@@ -24,21 +25,25 @@ from dpolab.experiments.sentiment.evaluation import (
 )
 from dpolab.experiments.sentiment.policies import sft_reference
 from dpolab.experiments.sentiment.samples import heldout_samples
-from dpolab.models import load_policy
+from dpolab.models import DEFAULT_MODEL, TINY_MODELS, load_policy
+from dpolab.models.hub_check import Source, check_sources
 from dpolab.sample.completions import completion_logprobs
-from dpolab.sample.judges import get_judge
+from dpolab.sample.judges import BUILTIN_JUDGES, RewardFunction, get_judge, load_classifier_judge
 from dpolab.sample.pairs import check_pair_request
+from dpolab.sample.review_text import review_texts
 from dpolab.sample.sentiment import review_snippets
 from dpolab.train.fingerprint import weights_digest
 
 
-def make_prefixes(tokenizer, n_train: int, n_eval: int, lo: int, hi: int, seed: int) -> tuple[list[str], list[str]]:
+def make_prefixes(tokenizer, n_train: int, n_eval: int, lo: int, hi: int, seed: int,
+                  texts: list[str] | None = None) -> tuple[list[str], list[str]]:
     """Review prefixes of lo..hi tokens; train and held-out prefixes come from disjoint snippets.
 
     The held-out prefixes are drawn first, so every run with the same ``seed`` and ``n_eval`` evaluates on
     the same prompts whatever its ``n_train`` (runs of different notebooks can be ranked against each other).
+    ``texts``: the reviews to cut (default: the embedded snippets; :func:`dpolab.sample.review_text.review_texts`).
     """
-    texts = review_snippets()["text"]
+    texts = review_snippets()["text"] if texts is None else texts
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(texts))
     prefixes = []
@@ -85,14 +90,19 @@ def prepare(config: SentimentConfig | None = None, **overrides) -> Setup:
     reviews (trained once per settings, then reused: ``setup.reference_source`` says which), draw the prefixes."""
     config = dataclasses.replace(config or SentimentConfig(), **overrides)
     check_pair_request(config.samples_per_prompt, config.pair_strategy)  # argument errors before any model load
+    check_sources(sources(config), builtin=BUILTIN_NAMES)  # every missing hub id named at once, before any work
+    device = resolve_device(config.device, config.use_cpu)
     out = from_repo_root(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     torch.manual_seed(config.seed)
     reference, tokenizer = load_policy(config.model, seed=config.seed)
+    reference = reference.to(device)
+    texts = review_texts(config.dataset_name, config.dataset_train_split, config.dataset_text_field)
     train_prefixes, eval_prefixes = make_prefixes(tokenizer, config.n_train_prompts, config.n_eval_prompts,
-                                                  config.min_prefix_tokens, config.max_prefix_tokens, config.seed)
-    setup = Setup(config, reference.eval(), tokenizer, train_prefixes, eval_prefixes, get_judge("vader"),
+                                                  config.min_prefix_tokens, config.max_prefix_tokens, config.seed,
+                                                  texts)
+    setup = Setup(config, reference.eval(), tokenizer, train_prefixes, eval_prefixes, ground_truth(config, device),
                   get_judge("textblob"), out)
     setup.reference_id = weights_digest(reference)
     setup.reference_source = f"the initial model {config.model} (sft_steps=0)"
@@ -105,6 +115,24 @@ def prepare(config: SentimentConfig | None = None, **overrides) -> Setup:
         setup.reference_source = f"SFT on reviews ({config.sft_steps} steps) {how}, cached in {folder}"
         setup.timings["sft"] = time.perf_counter() - t
     return setup
+
+
+BUILTIN_NAMES = (*BUILTIN_JUDGES, *TINY_MODELS, DEFAULT_MODEL)
+"""Names in a config's model/judge fields that are neither paths nor hub ids."""
+
+
+def sources(config: SentimentConfig) -> list[Source]:
+    """What the experiment loads: the model, the review texts and the judge (each a hub id, a path or built in)."""
+    return [Source("model", config.model), Source("dataset_name", config.dataset_name, "dataset"),
+            Source("judge", config.judge)]
+
+
+def ground_truth(config: SentimentConfig, device) -> RewardFunction:
+    """The ground-truth reward: a built-in judge by name, else a sequence classifier on ``device``."""
+    if config.judge in BUILTIN_JUDGES:
+        return get_judge(config.judge)
+    label = int(config.judge_label) if config.judge_label.isdigit() else config.judge_label
+    return load_classifier_judge(config.judge, device=device, label=label, output=config.judge_output)
 
 
 def evaluate(setup: Setup, name: str, method: str, policy, **extra) -> dict:
