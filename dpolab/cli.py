@@ -329,6 +329,10 @@ def add_course(sub) -> None:
     grade.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                        help="assign a notebook parameter after the parameters cell, e.g. -p model tiny-llama")
     grade.add_argument("--json", default=None, help="also write every result and message to this JSON file")
+    grade.add_argument("--nbgrader", default=None, metavar="ASSIGNMENT",
+                       help="hand over to nbgrader: SUBMISSIONS is an nbgrader course folder (source/ASSIGNMENT/, "
+                            "submitted/<student>/ASSIGNMENT/); runs generate_assignment and autograde there and "
+                            "reports its gradebook (pip install 'dpolab[course]')")
     book = actions.add_parser("book", help="publish the executed notebooks as a static site (index, navigation)",
                               description="Write OUT/index.html (contents: chapters, sections, exercises) and one "
                                           "page per executed notebook with contents/previous/next links; figures "
@@ -342,8 +346,8 @@ def add_course(sub) -> None:
                            "`dpolab notebooks` writes them)")
     book.add_argument("--title", default=None, help="the book's title on its contents page")
     book.add_argument("--hide-solutions", action="store_true",
-                      help="the students' book: solution regions shown as stubs, hidden tests and the solution "
-                           "cells' outputs left out")
+                      help="the students' book: solution regions shown as stubs, hidden tests and the outputs of "
+                           "solution and test cells left out")
     p.set_defaults(func=cmd_course)
 
 
@@ -351,7 +355,13 @@ def cmd_course(args) -> int:
     from pathlib import Path
 
     from dpolab.course.edition import DEFAULT_NOTEBOOKS, build_edition
-    from dpolab.course.grading import grade_submissions, problems, report_table, write_json
+    from dpolab.course.grading import (
+        autograde_with_nbgrader,
+        grade_submissions,
+        problems,
+        report_table,
+        write_json,
+    )
     from dpolab.overrides import parse_value
 
     if args.action == "book":
@@ -369,8 +379,14 @@ def cmd_course(args) -> int:
             print(f"wrote {path}")
         return 0
     parameters = {k: parse_value(v) for k, v in args.parameter}
-    results = grade_submissions(Path(args.submissions), source, timeout=args.timeout, kernel_name=args.kernel,
-                                parameters=parameters)
+    if args.nbgrader:
+        if parameters or args.source:
+            raise ValueError("--nbgrader grades the course folder's source/ASSIGNMENT/ notebooks as they are: "
+                             "-p and --source do not apply")
+        results = autograde_with_nbgrader(Path(args.submissions), args.nbgrader, timeout=args.timeout)
+    else:
+        results = grade_submissions(Path(args.submissions), source, timeout=args.timeout, kernel_name=args.kernel,
+                                    parameters=parameters)
     print(report_table(results).to_string())
     for line in problems(results):
         print(line)

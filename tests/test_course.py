@@ -382,3 +382,24 @@ def test_a_classic_mistake_fails_its_real_test_cell_with_a_message(stem, grade_i
     assert right in solution, f"the solution of {grade_id} changed; update MISTAKES"
     with pytest.raises(ExerciseError, match=re.escape(message)):
         run_exercise(stem, grade_id, solution.replace(right, wrong, 1))
+
+
+def test_nbgrader_autograde_hand_over(tmp_path):
+    """The same three submissions graded by nbgrader in its own course folder give the same points and messages."""
+    pytest.importorskip("nbgrader")
+    from dpolab.course.grading import autograde_with_nbgrader, report_table
+
+    course = tmp_path / "course"
+    write_notebook(synthetic(), course / "source" / "a1" / "tiny.ipynb")
+    build_edition(tmp_path / "student", ["tiny"], course / "source" / "a1")
+    write_notebook(synthetic(), course / "submitted" / "alice" / "a1" / "tiny.ipynb")
+    write_notebook(read_notebook(tmp_path / "student" / "tiny.ipynb"), course / "submitted" / "bob" / "a1" / "tiny.ipynb")
+    write_notebook(replace_in(synthetic(), "negate", "return -values", "return values"),
+                   course / "submitted" / "carol" / "a1" / "tiny.ipynb")
+    results = {r.student: r for r in autograde_with_nbgrader(course, "a1", timeout=30)}
+    assert scores(results["alice"]) == {"square_test": (2, "passed"), "negate_test": (1, "passed")}
+    assert all(e.status == "failed" and "NotImplementedError" in e.message for e in results["bob"].exercises)
+    assert results["bob"].points == 0
+    assert scores(results["carol"]) == {"square_test": (2, "passed"), "negate_test": (0, "failed")}
+    assert "the sign is wrong" in results["carol"].exercises[1].message
+    assert report_table(list(results.values())).loc["carol", "total (3)"] == 2
