@@ -8,7 +8,8 @@ copied once to ``OUT/mathjax/`` and every page loads it from there, so the folde
 open ``index.html`` from disk, or copy the folder to any static host.
 
 ``hide_solutions=True`` publishes the book for students: every solution region shows nbgrader's stub, hidden tests
-are left out, and the outputs of solution cells are dropped (the build stops if a solution line would still show).
+are left out, and the outputs of solution and test cells are dropped (the build stops if a solution line would still
+show).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def page_headings(page: str) -> list[tuple[int, str, str]]:
 
 def published_notebook(nb: dict, stem: str, hide_solutions: bool) -> dict:
     """The executed notebook as the book shows it: as it is, or (``hide_solutions``) each solution region as
-    nbgrader's stub, hidden tests removed, solution cells without outputs."""
+    nbgrader's stub, hidden tests removed, solution and test cells without outputs."""
     if not hide_solutions:
         return nb
     cells, hidden = [], []
@@ -103,7 +104,7 @@ def published_notebook(nb: dict, stem: str, hide_solutions: bool) -> dict:
             student, removed = student_cell(cell, f"{stem}, cell {index}")
             hidden += removed
             cell = {**cell, "source": "".join(student["source"])}
-            if nbgrader_fields(cell).get("solution") and cell["cell_type"] == "code":
+            if cell["cell_type"] == "code":  # what the answer or the hidden tests printed
                 cell = {**cell, "outputs": [], "execution_count": None}
         cells.append(cell)
     published = {**nb, "cells": cells}
