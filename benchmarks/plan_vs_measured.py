@@ -57,10 +57,10 @@ print(json.dumps({"before": before, "after": after}))
 
 def run(name: str, shape: dict, fields: dict, tmp: Path) -> dict:
     import yaml
-    from dpolab.tiny import tiny_tokenizer
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from dpolab.cli.plan import GB, plan_config
+    from dpolab.models.tiny import tiny_tokenizer
 
     folder = tmp / name.split()[0]
     if not folder.exists():

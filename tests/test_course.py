@@ -10,6 +10,7 @@ exercises are paired and unique, and no solution line survives in the student ed
 
 import copy
 import json
+import re
 
 import pytest
 
@@ -285,3 +286,120 @@ def test_grading_parameters_go_only_to_notebooks_that_declare_them():
     assert source_text(run["cells"][5]) == SQUARE_TEST  # restored, hidden tests included
     assert prepared(synthetic(), exercises(synthetic(), "tiny"), {"model": "x"})["cells"] == [
         {**c, "source": source_text(c)} for c in synthetic()["cells"]]
+
+
+# ---- the real exercises, cell by cell: the solution passes its test cell, the stub and classic mistakes fail ----
+# Not the notebooks run: in one namespace, the notebook's parameters cell (literals), the import statements of the
+# code cells before the exercise (imports only, no computation), stand-ins for what earlier cells computed, then the
+# solution (or stub, or mistaken) cell and the test cell with its hidden tests, as the grader runs it. Milliseconds.
+
+def _standins(stem: str) -> dict:
+    """What the test cells read from cells that are not run here: 01's bandit (rewards and log π_ref of a 4 × 6
+    bandit, as §1 draws them) and 02's implicit rewards of the trained policy on its training pairs."""
+    import types
+
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    if stem == "01_derivation":
+        rewards = torch.randn(4, 6, generator=generator, dtype=torch.float64)
+        ref = torch.log_softmax(0.5 * torch.randn(4, 6, generator=generator, dtype=torch.float64), -1)
+        return {"bandit": types.SimpleNamespace(rewards=rewards, ref_logprobs=ref), "ref": ref}
+    if stem == "02_training":
+        return {"chosen_r": torch.randn(24, generator=generator), "rejected_r": torch.randn(24, generator=generator)}
+    return {}
+
+
+def _imports_of(cell: dict) -> str:
+    import ast
+
+    tree = ast.parse(source_text(cell))
+    return "\n".join(ast.unparse(node) for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom))
+
+
+def run_exercise(stem: str, grade_id: str, solution_source: str | None = None) -> None:
+    """Run exercise ``grade_id`` of notebook ``stem`` as graded: its solution cell (or ``solution_source``), then
+    its test cell, hidden tests included; raises what the test cell raises."""
+    cells = read_notebook(REPO_ROOT / "notebooks" / f"{stem}.ipynb")["cells"]
+    test_index = next(i for i, c in enumerate(cells) if nbgrader_fields(c).get("grade_id") == grade_id)
+    solution_index = max(i for i in range(test_index) if nbgrader_fields(cells[i]).get("solution"))
+    namespace: dict = {}
+    for cell in cells[:solution_index]:
+        if cell["cell_type"] != "code":
+            continue
+        if "parameters" in cell["metadata"].get("tags", []):
+            exec(source_text(cell), namespace)
+        else:
+            exec(_imports_of(cell), namespace)
+    namespace.update(_standins(stem))
+    exec(source_text(cells[solution_index]) if solution_source is None else solution_source, namespace)
+    exec(source_text(cells[test_index]), namespace)
+
+
+REAL_EXERCISES = [(path.stem, e.grade_id) for path in REAL for e in exercises(read_notebook(path), path.stem)]
+
+
+@pytest.mark.parametrize("stem, grade_id", REAL_EXERCISES, ids=[g for _, g in REAL_EXERCISES])
+def test_each_real_test_cell_passes_on_the_solution_and_fails_on_the_stub(stem, grade_id):
+    run_exercise(stem, grade_id)
+    nb = read_notebook(REPO_ROOT / "notebooks" / f"{stem}.ipynb")
+    student, _ = student_notebook(nb, stem)
+    test_index = next(i for i, c in enumerate(nb["cells"]) if nbgrader_fields(c).get("grade_id") == grade_id)
+    stub_index = max(i for i in range(test_index) if nbgrader_fields(nb["cells"][i]).get("solution"))
+    with pytest.raises(NotImplementedError):
+        run_exercise(stem, grade_id, source_text(student["cells"][stub_index]))
+
+
+# (notebook, exercise, the solution's line, a classic mistake in its place, what the test cell must say)
+MISTAKES = [
+    ("01_derivation", "pi_star_test", "tilted = ref_logprobs + rewards / beta", "tilted = ref_logprobs + rewards * beta",
+     "r·β in place of r/β"),
+    ("01_derivation", "pi_star_test", "return tilted - torch.logsumexp(tilted, dim=-1, keepdim=True)",
+     "return tilted", "log_optimal_policy"),
+    ("01_derivation", "dpo_loss_test", "beta * (chosen_logratio - rejected_logratio)",
+     "beta * (rejected_logratio - chosen_logratio)", "chosen and rejected swapped (the sign of the margin flipped)"),
+    ("01_derivation", "dpo_loss_test", "return -torch.nn.functional.logsigmoid(beta * (chosen_logratio - rejected_logratio))",
+     "return -torch.log(torch.sigmoid(beta * (chosen_logratio - rejected_logratio)))",
+     "margins of thousands of nats"),  # only the hidden test catches the unstable form
+    ("02_training", "sequence_logprobs_test", "(scored * response_mask[:, 1:]).sum(-1)", "scored.sum(-1)",
+     "(no mask)"),
+    ("02_training", "sequence_logprobs_test", "logits[:, :-1]", "logits[:, 1:]", "my_sequence_logprobs"),
+    ("02_training", "reward_accuracy_test", "(wins + 0.5 * ties).mean()", "wins.mean()", "ties counted as losses"),
+    ("06_loss_family", "ipo_loss_test", "- 1 / (2 * beta)) ** 2", "- 1 / beta) ** 2", "the target 1/β in place of 1/(2β)"),
+    ("06_loss_family", "ipo_loss_test", "(policy_chosen_logps - ref_chosen_logps) / chosen_lengths",
+     "(policy_chosen_logps - ref_chosen_logps) / rejected_lengths", "my_ipo_loss"),
+]
+
+
+@pytest.mark.parametrize("stem, grade_id, right, wrong, message", MISTAKES,
+                         ids=[f"{m[1]}-{i}" for i, m in enumerate(MISTAKES)])
+def test_a_classic_mistake_fails_its_real_test_cell_with_a_message(stem, grade_id, right, wrong, message):
+    from dpolab.course.checks import ExerciseError
+
+    cells = read_notebook(REPO_ROOT / "notebooks" / f"{stem}.ipynb")["cells"]
+    test_index = next(i for i, c in enumerate(cells) if nbgrader_fields(c).get("grade_id") == grade_id)
+    solution = source_text(cells[max(i for i in range(test_index) if nbgrader_fields(cells[i]).get("solution"))])
+    assert right in solution, f"the solution of {grade_id} changed; update MISTAKES"
+    with pytest.raises(ExerciseError, match=re.escape(message)):
+        run_exercise(stem, grade_id, solution.replace(right, wrong, 1))
+
+
+def test_nbgrader_autograde_hand_over(tmp_path):
+    """The same three submissions graded by nbgrader in its own course folder give the same points and messages."""
+    pytest.importorskip("nbgrader")
+    from dpolab.course.grading import autograde_with_nbgrader, report_table
+
+    course = tmp_path / "course"
+    write_notebook(synthetic(), course / "source" / "a1" / "tiny.ipynb")
+    build_edition(tmp_path / "student", ["tiny"], course / "source" / "a1")
+    write_notebook(synthetic(), course / "submitted" / "alice" / "a1" / "tiny.ipynb")
+    write_notebook(read_notebook(tmp_path / "student" / "tiny.ipynb"), course / "submitted" / "bob" / "a1" / "tiny.ipynb")
+    write_notebook(replace_in(synthetic(), "negate", "return -values", "return values"),
+                   course / "submitted" / "carol" / "a1" / "tiny.ipynb")
+    results = {r.student: r for r in autograde_with_nbgrader(course, "a1", timeout=30)}
+    assert scores(results["alice"]) == {"square_test": (2, "passed"), "negate_test": (1, "passed")}
+    assert all(e.status == "failed" and "NotImplementedError" in e.message for e in results["bob"].exercises)
+    assert results["bob"].points == 0
+    assert scores(results["carol"]) == {"square_test": (2, "passed"), "negate_test": (0, "failed")}
+    assert "the sign is wrong" in results["carol"].exercises[1].message
+    assert report_table(list(results.values())).loc["carol", "total (3)"] == 2

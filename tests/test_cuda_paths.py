@@ -6,11 +6,11 @@ has run on a GPU yet (README, "GPU runs"): ``pytest tests/test_cuda_paths.py`` o
 
 import pytest
 import torch
-from dpolab.tiny import tiny_causal_lm
 
 from dpolab.data.batch import collate_pairs, to_device
 from dpolab.fast.paths import FastPaths, model_paths
 from dpolab.logprobs import concatenated_forward
+from dpolab.models.tiny import tiny_causal_lm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

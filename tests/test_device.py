@@ -5,10 +5,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from dpolab.tiny import tiny_causal_lm
 
 from dpolab.data.device import check_device, resolve_device
 from dpolab.fast.paths import CUDA_STATUS, FastPaths, model_paths
+from dpolab.models.tiny import tiny_causal_lm
 from dpolab.train.config import TrainConfig
 from dpolab.train.overrides import ConfigError
 

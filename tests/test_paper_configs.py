@@ -82,8 +82,9 @@ def stand_ins(tmp_path_factory):
     """A tiny GPT-2 folder, a tiny DistilBERT classifier folder (NEGATIVE/POSITIVE) and an IMDb-shaped parquet file."""
     import torch
     from datasets import Dataset
-    from dpolab.tiny import tiny_causal_lm
     from transformers import DistilBertConfig, DistilBertForSequenceClassification, DistilBertTokenizerFast
+
+    from dpolab.models.tiny import tiny_causal_lm
 
     root = tmp_path_factory.mktemp("stand_ins")
     model, tokenizer = tiny_causal_lm("gpt2", seed=0)

@@ -14,7 +14,7 @@ def no_hub(monkeypatch):
 
 
 def test_parameter_count_is_the_models_own():
-    from dpolab.tiny import tiny_causal_lm
+    from dpolab.models.tiny import tiny_causal_lm
 
     model, _ = tiny_causal_lm("gpt2")
     config, _ = model_config("tiny-gpt2")

@@ -11,6 +11,7 @@
     dpolab sweep NOTEBOOK --grid ... --jobs 2 --continue-on-error --resume  # in parallel; failures recorded; skip done
     dpolab notebooks --html                            # the seven notebooks executed into runs/notebooks/
     dpolab course build OUT; dpolab course grade DIR   # the student edition of the exercises; grade submissions
+    dpolab course book SITE                            # the executed notebooks as a static site (after dpolab notebooks)
 
 Each subcommand is an ``add_*`` function in :data:`SUBCOMMANDS`: it receives the argparse sub-parsers object,
 adds its parser and sets ``func`` (a callable of the parsed args that returns an exit code). The library
@@ -324,8 +325,9 @@ def cmd_notebooks(args) -> int:
 
 
 def add_course(sub) -> None:
-    """Register ``dpolab course build`` and ``dpolab course grade``."""
-    p = sub.add_parser("course", help="the course edition: build the student notebooks, grade submissions",
+    """Register ``dpolab course build``, ``dpolab course grade`` and ``dpolab course book``."""
+    p = sub.add_parser("course", help="the course edition: build the student notebooks, grade submissions, publish "
+                                      "the book",
                        description="Exercises of notebooks 01, 02 and 06 in nbgrader's format (docs/course.md).")
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     build = actions.add_parser("build", help="write the student notebooks (solutions stubbed, outputs cleared)",
@@ -350,6 +352,25 @@ def add_course(sub) -> None:
     grade.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                        help="assign a notebook parameter after the parameters cell, e.g. -p model tiny-llama")
     grade.add_argument("--json", default=None, help="also write every result and message to this JSON file")
+    grade.add_argument("--nbgrader", default=None, metavar="ASSIGNMENT",
+                       help="hand over to nbgrader: SUBMISSIONS is an nbgrader course folder (source/ASSIGNMENT/, "
+                            "submitted/<student>/ASSIGNMENT/); runs generate_assignment and autograde there and "
+                            "reports its gradebook (pip install 'dpolab[course]')")
+    book = actions.add_parser("book", help="publish the executed notebooks as a static site (index, navigation)",
+                              description="Write OUT/index.html (contents: chapters, sections, exercises) and one "
+                                          "page per executed notebook with contents/previous/next links; figures "
+                                          "embedded, MathJax copied to OUT/mathjax/, so the folder reads offline. "
+                                          "Run `dpolab notebooks` first: it writes the executed notebooks.")
+    book.add_argument("out")
+    book.add_argument("--notebooks", nargs="+", default=None, metavar="STEM",
+                      help="the chapters, in order (default: all seven notebooks)")
+    book.add_argument("--executed", default=None,
+                      help="folder of the executed notebooks (default the repository's runs/notebooks, where "
+                           "`dpolab notebooks` writes them)")
+    book.add_argument("--title", default=None, help="the book's title on its contents page")
+    book.add_argument("--hide-solutions", action="store_true",
+                      help="the students' book: solution regions shown as stubs, hidden tests and the outputs of "
+                           "solution and test cells left out")
     p.set_defaults(func=cmd_course)
 
 
@@ -357,17 +378,38 @@ def cmd_course(args) -> int:
     from pathlib import Path
 
     from dpolab.course.edition import DEFAULT_NOTEBOOKS, build_edition
-    from dpolab.course.grading import grade_submissions, problems, report_table, write_json
+    from dpolab.course.grading import (
+        autograde_with_nbgrader,
+        grade_submissions,
+        problems,
+        report_table,
+        write_json,
+    )
     from dpolab.train.overrides import parse_value
 
+    if args.action == "book":
+        from dpolab.course.book import DEFAULT_TITLE, build_book
+        from dpolab.data.cache import REPO_ROOT
+
+        executed = Path(args.executed) if args.executed else REPO_ROOT / "runs" / "notebooks"
+        pages = build_book(Path(args.out), [executed / f"{stem}.ipynb" for stem in args.notebooks or NOTEBOOK_ORDER],
+                           args.title or DEFAULT_TITLE, args.hide_solutions)
+        print(f"wrote {len(pages) - 1} chapters and the contents page: {pages[0]}")
+        return 0
     source = Path(args.source) if args.source else None
     if args.action == "build":
         for path in build_edition(Path(args.out), args.notebooks or DEFAULT_NOTEBOOKS, source, args.use_nbgrader):
             print(f"wrote {path}")
         return 0
     parameters = {k: parse_value(v) for k, v in args.parameter}
-    results = grade_submissions(Path(args.submissions), source, timeout=args.timeout, kernel_name=args.kernel,
-                                parameters=parameters)
+    if args.nbgrader:
+        if parameters or args.source:
+            raise ValueError("--nbgrader grades the course folder's source/ASSIGNMENT/ notebooks as they are: "
+                             "-p and --source do not apply")
+        results = autograde_with_nbgrader(Path(args.submissions), args.nbgrader, timeout=args.timeout)
+    else:
+        results = grade_submissions(Path(args.submissions), source, timeout=args.timeout, kernel_name=args.kernel,
+                                    parameters=parameters)
     print(report_table(results).to_string())
     for line in problems(results):
         print(line)

@@ -86,9 +86,9 @@ def model_config(name: str):
     from dpolab.models import DEFAULT_MODEL, TINY_MODELS, hub_reachable
 
     if name in TINY_MODELS:
-        from dpolab.tiny import tiny_causal_lm
+        from dpolab.models.tiny import tiny_causal_lm
 
-        return tiny_causal_lm(TINY_MODELS[name])[0].config, "dpolab.tiny"
+        return tiny_causal_lm(TINY_MODELS[name])[0].config, "dpolab.models.tiny"
     if name == DEFAULT_MODEL:
         from dpolab.data.cache import cache_dir
 

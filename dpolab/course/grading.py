@@ -290,3 +290,83 @@ def write_json(results: list[NotebookResult], path: Path) -> None:
     rows = [{**asdict(r), "points": r.points, "max_points": r.max_points} for r in results]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def autograde_with_nbgrader(course: Path, assignment: str, *, timeout: float = 600) -> list[NotebookResult]:
+    """Hand grading over to nbgrader in its own course folder, and read its gradebook back as this module's results.
+
+    ``course`` is an nbgrader course folder: the solution notebooks in ``source/<assignment>/``, the submissions in
+    ``submitted/<student>/<assignment>/``. The assignment is recorded in the gradebook (``nbgrader
+    generate_assignment``, which also writes ``release/``), every submission is autograded (``nbgrader autograde``,
+    ``timeout`` seconds per cell), and each student's points per graded cell come from ``gradebook.db``, with the
+    error a failed test cell printed in ``autograded/`` as its message. nbgrader's own problems (a submission it
+    could not grade) are reported for that student; ``nbgrader export`` and the formgrader work on the same folder.
+    """
+    import os
+    import subprocess
+    import sys
+
+    try:
+        from nbgrader.api import Gradebook, MissingEntry
+    except ImportError:
+        raise CourseError("grading with nbgrader needs nbgrader: pip install 'dpolab[course]'") from None
+    course = Path(course).resolve()
+    if not (course / "source" / assignment).is_dir():
+        raise NotADirectoryError(f"{course / 'source' / assignment}: no such folder; an nbgrader course folder holds "
+                                 "the solution notebooks in source/<assignment>/ and the submissions in "
+                                 "submitted/<student>/<assignment>/")
+    root = f"--CourseDirectory.root={course}"
+    # nbgrader runs the `alembic` command of its environment, found on PATH: where dpolab runs from a virtual
+    # environment that is not activated, its bin folder is not there
+    bin_folder = str(Path(sys.executable).parent)
+    if bin_folder not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_folder + os.pathsep + os.environ.get("PATH", "")
+    for step in (["generate_assignment", assignment, "--force", root],
+                 ["autograde", assignment, "--force", root, f"--ExecutePreprocessor.timeout={timeout:g}"]):
+        done = subprocess.run([sys.executable, "-m", "nbgrader", *step], cwd=course, capture_output=True, text=True)
+        if step[0] == "generate_assignment" and done.returncode != 0:
+            raise CourseError(f"nbgrader generate_assignment failed (exit {done.returncode}): "
+                              f"{(done.stderr or done.stdout).strip()[-2000:]}")
+    log = done.stderr + done.stdout  # autograde's: it goes on past a student it cannot grade, and says so
+    results = []
+    with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gradebook:
+        notebooks = [nb.name for nb in gradebook.find_assignment(assignment).notebooks]
+        for student in sorted(s.id for s in gradebook.students):
+            for name in notebooks:
+                path = course / "autograded" / student / assignment / f"{name}.ipynb"
+                try:
+                    submission = gradebook.find_submission_notebook(name, assignment, student)
+                except MissingEntry:
+                    problem = next((line.strip() for line in log.splitlines() if student in line and "rror" in line),
+                                   "not graded by nbgrader autograde")
+                    results.append(NotebookResult(student, name, str(path), "not graded", _first_line(problem)))
+                    continue
+                errors = _autograded_errors(path)
+                order = {e.grade_id: i for i, e in enumerate(exercises(read_notebook(
+                    course / "source" / assignment / f"{name}.ipynb"), name))}
+                result = NotebookResult(student, name, str(path), "graded")
+                for grade in sorted(submission.grades, key=lambda g: order.get(g.name, len(order))):
+                    if grade.score is None:  # a manually graded answer nobody has graded yet
+                        status, message = "not run", "needs manual grading (nbgrader formgrader)"
+                    elif grade.score == grade.max_score:
+                        status, message = "passed", ""
+                    else:
+                        status, message = "failed", errors.get(grade.name, "the test cell failed")
+                    result.exercises.append(ExerciseResult(grade.name, float(grade.score or 0.0),
+                                                           float(grade.max_score), status, message))
+                results.append(result)
+    return results
+
+
+def _autograded_errors(path: Path) -> dict[str, str]:
+    """``grade_id → "Name: message"`` of every cell of nbgrader's autograded notebook that shows an error."""
+    try:
+        nb = read_notebook(path)
+    except (CourseError, FileNotFoundError):
+        return {}
+    errors = {}
+    for cell in nb["cells"]:
+        failed = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+        if failed and nbgrader_fields(cell).get("grade_id"):
+            errors[nbgrader_fields(cell)["grade_id"]] = _first_line(f"{failed[0].get('ename')}: {failed[0].get('evalue')}")
+    return errors
