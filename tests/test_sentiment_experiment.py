@@ -243,6 +243,12 @@ def test_runs_of_one_setup_merge_into_the_same_comparisons(tiny_run, tmp_path):
     paths[1].write_text(json.dumps(full))
     with pytest.raises(ValueError, match="b.json: the DPO row"):
         from_results(paths)
+    # a stopped run's file (no Best-of-N rows) first: Best-of-N comes from the next file that has it
+    a["policies"] = [r for r in a["policies"] if r["method"] != "Best of N"]
+    paths[0].write_text(json.dumps(a))
+    paths[1].write_text(json.dumps(b))
+    merged = from_results(paths)["results"]
+    assert sorted(map(key, merged["policies"])) == sorted(map(key, full["policies"]))
 
 
 def test_older_results_file_is_refused_naming_the_field(tmp_path):

@@ -244,8 +244,9 @@ def load_results(path: str | Path) -> dict:
 def merge_results(parts: list[dict], names: list[str]) -> dict:
     """One results dict from runs of the same setup that trained different methods (e.g. the full run and a PPO
     run added later): their π_ref rows must agree exactly (same held-out prefixes, same per-prefix rewards), so
-    the curves are comparable; π_ref and Best-of-N come from the first file, every trained curve from the file
-    that has it, and the matched-KL comparisons are recomputed over all methods. Timings keep each run's own
+    the curves are comparable; π_ref comes from the first file, Best-of-N (computed from π_ref's samples, so the
+    same in every file that has it) from the first file that has it (a stopped run's file has none), every trained
+    curve from the file that has it, and the matched-KL comparisons are recomputed over all methods. Timings keep each run's own
     stages, prefixed by its file name.
     """
     from dpolab.evaluate.frontier import compare_all
@@ -257,7 +258,9 @@ def merge_results(parts: list[dict], names: list[str]) -> dict:
         return rows[0]
 
     first = reference(parts[0], names[0])
-    rows = [r for r in parts[0]["policies"] if r["method"] in ("Reference", "Best of N")]
+    best_of_n = next(([r for r in p["policies"] if r["method"] == "Best of N"] for p in parts
+                      if any(r["method"] == "Best of N" for r in p["policies"])), [])
+    rows = [first, *best_of_n]
     seen, curves, timings = {}, {}, {}
     for results, name in zip(parts, names):
         ref = reference(results, name)
