@@ -107,6 +107,6 @@ def test_embedded_default_model_and_data_load():
 
 def test_from_repo_root(tmp_path):
     """A relative path resolves under the repository root whatever the working folder; an absolute one stays."""
-    assert (REPO_ROOT / "dpolab" / "cache.py").is_file()
+    assert (REPO_ROOT / "dpolab" / "data" / "cache.py").is_file()
     assert from_repo_root("results/x.json") == REPO_ROOT / "results" / "x.json"
     assert from_repo_root(tmp_path) == tmp_path and from_repo_root(str(tmp_path)) == tmp_path

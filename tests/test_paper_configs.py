@@ -38,7 +38,7 @@ def test_bad_new_fields_fail_at_load(field, value, message):
 
 def test_offline_every_missing_hub_id_is_named_before_any_work(monkeypatch, tmp_path):
     """No hub and an empty cache: one error lists the model, the dataset and the judge; nothing is loaded or written."""
-    import dpolab.experiments.sentiment as experiment
+    import dpolab.experiments.sentiment.setup as experiment
     import dpolab.models
     import dpolab.models.hub_check as hub_check
 

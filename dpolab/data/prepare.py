@@ -100,6 +100,22 @@ def prepare_pairs(data, tokenizer, settings: TokenizeConfig, *, name: str = "dat
     return PairData(pairs, prompts, chat, report)
 
 
+def prepare_train_eval(config, tokenizer, train_pairs=None, eval_pairs=None, *, stage: str = "dpo",
+                       on_truncation: str = "drop") -> tuple[PairData, PairData]:
+    """The training and evaluation data of a training config: ``train_pairs`` / ``eval_pairs`` when given, else
+    the config's ``train_data`` / ``eval_data`` (read from its ``train_split`` / ``eval_split``), tokenized with its
+    settings. No training pair at all is an error; no evaluation data is an empty :class:`PairData`."""
+    settings = tokenize_config(config)
+    rows = {"stage": stage, "num_proc": config.dataset_num_proc, "on_truncation": on_truncation}
+    train_data = prepare_pairs(train_pairs if train_pairs is not None else config.train_data or None, tokenizer,
+                               settings, name=config.train_data or "train_pairs", split=config.train_split, **rows)
+    if not train_data.pairs:
+        raise ValueError("no training pairs: pass train_pairs=... or set the config field train_data")
+    eval_data = prepare_pairs(eval_pairs if eval_pairs is not None else config.eval_data or None, tokenizer,
+                              settings, name=config.eval_data or "eval_pairs", split=config.eval_split, **rows)
+    return train_data, eval_data
+
+
 def _path_source(spec: str, split: str | None, num_proc: int | None) -> RowSource:
     """A file, folder or hub id as rows: a ``.jsonl`` file line by line (its errors name the line), anything else
     through :func:`dpolab.data.sources.open_dataset` (rows numbered from 0)."""

@@ -26,7 +26,7 @@ from dpolab.data.device import resolve_device
 def train_reward(config, *, model=None, tokenizer=None, train_pairs=None, eval_pairs=None):
     """Train and save a reward model as described in the module docstring. Returns a
     :class:`dpolab.train.reward.RewardModelResult` whose ``output_dir`` attribute is the saved folder."""
-    from dpolab.data.prepare import prepare_pairs, tokenize_config
+    from dpolab.data.prepare import prepare_train_eval
     from dpolab.data.tokenize import pad_token_id
     from dpolab.evaluate import preference_accuracy
     from dpolab.losses.reward_model import reward_model_loss
@@ -44,14 +44,8 @@ def train_reward(config, *, model=None, tokenizer=None, train_pairs=None, eval_p
                                     revision=config.model_revision, trust_remote_code=config.trust_remote_code)
         tokenizer = tokenizer or loaded
     model = model.to(resolve_device(config.device, config.use_cpu))
-    settings = tokenize_config(config)
-    rows = {"stage": "dpo", "num_proc": config.dataset_num_proc, "on_truncation": config.on_truncation}
-    train_data = prepare_pairs(train_pairs if train_pairs is not None else config.train_data or None, tokenizer,
-                               settings, name=config.train_data or "train_pairs", split=config.train_split, **rows)
-    if not train_data.pairs:
-        raise ValueError("no training pairs: pass train_pairs=... or set the config field train_data")
-    eval_data = prepare_pairs(eval_pairs if eval_pairs is not None else config.eval_data or None, tokenizer,
-                              settings, name=config.eval_data or "eval_pairs", split=config.eval_split, **rows)
+    train_data, eval_data = prepare_train_eval(config, tokenizer, train_pairs, eval_pairs, stage="dpo",
+                                               on_truncation=config.on_truncation)
     pad = pad_token_id(tokenizer)
     batch = config.micro_batch_size * config.grad_accum_steps
     per_epoch = math.ceil(len(train_data.pairs) / batch)

@@ -40,7 +40,7 @@ import torch
 
 from dpolab.data.batch import pair_length
 from dpolab.data.device import is_cpu
-from dpolab.data.prepare import prepare_pairs, tokenize_config
+from dpolab.data.prepare import prepare_train_eval
 from dpolab.fast.allocator import keep_freed_memory
 from dpolab.fast.paths import DEFAULT_FAST_PATHS, FastPaths, pair_layout
 from dpolab.models import load_policy
@@ -123,15 +123,9 @@ def _run(config, ctx, model, tokenizer, reference_model, train_pairs, eval_pairs
                       "passed_in": True, "weights_sha256": weights_digest(model)}
     if tokenizer is None:
         raise ValueError("train(model=...) needs the model's tokenizer: pass tokenizer=...")
-    settings = tokenize_config(config)
     on_truncation = getattr(config, "on_truncation", "drop")
-    rows = {"stage": config.stage, "num_proc": config.dataset_num_proc, "on_truncation": on_truncation}
-    train_data = prepare_pairs(train_pairs if train_pairs is not None else config.train_data or None, tokenizer,
-                               settings, name=config.train_data or "train_pairs", split=config.train_split, **rows)
-    if not train_data.pairs:
-        raise ValueError("no training pairs: pass train_pairs=... or set the config field train_data")
-    eval_data = prepare_pairs(eval_pairs if eval_pairs is not None else config.eval_data or None, tokenizer,
-                              settings, name=config.eval_data or "eval_pairs", split=config.eval_split, **rows)
+    train_data, eval_data = prepare_train_eval(config, tokenizer, train_pairs, eval_pairs, stage=config.stage,
+                                               on_truncation=on_truncation)
     if best is not None and not eval_data.pairs:
         raise ValueError("early_stopping_patience and load_best_model_at_end decide on evaluations: pass "
                          "eval_pairs=... or set the config field eval_data")
