@@ -3,6 +3,8 @@
 Shared plain helpers (synthetic pairs, the fast run config) are in tests/tiny_runs.py.
 """
 
+import shutil
+
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -39,3 +41,21 @@ def tok(request, smol):
 def chat_tok(request, smol):
     """The two tokenizers with a chat template: tiny Llama and SmolLM2."""
     return smol if request.param == "smol" else tiny_tokenizer("llama")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium with no network at all (the slow page tests: notebooks and the course book)."""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,900",
+                 "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>"):  # no network at all
+        options.add_argument(flag)
+    session = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+    session.set_script_timeout(120)
+    yield session
+    session.quit()

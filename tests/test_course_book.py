@@ -253,24 +253,6 @@ def read_the_book(browser, book: Path, executed: list[Path]) -> None:
         assert inspect(browser)["target"] is not None, href  # the heading the contents page promised
 
 
-@pytest.fixture(scope="module")
-def browser():
-    """Headless Chromium with no network at all, as in tests/test_notebook_html.py."""
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,900",
-                 "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>"):
-        options.add_argument(flag)
-    session = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
-    session.set_script_timeout(120)
-    yield session
-    session.quit()
-
-
 @pytest.mark.slow
 def test_tiny_book_reads_offline_in_chromium(browser, book, executed):
     read_the_book(browser, book, executed)

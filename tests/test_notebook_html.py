@@ -5,7 +5,6 @@ Needs Debian's ``chromium`` and ``chromium-driver`` (``apt-get install -y chromi
 ``selenium`` package (dev extra); skipped without them. Executes 01_derivation (under a minute) with papermill.
 """
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -30,23 +29,6 @@ MathJax.startup.promise.then(() => {
   });
 }, err => done({failed: String(err)}));
 """
-
-
-@pytest.fixture(scope="module")
-def browser():
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,900",
-                 "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>"):  # no network at all
-        options.add_argument(flag)
-    session = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
-    session.set_script_timeout(120)
-    yield session
-    session.quit()
 
 
 @pytest.fixture(scope="module")

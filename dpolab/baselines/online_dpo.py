@@ -80,12 +80,12 @@ def online_dpo_train(policy, reference, tokenizer, prompts: Sequence[str],
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     order = prompt_order(len(prompts), settings.seed)
+    device = module_device(policy)  # π_ref's log-probs come back on the CPU
     history = []
     policy.eval()  # dropout off, as in the DPO trainer; gradients flow as usual
     for step in tqdm(range(settings.steps), desc="online dpo", disable=not settings.progress):
         samples, reward = rollout(policy, tokenizer, prompts, order, step, reward_fn, settings)
         chosen, rejected, ties = online_pairs(reward.view(-1, k).numpy(), pair_strategy)
-        device = module_device(policy)  # π_ref's log-probs come back on the CPU
         ref_logps = completion_logprobs(reference, samples, pad).view(-1).to(device)
         record = {"step": step + 1, "reward": reward.mean().item(), "pairs": len(chosen), "ties": ties}
         if len(chosen):

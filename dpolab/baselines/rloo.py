@@ -51,10 +51,10 @@ def rloo_train(policy, reference, tokenizer, prompts: Sequence[str], reward_fn: 
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=settings.lr,
                                   weight_decay=0.0)
     order = prompt_order(len(prompts), settings.seed)
+    device = module_device(policy)  # rewards and π_ref's log-probs come back on the CPU
     history = []
     for step in tqdm(range(settings.steps), desc="rloo", disable=not settings.progress):
         samples, reward = rollout(policy, tokenizer, prompts, order, step, reward_fn, settings)
-        device = module_device(policy)  # rewards and π_ref's log-probs come back on the CPU
         reward = reward.view(-1, k).to(device)
         ref_logps = completion_logprobs(reference, samples, pad).to(device)
         policy.train()
